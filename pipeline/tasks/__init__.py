@@ -1,0 +1,46 @@
+"""Task registry: a task is selected by name in the YAML config, or as `module:Class`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from pipeline.tasks.base import Example, Task, TaskError, TaskParams
+
+__all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "TASKS"]
+
+
+def _registry() -> dict[str, type[Task]]:
+    from pipeline.tasks.classification import ClassificationTask
+    from pipeline.tasks.exact_answer import ExactAnswerTask
+    from pipeline.tasks.support import SupportTask
+
+    return {cls.name: cls for cls in (SupportTask, ClassificationTask, ExactAnswerTask)}
+
+
+TASKS = _registry
+
+
+def build_task(name: str, params: dict[str, Any], seed: int, base_dir: Path) -> Task:
+    """Instantiate a task by registry name or `package.module:ClassName`."""
+    if ":" in name:
+        module_name, _, class_name = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as exc:
+            raise TaskError(f"task.name: cannot import {name!r}: {exc}") from None
+    else:
+        registry = _registry()
+        if name not in registry:
+            raise TaskError(f"task.name: unknown task {name!r}; choose one of {sorted(registry)} or 'module:Class'")
+        cls = registry[name]
+    try:
+        typed = cls.Params.model_validate(params or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise TaskError(f"task.params.{loc}: {err['msg']}") from None
+    return cls(typed, seed=seed, base_dir=base_dir)

@@ -1,0 +1,79 @@
+"""The task plug-in interface: prompts, references and a scorer, nothing stage-specific."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+Message = dict[str, str]
+
+
+class TaskError(ValueError):
+    """Bad task input (missing file, missing column, empty split); the message is shown as-is."""
+
+
+class TaskParams(BaseModel):
+    """Base for each task's own parameters; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt of a task with its ground truth.
+
+    `reference` is JSON-serialisable and holds whatever the scorer needs.
+    `category` groups examples for balance reports (label, ticket kind, ...).
+    """
+
+    id: str
+    user: str
+    reference: dict[str, Any] = field(default_factory=dict)
+    category: str = ""
+
+
+class Task(ABC):
+    """A task: a train and a test split, prompt styles, and a per-rule scorer.
+
+    Prompt styles are named; every task offers at least "short" (what the student gets) and
+    "full" (the expensive teacher configuration). The overall score of a completion is
+    `all(score(...).values())`.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[TaskParams]] = TaskParams
+    prompt_styles: ClassVar[tuple[str, ...]] = ("short", "full")
+
+    def __init__(self, params: TaskParams, seed: int, base_dir: Path) -> None:
+        self.params = params
+        self.seed = seed
+        self.base_dir = base_dir  # relative data paths in params resolve against this
+
+    @abstractmethod
+    def split(self, name: str) -> list[Example]:
+        """Deterministic examples of split "train" or "test" (disjoint by construction)."""
+
+    @abstractmethod
+    def messages(self, example: Example, style: str) -> list[Message]:
+        """Chat messages (system + user) for one example in one prompt style."""
+
+    @abstractmethod
+    def score(self, completion: str, example: Example) -> dict[str, bool]:
+        """Per-rule pass/fail of one completion."""
+
+    def leaks(self, completion: str) -> bool:
+        """Whether an answer to an unrelated prompt shows this task's behaviour (forgetting probe)."""
+        return False
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, drop punctuation at the edges of words, collapse whitespace."""
+    text = text.lower().strip()
+    text = re.sub(r"[^\w\s.-]", " ", text)
+    text = re.sub(r"(?<!\w)[.-]+|[.-]+(?!\w)", " ", text)
+    return " ".join(text.split())

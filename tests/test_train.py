@@ -1,0 +1,79 @@
+"""The train stage: assistant-only loss with EOS kept, on real chat templates, and a loss that falls."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import validate_config
+from pipeline.train import build_trainer, device_defaults, to_prompt_completion
+from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, tiny_config
+
+ROWS = [
+    {"messages": [
+        {"role": "system", "content": "You are a customer support agent for Acme Corp."},
+        {"role": "user", "content": f"My parcel number {i} never arrived. What now?"},
+        {"role": "assistant", "content": f"Thank you for contacting Acme support. Parcels arrive in {i + 2} days. See [KB-1012]."},
+    ]}
+    for i in range(8)
+]
+
+
+@pytest.fixture(params=["smollm2", "qwen-style"])
+def template_model(request, tmp_path, tokenizer):
+    """The same tiny weights under two chat templates: SmolLM2's own (pad == EOS) and a Qwen-style one."""
+    tok = tokenizer
+    if request.param == "qwen-style":
+        from copy import deepcopy
+
+        tok = deepcopy(tokenizer)
+        tok.chat_template = QWEN_STYLE_TEMPLATE
+        tok.pad_token = "<|endoftext|>"
+    return build_tiny_model(tmp_path / request.param, tok), tok
+
+
+def test_labels_mask_everything_but_the_assistant_turn_and_keep_eos(tmp_path, template_model):
+    model_path, tok = template_model
+    config = validate_config(tiny_config(tmp_path, model_path))
+    rows = [to_prompt_completion(r) for r in ROWS]
+    trainer = build_trainer(config, str(model_path), rows, [], tmp_path / "out")
+    batch = next(iter(trainer.get_train_dataloader()))
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == eos
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        ids, labels = ids[mask.bool()].tolist(), labels[mask.bool()].tolist()
+        trained = [i for i, label in zip(ids, labels, strict=True) if label != -100]
+        text = tok.decode(trained)
+        # Exactly the assistant turn is trained: its text, then the end-of-turn EOS.
+        assert text.startswith("Thank you for contacting Acme support."), text
+        assert "system" not in text and "parcel number" not in text and "<|im_start|>" not in text
+        assert eos in trained, "EOS must stay in the loss, or the student never learns to stop"
+        # Everything before the assistant content is masked.
+        first_trained = next(k for k, label in enumerate(labels) if label != -100)
+        prefix = tok.decode(ids[:first_trained])
+        assert prefix.rstrip().endswith("assistant") and "parcel number" in prefix
+        assert all(label == -100 for label in labels[:first_trained])
+
+
+def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
+    config = validate_config(raw)
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.5, losses  # a clear fall, not noise (random tiny model, LoRA only)
+
+
+def test_cpu_defaults_avoid_bf16_and_checkpointing(tmp_path, tiny_model):
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.device": "cpu"}))
+    assert device_defaults(config.train) == {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
+    forced = validate_config(tiny_config(tmp_path, tiny_model, **{"train.device": "cpu", "train.bf16": True}))
+    assert device_defaults(forced.train)["bf16"] is True
+
+
+def test_row_without_final_assistant_turn_is_rejected():
+    from pipeline.runs import PipelineError
+
+    with pytest.raises(PipelineError, match="assistant"):
+        to_prompt_completion({"prompt_id": "p1", "messages": [{"role": "user", "content": "hi"}]})
