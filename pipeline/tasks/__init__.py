@@ -13,30 +13,23 @@ from pipeline.tasks.base import Example, Task, TaskError, TaskParams
 __all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "TASKS"]
 
 
-def _registry() -> dict[str, type[Task]]:
-    from pipeline.tasks.classification import ClassificationTask
-    from pipeline.tasks.exact_answer import ExactAnswerTask
-    from pipeline.tasks.support import SupportTask
-
-    return {cls.name: cls for cls in (SupportTask, ClassificationTask, ExactAnswerTask)}
-
-
-TASKS = _registry
+# Registered tasks, imported only when selected.
+TASKS = {
+    "support": "pipeline.tasks.support:SupportTask",
+    "classification": "pipeline.tasks.classification:ClassificationTask",
+    "exact_answer": "pipeline.tasks.exact_answer:ExactAnswerTask",
+}
 
 
 def build_task(name: str, params: dict[str, Any], seed: int, base_dir: Path) -> Task:
     """Instantiate a task by registry name or `package.module:ClassName`."""
-    if ":" in name:
-        module_name, _, class_name = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as exc:
-            raise TaskError(f"task.name: cannot import {name!r}: {exc}") from None
-    else:
-        registry = _registry()
-        if name not in registry:
-            raise TaskError(f"task.name: unknown task {name!r}; choose one of {sorted(registry)} or 'module:Class'")
-        cls = registry[name]
+    if ":" not in name and name not in TASKS:
+        raise TaskError(f"task.name: unknown task {name!r}; choose one of {sorted(TASKS)} or 'module:Class'")
+    module_name, _, class_name = TASKS.get(name, name).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise TaskError(f"task.name: cannot import {name!r}: {exc}") from None
     try:
         typed = cls.Params.model_validate(params or {})
     except ValidationError as exc:

@@ -1,0 +1,109 @@
+"""Configs validate on load with errors that name the key; the CLI turns bad input into one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config, parse_overrides, validate_config
+from pipeline.models import ModelError, resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates_and_builds_its_task(path, monkeypatch):
+    from pipeline.tasks import build_task
+
+    monkeypatch.chdir(ROOT)
+    config = load_config(path)
+    task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    assert config.teacher.prompt_style in task.prompt_styles and config.student.prompt_style in task.prompt_styles
+
+
+def test_at_least_the_embedded_default_and_a_gpu_config_ship():
+    names = {p.name for p in CONFIGS}
+    assert "smollm2_support.yaml" in names and "qwen7b_to_qwen0.5b.yaml" in names
+
+
+def _minimal(**extra):
+    return {"run_name": "x", "task": {"name": "support"}, "teacher": {"model": "m"}, "student": {"model": "m"}, **extra}
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (_minimal(train={"learning_rate": "fast"}), "train.learning_rate: Input should be a valid number"),
+    (_minimal(train={"lr": 1e-4}), "train.lr: unknown key"),
+    ({"run_name": "x", "task": {"name": "support"}, "student": {"model": "m"}}, "teacher: Field required"),
+    (_minimal(teacher={"model": "m", "sampling": {"temperature": -1}}), "teacher.sampling.temperature"),
+])
+def test_bad_config_errors_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate_config(raw)
+
+
+def test_overrides_reach_nested_keys_and_parse_values(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(_minimal()))
+    config = load_config(path, ["train.lora.r=4", "seed=9", "teacher.sampling.temperature=0.5"])
+    assert (config.train.lora.r, config.seed, config.teacher.sampling.temperature) == (4, 9, 0.5)
+    assert parse_overrides(["a.b=hello"]) == {"a": {"b": "hello"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["novalue"])
+
+
+def test_unknown_models_are_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="bundled:nope"):
+        resolve_model("bundled:nope")
+    with pytest.raises(ModelError, match="no-such-org/no-such-model"):
+        resolve_model("no-such-org/no-such-model")
+    with pytest.raises(ModelError, match="not a local folder"):
+        resolve_model("./missing/model/dir")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def _write(tmp_path, raw) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (["filter", "--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["generate", "--config", str(_write(tmp_path, _minimal(bogus=1)))], "bogus: unknown key"),
+        (["generate", "--config", str(_write(tmp_path, _minimal(teacher={"model": "no-org/no-model"})))],
+         "no-org/no-model"),
+        (["generate", "--config", str(_write(tmp_path, _minimal(task={"name": "classification", "params": {
+            "path": "absent.csv"}})))], "absent.csv"),
+        (["filter", "--config", str(_write(tmp_path, _minimal()))], "teacher_outputs.jsonl"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("distill: error:") and expected in err, err
+        assert len(err.splitlines()) == 1, err
+
+
+def test_classification_missing_column_names_the_column(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("body,label\nhello,a\nbye,b\n" * 10)
+    path = _write(tmp_path, _minimal(task={"name": "classification", "params": {"path": "d.csv"}}))
+    assert main(["generate", "--config", str(path)]) == 2
+    assert "text" in capsys.readouterr().err
+
+
+def test_console_script_is_installed_and_shows_every_stage():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in ("generate", "filter", "train", "benchmark", "run"):
+        assert name in out.stdout

@@ -1,0 +1,109 @@
+"""The Acme support task: deterministic disjoint splits, retrieval, and a scorer that fails the right rule."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.tasks import TaskError, build_task
+from pipeline.tasks.support import ESCALATION, NO_ARTICLE, SHORT_PROMPT, SupportTask, load_kb
+
+
+def make(seed: int = 1, **params) -> SupportTask:
+    task = build_task("support", {"num_train": 120, "num_test": 40, **params}, seed=seed, base_dir=Path("."))
+    assert isinstance(task, SupportTask)
+    return task
+
+
+def test_kb_has_at_least_30_articles_with_unique_ids():
+    ids = [a["id"] for a in load_kb()]
+    assert len(ids) >= 30 and len(set(ids)) == len(ids)
+
+
+def test_splits_are_deterministic_disjoint_and_balanced():
+    a, b, other = make(), make(), make(seed=2)
+    assert a.split("train") == b.split("train") and a.split("test") == b.split("test")
+    assert a.split("train") != other.split("train")
+    train, test = a.split("train"), a.split("test")
+    assert len(train) == 120 and len(test) == 40
+    assert not {e.user for e in train} & {e.user for e in test}
+    assert len({e.user for e in train}) == 120
+    kinds = Counter(e.category for e in train)
+    assert kinds == {"article": 78, "dispute": 24, "no_article": 18}
+    assert len({e.reference["article_id"] for e in train if e.category == "article"}) >= 30  # every article is taught
+
+
+def test_reference_answers_pass_every_rule():
+    task = make()
+    for example in task.split("train") + task.split("test"):
+        assert all(task.score(task.reference_answer(example), example).values()), example
+
+
+def _first(task: SupportTask, kind: str):
+    return next(e for e in task.split("test") if e.category == kind)
+
+
+def test_wrong_answers_fail_the_right_rule():
+    task = make()
+    article, dispute, none = _first(task, "article"), _first(task, "dispute"), _first(task, "no_article")
+    good = task.reference_answer(article)
+    cases = [
+        (good.replace(article.reference["article_id"], "KB-9999"), article, "citation"),   # invented id
+        (good.replace(f" See [{article.reference['article_id']}].", ""), article, "citation"),  # no citation
+        (good + " " + ESCALATION, article, "escalation"),                                   # escalates needlessly
+        ("I'm sorry about this charge.", dispute, "escalation"),                             # forgets to escalate
+        ("THIS IS NOT OUR PROBLEM. " + ESCALATION, dispute, "tone"),                         # shouting
+        ("That is a stupid question. " + NO_ARTICLE, none, "tone"),
+        (NO_ARTICLE + " See [KB-1001].", none, "citation"),                                  # cites on no-article
+        ("Thank you for asking.", none, "citation"),                                         # does not say so
+        ("", article, "tone"),
+    ]
+    for text, example, rule in cases:
+        result = task.score(text, example)
+        assert not result[rule], (text, result)
+    assert task.score(ESCALATION.replace("'", "\u2019"), dispute)["escalation"]  # curly apostrophe is fine
+
+
+def test_retrieval_finds_the_article_and_nothing_for_uncovered_questions():
+    task = make()
+    examples = task.split("train") + task.split("test")
+    articles = [e for e in examples if e.category == "article"]
+    hits = sum(e.reference["article_id"] in [a["id"] for a in task.retrieve(e.user)] for e in articles)
+    assert hits / len(articles) >= 0.95
+    uncovered = [e for e in examples if e.category == "no_article"]
+    assert sum(not task.retrieve(e.user) for e in uncovered) / len(uncovered) >= 0.9
+    disputes = [e for e in examples if e.category == "dispute"]
+    assert all(task.retrieve(e.user)[0]["id"] == "KB-1034" for e in disputes)
+
+
+def test_prompt_styles():
+    task = make()
+    example = _first(task, "article")
+    short = task.messages(example, "short")
+    full = task.messages(example, "full")
+    assert short == [{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": example.user}]
+    assert "[KB-" not in short[0]["content"]
+    assert "Examples:" in full[0]["content"] and f"[{example.reference['article_id']}]" in full[0]["content"]
+    assert full[1]["content"] == example.user
+    # The rules + examples prefix is shared by every prompt (prefix caching).
+    other = task.messages(_first(task, "dispute"), "full")[0]["content"]
+    prefix = full[0]["content"].split("Now the real ticket.")[0]
+    assert other.startswith(prefix)
+    with pytest.raises(TaskError, match="prompt style"):
+        task.messages(example, "medium")
+
+
+def test_leaks_detects_support_behaviour_only():
+    task = make()
+    assert task.leaks("Thank you for contacting Acme support. See [KB-1001].")
+    assert task.leaks(ESCALATION)
+    assert not task.leaks("Paris is the capital of France.")
+
+
+def test_bad_params_name_the_key():
+    with pytest.raises(TaskError, match="task.params.num_tran"):
+        build_task("support", {"num_tran": 3}, seed=0, base_dir=Path("."))
+    with pytest.raises(TaskError, match="task.name"):
+        build_task("nope", {}, seed=0, base_dir=Path("."))
