@@ -79,18 +79,19 @@ def test_retrieval_finds_the_article_and_nothing_for_uncovered_questions():
 
 
 def test_prompt_styles():
-    task = make()
+    task = make(few_shot=4)
     example = _first(task, "article")
     short = task.messages(example, "short")
     full = task.messages(example, "full")
     assert short == [{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": example.user}]
     assert "[KB-" not in short[0]["content"]
-    assert "Examples:" in full[0]["content"] and f"[{example.reference['article_id']}]" in full[0]["content"]
-    assert full[1]["content"] == example.user
-    # The rules + examples prefix is shared by every prompt (prefix caching).
-    other = task.messages(_first(task, "dispute"), "full")[0]["content"]
-    prefix = full[0]["content"].split("Now the real ticket.")[0]
-    assert other.startswith(prefix)
+    assert [m["role"] for m in full] == ["system"] + ["user", "assistant"] * 4 + ["user"]
+    assert example.user in full[-1]["content"] and f"[{example.reference['article_id']}]" in full[-1]["content"]
+    # The rules + few-shot prefix is shared by every prompt (prefix caching); few-shot tickets are in no split.
+    other = task.messages(_first(task, "dispute"), "full")
+    assert other[:-1] == full[:-1]
+    shots = {m["content"].split("Ticket: ")[-1] for m in full[1:-1] if m["role"] == "user"}
+    assert not shots & {e.user for e in task.split("train") + task.split("test")}
     with pytest.raises(TaskError, match="prompt style"):
         task.messages(example, "medium")
 

@@ -7,8 +7,8 @@ Rules, each scored separately (accuracy = all pass):
   the question says so and cites nothing.
 
 Prompt styles: "short" is one line (what the student gets); "full" is the teacher's expensive configuration:
-the rules, few-shot worked examples, and the KB articles retrieved for the ticket (last, so that every prompt
-shares the rules + examples prefix for vLLM's prefix cache).
+the rules, few-shot worked examples as chat turns, and the KB articles retrieved for the ticket with the reply
+the top one suggests (last, so that every prompt shares the rules + examples prefix for vLLM's prefix cache).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class SupportParams(TaskParams):
     num_test: int = Field(60, ge=1)
     dispute_fraction: float = Field(0.2, ge=0, le=1)
     no_article_fraction: float = Field(0.15, ge=0, le=1)
-    kb_top_k: int = Field(3, ge=1)
+    kb_top_k: int = Field(1, ge=1)
     min_retrieval_score: float = Field(1.5, ge=0)
     few_shot: int = Field(4, ge=0, le=12)
 
@@ -195,25 +195,28 @@ class SupportTask(Task):
         return f"Thank you for contacting Acme support. {article['answer']} See [{article['id']}]."
 
     def _context(self, text: str) -> str:
+        """Retrieved articles, best first, and the reply the top one suggests (a copyable answer for the teacher)."""
         found = self.retrieve(text)
         if not found:
-            return "Retrieved articles: none."
-        return "Retrieved articles:\n" + "\n".join(f"[{a['id']}] {a['title']}: {a['answer']}" for a in found)
+            return f"Retrieved articles: none.\nSuggested reply: {NO_ARTICLE}"
+        lines = "\n".join(f"[{a['id']}] {a['title']}: {a['answer']}" for a in found)
+        top = found[0]
+        if top["id"] == DISPUTE_ARTICLE:
+            reply = f"I'm sorry about this charge. {ESCALATION}"
+        else:
+            reply = f"Thank you for contacting Acme support. {top['answer']} See [{top['id']}]."
+        return f"Retrieved articles:\n{lines}\nSuggested reply: {reply}"
 
-    def _few_shot_block(self) -> str:
-        pool = self._few_shot_pool
-        by_kind = {k: [e for e in pool if e.category == k] for k in ("article", "dispute", "no_article")}
-        picks: list[Example] = []
-        cycle = ["article", "dispute", "no_article", "article", "article", "dispute", "no_article", "article"] * 2
-        for kind in cycle[: self.params.few_shot]:
-            candidates = [e for e in by_kind[kind] if e not in picks]
-            if candidates:
-                picks.append(candidates[0])
-        blocks = [f"Ticket: {e.user}\n{self._context(e.user)}\nAnswer: {self.reference_answer(e)}" for e in picks]
-        return "\n\n".join(blocks)
+    def _teacher_turn(self, example: Example) -> str:
+        return f"{self._context(example.user)}\n\nTicket: {example.user}"
 
     @cached_property
-    def _full_prefix(self) -> str:
+    def _full_prefix(self) -> list[Message]:
+        """Rules, then few-shot worked examples as chat turns: identical for every ticket (prefix caching).
+
+        The example order (dispute, not covered, then articles) was chosen by measurement: a 135M model copies
+        the last examples most, and most tickets are article questions.
+        """
         rules = (
             f"{SHORT_PROMPT} Follow these rules exactly.\n"
             "1. Always respond in a calm, professional tone, in one or two short sentences.\n"
@@ -223,17 +226,24 @@ class SupportTask(Task):
             "support. <the article's answer> See [<article ID>].\" Cite only IDs from the retrieved articles.\n"
             f"4. If no retrieved article covers the question, reply exactly: \"{NO_ARTICLE}\" Never invent an ID."
         )
-        shots = self._few_shot_block()
-        return rules + ("\n\nExamples:\n\n" + shots if shots else "")
+        order = ["dispute", "no_article", "article", "article", "dispute", "no_article", "article", "article"] * 2
+        picks: list[Example] = []
+        for kind in order[: self.params.few_shot]:
+            candidate = next((e for e in self._few_shot_pool if e.category == kind and e not in picks), None)
+            if candidate is not None:
+                picks.append(candidate)
+        turns: list[Message] = [{"role": "system", "content": rules}]
+        for shot in picks:
+            turns += [{"role": "user", "content": self._teacher_turn(shot)},
+                      {"role": "assistant", "content": self.reference_answer(shot)}]
+        return turns
 
     def messages(self, example: Example, style: str) -> list[Message]:
         if style == "short":
-            system = SHORT_PROMPT
-        elif style == "full":
-            system = f"{self._full_prefix}\n\nNow the real ticket.\n{self._context(example.user)}"
-        else:
-            raise TaskError(f"unknown prompt style {style!r}; expected one of {self.prompt_styles}")
-        return [{"role": "system", "content": system}, {"role": "user", "content": example.user}]
+            return [{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": example.user}]
+        if style == "full":
+            return [*self._full_prefix, {"role": "user", "content": self._teacher_turn(example)}]
+        raise TaskError(f"unknown prompt style {style!r}; expected one of {self.prompt_styles}")
 
     # --- scoring ---------------------------------------------------------------------------------
     def score(self, completion: str, example: Example) -> dict[str, bool]:
