@@ -72,7 +72,9 @@ def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
     return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
 
 
-def evaluate_system(system: System, engine: Engine, task: Task, config: ExperimentConfig, examples) -> tuple[dict, list]:
+def evaluate_system(
+    system: System, engine: Engine, task: Task, config: ExperimentConfig, examples
+) -> tuple[dict, list]:
     """Accuracy and throughput from one batched run; latency from requests run one at a time."""
     bench = config.benchmark
     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
@@ -83,16 +85,33 @@ def evaluate_system(system: System, engine: Engine, task: Task, config: Experime
     for ex, gen in zip(examples, generations, strict=True):
         completion = gen.completions[0]
         rules = task.score(completion.text, ex)
-        records.append({
-            "system": system.name, "kind": "task", "id": ex.id, "category": ex.category,
-            "completion": completion.text, "finish_reason": completion.finish_reason, "rules": rules,
-            "correct": all(rules.values()), "prompt_tokens": gen.prompt_tokens, "output_tokens": completion.output_tokens,
-        })
+        records.append(
+            {
+                "system": system.name,
+                "kind": "task",
+                "id": ex.id,
+                "category": ex.category,
+                "completion": completion.text,
+                "finish_reason": completion.finish_reason,
+                "rules": rules,
+                "correct": all(rules.values()),
+                "prompt_tokens": gen.prompt_tokens,
+                "output_tokens": completion.output_tokens,
+            }
+        )
     timed = timed_single_requests(engine, conversations[: bench.latency_requests], bench.sampling)
     latencies = [g.latency_s for g in timed]
     for ex, gen in zip(examples, timed, strict=False):
-        records.append({"system": system.name, "kind": "latency", "id": ex.id, "latency_s": gen.latency_s,
-                        "prompt_tokens": gen.prompt_tokens, "output_tokens": gen.completions[0].output_tokens})
+        records.append(
+            {
+                "system": system.name,
+                "kind": "latency",
+                "id": ex.id,
+                "latency_s": gen.latency_s,
+                "prompt_tokens": gen.prompt_tokens,
+                "output_tokens": gen.completions[0].output_tokens,
+            }
+        )
     output_tokens = sum(r["output_tokens"] for r in records if r["kind"] == "task")
     tokens_per_s = output_tokens / wall
     rule_names = sorted({rule for r in records if r["kind"] == "task" for rule in r["rules"]})
@@ -119,8 +138,17 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
     sampling = config.benchmark.sampling.model_copy(update={"max_tokens": config.benchmark.probe_max_tokens, "n": 1})
     generations = engine.generate([probe_messages(q) for q in questions], sampling)
     texts = [g.completions[0].text for g in generations]
-    records = [{"system": system.name, "kind": "probe", "id": q.id, "completion": t, "correct": probe_correct(t, q),
-                "leak": task.leaks(t)} for q, t in zip(questions, texts, strict=True)]
+    records = [
+        {
+            "system": system.name,
+            "kind": "probe",
+            "id": q.id,
+            "completion": t,
+            "correct": probe_correct(t, q),
+            "leak": task.leaks(t),
+        }
+        for q, t in zip(questions, texts, strict=True)
+    ]
     return summarize_probe(texts, questions, task.leaks), records
 
 
@@ -170,7 +198,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     }
     if "student_tuned" in forgetting and "student_base" in forgetting:
         report["forgetting"]["change"] = {
-            key: forgetting["student_tuned"][key] - forgetting["student_base"][key] for key in ("accuracy", "leakage_rate")
+            key: forgetting["student_tuned"][key] - forgetting["student_base"][key]
+            for key in ("accuracy", "leakage_rate")
         }
     write_jsonl(stage.dir / "records.jsonl", records)
     write_json(report_path, report)
@@ -188,5 +217,7 @@ def check_adapter_applied(records: list[dict[str, Any]]) -> None:
     base = {r["id"]: r["completion"] for r in records if r["system"] == "student_base" and r["kind"] == "task"}
     tuned = {r["id"]: r["completion"] for r in records if r["system"] == "student_tuned" and r["kind"] == "task"}
     if base and tuned and base == tuned:
-        raise PipelineError("benchmark: the tuned student answered exactly like the base student on every test "
-                            "example; the adapter was not applied (or training changed nothing)")
+        raise PipelineError(
+            "benchmark: the tuned student answered exactly like the base student on every test "
+            "example; the adapter was not applied (or training changed nothing)"
+        )

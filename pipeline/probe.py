@@ -52,7 +52,9 @@ def probe_correct(completion: str, question: ProbeQuestion) -> bool:
     return False
 
 
-def summarize_probe(completions: list[str], questions: list[ProbeQuestion], leaks: Callable[[str], bool]) -> dict[str, Any]:
+def summarize_probe(
+    completions: list[str], questions: list[ProbeQuestion], leaks: Callable[[str], bool]
+) -> dict[str, Any]:
     correct = [probe_correct(c, q) for c, q in zip(completions, questions, strict=True)]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for ok, q in zip(correct, questions, strict=True):

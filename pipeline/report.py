@@ -19,16 +19,19 @@ def verdict(report: dict[str, Any]) -> str:
     parts = [
         f"Fine-tuning moved the student's accuracy from {base['accuracy']:.1%} to {tuned['accuracy']:.1%} "
         f"({gain:+.1%}); the teacher scores {teacher['accuracy']:.1%}, so the tuned student keeps {kept:.0%} of it.",
-        f"Its p50 latency is {latency_ratio:.2f}x the teacher's and its cost per 1M output tokens "
-        f"{cost_ratio:.2f}x.",
+        f"Its p50 latency is {latency_ratio:.2f}x the teacher's and its cost per 1M output tokens {cost_ratio:.2f}x.",
     ]
     change = report.get("forgetting", {}).get("change")
     if change:
-        parts.append(f"On the general probe, accuracy changed by {change['accuracy']:+.1%} and the leakage rate "
-                     f"by {change['leakage_rate']:+.1%}.")
+        parts.append(
+            f"On the general probe, accuracy changed by {change['accuracy']:+.1%} and the leakage rate "
+            f"by {change['leakage_rate']:+.1%}."
+        )
     worth = gain > 0 and kept >= 0.9 and latency_ratio < 1 and (not change or change["accuracy"] > -0.05)
     if worth:
-        parts.append("Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper.")
+        parts.append(
+            "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
+        )
     elif gain <= 0:
         parts.append("Verdict: not worth it — fine-tuning did not beat the untuned student.")
     else:
@@ -38,32 +41,48 @@ def verdict(report: dict[str, Any]) -> str:
 
 def _table(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| system | prompt | accuracy | latency p50 (s) | latency p95 (s) | output tok/s | $ / 1M output tok | mean prompt tok |",
+        "| system | prompt | accuracy | latency p50 (s) | latency p95 (s) | output tok/s | $ / 1M output tok "
+        "| mean prompt tok |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["systems"].items():
         lines.append(
-            f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f} | {m['latency_p50_s']:.2f} | {m['latency_p95_s']:.2f} "
+            f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f} | {m['latency_p50_s']:.2f} "
+            f"| {m['latency_p95_s']:.2f} "
             f"| {m['output_tokens_per_s']:.1f} | {m['cost_per_1m_output_tokens']:.3f} | {m['mean_prompt_tokens']:.0f} |"
         )
     rules = sorted({rule for m in report["systems"].values() for rule in m["rule_accuracy"]})
     lines += ["", "| system | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     for name, m in report["systems"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{m['rule_accuracy'].get(r, float('nan')):.3f}" for r in rules) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{m['rule_accuracy'].get(r, float('nan')):.3f}" for r in rules) + " |"
+        )
     return lines
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.md and its plots; return the paths written."""
     plots = _plots(report, out_dir)
-    lines = [f"# Distillation report: {report['run_name']}", "", verdict(report), "",
-             f"Task `{report['task']}`, {report['test_examples']} held-out test examples. Cost from "
-             f"{report['hardware']['name']} at ${report['hardware']['usd_per_hour']}/hour and the measured batched "
-             "throughput; latency from requests run one at a time.", "", *_table(report), ""]
+    lines = [
+        f"# Distillation report: {report['run_name']}",
+        "",
+        verdict(report),
+        "",
+        f"Task `{report['task']}`, {report['test_examples']} held-out test examples. Cost from "
+        f"{report['hardware']['name']} at ${report['hardware']['usd_per_hour']}/hour and the measured batched "
+        "throughput; latency from requests run one at a time.",
+        "",
+        *_table(report),
+        "",
+    ]
     forgetting = report.get("forgetting", {})
     if forgetting:
-        lines += ["## Base capabilities (forgetting probe)", "",
-                  "| system | probe accuracy | leakage rate | n |", "|---|---|---|---|"]
+        lines += [
+            "## Base capabilities (forgetting probe)",
+            "",
+            "| system | probe accuracy | leakage rate | n |",
+            "|---|---|---|---|",
+        ]
         for name in ("student_base", "student_tuned"):
             if name in forgetting:
                 f = forgetting[name]

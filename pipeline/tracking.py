@@ -41,16 +41,33 @@ def wandb_mode(config: ExperimentConfig) -> str:
     return config.tracking.mode or os.environ.get("WANDB_MODE") or "offline"
 
 
+def configure_wandb_env(config: ExperimentConfig, job_type: str) -> str:
+    """Set W&B's environment before any `wandb.init` of the process; W&B reads it once, at setup.
+
+    The trainer's own W&B callback sees only the environment, so every stage goes through here.
+    """
+    mode = wandb_mode(config)
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_PROJECT"] = config.tracking.project
+    os.environ["WANDB_RUN_GROUP"] = config.run_name
+    os.environ["WANDB_JOB_TYPE"] = job_type
+    os.environ["WANDB_DIR"] = str(config.run_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return mode
+
+
+def tracking_enabled(config: ExperimentConfig) -> bool:
+    return config.tracking.wandb and wandb_mode(config) != "disabled"
+
+
 def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
     """Open a W&B run for `stage`, grouped by the pipeline run; NoTracker when tracking is off."""
-    mode = wandb_mode(config)
-    if not config.tracking.wandb or mode == "disabled":
+    if not tracking_enabled(config):
         return NoTracker()
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    wandb_dir = config.run_dir / "wandb"
-    wandb_dir.mkdir(parents=True, exist_ok=True)
+    mode = configure_wandb_env(config, stage)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=config.tracking.project,
         group=config.run_name,
@@ -65,14 +82,8 @@ def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
 
 
 def trainer_report_to(config: ExperimentConfig) -> list[str]:
-    """What TRL's `report_to` should be: W&B joins the same group through environment variables."""
-    mode = wandb_mode(config)
-    if not config.tracking.wandb or mode == "disabled":
+    """What TRL's `report_to` should be; the trainer's W&B run joins the group through the environment."""
+    if not tracking_enabled(config):
         return []
-    os.environ["WANDB_MODE"] = mode
-    os.environ["WANDB_PROJECT"] = config.tracking.project
-    os.environ["WANDB_RUN_GROUP"] = config.run_name
-    os.environ["WANDB_JOB_TYPE"] = "train"
-    os.environ["WANDB_DIR"] = str(config.run_dir)
-    os.environ.setdefault("WANDB_SILENT", "true")
+    configure_wandb_env(config, "train")
     return ["wandb"]

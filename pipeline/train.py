@@ -54,7 +54,9 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": checkpointing}
 
 
-def build_trainer(config: ExperimentConfig, model_path: str, train_rows: list[dict], val_rows: list[dict], output_dir: Path):
+def build_trainer(
+    config: ExperimentConfig, model_path: str, train_rows: list[dict], val_rows: list[dict], output_dir: Path
+):
     """The SFTTrainer for a run; separate from `run_train` so tests can inspect its batches."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -125,13 +127,19 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     if losses and not all(math.isfinite(v) for v in losses):
         raise PipelineError("train: the loss became NaN/inf; lower train.learning_rate")
 
-    _save_atomic(lambda path: (trainer.model.save_pretrained(path), trainer.processing_class.save_pretrained(path)),
-                 adapter_dir)
+    _save_atomic(
+        lambda path: (trainer.model.save_pretrained(path), trainer.processing_class.save_pretrained(path)), adapter_dir
+    )
     outputs = [adapter_dir]
     if config.train.merge:
         merged = trainer.model.merge_and_unload()
-        _save_atomic(lambda path: (merged.save_pretrained(path, safe_serialization=True),
-                                   trainer.processing_class.save_pretrained(path)), merged_dir)
+        _save_atomic(
+            lambda path: (
+                merged.save_pretrained(path, safe_serialization=True),
+                trainer.processing_class.save_pretrained(path),
+            ),
+            merged_dir,
+        )
         outputs.append(merged_dir)
     metrics = {
         "train_examples": len(train_rows),
@@ -146,7 +154,10 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     write_json(stage.dir / "train_metrics.json", {**metrics, "log_history": trainer.state.log_history})
     outputs.append(stage.dir / "train_metrics.json")
     stage.finish(outputs, metrics)
-    log(f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; adapter in {adapter_dir}")
+    log(
+        f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
+        f"adapter in {adapter_dir}"
+    )
     _finish_wandb()
     return stage.dir
 

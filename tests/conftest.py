@@ -85,10 +85,19 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
         },
         "student": {"model": str(model)},
         "filter": {"require_correct": False, "val_fraction": 0.25},
-        "train": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-                  "max_length": 256},
-        "benchmark": {"engine": {"backend": "transformers", "batch_size": 8}, "sampling": {"max_tokens": 8},
-                      "latency_requests": 2, "probe_max_tokens": 4},
+        "train": {
+            "max_steps": 3,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "max_length": 256,
+        },
+        "benchmark": {
+            "engine": {"backend": "transformers", "batch_size": 8},
+            "sampling": {"max_tokens": 8},
+            "latency_requests": 2,
+            "probe_max_tokens": 4,
+        },
         "tracking": {"wandb": False},
     }
     for key, value in overrides.items():

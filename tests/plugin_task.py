@@ -19,8 +19,12 @@ class ParityTask(Task):
     def split(self, name: str) -> list[Example]:
         count, offset = (self.params.num_train, 0) if name == "train" else (self.params.num_test, 1000)
         return [
-            Example(f"parity-{name}-{i}", f"Is {offset + i} even or odd?", {"answer": "even" if i % 2 == 0 else "odd"},
-                    "even" if i % 2 == 0 else "odd")
+            Example(
+                f"parity-{name}-{i}",
+                f"Is {offset + i} even or odd?",
+                {"answer": "even" if i % 2 == 0 else "odd"},
+                "even" if i % 2 == 0 else "odd",
+            )
             for i in range(count)
         ]
 

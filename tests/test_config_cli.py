@@ -36,12 +36,15 @@ def _minimal(**extra):
     return {"run_name": "x", "task": {"name": "support"}, "teacher": {"model": "m"}, "student": {"model": "m"}, **extra}
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    (_minimal(train={"learning_rate": "fast"}), "train.learning_rate: Input should be a valid number"),
-    (_minimal(train={"lr": 1e-4}), "train.lr: unknown key"),
-    ({"run_name": "x", "task": {"name": "support"}, "student": {"model": "m"}}, "teacher: Field required"),
-    (_minimal(teacher={"model": "m", "sampling": {"temperature": -1}}), "teacher.sampling.temperature"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_minimal(train={"learning_rate": "fast"}), "train.learning_rate: Input should be a valid number"),
+        (_minimal(train={"lr": 1e-4}), "train.lr: unknown key"),
+        ({"run_name": "x", "task": {"name": "support"}, "student": {"model": "m"}}, "teacher: Field required"),
+        (_minimal(teacher={"model": "m", "sampling": {"temperature": -1}}), "teacher.sampling.temperature"),
+    ],
+)
 def test_bad_config_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate_config(raw)
@@ -82,10 +85,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     cases = [
         (["filter", "--config", str(tmp_path / "missing.yaml")], "config file not found"),
         (["generate", "--config", str(_write(tmp_path, _minimal(bogus=1)))], "bogus: unknown key"),
-        (["generate", "--config", str(_write(tmp_path, _minimal(teacher={"model": "no-org/no-model"})))],
-         "no-org/no-model"),
-        (["generate", "--config", str(_write(tmp_path, _minimal(task={"name": "classification", "params": {
-            "path": "absent.csv"}})))], "absent.csv"),
+        (
+            ["generate", "--config", str(_write(tmp_path, _minimal(teacher={"model": "no-org/no-model"})))],
+            "no-org/no-model",
+        ),
+        (
+            [
+                "generate",
+                "--config",
+                str(_write(tmp_path, _minimal(task={"name": "classification", "params": {"path": "absent.csv"}}))),
+            ],
+            "absent.csv",
+        ),
         (["filter", "--config", str(_write(tmp_path, _minimal()))], "teacher_outputs.jsonl"),
     ]
     for argv, expected in cases:

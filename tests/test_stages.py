@@ -38,8 +38,10 @@ class ScriptedEngine:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.calls.append([c[-1]["content"] for c in conversations])
-        return [Generation([Completion(f"{self.answer} {c[-1]['content']}", "stop", 5)] * sampling.n, 20)
-                for c in conversations]
+        return [
+            Generation([Completion(f"{self.answer} {c[-1]['content']}", "stop", 5)] * sampling.n, 20)
+            for c in conversations
+        ]
 
     def close(self):
         pass
@@ -78,20 +80,30 @@ def test_generate_resumes_without_redoing_or_duplicating(tmp_path, tiny_model, m
 
 
 def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
-    config = parity_config(tmp_path, tiny_model, **{"filter.require_correct": True, "filter.max_samples_per_prompt": 1,
-                                                   "filter.val_fraction": 0.0})
+    config = parity_config(
+        tmp_path,
+        tiny_model,
+        **{"filter.require_correct": True, "filter.max_samples_per_prompt": 1, "filter.val_fraction": 0.0},
+    )
     gen_dir = config.run_dir / "generate"
     gen_dir.mkdir(parents=True)
 
     def row(i, texts, reasons=None):
         reasons = reasons or ["stop"] * len(texts)
-        return {"prompt_id": f"parity-train-{i}", "user": f"Is {i} even or odd?", "category": "",
-                "reference": {"answer": "even" if i % 2 == 0 else "odd"}, "teacher": "t",
-                "completions": [{"text": t, "finish_reason": r, "output_tokens": 3} for t, r in zip(texts, reasons)]}
+        return {
+            "prompt_id": f"parity-train-{i}",
+            "user": f"Is {i} even or odd?",
+            "category": "",
+            "reference": {"answer": "even" if i % 2 == 0 else "odd"},
+            "teacher": "t",
+            "completions": [
+                {"text": t, "finish_reason": r, "output_tokens": 3} for t, r in zip(texts, reasons, strict=True)
+            ],
+        }
 
     rows = [
-        row(0, ["even", "even", "odd"]),            # 2 pass (one kept, one surplus), 1 fails the check
-        row(1, ["", "odd"]),                        # empty, then a pass
+        row(0, ["even", "even", "odd"]),  # 2 pass (one kept, one surplus), 1 fails the check
+        row(1, ["", "odd"]),  # empty, then a pass
         row(2, ["even but cut", "odd"], ["length", "stop"]),  # truncated, then a wrong answer
     ]
     (gen_dir / "teacher_outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -110,9 +122,17 @@ def test_filter_with_nothing_surviving_is_an_error(tmp_path, tiny_model):
     config = parity_config(tmp_path, tiny_model, **{"filter.require_correct": True})
     gen_dir = config.run_dir / "generate"
     gen_dir.mkdir(parents=True)
-    (gen_dir / "teacher_outputs.jsonl").write_text(json.dumps({
-        "prompt_id": "parity-train-1", "user": "Is 1 even or odd?", "reference": {"answer": "odd"},
-        "completions": [{"text": "even", "finish_reason": "stop", "output_tokens": 1}]}) + "\n")
+    (gen_dir / "teacher_outputs.jsonl").write_text(
+        json.dumps(
+            {
+                "prompt_id": "parity-train-1",
+                "user": "Is 1 even or odd?",
+                "reference": {"answer": "odd"},
+                "completions": [{"text": "even", "finish_reason": "stop", "output_tokens": 1}],
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(PipelineError, match="no teacher sample survived"):
         run_filter(config)
     assert not (config.run_dir / "filter" / "train.jsonl").exists()
@@ -133,3 +153,15 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     assert (config.run_dir / "benchmark" / "accuracy_vs_cost.png").stat().st_size > 1000
     for stage in ("generate", "filter", "train", "benchmark"):
         assert (config.run_dir / stage / "manifest.json").exists()
+
+
+def test_wandb_offline_logs_every_stage_in_one_group(tmp_path, tiny_model, monkeypatch):
+    """Stages in one process, tracking on, no account: each stage is an offline W&B run in the run's group."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = parity_config(tmp_path, tiny_model, **{"tracking.wandb": True, "tracking.mode": "offline"})
+    run_pipeline(config, stages=("generate", "filter", "train"))
+    offline_runs = sorted((config.run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 3, offline_runs  # generate, filter, train (through TRL's report_to)
+    import os
+
+    assert os.environ["WANDB_RUN_GROUP"] == "tiny" and os.environ["WANDB_MODE"] == "offline"

@@ -50,14 +50,14 @@ def test_wrong_answers_fail_the_right_rule():
     article, dispute, none = _first(task, "article"), _first(task, "dispute"), _first(task, "no_article")
     good = task.reference_answer(article)
     cases = [
-        (good.replace(article.reference["article_id"], "KB-9999"), article, "citation"),   # invented id
+        (good.replace(article.reference["article_id"], "KB-9999"), article, "citation"),  # invented id
         (good.replace(f" See [{article.reference['article_id']}].", ""), article, "citation"),  # no citation
-        (good + " " + ESCALATION, article, "escalation"),                                   # escalates needlessly
-        ("I'm sorry about this charge.", dispute, "escalation"),                             # forgets to escalate
-        ("THIS IS NOT OUR PROBLEM. " + ESCALATION, dispute, "tone"),                         # shouting
+        (good + " " + ESCALATION, article, "escalation"),  # escalates needlessly
+        ("I'm sorry about this charge.", dispute, "escalation"),  # forgets to escalate
+        ("THIS IS NOT OUR PROBLEM. " + ESCALATION, dispute, "tone"),  # shouting
         ("That is a stupid question. " + NO_ARTICLE, none, "tone"),
-        (NO_ARTICLE + " See [KB-1001].", none, "citation"),                                  # cites on no-article
-        ("Thank you for asking.", none, "citation"),                                         # does not say so
+        (NO_ARTICLE + " See [KB-1001].", none, "citation"),  # cites on no-article
+        ("Thank you for asking.", none, "citation"),  # does not say so
         ("", article, "tone"),
     ]
     for text, example, rule in cases:

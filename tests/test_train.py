@@ -9,11 +9,16 @@ from pipeline.train import build_trainer, device_defaults, to_prompt_completion
 from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, tiny_config
 
 ROWS = [
-    {"messages": [
-        {"role": "system", "content": "You are a customer support agent for Acme Corp."},
-        {"role": "user", "content": f"My parcel number {i} never arrived. What now?"},
-        {"role": "assistant", "content": f"Thank you for contacting Acme support. Parcels arrive in {i + 2} days. See [KB-1012]."},
-    ]}
+    {
+        "messages": [
+            {"role": "system", "content": "You are a customer support agent for Acme Corp."},
+            {"role": "user", "content": f"My parcel number {i} never arrived. What now?"},
+            {
+                "role": "assistant",
+                "content": f"Thank you for contacting Acme support. Parcels arrive in {i + 2} days. See [KB-1012].",
+            },
+        ]
+    }
     for i in range(8)
 ]
 

@@ -35,21 +35,65 @@ CITATION = re.compile(r"\[(KB-\d+)\]")
 RUDE = ("stupid", "idiot", "dumb", "shut up", "damn", "ridiculous", "whatever", "hell")
 NO_ARTICLE_MARKERS = ("no knowledge base article", "no article covers", "no article that covers", "no kb article")
 SUPPORT_SPEAK = ("acme", "billing team", "knowledge base", "contacting us", "support team")
-STOPWORDS = set("""a an the i my me we you your our is are was were be been it its this that to of for in on at and or
+STOPWORDS = set(
+    """a an the i my me we you your our is are was were be been it its this that to of for in on at and or
 but with can could would should do does did how what when where why who which not no have has had will just so if
 from by as am please hi hello thanks thank there any some get got need want help know about up out good morning
 afternoon dear team greetings hey regards cheers best kind advance second time writing customer three years tried twice
-already bit urgent laptop neighbour same question into won yesterday""".split())
+already bit urgent laptop neighbour same question into won yesterday""".split()
+)
 
-OPENERS = ["Hi,", "Hello,", "Good morning,", "Hey there,", "Good afternoon,", "Dear support,", "Hi team,", "Hello there,",
-           "Greetings,", ""]
-DETAILS = ["", "", " This is the second time I am writing.", " I have been a customer for three years.",
-           " I tried twice already.", " It is a bit urgent.", " I am writing from my laptop.",
-           " My neighbour had the same question."]
-CLOSERS = ["Thanks, {name}.", "Regards, {name}", "Thank you!", "Cheers, {name}", "Best, {name}", "- {name}",
-           "Thanks in advance.", "Kind regards, {name}", ""]
-NAMES = ["Maria", "Tom", "Aisha", "Ken", "Lucia", "Omar", "Priya", "Jonas", "Mei", "Carlos", "Fatima", "Ben", "Sofia",
-         "Ivan", "Grace", "Raj"]
+OPENERS = [
+    "Hi,",
+    "Hello,",
+    "Good morning,",
+    "Hey there,",
+    "Good afternoon,",
+    "Dear support,",
+    "Hi team,",
+    "Hello there,",
+    "Greetings,",
+    "",
+]
+DETAILS = [
+    "",
+    "",
+    " This is the second time I am writing.",
+    " I have been a customer for three years.",
+    " I tried twice already.",
+    " It is a bit urgent.",
+    " I am writing from my laptop.",
+    " My neighbour had the same question.",
+]
+CLOSERS = [
+    "Thanks, {name}.",
+    "Regards, {name}",
+    "Thank you!",
+    "Cheers, {name}",
+    "Best, {name}",
+    "- {name}",
+    "Thanks in advance.",
+    "Kind regards, {name}",
+    "",
+]
+NAMES = [
+    "Maria",
+    "Tom",
+    "Aisha",
+    "Ken",
+    "Lucia",
+    "Omar",
+    "Priya",
+    "Jonas",
+    "Mei",
+    "Carlos",
+    "Fatima",
+    "Ben",
+    "Sofia",
+    "Ivan",
+    "Grace",
+    "Raj",
+]
 DISPUTES = [
     "I was charged twice for the same purchase",
     "there is a charge on my statement I do not recognize",
@@ -129,8 +173,12 @@ class SupportTask(Task):
     def _ticket(self, rng: random.Random, issue: str) -> str:
         opener, detail = rng.choice(OPENERS), rng.choice(DETAILS)
         closer = rng.choice(CLOSERS).format(name=rng.choice(NAMES))
-        mark = "?" if issue.split()[0].lower() in {"how", "what", "where", "when", "can", "do", "does", "is", "who",
-                                                   "which", "are", "could", "will"} else "."
+        mark = (
+            "?"
+            if issue.split()[0].lower()
+            in {"how", "what", "where", "when", "can", "do", "does", "is", "who", "which", "are", "could", "will"}
+            else "."
+        )
         body = (issue if opener else issue[0].upper() + issue[1:]) + mark
         return " ".join(part for part in (opener, body + detail, closer) if part)
 
@@ -221,10 +269,10 @@ class SupportTask(Task):
             f"{SHORT_PROMPT} Follow these rules exactly.\n"
             "1. Always respond in a calm, professional tone, in one or two short sentences.\n"
             f"2. If the customer disputes a charge (charged twice, wrong amount, unknown charge), reply: "
-            f"\"I'm sorry about this charge. {ESCALATION}\"\n"
-            "3. Otherwise, if a retrieved article answers the question, reply: \"Thank you for contacting Acme "
+            f'"I\'m sorry about this charge. {ESCALATION}"\n'
+            '3. Otherwise, if a retrieved article answers the question, reply: "Thank you for contacting Acme '
             "support. <the article's answer> See [<article ID>].\" Cite only IDs from the retrieved articles.\n"
-            f"4. If no retrieved article covers the question, reply exactly: \"{NO_ARTICLE}\" Never invent an ID."
+            f'4. If no retrieved article covers the question, reply exactly: "{NO_ARTICLE}" Never invent an ID.'
         )
         order = ["dispute", "no_article", "article", "article", "dispute", "no_article", "article", "article"] * 2
         picks: list[Example] = []
@@ -234,8 +282,10 @@ class SupportTask(Task):
                 picks.append(candidate)
         turns: list[Message] = [{"role": "system", "content": rules}]
         for shot in picks:
-            turns += [{"role": "user", "content": self._teacher_turn(shot)},
-                      {"role": "assistant", "content": self.reference_answer(shot)}]
+            turns += [
+                {"role": "user", "content": self._teacher_turn(shot)},
+                {"role": "assistant", "content": self.reference_answer(shot)},
+            ]
         return turns
 
     def messages(self, example: Example, style: str) -> list[Message]:
@@ -266,5 +316,9 @@ class SupportTask(Task):
     def leaks(self, completion: str) -> bool:
         text = completion.replace("\u2019", "'")
         lowered = text.lower()
-        return ("[kb-" in lowered or ESCALATION in text or any(m in lowered for m in NO_ARTICLE_MARKERS)
-                or any(s in lowered for s in SUPPORT_SPEAK))
+        return (
+            "[kb-" in lowered
+            or ESCALATION in text
+            or any(m in lowered for m in NO_ARTICLE_MARKERS)
+            or any(s in lowered for s in SUPPORT_SPEAK)
+        )

@@ -1,0 +1,73 @@
+"""Every script in scripts/ runs in a test (untested scripts rot), on a tiny model with the transformers engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPTS / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.fixture
+def tiny_env(tmp_path, tiny_model):
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["task"] = {"name": "tests.plugin_task:ParityTask", "params": {"num_train": 10, "num_test": 4}}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "CONFIG": str(config), "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    return env, Path(raw["runs_dir"]) / raw["run_name"]
+
+
+@pytest.mark.integration
+def test_stage_scripts_then_run_all_skips_everything(tiny_env):
+    env, run_dir = tiny_env
+    for script in ("01_generate.sh", "02_filter.sh", "03_train.sh", "04_benchmark.sh"):
+        result = run(script, env)
+        assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run_dir / "benchmark" / "report.json").read_text())
+    assert set(report["systems"]) == {"teacher", "student_base", "student_tuned"}
+
+    again = run("run_all.sh", env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in ("generate", "filter", "train", "benchmark"):
+        assert f"{stage}: skipped, inputs and config unchanged" in again.stderr
+    assert f"Report: {run_dir}/benchmark/report.md" in again.stdout
+
+
+@pytest.mark.integration
+def test_demo_script_installs_then_runs(tiny_env):
+    """demo.sh = setup.sh (idempotent here, the venv exists) + run_all.sh; an override reaches the config."""
+    env, run_dir = tiny_env
+    result = run("demo.sh", env, "seed=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "setup: ready" in result.stdout
+    manifest = json.loads((run_dir / "benchmark" / "manifest.json").read_text())
+    assert manifest["seed"] == 8
+
+
+def test_stage_script_reports_bad_config_in_one_line(tmp_path):
+    env = {**os.environ, "CONFIG": str(tmp_path / "nope.yaml")}
+    result = run("02_filter.sh", env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"distill: error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in readme and "bash scripts/demo.sh" in readme
+    assert "bash scripts/test.sh" in ci
