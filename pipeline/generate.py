@@ -66,6 +66,7 @@ def run_generate(config: ExperimentConfig, force: bool = False) -> Path:
     if not examples:
         raise PipelineError("task: the train split is empty")
 
+    model_path = resolve_model(config.teacher.model)  # fail fast on an unknown model, before any work
     stage.dir.mkdir(parents=True, exist_ok=True)
     partial = stage.dir / "teacher_outputs.partial.jsonl"
     stamp = stage.dir / "teacher_outputs.partial.fingerprint"
@@ -79,7 +80,6 @@ def run_generate(config: ExperimentConfig, force: bool = False) -> Path:
     tracker = start_tracking(config, "generate")
     output_tokens = sum(c["output_tokens"] for row in done.values() for c in row["completions"])
     if todo:
-        model_path = resolve_model(config.teacher.model)
         engine = load_engine(model_path, config.teacher.engine, config.seed)
         started = time.perf_counter()
         new_tokens = 0

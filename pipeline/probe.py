@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,14 @@ from typing import Any
 PROBE_PATH = Path(__file__).parent / "data" / "general_probe.jsonl"
 PROBE_SYSTEM = "You are a helpful assistant."
 
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
 
 @dataclass(frozen=True)
 class ProbeQuestion:
+    """One closed question; `answers` are the accepted answers (aliases), the first one canonical."""
+
     id: str
     category: str
     question: str
@@ -27,11 +32,21 @@ class ProbeQuestion:
 
 
 def load_probe(path: Path | None = None) -> list[ProbeQuestion]:
-    rows = [json.loads(line) for line in (path or PROBE_PATH).read_text().splitlines() if line.strip()]
-    return [ProbeQuestion(r["id"], r["category"], r["question"], tuple(r["answers"])) for r in rows]
+    """Questions of a probe JSONL file (default: the packaged general probe)."""
+    source = path or PROBE_PATH
+    questions = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if not row.get("answers"):
+            raise ValueError(f"{source}:{number}: probe question without answers")
+        questions.append(ProbeQuestion(row["id"], row["category"], row["question"], tuple(row["answers"])))
+    return questions
 
 
 def probe_messages(question: ProbeQuestion) -> list[dict[str, str]]:
+    """A neutral system prompt and the question: no task instruction."""
     return [{"role": "system", "content": PROBE_SYSTEM}, {"role": "user", "content": question.question}]
 
 
@@ -39,30 +54,34 @@ def _words(text: str) -> str:
     return " " + " ".join(re.findall(r"[a-z0-9]+", text.lower())) + " "
 
 
+def _numbers(text: str) -> set[float]:
+    return {float(n) for n in _NUMBER.findall(_THOUSANDS.sub("", text))}
+
+
 def probe_correct(completion: str, question: ProbeQuestion) -> bool:
-    """An accepted answer appears as whole words in the completion (numbers compare as numbers)."""
-    words = _words(completion)
-    numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))}
+    """Whether an accepted answer appears as whole words in the completion (numeric answers compare as numbers)."""
+    words, numbers = _words(completion), _numbers(completion)
     for answer in question.answers:
-        if re.fullmatch(r"-?\d+(?:\.\d+)?", answer):
+        if _NUMBER.fullmatch(answer.strip()):
             if float(answer) in numbers:
                 return True
-        elif _words(answer) in words:
+        elif _words(answer).strip() and _words(answer) in words:
             return True
     return False
 
 
 def summarize_probe(
-    completions: list[str], questions: list[ProbeQuestion], leaks: Callable[[str], bool]
+    completions: Sequence[str], questions: Sequence[ProbeQuestion], leaks: Callable[[str], bool]
 ) -> dict[str, Any]:
+    """Accuracy, leakage rate (share of completions where `leaks` is true), n, and accuracy per category."""
     correct = [probe_correct(c, q) for c, q in zip(completions, questions, strict=True)]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for ok, q in zip(correct, questions, strict=True):
         by_category[q.category].append(ok)
     n = len(questions)
     return {
-        "n": n,
         "accuracy": sum(correct) / n if n else float("nan"),
-        "leakage_rate": sum(leaks(c) for c in completions) / n if n else float("nan"),
+        "leakage_rate": sum(bool(leaks(c)) for c in completions) / n if n else float("nan"),
+        "n": n,
         "per_category": {cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
     }

@@ -74,7 +74,7 @@ def test_unknown_models_are_clear_errors(tmp_path, monkeypatch):
 
 
 def _write(tmp_path, raw) -> Path:
-    path = tmp_path / "exp.yaml"
+    path = tmp_path / f"exp{len(list(tmp_path.glob('exp*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -102,6 +102,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err
         assert err.startswith("distill: error:") and expected in err, err
         assert len(err.splitlines()) == 1, err
 

@@ -51,7 +51,7 @@ def test_wrong_answers_fail_the_right_rule():
     good = task.reference_answer(article)
     cases = [
         (good.replace(article.reference["article_id"], "KB-9999"), article, "citation"),  # invented id
-        (good.replace(f" See [{article.reference['article_id']}].", ""), article, "citation"),  # no citation
+        (good.replace(f" [{article.reference['article_id']}]", ""), article, "citation"),  # no citation
         (good + " " + ESCALATION, article, "escalation"),  # escalates needlessly
         ("I'm sorry about this charge.", dispute, "escalation"),  # forgets to escalate
         ("THIS IS NOT OUR PROBLEM. " + ESCALATION, dispute, "tone"),  # shouting

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from pipeline.tasks import TaskError, build_task
-from pipeline.tasks.exact_answer import extract_number, extract_string
+from pipeline.tasks.classification import ClassificationTask
+from pipeline.tasks.exact_answer import ExactAnswerTask, extract_number, extract_string
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = [
+    (f"review number {i} was {'great' if i % 2 else 'awful'}", "positive" if i % 2 else "negative") for i in range(40)
+]
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:
@@ -16,23 +23,24 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label
     return path
 
 
-ROWS = [
-    (f"review number {i} was {'great' if i % 2 else 'awful'}", "positive" if i % 2 else "negative") for i in range(40)
-]
+def classification(tmp_path: Path, seed: int = 3, **params) -> ClassificationTask:
+    return ClassificationTask(ClassificationTask.Params(path="d.csv", **params), seed=seed, base_dir=tmp_path)
 
 
-def classification(tmp_path: Path, **params):
-    return build_task("classification", {"path": "d.csv", **params}, seed=3, base_dir=tmp_path)
-
-
-def test_classification_splits_are_deterministic_and_disjoint(tmp_path):
+def test_classification_splits_are_deterministic_disjoint_and_sized(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     a, b = classification(tmp_path), classification(tmp_path)
-    assert a.split("train") == b.split("train")
+    assert a.split("train") == b.split("train") and a.split("test") == b.split("test")
     train, test = a.split("train"), a.split("test")
     assert (len(train), len(test)) == (32, 8)
     assert not {e.id for e in train} & {e.id for e in test}
+    assert {e.id for e in train} | {e.id for e in test} == {f"d-{i}" for i in range(40)}
+    assert all(e.user == ROWS[int(e.id.split("-")[1])][0] for e in train + test)  # id = row index in the file
     assert {e.category for e in train} == {"positive", "negative"}
+    assert all(e.category == e.reference["target"] for e in train)
+    other_seed = classification(tmp_path, seed=4)
+    assert {e.id for e in other_seed.split("test")} != {e.id for e in test}
+    assert (len(classification(tmp_path, test_fraction=0.5).split("test"))) == 20
 
 
 def test_classification_reads_jsonl_and_a_separate_test_file(tmp_path):
@@ -44,68 +52,168 @@ def test_classification_reads_jsonl_and_a_separate_test_file(tmp_path):
         seed=0,
         base_dir=tmp_path,
     )
-    assert len(task.split("train")) == 40 and len(task.split("test")) == 5
+    train, test = task.split("train"), task.split("test")
+    assert len(train) == 40 and len(test) == 5
+    assert [e.user for e in test] == [t for t, _ in ROWS[:5]]
+    assert not {e.id for e in train} & {e.id for e in test}
 
 
 def test_classification_scoring_is_exact_after_normalisation(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     task = classification(tmp_path)
-    example = next(e for e in task.split("test") if e.reference["target"] == "positive")
-    assert task.score("Positive.", example) == {"label": True}
-    assert task.score("  label: POSITIVE ", example) == {"label": True}
-    assert task.score("positive sentiment", example) == {"label": False}
-    assert task.score("negative", example) == {"label": False}
+    positive = next(e for e in task.split("test") if e.reference["target"] == "positive")
+    negative = next(e for e in task.split("test") if e.reference["target"] == "negative")
+    assert task.score("Positive.", positive) == {"label": True}
+    assert task.score("  label: POSITIVE ", positive) == {"label": True}
+    assert task.score("Label: negative", negative) == {"label": True}
+    assert task.score("Answer: **negative**!", negative) == {"label": True}
+    assert task.score("positive sentiment", positive) == {"label": False}
+    assert task.score("negative", positive) == {"label": False}
+    assert task.score("not positive", positive) == {"label": False}
+    assert task.score("", positive) == {"label": False}
 
 
 def test_classification_full_prompt_lists_labels_and_train_examples_only(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     task = classification(tmp_path, few_shot=3)
     example = task.split("test")[0]
-    system = task.messages(example, "full")[0]["content"]
+    full = task.messages(example, "full")
+    assert [m["role"] for m in full] == ["system", "user"] and full[1]["content"] == example.user
+    system = full[0]["content"]
     assert "Allowed labels: negative, positive." in system
-    assert system.count("Input: ") == 3
+    shots = re.findall(r"Input: (.*)\nAnswer: (.*)", system)
+    assert len(shots) == 3 and {label for _, label in shots} == {"negative", "positive"}
+    train_texts = {e.user for e in task.split("train")}
+    assert all(text in train_texts for text, _ in shots)
     assert all(e.user not in system for e in task.split("test"))
-    assert task.messages(example, "short")[0]["content"] == "Classify the text. Answer with one label only."
+    short = task.messages(example, "short")
+    assert short == [
+        {"role": "system", "content": "Classify the text. Answer with one label only."},
+        {"role": "user", "content": example.user},
+    ]
+    assert "Input:" not in classification(tmp_path, few_shot=0).messages(example, "full")[0]["content"]
+    with pytest.raises(TaskError, match="prompt style"):
+        task.messages(example, "verbose")
+
+
+def test_classification_given_labels_are_listed_and_leaks_detect_bare_labels(tmp_path):
+    write_csv(tmp_path / "d.csv", ROWS)
+    task = classification(tmp_path, labels=["positive", "negative", "neutral"])
+    assert "Allowed labels: positive, negative, neutral." in task.messages(task.split("test")[0], "full")[0]["content"]
+    assert task.leaks("Neutral.") and not task.leaks("The capital of France is Paris.")
 
 
 @pytest.mark.parametrize(
     ("params", "files", "message"),
     [
         ({"path": "missing.csv"}, {}, "task.params.path: file not found: missing.csv"),
-        ({"path": "d.csv", "text_column": "body"}, {"d.csv": "text,label\na,b\n"}, "no column 'body'"),
-        ({"path": "d.csv"}, {"d.csv": "text,label\n"}, "has no rows"),
-        ({"path": "d.csv", "labels": ["yes", "no"]}, {"d.csv": "text,label\na,maybe\nb,yes\n"}, "'maybe'"),
+        ({"path": "d.csv", "test_path": "nope.jsonl"}, {"d.csv": "text,label\na,b\n"}, "task.params.test_path: file "),
+        ({"path": "d.csv", "text_column": "body"}, {"d.csv": "text,label\na,b\n"}, "no column 'body' (columns: 'text'"),
+        (
+            {"path": "d.jsonl"},
+            {"d.jsonl": '{"text": "a", "label": "b"}\n{"text": "c"}\n'},
+            "row 2 has no column 'label'",
+        ),
+        ({"path": "d.csv"}, {"d.csv": "text,label\n"}, "task.params.path: d.csv has no rows"),
+        ({"path": "d.csv"}, {"d.csv": ""}, "task.params.path: d.csv has no rows"),
+        ({"path": "d.txt"}, {"d.txt": "x"}, "expected a .csv or .jsonl file"),
+        (
+            {"path": "d.csv", "labels": ["yes", "no"]},
+            {"d.csv": "text,label\na,maybe\nb,yes\n"},
+            "labels: label 'maybe'",
+        ),
     ],
 )
 def test_classification_errors_name_the_key_file_or_column(tmp_path, params, files, message):
     for name, content in files.items():
         (tmp_path / name).write_text(content)
-    with pytest.raises(TaskError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(TaskError, match=re.escape(message)) as info:
         build_task("classification", params, seed=0, base_dir=tmp_path).split("train")
+    assert "\n" not in str(info.value)
 
 
-def test_empty_test_split_is_an_error(tmp_path):
+def test_empty_test_split_is_an_error_that_says_how_to_fix_it(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS[:3])
-    with pytest.raises(TaskError, match="test split is empty"):
+    with pytest.raises(TaskError, match="test split is empty.*(test_fraction|test_path)"):
         classification(tmp_path, test_fraction=0.0).split("test")
+    with pytest.raises(TaskError, match="test split is empty"):
+        classification(tmp_path, test_fraction=0.1).split("test")  # rounds to 0 of 3 rows
+    assert len(classification(tmp_path, test_fraction=0.0).split("train")) == 3
 
 
-def test_number_and_string_extraction():
-    assert extract_number("I think 3, no wait, the answer is -12.5") == -12.5
-    assert extract_number("It costs 1,234 dollars") == 1234
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("I think 3, no wait, the answer is -12.5", -12.5),
+        ("It costs 1,234 dollars", 1234),
+        ("Total: 1,234,567.5", 1234567.5),
+        ("x = -7", -7),
+        ("10 - 3 = 7.", 7),
+        ("from 5-3 we get", 3),
+        ("0.25", 0.25),
+        ("The answer is 42.", 42),
+    ],
+)
+def test_number_extraction_takes_the_last_number(text, number):
+    assert extract_number(text) == number
+
+
+def test_number_and_string_extraction_edge_cases():
     assert extract_number("no digits here") is None
+    assert extract_number("") is None
     assert extract_string("Let me think.\nAnswer: Paris.") == "paris"
+    assert extract_string("answer: Rome\nanswer: Paris\nbecause it is the capital") == "paris"
     assert extract_string("Berlin\nbecause it is the capital") == "berlin"
+    assert extract_string("  \n") == ""
 
 
-def test_exact_answer_scoring(tmp_path):
-    (tmp_path / "q.jsonl").write_text(
-        "".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(20))
-    )
-    task = build_task("exact_answer", {"path": "q.jsonl"}, seed=0, base_dir=tmp_path)
+def qa_file(tmp_path: Path) -> Path:
+    rows = [{"question": f"What is {i} plus 1000?", "answer": f"{i + 1000:,}"} for i in range(20)]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_exact_answer_number_scoring(tmp_path):
+    qa_file(tmp_path)
+    task = ExactAnswerTask(ExactAnswerTask.Params(path="q.jsonl"), seed=0, base_dir=tmp_path)
     example = task.split("test")[0]
-    target = example.reference["target"]
-    assert task.score(f"The sum is {target}.", example) == {"answer": True}
-    assert task.score(f"{target} or maybe {int(target) + 1}", example) == {"answer": False}  # the last number counts
-    strings = build_task("exact_answer", {"path": "q.jsonl", "answer_type": "string"}, seed=0, base_dir=tmp_path)
-    assert strings.score(f"Answer: {target}", example) == {"answer": True}
+    value = int(example.reference["target"].replace(",", ""))
+    assert task.score(f"The sum is {value}.", example) == {"answer": True}
+    assert task.score(f"The sum is {value:,}.0", example) == {"answer": True}
+    assert task.score(f"{value} or maybe {value + 1}", example) == {"answer": False}  # the last number counts
+    assert task.score(f"{value + 1e-3}", example) == {"answer": False}
+    assert task.score("I do not know", example) == {"answer": False}
+    system = task.messages(example, "full")[0]["content"]
+    assert system.startswith("Answer the question. Give only the final answer.") and system.count("Input: ") == 4
+
+
+def test_exact_answer_string_mode(tmp_path):
+    (tmp_path / "c.csv").write_text("q,a\nCapital of France?,Paris\nCapital of Italy?,Rome\n" * 5)
+    task = build_task(
+        "exact_answer",
+        {"path": "c.csv", "question_column": "q", "answer_column": "a", "answer_type": "string", "test_fraction": 0.5},
+        seed=0,
+        base_dir=tmp_path,
+    )
+    example = next(e for e in task.split("test") if e.reference["target"] == "Paris")
+    assert task.score("Answer: paris.", example) == {"answer": True}
+    assert task.score("Paris\nIt is the largest city.", example) == {"answer": True}
+    assert task.score("I believe it is Paris", example) == {"answer": False}
+    assert task.score("Rome", example) == {"answer": False}
+
+
+def test_exact_answer_number_mode_rejects_non_numeric_answers(tmp_path):
+    (tmp_path / "c.csv").write_text("question,answer\nCapital of France?,Paris\n")
+    with pytest.raises(TaskError, match="answer_column.*not a number.*'Paris'"):
+        build_task("exact_answer", {"path": "c.csv"}, seed=0, base_dir=tmp_path).split("train")
+
+
+def test_bundled_example_files_load_and_score_their_references():
+    sentiment = build_task("classification", {"path": "data/examples/sentiment.csv", "test_fraction": 0.25}, 1, REPO)
+    assert len(sentiment.split("train")) + len(sentiment.split("test")) >= 100
+    assert sentiment.labels() == ["negative", "positive"]
+    arithmetic = build_task("exact_answer", {"path": "data/examples/arithmetic.jsonl", "test_fraction": 0.25}, 1, REPO)
+    examples = arithmetic.split("train") + arithmetic.split("test")
+    assert len(examples) >= 100
+    assert all(arithmetic.score(e.reference["target"], e) == {"answer": True} for e in examples)

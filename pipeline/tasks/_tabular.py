@@ -1,4 +1,4 @@
-"""Shared loading and splitting for the file-backed generic tasks (classification, exact answers)."""
+"""Shared loading, splitting and prompting for the file-backed generic tasks (classification, exact answers)."""
 
 from __future__ import annotations
 
@@ -6,58 +6,103 @@ import csv
 import json
 import random
 import re
+from abc import abstractmethod
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
-from pipeline.tasks.base import Example, Message, Task, TaskError, TaskParams
+from pipeline.tasks.base import Example, Message, Task, TaskError, TaskParams, normalize_text
+
+_PREFIX = re.compile(r"^\W*(?:final\s+)?(?:label|answer)\W*?:\s*", re.IGNORECASE)
 
 
 class TabularParams(TaskParams):
+    """Parameters common to tasks read from a CSV or JSONL file."""
+
     path: str
     test_path: str | None = None  # a separate test file; otherwise `test_fraction` of `path` is held out
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    few_shot: int = Field(4, ge=0)
+    few_shot: int = Field(4, ge=0)  # train examples shown in the "full" prompt
+
+
+def resolve(base_dir: Path, value: str) -> Path:
+    """A params path, relative ones resolved against `base_dir`."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
 
 
 def read_rows(base_dir: Path, key: str, value: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL file; errors name the config key, the file and the missing column."""
-    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    """Rows of a CSV or JSONL file (by extension); errors name the config key, the file and the column."""
+    path = resolve(base_dir, value)
+    where = f"task.params.{key}"
     if not path.is_file():
-        raise TaskError(f"task.params.{key}: file not found: {value}")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as fh:
+        raise TaskError(f"{where}: file not found: {value} (looked for {path})")
+    suffix = path.suffix.lower()
+    rows: list[Any]
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
-    elif path.suffix.lower() in (".jsonl", ".json"):
+    elif suffix in (".jsonl", ".ndjson"):
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise TaskError(f"task.params.{key}: {value}:{number}: malformed JSON line") from None
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise TaskError(f"{where}: {value} line {number}: malformed JSON") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{where}: {value} line {number}: expected a JSON object")
+            rows.append(row)
     else:
-        raise TaskError(f"task.params.{key}: {value}: expected a .csv or .jsonl file")
+        raise TaskError(f"{where}: {value}: expected a .csv or .jsonl file")
     if not rows:
-        raise TaskError(f"task.params.{key}: {value} has no rows")
-    for column in columns:
-        if column not in rows[0]:
-            raise TaskError(f"task.params.{key}: {value} has no column {column!r} (columns: {', '.join(rows[0])})")
-    return [{k: str(v) for k, v in row.items()} for row in rows]
+        raise TaskError(f"{where}: {value} has no rows")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                available = ", ".join(repr(str(c)) for c in row)
+                raise TaskError(f"{where}: {value} row {number} has no column {column!r} (columns: {available})")
+            if row[column] is None or not str(row[column]).strip():
+                raise TaskError(f"{where}: {value} row {number}: column {column!r} is empty")
+    return [{str(k): "" if v is None else str(v) for k, v in row.items()} for row in rows]
 
 
 def normalize_answer(text: str) -> str:
-    """Lowercase, strip a leading 'label:'/'answer:' and surrounding punctuation and whitespace."""
-    text = text.strip().lower()
-    text = re.sub(r"^(label|answer)\s*:\s*", "", text)
-    return re.sub(r"^[\W_]+|[\W_]+$", "", text)
+    """Lowercase, drop a leading 'label:'/'answer:' and punctuation around words, collapse whitespace."""
+    return normalize_text(_PREFIX.sub("", text.strip()))
 
 
 class TabularTask(Task):
-    """A task over a file of (input, target) rows; subclasses say which columns and how to score."""
+    """A task over a file of (input, target) rows; subclasses name the columns, prompts and scoring."""
 
-    input_column: str
-    target_column: str
+    params: TabularParams
+
+    @property
+    @abstractmethod
+    def input_column(self) -> str:
+        """Column holding the user prompt."""
+
+    @property
+    @abstractmethod
+    def target_column(self) -> str:
+        """Column holding the reference answer."""
+
+    @abstractmethod
+    def system_prompt(self, style: str) -> str:
+        """The system message of a prompt style."""
+
+    def category(self, target: str) -> str:
+        """Balance group of an example with this target."""
+        return ""
+
+    def validate(self, train: list[Example], test: list[Example]) -> None:
+        """Subclass hook: reject bad data with a TaskError."""
+
+    def _example(self, example_id: str, row: dict[str, str]) -> Example:
+        target = row[self.target_column].strip()
+        return Example(example_id, row[self.input_column].strip(), {"target": target}, self.category(target))
 
     def _load(self) -> tuple[list[Example], list[Example]]:
         params = self.params
@@ -68,42 +113,49 @@ class TabularTask(Task):
         if params.test_path:
             test_rows = read_rows(self.base_dir, "test_path", params.test_path, columns)
             test_stem = Path(params.test_path).stem
-            return examples, [self._example(f"{test_stem}-test-{i}", row) for i, row in enumerate(test_rows)]
-        order = list(range(len(examples)))
-        random.Random(f"{self.name}-{self.seed}").shuffle(order)
-        n_test = round(len(examples) * params.test_fraction)
-        test_ids = set(order[:n_test])
-        train = [e for i, e in enumerate(examples) if i not in test_ids]
-        test = [e for i, e in enumerate(examples) if i in test_ids]
+            train, test = examples, [self._example(f"{test_stem}-test-{i}", row) for i, row in enumerate(test_rows)]
+        else:
+            order = list(range(len(examples)))
+            random.Random(self.seed).shuffle(order)
+            held_out = set(order[: round(len(examples) * params.test_fraction)])
+            train = [e for i, e in enumerate(examples) if i not in held_out]
+            test = [e for i, e in enumerate(examples) if i in held_out]
+        self.validate(train, test)
         return train, test
 
-    def _example(self, example_id: str, row: dict[str, str]) -> Example:
-        target = row[self.target_column].strip()
-        return Example(example_id, row[self.input_column], {"target": target}, self._category(target))
-
-    def _category(self, target: str) -> str:
-        return ""
-
     def split(self, name: str) -> list[Example]:
+        """Train or test examples in file order; the test split is a seeded sample unless `test_path` is set."""
+        if name not in ("train", "test"):
+            raise TaskError(f"unknown split {name!r}; expected 'train' or 'test'")
         if not hasattr(self, "_splits"):
             self._splits = self._load()
         train, test = self._splits
-        if name == "train":
-            return list(train)
-        if name == "test":
-            if not test:
-                raise TaskError("task.params: the test split is empty; raise test_fraction or give test_path")
-            return list(test)
-        raise TaskError(f"unknown split {name!r}; expected 'train' or 'test'")
-
-    def system_prompt(self, style: str) -> str:
-        raise NotImplementedError
+        if name == "test" and not test:
+            raise TaskError(
+                f"task.params.test_fraction: the test split is empty ({len(train)} rows, "
+                f"test_fraction={self.params.test_fraction}); raise test_fraction or set test_path"
+            )
+        if name == "train" and not train:
+            raise TaskError("task.params.test_fraction: the train split is empty; lower test_fraction or add rows")
+        return list(train if name == "train" else test)
 
     def messages(self, example: Example, style: str) -> list[Message]:
+        """System prompt of the style, then the example's input as the user turn."""
         if style not in self.prompt_styles:
-            raise TaskError(f"unknown prompt style {style!r}; expected one of {self.prompt_styles}")
+            raise TaskError(f"unknown prompt style {style!r}; expected one of {', '.join(self.prompt_styles)}")
         return [{"role": "system", "content": self.system_prompt(style)}, {"role": "user", "content": example.user}]
 
+    def few_shot_examples(self) -> list[Example]:
+        """Up to `few_shot` train examples, taken round-robin over categories so labels are balanced."""
+        by_category: dict[str, list[Example]] = {}
+        for example in self.split("train"):
+            by_category.setdefault(example.category, []).append(example)
+        queues = [by_category[c] for c in sorted(by_category)]
+        shots: list[Example] = []
+        for i in range(max(map(len, queues), default=0)):
+            shots += [q[i] for q in queues if i < len(q)]
+        return shots[: self.params.few_shot]
+
     def few_shot_block(self) -> str:
-        shots = self.split("train")[: self.params.few_shot]
-        return "\n\n".join(f"Input: {e.user}\nAnswer: {e.reference['target']}" for e in shots)
+        """The few-shot examples as 'Input:/Answer:' pairs ('' when few_shot is 0)."""
+        return "\n\n".join(f"Input: {e.user}\nAnswer: {e.reference['target']}" for e in self.few_shot_examples())

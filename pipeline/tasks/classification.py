@@ -1,6 +1,6 @@
 """Label classification from a CSV or JSONL file with a text column and a label column (no user code).
 
-Scored by exact label match after normalisation (case, surrounding punctuation, a 'Label:' prefix).
+Scored by exact label match after normalisation (case, punctuation, whitespace, a 'Label:' prefix).
 """
 
 from __future__ import annotations
@@ -10,49 +10,62 @@ from pipeline.tasks.base import Example, TaskError
 
 
 class ClassificationParams(TabularParams):
+    """Where the texts and labels are, and how the model is asked."""
+
     text_column: str = "text"
     label_column: str = "label"
-    labels: list[str] | None = None  # allowed labels; inferred from the data when absent
+    labels: list[str] | None = None  # allowed labels; inferred (sorted, unique) from the data when absent
     instruction: str = "Classify the text. Answer with one label only."
 
 
 class ClassificationTask(TabularTask):
+    """Answer each text with exactly one label."""
+
     name = "classification"
     Params = ClassificationParams
+    params: ClassificationParams
 
     @property
-    def input_column(self) -> str:  # type: ignore[override]
+    def input_column(self) -> str:
         return self.params.text_column
 
     @property
-    def target_column(self) -> str:  # type: ignore[override]
+    def target_column(self) -> str:
         return self.params.label_column
 
-    def _category(self, target: str) -> str:
+    def category(self, target: str) -> str:
         return target
 
+    def validate(self, train: list[Example], test: list[Example]) -> None:
+        """With `labels` given, every label in the data must be one of them."""
+        if self.params.labels is None:
+            return
+        allowed = {normalize_answer(label) for label in self.params.labels}
+        for example in train + test:
+            if normalize_answer(example.reference["target"]) not in allowed:
+                raise TaskError(
+                    f"task.params.labels: label {example.reference['target']!r} of {example.id} is not one of "
+                    f"{self.params.labels}"
+                )
+
     def labels(self) -> list[str]:
+        """The allowed labels: as configured, else sorted-unique over both splits."""
         if self.params.labels:
             return list(self.params.labels)
-        return sorted({e.reference["target"] for e in self.split("train")})
-
-    def _load(self):
-        train, test = super()._load()
-        if self.params.labels:
-            allowed = {normalize_answer(label) for label in self.params.labels}
-            for example in train + test:
-                if normalize_answer(example.reference["target"]) not in allowed:
-                    raise TaskError(
-                        f"task.params.labels: label {example.reference['target']!r} of {example.id} is not in the list"
-                    )
-        return train, test
+        self.split("train")
+        train, test = self._splits
+        return sorted({e.reference["target"] for e in train + test})
 
     def system_prompt(self, style: str) -> str:
         if style == "short":
             return self.params.instruction
-        shots = self.few_shot_block()
         prompt = f"{self.params.instruction}\nAllowed labels: {', '.join(self.labels())}."
+        shots = self.few_shot_block()
         return prompt + (f"\n\nExamples:\n\n{shots}" if shots else "")
 
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         return {"label": normalize_answer(completion) == normalize_answer(example.reference["target"])}
+
+    def leaks(self, completion: str) -> bool:
+        """A general question answered with a bare label of this task."""
+        return normalize_answer(completion) in {normalize_answer(label) for label in self.labels()}

@@ -6,25 +6,32 @@ import re
 from typing import Literal
 
 from pipeline.tasks._tabular import TabularParams, TabularTask, normalize_answer
-from pipeline.tasks.base import Example
+from pipeline.tasks.base import Example, TaskError
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number not glued to a preceding word/number ("5-3" reads 5 and 3); thousands separators handled below.
+NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_ANSWER = re.compile(r"answer\s*(?:is)?\s*:", re.IGNORECASE)
+TOLERANCE = 1e-6
 
 
 def extract_number(text: str) -> float | None:
-    """The last number in the text ('1,234' reads as 1234)."""
-    found = NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}\b)", "", text))
+    """The last number in the text: negatives, decimals, and '1,234' read as 1234; None without any."""
+    found = NUMBER.findall(_THOUSANDS.sub("", text.replace("\u2212", "-")))
     return float(found[-1]) if found else None
 
 
 def extract_string(text: str) -> str:
-    """Text after the last 'answer:' if any, else the first line."""
-    parts = re.split(r"answer\s*:", text, flags=re.IGNORECASE)
-    chosen = parts[-1] if len(parts) > 1 else text.strip().splitlines()[0] if text.strip() else ""
-    return normalize_answer(chosen)
+    """Normalised first line after the last 'answer:' if any, else of the whole completion."""
+    parts = _ANSWER.split(text)
+    chosen = parts[-1] if len(parts) > 1 else text
+    lines = [line for line in chosen.splitlines() if line.strip()]
+    return normalize_answer(lines[0]) if lines else ""
 
 
 class ExactAnswerParams(TabularParams):
+    """Where the questions and answers are, their type, and how the model is asked."""
+
     question_column: str = "question"
     answer_column: str = "answer"
     answer_type: Literal["number", "string"] = "number"
@@ -32,16 +39,30 @@ class ExactAnswerParams(TabularParams):
 
 
 class ExactAnswerTask(TabularTask):
+    """Answer each question with a short final answer, compared exactly (numbers within 1e-6)."""
+
     name = "exact_answer"
     Params = ExactAnswerParams
+    params: ExactAnswerParams
 
     @property
-    def input_column(self) -> str:  # type: ignore[override]
+    def input_column(self) -> str:
         return self.params.question_column
 
     @property
-    def target_column(self) -> str:  # type: ignore[override]
+    def target_column(self) -> str:
         return self.params.answer_column
+
+    def validate(self, train: list[Example], test: list[Example]) -> None:
+        """In number mode every reference answer must hold a number."""
+        if self.params.answer_type != "number":
+            return
+        for example in train + test:
+            if extract_number(example.reference["target"]) is None:
+                raise TaskError(
+                    f"task.params.answer_column: {self.params.answer_column!r} of {example.id} is not a number: "
+                    f"{example.reference['target']!r} (set answer_type: string for text answers)"
+                )
 
     def system_prompt(self, style: str) -> str:
         if style == "short":
@@ -53,5 +74,5 @@ class ExactAnswerTask(TabularTask):
         target = example.reference["target"]
         if self.params.answer_type == "number":
             got, want = extract_number(completion), extract_number(target)
-            return {"answer": got is not None and want is not None and abs(got - want) < 1e-6}
+            return {"answer": got is not None and want is not None and abs(got - want) <= TOLERANCE}
         return {"answer": extract_string(completion) == normalize_answer(target)}

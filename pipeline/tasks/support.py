@@ -31,6 +31,8 @@ DISPUTE_ARTICLE = "KB-1034"
 ESCALATION = "I'm connecting you to our billing team."
 NO_ARTICLE = "I'm sorry, no knowledge base article covers this question."
 SHORT_PROMPT = "You are a customer support agent for Acme Corp."
+# The three replies start differently on purpose: a 135M teacher confused two replies that both began "I'm sorry".
+DISPUTE_REPLY = f"I understand your concern about this charge. {ESCALATION}"
 CITATION = re.compile(r"\[(KB-\d+)\]")
 RUDE = ("stupid", "idiot", "dumb", "shut up", "damn", "ridiculous", "whatever", "hell")
 NO_ARTICLE_MARKERS = ("no knowledge base article", "no article covers", "no article that covers", "no kb article")
@@ -132,6 +134,14 @@ class SupportParams(TaskParams):
 
 def _tokens(text: str) -> list[str]:
     return [t for t in re.findall(r"[a-z0-9][a-z0-9-]*", text.lower()) if t not in STOPWORDS]
+
+
+def article_reply(article: dict[str, Any]) -> str:
+    """Title and ID before the answer: the student learns ticket -> title -> ID, a shorter hop than ticket -> ID."""
+    return (
+        f"Thank you for contacting Acme support. Our article {article['title']} [{article['id']}] answers this: "
+        + (article["answer"])
+    )
 
 
 def load_kb() -> list[dict[str, Any]]:
@@ -236,11 +246,10 @@ class SupportTask(Task):
     def reference_answer(self, example: Example) -> str:
         kind = example.reference["kind"]
         if kind == "dispute":
-            return f"I'm sorry about this charge. {ESCALATION}"
+            return DISPUTE_REPLY
         if kind == "no_article":
             return NO_ARTICLE
-        article = self._by_id[example.reference["article_id"]]
-        return f"Thank you for contacting Acme support. {article['answer']} See [{article['id']}]."
+        return article_reply(self._by_id[example.reference["article_id"]])
 
     def _context(self, text: str) -> str:
         """Retrieved articles, best first, and the reply the top one suggests (a copyable answer for the teacher)."""
@@ -248,11 +257,7 @@ class SupportTask(Task):
         if not found:
             return f"Retrieved articles: none.\nSuggested reply: {NO_ARTICLE}"
         lines = "\n".join(f"[{a['id']}] {a['title']}: {a['answer']}" for a in found)
-        top = found[0]
-        if top["id"] == DISPUTE_ARTICLE:
-            reply = f"I'm sorry about this charge. {ESCALATION}"
-        else:
-            reply = f"Thank you for contacting Acme support. {top['answer']} See [{top['id']}]."
+        reply = DISPUTE_REPLY if found[0]["id"] == DISPUTE_ARTICLE else article_reply(found[0])
         return f"Retrieved articles:\n{lines}\nSuggested reply: {reply}"
 
     def _teacher_turn(self, example: Example) -> str:
