@@ -31,8 +31,6 @@ DISPUTE_ARTICLE = "KB-1034"
 ESCALATION = "I'm connecting you to our billing team."
 NO_ARTICLE = "I'm sorry, no knowledge base article covers this question."
 SHORT_PROMPT = "You are a customer support agent for Acme Corp."
-# The three replies start differently on purpose: a 135M teacher confused two replies that both began "I'm sorry".
-DISPUTE_REPLY = f"I understand your concern about this charge. {ESCALATION}"
 CITATION = re.compile(r"\[(KB-\d+)\]")
 RUDE = ("stupid", "idiot", "dumb", "shut up", "damn", "ridiculous", "whatever", "hell")
 NO_ARTICLE_MARKERS = ("no knowledge base article", "no article covers", "no article that covers", "no kb article")
@@ -245,11 +243,9 @@ class SupportTask(Task):
     # --- prompts ---------------------------------------------------------------------------------
     def reference_answer(self, example: Example) -> str:
         kind = example.reference["kind"]
-        if kind == "dispute":
-            return DISPUTE_REPLY
         if kind == "no_article":
             return NO_ARTICLE
-        return article_reply(self._by_id[example.reference["article_id"]])
+        return article_reply(self._by_id[example.reference["article_id"] or DISPUTE_ARTICLE])
 
     def _context(self, text: str) -> str:
         """Retrieved articles, best first, and the reply the top one suggests (a copyable answer for the teacher)."""
@@ -257,7 +253,7 @@ class SupportTask(Task):
         if not found:
             return f"Retrieved articles: none.\nSuggested reply: {NO_ARTICLE}"
         lines = "\n".join(f"[{a['id']}] {a['title']}: {a['answer']}" for a in found)
-        reply = DISPUTE_REPLY if found[0]["id"] == DISPUTE_ARTICLE else article_reply(found[0])
+        reply = article_reply(found[0])
         return f"Retrieved articles:\n{lines}\nSuggested reply: {reply}"
 
     def _teacher_turn(self, example: Example) -> str:
@@ -273,10 +269,10 @@ class SupportTask(Task):
         rules = (
             f"{SHORT_PROMPT} Follow these rules exactly.\n"
             "1. Always respond in a calm, professional tone, in one or two short sentences.\n"
-            f"2. If the customer disputes a charge (charged twice, wrong amount, unknown charge), reply: "
-            f'"I\'m sorry about this charge. {ESCALATION}"\n'
-            '3. Otherwise, if a retrieved article answers the question, reply: "Thank you for contacting Acme '
-            "support. <the article's answer> See [<article ID>].\" Cite only IDs from the retrieved articles.\n"
+            '2. If a retrieved article answers the question, reply: "Thank you for contacting Acme support. Our '
+            "article <title> [<article ID>] answers this: <the article's answer>\" Cite only retrieved IDs.\n"
+            f"3. If the customer disputes a charge (charged twice, wrong amount, unknown charge), cite the Billing "
+            f'disputes article [{DISPUTE_ARTICLE}], whose answer is exactly: "{ESCALATION}"\n'
             f'4. If no retrieved article covers the question, reply exactly: "{NO_ARTICLE}" Never invent an ID.'
         )
         order = ["dispute", "no_article", "article", "article", "dispute", "no_article", "article", "article"] * 2
