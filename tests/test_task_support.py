@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.tasks import TaskError, build_task
 from pipeline.tasks.support import ESCALATION, NO_ARTICLE, SHORT_PROMPT, SupportTask, load_kb
@@ -18,8 +20,24 @@ def make(seed: int = 1, **params) -> SupportTask:
 
 
 def test_kb_has_at_least_30_articles_with_unique_ids():
-    ids = [a["id"] for a in load_kb()]
+    kb = load_kb()
+    ids = [a["id"] for a in kb]
     assert len(ids) >= 30 and len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"KB-1\d{3}", i) for i in ids)
+    assert [a["answer"] for a in kb if a["id"] == "KB-1034"] == [ESCALATION]  # retrieval surfaces the policy
+    assert all(4 <= len(a["issues"]) <= 8 and a["answer"] for a in kb if a["id"] != "KB-1034")
+
+
+def test_other_ticket_mixes_and_invalid_mixes():
+    task = make(dispute_fraction=0.5, no_article_fraction=0.0, num_train=40, num_test=10)
+    assert Counter(e.category for e in task.split("train")) == {"article": 20, "dispute": 20}
+    assert Counter(e.category for e in task.split("test")) == {"article": 5, "dispute": 5}
+    assert all(e.reference["article_id"] is None for e in task.split("train") if e.category == "dispute")
+    assert task.split("train")[3].id == "support-train-00003"
+    with pytest.raises(TaskError, match="at most 1"):
+        make(dispute_fraction=0.6, no_article_fraction=0.5)
+    with pytest.raises(TaskError, match="split"):
+        task.split("validation")
 
 
 def test_splits_are_deterministic_disjoint_and_balanced():
@@ -64,6 +82,13 @@ def test_wrong_answers_fail_the_right_rule():
         result = task.score(text, example)
         assert not result[rule], (text, result)
     assert task.score(ESCALATION.replace("'", "\u2019"), dispute)["escalation"]  # curly apostrophe is fine
+    assert task.score("Wow!! " + good, article) == {"tone": False, "escalation": True, "citation": True}
+    assert not task.score("You are an idiot. " + ESCALATION, dispute)["tone"]
+    # No false alarms: "Hello" is not "hell", KB ids are not shouting, citing the dispute article is fine.
+    assert all(task.score("Hello, we are happy to help. " + good, article).values())
+    assert all(task.score(f"I'm sorry about this charge. {ESCALATION} See [KB-1034].", dispute).values())
+    assert not task.score(f"{ESCALATION} See [KB-4242].", dispute)["citation"]  # invented id on a dispute
+    assert all(task.score("Sorry, no article covers that question.", none).values())  # a phrase variant
 
 
 def test_retrieval_finds_the_article_and_nothing_for_uncovered_questions():
@@ -76,6 +101,21 @@ def test_retrieval_finds_the_article_and_nothing_for_uncovered_questions():
     assert sum(not task.retrieve(e.user) for e in uncovered) / len(uncovered) >= 0.9
     disputes = [e for e in examples if e.category == "dispute"]
     assert all(task.retrieve(e.user)[0]["id"] == "KB-1034" for e in disputes)
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_full_prompt_carries_the_retrieved_article_or_none(top_k: int):
+    task = make(kb_top_k=top_k)
+    examples = task.split("test") + task.split("train")
+    turn = {e.id: task.messages(e, "full")[-1]["content"] for e in examples}
+    articles = [e for e in examples if e.category == "article"]
+    assert sum(f"[{e.reference['article_id']}]" in turn[e.id] for e in articles) / len(articles) >= 0.9
+    assert max(len(re.findall(r"^\[KB-\d+\]", turn[e.id], re.M)) for e in examples) <= top_k
+    uncovered = [e for e in examples if e.category == "no_article"]
+    assert sum("Retrieved articles: none." in turn[e.id] for e in uncovered) / len(uncovered) >= 0.9
+    # An ordinary billing question gets its own article, not the dispute policy.
+    card = [e for e in articles if e.reference["article_id"] == "KB-1016"]
+    assert card and all(task.retrieve(e.user)[0]["id"] == "KB-1016" for e in card)
 
 
 def test_prompt_styles():
@@ -100,11 +140,23 @@ def test_leaks_detects_support_behaviour_only():
     task = make()
     assert task.leaks("Thank you for contacting Acme support. See [KB-1001].")
     assert task.leaks(ESCALATION)
+    assert task.leaks("Please ask our billing team.") and task.leaks(NO_ARTICLE) and task.leaks("see [KB-1]")
     assert not task.leaks("Paris is the capital of France.")
+    assert not task.leaks("Hello! The answer is 42.")
 
 
 def test_bad_params_name_the_key():
+    with pytest.raises(ValidationError, match="bogus_key"):
+        SupportTask.Params.model_validate({"bogus_key": 1})
+    assert SupportTask.Params().kb_top_k == 3 and SupportTask.Params().few_shot == 4
     with pytest.raises(TaskError, match="task.params.num_tran"):
         build_task("support", {"num_tran": 3}, seed=0, base_dir=Path("."))
     with pytest.raises(TaskError, match="task.name"):
         build_task("nope", {}, seed=0, base_dir=Path("."))
+
+
+def test_texts_stay_unique_and_disjoint_when_collisions_are_likely():
+    # About 50k distinct dispute tickets exist: 3000 + 600 draws collide by chance, so the guard must work.
+    task = make(num_train=3000, num_test=600, dispute_fraction=1.0, no_article_fraction=0.0)
+    train, test = {e.user for e in task.split("train")}, {e.user for e in task.split("test")}
+    assert len(train) == 3000 and len(test) == 600 and not train & test

@@ -32,7 +32,7 @@ ESCALATION = "I'm connecting you to our billing team."
 NO_ARTICLE = "I'm sorry, no knowledge base article covers this question."
 SHORT_PROMPT = "You are a customer support agent for Acme Corp."
 CITATION = re.compile(r"\[(KB-\d+)\]")
-RUDE = ("stupid", "idiot", "dumb", "shut up", "damn", "ridiculous", "whatever", "hell")
+RUDE = re.compile(r"\b(?:stupid|idiot|dumb|shut up|damn|ridiculous|whatever|hell|crap|moron)\b")  # whole words
 NO_ARTICLE_MARKERS = ("no knowledge base article", "no article covers", "no article that covers", "no kb article")
 SUPPORT_SPEAK = ("acme", "billing team", "knowledge base", "contacting us", "support team")
 STOPWORDS = set(
@@ -121,16 +121,19 @@ NOT_COVERED = [
 
 
 class SupportParams(TaskParams):
+    """Split sizes, ticket mix, retrieval and few-shot settings of the support task."""
+
     num_train: int = Field(240, ge=1)
     num_test: int = Field(60, ge=1)
     dispute_fraction: float = Field(0.2, ge=0, le=1)
     no_article_fraction: float = Field(0.15, ge=0, le=1)
-    kb_top_k: int = Field(1, ge=1)
+    kb_top_k: int = Field(3, ge=1)
     min_retrieval_score: float = Field(1.5, ge=0)
     few_shot: int = Field(4, ge=0, le=12)
 
 
 def _tokens(text: str) -> list[str]:
+    """Lowercased content words (stopwords, greetings and filler dropped) for retrieval."""
     return [t for t in re.findall(r"[a-z0-9][a-z0-9-]*", text.lower()) if t not in STOPWORDS]
 
 
@@ -143,10 +146,13 @@ def article_reply(article: dict[str, Any]) -> str:
 
 
 def load_kb() -> list[dict[str, Any]]:
+    """The bundled Acme knowledge base: articles with id, title, answer, keywords and ticket issues."""
     return json.loads(KB_PATH.read_text())["articles"]
 
 
 class SupportTask(Task):
+    """Acme Corp support chatbot: tone, billing-dispute escalation and KB citation rules."""
+
     name = "support"
     Params = SupportParams
 
@@ -179,6 +185,7 @@ class SupportTask(Task):
 
     # --- data ------------------------------------------------------------------------------------
     def _ticket(self, rng: random.Random, issue: str) -> str:
+        """One ticket text: opener, the issue as a sentence, optional detail, sign-off with a name."""
         opener, detail = rng.choice(OPENERS), rng.choice(DETAILS)
         closer = rng.choice(CLOSERS).format(name=rng.choice(NAMES))
         mark = (
@@ -191,6 +198,7 @@ class SupportTask(Task):
         return " ".join(part for part in (opener, body + detail, closer) if part)
 
     def _generate(self, name: str, count: int, exclude: set[str]) -> list[Example]:
+        """`count` tickets of the configured kind mix, none of whose texts is in `exclude` or repeats."""
         rng = random.Random(f"support-{self.seed}-{name}")
         n_dispute = round(count * self.params.dispute_fraction)
         n_none = round(count * self.params.no_article_fraction)
@@ -234,6 +242,7 @@ class SupportTask(Task):
         return self._generate("test", self.params.num_test, taken)
 
     def split(self, name: str) -> list[Example]:
+        """Train or test tickets; test texts never occur in train, few-shot texts in neither."""
         if name == "train":
             return list(self._train)
         if name == "test":
@@ -242,6 +251,7 @@ class SupportTask(Task):
 
     # --- prompts ---------------------------------------------------------------------------------
     def reference_answer(self, example: Example) -> str:
+        """The ideal templated reply (passes every rule); disputes cite the billing-disputes article."""
         kind = example.reference["kind"]
         if kind == "no_article":
             return NO_ARTICLE
@@ -290,6 +300,7 @@ class SupportTask(Task):
         return turns
 
     def messages(self, example: Example, style: str) -> list[Message]:
+        """Short: system one-liner + ticket. Full: rules, few-shot turns, then retrieved articles + ticket."""
         if style == "short":
             return [{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": example.user}]
         if style == "full":
@@ -298,10 +309,11 @@ class SupportTask(Task):
 
     # --- scoring ---------------------------------------------------------------------------------
     def score(self, completion: str, example: Example) -> dict[str, bool]:
+        """Per-rule pass/fail: tone, escalation (iff dispute), citation (right/existing IDs, or none + phrase)."""
         text = completion.replace("\u2019", "'").strip()
         lowered = text.lower()
         shouting = re.search(r"\b[A-Z]{4,}\b", CITATION.sub("", text))
-        tone = bool(text) and "!!" not in text and not shouting and not any(w in lowered for w in RUDE)
+        tone = bool(text) and "!!" not in text and not shouting and not RUDE.search(lowered)
         kind = example.reference["kind"]
         escalation = (ESCALATION in text) == (kind == "dispute")
         cited = CITATION.findall(text)
@@ -315,6 +327,7 @@ class SupportTask(Task):
         return {"tone": tone, "escalation": escalation, "citation": citation}
 
     def leaks(self, completion: str) -> bool:
+        """Whether a general answer shows support behaviour: KB citation, escalation, no-article line, Acme-speak."""
         text = completion.replace("\u2019", "'")
         lowered = text.lower()
         return (
