@@ -62,6 +62,7 @@ class StudentConfig(_Strict):
 
 class FilterConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    drop_truncated: bool = True  # finish reason "length"; off only for models that cannot stop (random test weights)
     require_correct: bool = True  # rejection sampling against the task's scorer
     min_agreement: float = Field(0.0, ge=0, le=1)  # share of a prompt's n samples that must pass
     max_samples_per_prompt: int = Field(1, ge=1)  # distinct passing samples kept per prompt

@@ -46,7 +46,7 @@ def judge_row(task: Task, row: dict[str, Any], config: ExperimentConfig) -> tupl
         reason, detail = None, ""
         if not text:
             reason = "empty"
-        elif completion.get("finish_reason") == "length":
+        elif completion.get("finish_reason") == "length" and config.filter.drop_truncated:
             reason, detail = "truncated", f"hit max_tokens after {completion.get('output_tokens')} tokens"
         elif config.filter.require_correct:
             failed = [rule for rule, ok in task.score(text, example).items() if not ok]

@@ -83,7 +83,12 @@ def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
     config = parity_config(
         tmp_path,
         tiny_model,
-        **{"filter.require_correct": True, "filter.max_samples_per_prompt": 1, "filter.val_fraction": 0.0},
+        **{
+            "filter.require_correct": True,
+            "filter.drop_truncated": True,
+            "filter.max_samples_per_prompt": 1,
+            "filter.val_fraction": 0.0,
+        },
     )
     gen_dir = config.run_dir / "generate"
     gen_dir.mkdir(parents=True)
