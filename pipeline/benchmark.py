@@ -22,8 +22,9 @@ from pipeline.engines import Engine, load_engine, timed_single_requests
 from pipeline.models import resolve_model
 from pipeline.probe import load_probe, probe_correct, probe_messages, summarize_probe
 from pipeline.report import write_report
-from pipeline.runs import PipelineError, Stage, log, write_json, write_jsonl
-from pipeline.tasks import Task, build_task
+from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
+from pipeline.tasks import Example, Task, build_task
+from pipeline.tasks.base import normalize_text
 from pipeline.tracking import start_tracking
 
 
@@ -164,6 +165,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         examples = examples[: config.benchmark.max_test_examples]
     if not examples:
         raise PipelineError("benchmark: the test split is empty")
+    check_no_test_leak(config, task, examples)
     systems = systems_for(config)
 
     results: dict[str, dict[str, Any]] = {}
@@ -210,6 +212,23 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     tracker.finish()
     log(f"benchmark: report at {stage.dir / 'report.md'}")
     return report_path
+
+
+def check_no_test_leak(config: ExperimentConfig, task: Task, examples: list[Example]) -> None:
+    """Refuse to score on test prompts the student trained on (the filter guards this; trust, but verify)."""
+    train_file = config.run_dir / "filter" / "train.jsonl"
+    if not train_file.exists():
+        return
+    test_users = {
+        normalize_text(task.messages(ex, config.student.prompt_style)[-1]["content"]): ex.id for ex in examples
+    }
+    for row in read_jsonl(train_file):
+        user = next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
+        if normalize_text(user) in test_users:
+            raise PipelineError(
+                f"benchmark: test prompt {test_users[normalize_text(user)]} is in the training data ({train_file}); "
+                "the scores would be contaminated"
+            )
 
 
 def check_adapter_applied(records: list[dict[str, Any]]) -> None:

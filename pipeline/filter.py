@@ -3,21 +3,34 @@
     distill filter --config configs/smollm2_support.yaml
 
 The kept examples carry the *student's* prompt (context distillation: the teacher saw the full
-prompt, the student learns to answer from the short one). Provenance sits beside `messages`.
+prompt, the student learns to answer from the short one). Provenance (prompt id, teacher, sample
+index, scores) sits beside `messages`, where TRL ignores it.
+
+The stage streams: rows are read, judged and written one at a time, so memory grows only with the
+dedup hashes and MinHash signatures of kept rows. Outputs appear only when the stage succeeds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig
+from tqdm import tqdm
+
+from pipeline.config import ExperimentConfig, SamplingConfig
+from pipeline.dataset_card import write_dataset_card
+from pipeline.filters import DatasetFilters, Sample, SampleFilters, judge_prompt, parse_judge_score, vote, words
 from pipeline.generate import OUTPUT as TEACHER_OUTPUTS
-from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
+from pipeline.runs import PipelineError, Stage, atomic_path, log, read_jsonl, write_json
 from pipeline.tasks import Example, Task, build_task
 from pipeline.tracking import start_tracking
+
+TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
+MAX_DROP_EXAMPLES = 3  # per reason, in DATASET.md
 
 
 def filter_stage(config: ExperimentConfig) -> Stage:
@@ -25,7 +38,9 @@ def filter_stage(config: ExperimentConfig) -> Stage:
         "seed": config.seed,
         "task": config.task.model_dump(),
         "filter": config.filter.model_dump(),
-        "student_prompt_style": config.student.prompt_style,
+        "student": config.student.model_dump(),
+        "probe": config.benchmark.probe,
+        "teacher": config.teacher.model if config.filter.judge.enabled else None,
     }
     return Stage(config, "filter", sections, inputs=[config.run_dir / "generate" / TEACHER_OUTPUTS])
 
@@ -36,51 +51,117 @@ def _in_val(prompt_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def judge_row(task: Task, row: dict[str, Any], config: ExperimentConfig) -> tuple[list[str], list[dict[str, Any]]]:
-    """Return (kept completion texts, drop records) for one teacher row."""
-    example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
-    passing: list[str] = []
-    drops: list[dict[str, Any]] = []
-    for index, completion in enumerate(row["completions"]):
-        text = completion["text"].strip()
-        reason, detail = None, ""
-        if not text:
-            reason = "empty"
-        elif completion.get("finish_reason") == "length" and config.filter.drop_truncated:
-            reason, detail = "truncated", f"hit max_tokens after {completion.get('output_tokens')} tokens"
-        elif config.filter.require_correct:
-            failed = [rule for rule, ok in task.score(text, example).items() if not ok]
-            if failed:
-                reason, detail = "failed_check", ",".join(failed)
-        if reason:
-            drops.append(
-                {"prompt_id": example.id, "sample_index": index, "reason": reason, "detail": detail, "text": text}
-            )
-        else:
-            passing.append(text)
-    agreement = len(passing) / max(1, len(row["completions"]))
-    if passing and agreement < config.filter.min_agreement:
-        detail = f"{len(passing)}/{len(row['completions'])} samples pass < {config.filter.min_agreement}"
-        drops += [
-            {"prompt_id": example.id, "sample_index": -1, "reason": "low_agreement", "detail": detail, "text": t}
-            for t in passing
-        ]
-        passing = []
-    kept = list(dict.fromkeys(passing))[: config.filter.max_samples_per_prompt]
-    surplus = list(passing)
-    for text in kept:
-        surplus.remove(text)
-    drops += [
-        {
-            "prompt_id": example.id,
-            "sample_index": -1,
-            "reason": "duplicate_or_surplus",
-            "detail": f"max_samples_per_prompt={config.filter.max_samples_per_prompt}",
-            "text": t,
+def _token_counter(config: ExperimentConfig):
+    """Response length in the student's tokens (what training will see)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.student.model))
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def protected_prompts(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
+    """(source, text) of every prompt training must not see: the benchmark test split and the probe."""
+    protected = [(ex.id, ex.user) for ex in task.split("test")]
+    if config.filter.decontaminate.probe and config.benchmark.probe:
+        from pipeline.probe import load_probe
+
+        protected += [(f"probe:{q.id}", q.question) for q in load_probe()]
+    return protected
+
+
+class Tally:
+    """Counts in and out per filter, category balance, lengths, and a few dropped examples per reason."""
+
+    def __init__(self, flow: list[str]) -> None:
+        self.flow = flow
+        self.samples_in = 0
+        self.prompts_in = 0
+        self.dropped: Counter[str] = Counter()
+        self.categories_in: Counter[str] = Counter()
+        self.categories_kept: Counter[str] = Counter()
+        self.lengths_in: Counter[int] = Counter()
+        self.lengths_kept: Counter[int] = Counter()
+        self.drop_examples: dict[str, list[dict[str, Any]]] = {}
+        self.malformed: list[int] = []
+        self.train = self.val = 0
+
+    def drop(self, record: dict[str, Any]) -> None:
+        self.dropped[record["filter"]] += 1
+        examples = self.drop_examples.setdefault(record["filter"], [])
+        if len(examples) < MAX_DROP_EXAMPLES:
+            examples.append(record)
+
+    def per_filter(self) -> list[dict[str, Any]]:
+        rows, remaining = [], self.samples_in
+        for name in self.flow:
+            dropped = self.dropped.get(name, 0)
+            rows.append({"filter": name, "in": remaining, "dropped": dropped, "out": remaining - dropped})
+            remaining -= dropped
+        return rows
+
+    def report(self, length_unit: str) -> dict[str, Any]:
+        return {
+            "prompts_in": self.prompts_in,
+            "samples_in": self.samples_in,
+            "samples_kept": self.train + self.val,
+            "train": self.train,
+            "val": self.val,
+            "malformed_lines": self.malformed,
+            "filters": self.per_filter(),
+            "dropped": {name: self.dropped[name] for name in self.flow if self.dropped.get(name)},
+            "categories_in": dict(sorted(self.categories_in.items())),
+            "categories_kept": dict(sorted(self.categories_kept.items())),
+            "length_unit": length_unit,
+            "response_length_in": _summary(self.lengths_in),
+            "response_length_kept": _summary(self.lengths_kept),
         }
-        for t in surplus
-    ]
-    return kept, drops
+
+
+def _summary(lengths: Counter[int]) -> dict[str, float]:
+    total = sum(lengths.values())
+    if not total:
+        return {}
+    ordered = sorted(lengths.items())
+    seen, median = 0, ordered[-1][0]
+    for value, count in ordered:
+        seen += count
+        if seen * 2 >= total:
+            median = value
+            break
+    return {
+        "count": total,
+        "mean": round(sum(v * c for v, c in ordered) / total, 2),
+        "p50": median,
+        "max": ordered[-1][0],
+    }
+
+
+class Judge:
+    """The teacher grades kept examples in batches; loaded on first use."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.engine = None
+
+    def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:
+        from pipeline.engines import load_engine
+        from pipeline.models import resolve_model
+
+        if self.engine is None:
+            self.engine = load_engine(
+                resolve_model(self.config.teacher.model), self.config.teacher.engine, self.config.seed
+            )
+        rubric = self.config.filter.judge.rubric
+        conversations = [judge_prompt(rubric, messages, response) for messages, response in items]
+        sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)
+        generations = self.engine.generate(conversations, sampling, progress=False)
+        return [(parse_judge_score(g.completions[0].text), g.completions[0].text) for g in generations]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
@@ -92,57 +173,145 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
     if config.student.prompt_style not in task.prompt_styles:
         raise PipelineError(f"student.prompt_style: {config.student.prompt_style!r} not in {task.prompt_styles}")
+    settings = config.filter
+    active = settings.active()
+    source = config.run_dir / "generate" / TEACHER_OUTPUTS
+    count_tokens = _token_counter(config) if "length" in active else None
+    sample_filters = SampleFilters(settings, task, count_tokens)
+    protected = protected_prompts(config, task)
+    dataset_filters = DatasetFilters(settings, protected)
+    tally = Tally([TEST_GUARD, *active])
+    judge = Judge(config) if "judge" in active else None
+    pending: list[tuple[Example, Sample, list[dict[str, str]], dict[str, Any]]] = []
 
-    train_rows, val_rows, drop_rows = [], [], []
-    samples_in = 0
-    categories_in: Counter[str] = Counter()
-    categories_out: Counter[str] = Counter()
-    for row in read_jsonl(config.run_dir / "generate" / TEACHER_OUTPUTS):
-        samples_in += len(row["completions"])
-        categories_in[row.get("category", "")] += 1
-        kept, drops = judge_row(task, row, config)
-        drop_rows += drops
-        example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
-        target = val_rows if _in_val(example.id, config.seed, config.filter.val_fraction) else train_rows
-        for index, text in enumerate(kept):
-            messages = [*task.messages(example, config.student.prompt_style), {"role": "assistant", "content": text}]
-            target.append(
-                {
-                    "messages": messages,
-                    "prompt_id": example.id,
-                    "category": example.category,
-                    "sample_index": index,
-                    "teacher": row.get("teacher"),
-                }
-            )
-        if kept:
-            categories_out[example.category] += 1
+    def measure(text: str) -> int:
+        return count_tokens(text) if count_tokens else len(words(text))
 
-    if not train_rows:
-        raise PipelineError(f"filter: no teacher sample survived ({Counter(d['reason'] for d in drop_rows)})")
-    reasons = Counter(d["reason"] for d in drop_rows)
-    report = {
-        "samples_in": samples_in,
-        "samples_kept": len(train_rows) + len(val_rows),
-        "train": len(train_rows),
-        "val": len(val_rows),
-        "dropped": dict(reasons),
-        "categories_in": dict(categories_in),
-        "categories_kept": dict(categories_out),
-    }
-    outputs = [out_dir / "train.jsonl", out_dir / "val.jsonl", out_dir / "drops.jsonl", out_dir / "filter_report.json"]
-    write_jsonl(outputs[0], train_rows)
-    write_jsonl(outputs[1], val_rows)
-    write_jsonl(outputs[2], drop_rows)
+    def malformed(number: int, message: str) -> None:
+        if settings.on_malformed_line == "fail":
+            raise PipelineError(f"{message}; set filter.on_malformed_line=skip to skip bad lines")
+        tally.malformed.append(number)
+        log(f"filter: {message}, skipped")
+
+    outputs = [out_dir / name for name in ("train.jsonl", "val.jsonl", "drops.jsonl", "filter_report.json")]
+    total_lines = sum(1 for _ in source.open()) if source.is_file() else 0
+    with ExitStack() as stack:
+        train_fh, val_fh, drops_fh = (stack.enter_context(atomic_path(p)).open("w") for p in outputs[:3])
+        for fh in (train_fh, val_fh, drops_fh):
+            stack.callback(fh.close)
+
+        def drop(example: Example, sample: Sample, name: str, detail: str) -> None:
+            record = {
+                "prompt_id": example.id,
+                "sample_index": sample.index,
+                "filter": name,
+                "detail": detail,
+                "category": example.category,
+                "text": sample.text,
+            }
+            drops_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            tally.drop(record)
+
+        def keep(example: Example, sample: Sample, messages: list[dict[str, str]], row: dict[str, Any]) -> None:
+            record = {
+                "messages": [*messages, {"role": "assistant", "content": sample.text.strip()}],
+                "prompt_id": example.id,
+                "category": example.category,
+                "sample_index": sample.index,
+                "teacher": row.get("teacher"),
+                "scores": sample.scores,
+            }
+            in_val = _in_val(example.id, config.seed, settings.val_fraction)
+            (val_fh if in_val else train_fh).write(json.dumps(record, ensure_ascii=False) + "\n")
+            tally.val += in_val
+            tally.train += not in_val
+            tally.categories_kept[example.category] += 1
+            tally.lengths_kept[measure(sample.text)] += 1
+
+        def flush_judge() -> None:
+            if not pending:
+                return
+            grades = judge.grade([(messages, sample.text) for _, sample, messages, _ in pending])
+            for (example, sample, messages, row), (score, raw) in zip(pending, grades, strict=True):
+                sample.scores["judge"] = score
+                if score is None:
+                    drop(example, sample, "judge", f"unparseable grade {raw.strip()[:40]!r}")
+                elif score < settings.judge.threshold:
+                    drop(example, sample, "judge", f"score {score} < {settings.judge.threshold}")
+                else:
+                    keep(example, sample, messages, row)
+            pending.clear()
+
+        try:
+            rows = read_jsonl(source, on_malformed=malformed)
+            for row in tqdm(rows, total=total_lines, desc="filter", unit="row", mininterval=1.0):
+                process_row(row, task, config, sample_filters, dataset_filters, tally, measure, drop, keep, pending)
+                if judge and len(pending) >= settings.judge.batch_size:
+                    flush_judge()
+            if judge:
+                flush_judge()
+        finally:
+            if judge:
+                judge.close()
+        if not tally.train:
+            raise PipelineError(f"filter: no teacher sample survived ({dict(tally.dropped)})")
+        if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
+            raise PipelineError("filter: internal error, the drop counts do not add up to the input")
+
+    report = tally.report("tokens" if count_tokens else "words")
     write_json(outputs[3], report)
-    stage.finish(outputs, report)
+    card_files = write_dataset_card(out_dir, config, report, tally)
+    stage.finish([*outputs, *card_files], {k: v for k, v in report.items() if isinstance(v, int)})
     tracker = start_tracking(config, "filter")
     tracker.summary(
-        {k: v for k, v in report.items() if isinstance(v, int)} | {f"dropped/{k}": v for k, v in reasons.items()}
+        {k: v for k, v in report.items() if isinstance(v, int)} | {f"dropped/{k}": v for k, v in tally.dropped.items()}
     )
+    tracker.table("filters", ["filter", "in", "dropped", "out"], [list(r.values()) for r in report["filters"]])
     tracker.finish()
     log(
-        f"filter: {report['samples_kept']}/{samples_in} samples kept ({len(train_rows)} train, {len(val_rows)} val); "
-        f"dropped {dict(reasons)}"
+        f"filter: {report['samples_kept']}/{tally.samples_in} samples kept ({tally.train} train, {tally.val} val); "
+        f"dropped {report['dropped']}"
     )
     return out_dir
+
+
+def process_row(row, task, config, sample_filters, dataset_filters, tally, measure, drop, keep, pending) -> None:
+    """One teacher row through every filter: sample filters, the vote, then the dataset filters."""
+    example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
+    teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
+    student_messages = task.messages(example, config.student.prompt_style)
+    completions = row.get("completions") or []
+    samples = [
+        Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"))
+        for i, c in enumerate(completions)
+    ]
+    tally.prompts_in += 1
+    tally.samples_in += len(samples)
+    tally.categories_in[example.category] += 1
+    for sample in samples:
+        tally.lengths_in[measure(sample.text)] += 1
+
+    guard = dataset_filters.guard(example)
+    if guard is not None:
+        for sample in samples:
+            drop(example, sample, TEST_GUARD, guard)
+        return
+    passing = []
+    for sample in samples:
+        failed = sample_filters.check(sample, example, teacher_messages)
+        if failed:
+            drop(example, sample, *failed)
+        else:
+            passing.append(sample)
+    if config.filter.agreement.enabled and "agreement" in config.filter.order:
+        passing, losers = vote(task, config.filter, passing, len(samples))
+        for sample, detail in losers:
+            drop(example, sample, "agreement", detail)
+    for sample in passing:
+        failed = dataset_filters.check(example, sample)
+        if failed:
+            drop(example, sample, *failed)
+        elif config.filter.judge.enabled and "judge" in config.filter.order:
+            pending.append((example, sample, student_messages, row))
+        else:
+            keep(example, sample, student_messages, row)

@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -55,8 +55,9 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL file; a bad line raises PipelineError naming file and line number."""
+def read_jsonl(path: Path, on_malformed: Callable[[int, str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of a JSONL file. A bad line raises PipelineError naming file and line number, or, with
+    `on_malformed`, is reported to it as (line number, message) and skipped."""
     if not path.is_file():
         raise PipelineError(f"input file not found: {path}")
     with path.open() as fh:
@@ -64,9 +65,16 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise json.JSONDecodeError("not a JSON object", line, 0)
             except json.JSONDecodeError as exc:
-                raise PipelineError(f"{path}:{number}: malformed JSON line ({exc.msg})") from None
+                message = f"{path}:{number}: malformed JSON line ({exc.msg})"
+                if on_malformed is None:
+                    raise PipelineError(message) from None
+                on_malformed(number, message)
+                continue
+            yield row
 
 
 def sha256_file(path: Path) -> str:

@@ -18,6 +18,9 @@ class NoTracker:
     def summary(self, data: dict[str, Any]) -> None:
         pass
 
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -32,6 +35,11 @@ class WandbTracker(NoTracker):
     def summary(self, data: dict[str, Any]) -> None:
         for key, value in data.items():
             self.run.summary[key] = value
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
     def finish(self) -> None:
         self.run.finish()

@@ -85,7 +85,12 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
         },
         "student": {"model": str(model)},
         # Random weights rarely emit EOS within max_tokens, so the tiny runs keep truncated samples.
-        "filter": {"require_correct": False, "drop_truncated": False, "val_fraction": 0.25},
+        "filter": {
+            "correctness": {"enabled": False},
+            "truncated": {"enabled": False},
+            "near_dedup": {"enabled": False},
+            "val_fraction": 0.25,
+        },
         "train": {
             "max_steps": 4,
             "per_device_train_batch_size": 4,

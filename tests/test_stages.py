@@ -79,68 +79,174 @@ def test_generate_resumes_without_redoing_or_duplicating(tmp_path, tiny_model, m
     assert manifest["seed"] == 7 and "versions" in manifest and manifest["outputs"]
 
 
-def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
-    config = parity_config(
+def teacher_row(i, texts, reasons=None, user=None):
+    reasons = reasons or ["stop"] * len(texts)
+    return {
+        "prompt_id": f"parity-train-{i}",
+        "user": user or f"Is {i} even or odd?",
+        "category": "even" if i % 2 == 0 else "odd",
+        "reference": {"answer": "even" if i % 2 == 0 else "odd"},
+        "teacher": "t",
+        "completions": [
+            {"text": t, "finish_reason": r, "output_tokens": 3} for t, r in zip(texts, reasons, strict=True)
+        ],
+    }
+
+
+def write_teacher_outputs(config, rows, extra_lines=()):
+    gen_dir = config.run_dir / "generate"
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) for r in rows] + list(extra_lines)
+    (gen_dir / "teacher_outputs.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def strict_config(tmp_path, tiny_model, **overrides):
+    """The tiny config with the production filters back on (the tiny model's own outputs need them off)."""
+    return parity_config(
         tmp_path,
         tiny_model,
         **{
-            "filter.require_correct": True,
-            "filter.drop_truncated": True,
-            "filter.max_samples_per_prompt": 1,
+            "filter.correctness": {"enabled": True},
+            "filter.truncated": {"enabled": True},
             "filter.val_fraction": 0.0,
+            **overrides,
         },
     )
-    gen_dir = config.run_dir / "generate"
-    gen_dir.mkdir(parents=True)
 
-    def row(i, texts, reasons=None):
-        reasons = reasons or ["stop"] * len(texts)
-        return {
-            "prompt_id": f"parity-train-{i}",
-            "user": f"Is {i} even or odd?",
-            "category": "",
-            "reference": {"answer": "even" if i % 2 == 0 else "odd"},
-            "teacher": "t",
-            "completions": [
-                {"text": t, "finish_reason": r, "output_tokens": 3} for t, r in zip(texts, reasons, strict=True)
-            ],
-        }
 
+def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
+    config = strict_config(tmp_path, tiny_model)
     rows = [
-        row(0, ["even", "even", "odd"]),  # 2 pass (one kept, one surplus), 1 fails the check
-        row(1, ["", "odd"]),  # empty, then a pass
-        row(2, ["even but cut", "odd"], ["length", "stop"]),  # truncated, then a wrong answer
+        teacher_row(0, ["even", "even", "odd"]),  # 2 verify (one kept, one surplus), 1 fails the check
+        teacher_row(1, ["", "odd"]),  # empty, then a pass
+        teacher_row(2, ["even but cut", "odd"], ["length", "stop"]),  # truncated, then a wrong answer
     ]
-    (gen_dir / "teacher_outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_teacher_outputs(config, rows)
     out = run_filter(config)
     report = json.loads((out / "filter_report.json").read_text())
     drops = list(read_jsonl(out / "drops.jsonl"))
-    assert report["dropped"] == {"failed_check": 2, "duplicate_or_surplus": 1, "empty": 1, "truncated": 1}
+    assert report["dropped"] == {"empty": 1, "truncated": 1, "correctness": 2, "agreement": 1}
     assert report["samples_in"] == 7 == report["samples_kept"] + len(drops)
+    flow = {r["filter"]: r for r in report["filters"]}
+    assert flow["test_split_guard"]["in"] == 7 and flow["decontaminate"]["out"] == 2
+    assert all(a["out"] == b["in"] for a, b in zip(report["filters"], report["filters"][1:], strict=False))
+    assert {d["filter"] for d in drops} == set(report["dropped"]) and all(d["detail"] is not None for d in drops)
     train = list(read_jsonl(out / "train.jsonl"))
     assert [r["prompt_id"] for r in train] == ["parity-train-0", "parity-train-1"]
     assert train[0]["messages"][0]["content"] == "Answer even or odd."  # the student's short prompt
     assert train[0]["messages"][-1] == {"role": "assistant", "content": "even"}
+    assert train[1]["sample_index"] == 1  # the teacher's sample index, not the position among kept ones
+    assert train[1]["scores"]["rules"] == {"answer": True} and train[1]["scores"]["agreement"] == 0.5
+    assert report["categories_in"] == {"even": 2, "odd": 1} and report["categories_kept"] == {"even": 1, "odd": 1}
+    card = (out / "DATASET.md").read_text()
+    assert "| correctness | 5 | 2 | 3 |" in card and "### truncated (1 dropped)" in card
+    assert (out / "response_lengths.png").stat().st_size > 1000
 
 
 def test_filter_with_nothing_surviving_is_an_error(tmp_path, tiny_model):
-    config = parity_config(tmp_path, tiny_model, **{"filter.require_correct": True})
-    gen_dir = config.run_dir / "generate"
-    gen_dir.mkdir(parents=True)
-    (gen_dir / "teacher_outputs.jsonl").write_text(
-        json.dumps(
-            {
-                "prompt_id": "parity-train-1",
-                "user": "Is 1 even or odd?",
-                "reference": {"answer": "odd"},
-                "completions": [{"text": "even", "finish_reason": "stop", "output_tokens": 1}],
-            }
-        )
-        + "\n"
-    )
+    config = strict_config(tmp_path, tiny_model)
+    write_teacher_outputs(config, [teacher_row(1, ["even"])])
     with pytest.raises(PipelineError, match="no teacher sample survived"):
         run_filter(config)
-    assert not (config.run_dir / "filter" / "train.jsonl").exists()
+    assert not list((config.run_dir / "filter").glob("*.jsonl"))  # nothing half-written
+
+
+def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):
+    """Every filter off, decontamination included: the test split's prompts are still dropped."""
+    from pipeline.tasks import build_task
+
+    config = strict_config(tmp_path, tiny_model, **{"filter.order": ["empty"]})
+    task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    planted = [teacher_row(100 + i, ["even"], user=ex.user.upper()) for i, ex in enumerate(task.split("test"))]
+    write_teacher_outputs(config, [teacher_row(0, ["even"]), *planted])
+    out = run_filter(config)
+    train_users = {r["messages"][1]["content"] for r in read_jsonl(out / "train.jsonl")}
+    assert train_users == {"Is 0 even or odd?"}
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["dropped"] == {"test_split_guard": len(planted)} and len(planted) == 4
+
+
+def test_benchmark_refuses_a_training_set_holding_a_test_prompt(tmp_path, tiny_model):
+    from pipeline.benchmark import run_benchmark
+
+    config = parity_config(tmp_path, tiny_model)
+    leaked = {
+        "messages": [{"role": "user", "content": "is 1000 even or odd"}, {"role": "assistant", "content": "even"}]
+    }
+    (config.run_dir / "filter").mkdir(parents=True)
+    (config.run_dir / "filter" / "train.jsonl").write_text(json.dumps(leaked) + "\n")
+    with pytest.raises(PipelineError, match="test prompt parity-test-0 is in the training data"):
+        run_benchmark(config)
+
+
+def test_decontamination_drops_a_reworded_probe_question(tmp_path, tiny_model):
+    from pipeline.probe import load_probe
+
+    question = max(load_probe(), key=lambda q: len(q.question.split())).question
+    config = strict_config(tmp_path, tiny_model, **{"filter.correctness": {"enabled": False}})
+    write_teacher_outputs(config, [teacher_row(0, ["even"]), teacher_row(2, ["even"], user=f"Quick one. {question}")])
+    out = run_filter(config)
+    drops = list(read_jsonl(out / "drops.jsonl"))
+    assert [(d["prompt_id"], d["filter"]) for d in drops] == [("parity-train-2", "decontaminate")]
+    assert "probe:" in drops[0]["detail"]
+
+
+def test_malformed_lines_are_skipped_with_their_line_number_or_fail(tmp_path, tiny_model, capsys):
+    config = strict_config(tmp_path, tiny_model)
+    write_teacher_outputs(config, [teacher_row(0, ["even"]), teacher_row(1, ["odd"])], ['{"prompt_id": "torn'])
+    out = run_filter(config)
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["malformed_lines"] == [3] and report["samples_kept"] == 2
+    assert "teacher_outputs.jsonl:3: malformed JSON line" in capsys.readouterr().err
+
+    failing = strict_config(tmp_path, tiny_model, **{"filter.on_malformed_line": "fail", "run_name": "strict"})
+    write_teacher_outputs(failing, [teacher_row(0, ["even"])], ["[1, 2]", "{}"])
+    with pytest.raises(PipelineError, match=r"teacher_outputs.jsonl:2: malformed JSON line"):
+        run_filter(failing)
+    assert not (failing.run_dir / "filter" / "train.jsonl").exists()
+
+
+class GradingEngine:
+    """Stands in for a teacher able to grade (a tiny random model cannot): scores by the reply's length."""
+
+    model = "grader"
+
+    def __init__(self):
+        self.conversations = []
+
+    def generate(self, conversations, sampling, progress=True):
+        self.conversations += conversations
+        grades = []
+        for conversation in conversations:
+            reply = conversation[-1]["content"].split("Reply:\n")[1].split("\n\nScore")[0]
+            grades.append("9" if len(reply) < 6 else "3" if len(reply) < 30 else "no idea")
+        return [Generation([Completion(g, "stop", 1)], 50) for g in grades]
+
+    def close(self):
+        pass
+
+
+def test_llm_judge_drops_low_and_unparseable_grades(tmp_path, tiny_model, monkeypatch):
+    import pipeline.engines as engines_module
+
+    grader = GradingEngine()
+    monkeypatch.setattr(engines_module, "load_engine", lambda *a, **k: grader)
+    config = strict_config(
+        tmp_path,
+        tiny_model,
+        **{"filter.correctness": {"enabled": False}, "filter.judge": {"enabled": True, "batch_size": 2}},
+    )
+    rows = [
+        teacher_row(0, ["even"]),
+        teacher_row(1, ["odd, I am quite sure"]),
+        teacher_row(2, ["even, as two divides it with no remainder"]),
+    ]
+    write_teacher_outputs(config, rows)
+    out = run_filter(config)
+    assert [r["prompt_id"] for r in read_jsonl(out / "train.jsonl")] == ["parity-train-0"]
+    drops = {d["prompt_id"]: d["detail"] for d in read_jsonl(out / "drops.jsonl")}
+    assert drops == {"parity-train-1": "score 3 < 7", "parity-train-2": "unparseable grade 'no idea'"}
+    assert len(grader.conversations) == 3 and "Rubric:" in grader.conversations[0][1]["content"]
 
 
 @pytest.mark.integration

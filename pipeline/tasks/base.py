@@ -66,6 +66,10 @@ class Task(ABC):
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         """Per-rule pass/fail of one completion."""
 
+    def vote_key(self, completion: str) -> str:
+        """What samples of one prompt must share to count as agreeing (majority vote without a reference)."""
+        return normalize_text(completion)
+
     def leaks(self, completion: str) -> bool:
         """Whether an answer to an unrelated prompt shows this task's behaviour (forgetting probe)."""
         return False
