@@ -176,6 +176,8 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     settings = config.filter
     active = settings.active()
     source = config.run_dir / "generate" / TEACHER_OUTPUTS
+    if not source.is_file():
+        raise PipelineError(f"input file not found: {source} (run generate first)")
     count_tokens = _token_counter(config) if "length" in active else None
     sample_filters = SampleFilters(settings, task, count_tokens)
     protected = protected_prompts(config, task)
@@ -194,7 +196,8 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         log(f"filter: {message}, skipped")
 
     outputs = [out_dir / name for name in ("train.jsonl", "val.jsonl", "drops.jsonl", "filter_report.json")]
-    total_lines = sum(1 for _ in source.open()) if source.is_file() else 0
+    with source.open("rb") as fh:
+        total_lines = sum(1 for _ in fh)
     with ExitStack() as stack:
         train_fh, val_fh, drops_fh = (stack.enter_context(atomic_path(p)).open("w") for p in outputs[:3])
         for fh in (train_fh, val_fh, drops_fh):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,21 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in readme and "bash scripts/demo.sh" in readme
     assert "bash scripts/test.sh" in ci
+
+
+@pytest.mark.integration
+def test_filter_benchmark_script_prints_rates():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_filter.py"), "--rows", "400"],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    rules = next(line for line in lines if line.startswith("rules+exact_dedup"))
+    near = next(line for line in lines if line.startswith("near_dedup"))
+    assert "400 rows in" in rules and "rows/s" in rules and "'exact_dedup'" in rules and "'truncated'" in rules
+    assert "400 rows in" in near and "'near_dedup'" in near
