@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from pipeline.tracking import start_tracking
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
 MAX_DROP_EXAMPLES = 3  # per reason, in DATASET.md
+ROWS_PER_CHUNK = 512  # rows read, then tokenized in one batch, before they are judged one by one
 
 
 def filter_stage(config: ExperimentConfig) -> Stage:
@@ -51,14 +53,26 @@ def _in_val(prompt_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def _token_counter(config: ExperimentConfig):
-    """Response length in the student's tokens (what training will see)."""
+def _token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
+    """Response lengths in the student's tokens (what training will see), many texts per call: the Rust
+    tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text."""
     from transformers import AutoTokenizer
 
     from pipeline.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.student.model))
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    backend = AutoTokenizer.from_pretrained(resolve_model(config.student.model)).backend_tokenizer
+    return lambda texts: [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def protected_prompts(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
@@ -179,15 +193,15 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     if not source.is_file():
         raise PipelineError(f"input file not found: {source} (run generate first)")
     count_tokens = _token_counter(config) if "length" in active else None
-    sample_filters = SampleFilters(settings, task, count_tokens)
+    sample_filters = SampleFilters(settings, task)
     protected = protected_prompts(config, task)
     dataset_filters = DatasetFilters(settings, protected)
     tally = Tally([TEST_GUARD, *active])
     judge = Judge(config) if "judge" in active else None
     pending: list[tuple[Example, Sample, list[dict[str, str]], dict[str, Any]]] = []
 
-    def measure(text: str) -> int:
-        return count_tokens(text) if count_tokens else len(words(text))
+    def measure(texts: list[str]) -> list[int]:
+        return count_tokens(texts) if count_tokens else [len(words(t)) for t in texts]
 
     def malformed(number: int, message: str) -> None:
         if settings.on_malformed_line == "fail":
@@ -229,7 +243,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
             tally.val += in_val
             tally.train += not in_val
             tally.categories_kept[example.category] += 1
-            tally.lengths_kept[measure(sample.text)] += 1
+            tally.lengths_kept[sample.length] += 1
 
         def flush_judge() -> None:
             if not pending:
@@ -247,10 +261,16 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
 
         try:
             rows = read_jsonl(source, on_malformed=malformed)
-            for row in tqdm(rows, total=total_lines, desc="filter", unit="row", mininterval=1.0):
-                process_row(row, task, config, sample_filters, dataset_filters, tally, measure, drop, keep, pending)
-                if judge and len(pending) >= settings.judge.batch_size:
-                    flush_judge()
+            progress = tqdm(total=total_lines, desc="filter", unit="row", mininterval=1.0)
+            for chunk in _chunks(rows, ROWS_PER_CHUNK):
+                texts = [c.get("text") or "" for row in chunk for c in row.get("completions") or []]
+                lengths = iter(measure(texts))
+                for row in chunk:
+                    process_row(row, task, config, sample_filters, dataset_filters, tally, lengths, drop, keep, pending)
+                    if judge and len(pending) >= settings.judge.batch_size:
+                        flush_judge()
+                progress.update(len(chunk))
+            progress.close()
             if judge:
                 flush_judge()
         finally:
@@ -278,21 +298,21 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     return out_dir
 
 
-def process_row(row, task, config, sample_filters, dataset_filters, tally, measure, drop, keep, pending) -> None:
+def process_row(row, task, config, sample_filters, dataset_filters, tally, lengths, drop, keep, pending) -> None:
     """One teacher row through every filter: sample filters, the vote, then the dataset filters."""
     example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
     teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
     student_messages = task.messages(example, config.student.prompt_style)
     completions = row.get("completions") or []
     samples = [
-        Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"))
+        Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"), next(lengths))
         for i, c in enumerate(completions)
     ]
     tally.prompts_in += 1
     tally.samples_in += len(samples)
     tally.categories_in[example.category] += 1
     for sample in samples:
-        tally.lengths_in[measure(sample.text)] += 1
+        tally.lengths_in[sample.length] += 1
 
     guard = dataset_filters.guard(example)
     if guard is not None:

@@ -19,6 +19,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pipeline.config import FilterConfig
@@ -33,6 +34,11 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+# Prompts repeat across the samples of a row, and system prompts across rows: normalise each once.
+_squashed = lru_cache(maxsize=4096)(lambda text: " ".join(text.split()))
+_normalized = lru_cache(maxsize=4096)(normalize_text)
+
+
 @dataclass
 class Sample:
     """One teacher completion on its way through the filters."""
@@ -42,6 +48,7 @@ class Sample:
     text: str
     finish_reason: str | None = None
     output_tokens: int | None = None
+    length: int = 0  # in the student's tokens when the length filter is on, else in words
     scores: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,10 +68,9 @@ def parse_json_output(text: str) -> Any:
 class SampleFilters:
     """The enabled sample filters, in order; `check` names the first one a sample fails."""
 
-    def __init__(self, config: FilterConfig, task: Task, count_tokens: Callable[[str], int] | None) -> None:
+    def __init__(self, config: FilterConfig, task: Task) -> None:
         self.config = config
         self.task = task
-        self.count_tokens = count_tokens
         self.names = [n for n in config.active() if n in _SAMPLE_CHECKS]
         self.refusals = [p.lower() for p in config.refusal.phrases]
         self.required = [re.compile(p) for p in config.regex.require]
@@ -92,9 +98,7 @@ class SampleFilters:
         return None
 
     def _length(self, sample: Sample, *_: Any) -> str | None:
-        if self.count_tokens is None:
-            return None
-        tokens = self.count_tokens(sample.text)
+        tokens = sample.length
         sample.scores["response_tokens"] = tokens
         bounds = self.config.length
         if not bounds.min_tokens <= tokens <= bounds.max_tokens:
@@ -118,7 +122,7 @@ class SampleFilters:
         candidates = [(m["role"], m["content"]) for m in prompt_messages if m["role"] in ("system", "user")]
         candidates.append(("ticket", example.user))
         for role, content in candidates:
-            content = " ".join(content.split())
+            content = _squashed(content)
             if len(content) >= self.config.prompt_echo.min_chars and content in text:
                 return f"contains the {role} prompt verbatim"
         return None
@@ -207,20 +211,26 @@ class NgramIndex:
         self.n = n
         self.grams: dict[tuple[str, ...], str] = {}
         self.short_lengths: set[int] = set()
+        self.first_words: set[str] = set()  # a window can only match if its first word starts some n-gram
         for source, text in texts:
             tokens = words(text)
             if len(tokens) < n:
                 if tokens:
                     self.grams.setdefault(tuple(tokens), source)
                     self.short_lengths.add(len(tokens))
+                    self.first_words.add(tokens[0])
                 continue
             for i in range(len(tokens) - n + 1):
                 self.grams.setdefault(tuple(tokens[i : i + n]), source)
+                self.first_words.add(tokens[i])
 
     def match(self, text: str) -> str | None:
         tokens = words(text)
+        first_words = self.first_words
         for size in (self.n, *sorted(self.short_lengths)):
             for i in range(len(tokens) - size + 1):
+                if tokens[i] not in first_words:
+                    continue
                 source = self.grams.get(tuple(tokens[i : i + size]))
                 if source is not None:
                     return source
@@ -244,11 +254,11 @@ class DatasetFilters:
 
             near = config.near_dedup
             self.lsh = {f: MinHashLSH(threshold=near.threshold, num_perm=near.num_perm) for f in near.fields}
-        self.serial = 0
+        self.last_match: tuple[str, str | None] = ("", None)  # decontamination of the row in hand
 
     def guard(self, example: Example) -> str | None:
         """Never switched off: a protected prompt itself (after normalisation) must not reach training."""
-        source = self.protected_exact.get(normalize_text(example.user))
+        source = self.protected_exact.get(_normalized(example.user))
         return f"is the protected prompt {source}" if source is not None else None
 
     def check(self, example: Example, sample: Sample) -> tuple[str, str] | None:
@@ -260,7 +270,7 @@ class DatasetFilters:
 
     def _exact_dedup(self, example: Example, sample: Sample) -> str | None:
         key = hashlib.blake2b(
-            f"{normalize_text(example.user)}\x00{normalize_text(sample.text)}".encode(), digest_size=16
+            f"{_normalized(example.user)}\x00{normalize_text(sample.text)}".encode(), digest_size=16
         ).digest()
         if key in self.seen:
             return "same prompt and response as an earlier example"
@@ -301,7 +311,9 @@ class DatasetFilters:
         return None
 
     def _decontaminate(self, example: Example, sample: Sample) -> str | None:
-        source = self.index.match(example.user) if self.index else None
+        if self.last_match[0] != example.id:
+            self.last_match = (example.id, self.index.match(example.user) if self.index else None)
+        source = self.last_match[1]
         if source is not None:
             return f"shares a {self.config.decontaminate.ngram}-gram with {source}"
         return None

@@ -17,8 +17,8 @@ PROMPT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": EVE
 
 def first_failure(text: str, finish_reason: str = "stop", **settings) -> str | None:
     config = FilterConfig(**settings)
-    filters = SampleFilters(config, TASK, count_tokens=lambda t: len(t.split()))
-    failed = filters.check(Sample("p-2", 0, text, finish_reason, 3), EVEN, PROMPT)
+    filters = SampleFilters(config, TASK)
+    failed = filters.check(Sample("p-2", 0, text, finish_reason, 3, len(text.split())), EVEN, PROMPT)
     return failed[0] if failed else None
 
 
