@@ -34,6 +34,12 @@ def verdict(report: dict[str, Any]) -> str:
         )
     elif gain <= 0:
         parts.append("Verdict: not worth it — fine-tuning did not beat the untuned student.")
+    elif change and (change["accuracy"] < -0.05 or change["leakage_rate"] > 0.10):
+        parts.append(
+            "Verdict: not worth it as trained — the task gain came with a regression on base capabilities "
+            "(probe accuracy down more than 5 points or leakage up more than 10); train gentler (lower learning "
+            "rate, fewer epochs, smaller rank) or mix general data in."
+        )
     else:
         parts.append("Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it.")
     return " ".join(parts)
