@@ -13,7 +13,6 @@ dedup hashes and MinHash signatures of kept rows. Outputs appear only when the s
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -26,7 +25,7 @@ from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.dataset_card import write_dataset_card
 from pipeline.filters import DatasetFilters, Sample, SampleFilters, judge_prompt, parse_judge_score, vote, words
 from pipeline.generate import OUTPUT as TEACHER_OUTPUTS
-from pipeline.runs import PipelineError, Stage, atomic_path, log, read_jsonl, write_json
+from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, read_jsonl, write_json
 from pipeline.tasks import Example, Task, build_task
 from pipeline.tracking import start_tracking
 
@@ -226,7 +225,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 "category": example.category,
                 "text": sample.text,
             }
-            drops_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            drops_fh.write(json_line(record))
             tally.drop(record)
 
         def keep(example: Example, sample: Sample, messages: list[dict[str, str]], row: dict[str, Any]) -> None:
@@ -239,7 +238,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 "scores": sample.scores,
             }
             in_val = _in_val(example.id, config.seed, settings.val_fraction)
-            (val_fh if in_val else train_fh).write(json.dumps(record, ensure_ascii=False) + "\n")
+            (val_fh if in_val else train_fh).write(json_line(record))
             tally.val += in_val
             tally.train += not in_val
             tally.categories_kept[example.category] += 1

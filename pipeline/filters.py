@@ -55,7 +55,7 @@ class Sample:
 def repeated_ngram_ratio(text: str, n: int) -> float:
     """1 - distinct/total word n-grams: 0 for no repetition, near 1 for a loop."""
     tokens = words(text)
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    grams = list(zip(*(tokens[i:] for i in range(n)), strict=False))
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -204,35 +204,35 @@ def vote(
 class NgramIndex:
     """Word n-grams of protected texts (benchmark test prompts, probe questions).
 
-    A text shorter than n words is protected as a whole: any prompt containing it matches.
+    A text shorter than n words is protected as a whole: any prompt containing it matches. Grams are
+    bucketed by their first two words, so a lookup costs one dict probe per position of the prompt.
     """
 
     def __init__(self, texts: Iterable[tuple[str, str]], n: int) -> None:
         self.n = n
-        self.grams: dict[tuple[str, ...], str] = {}
-        self.short_lengths: set[int] = set()
-        self.first_words: set[str] = set()  # a window can only match if its first word starts some n-gram
+        self.buckets: dict[tuple[str, ...], list[tuple[tuple[str, ...], str]]] = {}
+        seen: set[tuple[str, ...]] = set()
         for source, text in texts:
             tokens = words(text)
-            if len(tokens) < n:
-                if tokens:
-                    self.grams.setdefault(tuple(tokens), source)
-                    self.short_lengths.add(len(tokens))
-                    self.first_words.add(tokens[0])
-                continue
-            for i in range(len(tokens) - n + 1):
-                self.grams.setdefault(tuple(tokens[i : i + n]), source)
-                self.first_words.add(tokens[i])
+            grams = (
+                [tuple(tokens)] if len(tokens) < n else [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+            )
+            for gram in grams:
+                if gram and gram not in seen:
+                    seen.add(gram)
+                    self.buckets.setdefault(gram[:2], []).append((gram, source))
+        self.has_single_words = any(len(key) == 1 for key in self.buckets)
 
     def match(self, text: str) -> str | None:
         tokens = words(text)
-        first_words = self.first_words
-        for size in (self.n, *sorted(self.short_lengths)):
-            for i in range(len(tokens) - size + 1):
-                if tokens[i] not in first_words:
-                    continue
-                source = self.grams.get(tuple(tokens[i : i + size]))
-                if source is not None:
+        buckets = self.buckets
+        singles = self.has_single_words
+        for i in range(len(tokens)):
+            candidates = buckets.get(tuple(tokens[i : i + 2]), [])
+            if singles:
+                candidates = candidates + buckets.get((tokens[i],), [])
+            for gram, source in candidates:
+                if tuple(tokens[i : i + len(gram)]) == gram:
                     return source
         return None
 

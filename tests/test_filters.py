@@ -181,3 +181,12 @@ def test_judge_score_parsing():
     assert parse_judge_score("Score: 10/10") == 10
     assert parse_judge_score("I would say 7.") == 7
     assert parse_judge_score("great reply") is None
+
+
+def test_ngram_index_matches_at_any_position_and_single_words():
+    index = NgramIndex([("a", "one two three four"), ("b", "Zebra")], n=3)
+    assert index.match("x one two three y") == "a"  # a 3-gram of "a", mid-text
+    assert index.match("two three four") == "a"  # at the very end
+    assert index.match("one two four three") is None
+    assert index.match("a zebra crossing") == "b"  # a one-word protected text, mid-text
+    assert index.match("zebras") is None
