@@ -41,7 +41,7 @@ def filter_stage(config: ExperimentConfig) -> Stage:
         "filter": config.filter.model_dump(),
         "student": config.student.model_dump(),
         "probe": config.benchmark.probe,
-        "teacher": config.teacher.model if config.filter.judge.enabled else None,
+        "teacher": config.teacher.model if "judge" in config.filter.active() else None,
     }
     return Stage(config, "filter", sections, inputs=[config.run_dir / "generate" / TEACHER_OUTPUTS])
 
@@ -188,6 +188,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         raise PipelineError(f"student.prompt_style: {config.student.prompt_style!r} not in {task.prompt_styles}")
     settings = config.filter
     active = settings.active()
+    active_set = frozenset(active)
     source = config.run_dir / "generate" / TEACHER_OUTPUTS
     if not source.is_file():
         raise PipelineError(f"input file not found: {source} (run generate first)")
@@ -265,7 +266,19 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 texts = [c.get("text") or "" for row in chunk for c in row.get("completions") or []]
                 lengths = iter(measure(texts))
                 for row in chunk:
-                    process_row(row, task, config, sample_filters, dataset_filters, tally, lengths, drop, keep, pending)
+                    process_row(
+                        row,
+                        task,
+                        config,
+                        active_set,
+                        sample_filters,
+                        dataset_filters,
+                        tally,
+                        lengths,
+                        drop,
+                        keep,
+                        pending,
+                    )
                     if judge and len(pending) >= settings.judge.batch_size:
                         flush_judge()
                 progress.update(len(chunk))
@@ -297,7 +310,9 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     return out_dir
 
 
-def process_row(row, task, config, sample_filters, dataset_filters, tally, lengths, drop, keep, pending) -> None:
+def process_row(
+    row, task, config, active, sample_filters, dataset_filters, tally, lengths, drop, keep, pending
+) -> None:
     """One teacher row through every filter: sample filters, the vote, then the dataset filters."""
     example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
     teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
@@ -325,7 +340,7 @@ def process_row(row, task, config, sample_filters, dataset_filters, tally, lengt
             drop(example, sample, *failed)
         else:
             passing.append(sample)
-    if config.filter.agreement.enabled and "agreement" in config.filter.order:
+    if "agreement" in active:
         passing, losers = vote(task, config.filter, passing, len(samples))
         for sample, detail in losers:
             drop(example, sample, "agreement", detail)
@@ -333,7 +348,7 @@ def process_row(row, task, config, sample_filters, dataset_filters, tally, lengt
         failed = dataset_filters.check(example, sample)
         if failed:
             drop(example, sample, *failed)
-        elif config.filter.judge.enabled and "judge" in config.filter.order:
+        elif "judge" in active:
             pending.append((example, sample, student_messages, row))
         else:
             keep(example, sample, student_messages, row)

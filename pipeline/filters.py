@@ -76,7 +76,7 @@ class SampleFilters:
         self.required = [re.compile(p) for p in config.regex.require]
         self.forbidden = [re.compile(p) for p in config.regex.forbid]
         self.validator = None
-        if config.json_schema.enabled:
+        if "json_schema" in self.names:
             import jsonschema
 
             schema = config.json_schema.schema_ or {}
@@ -177,7 +177,7 @@ def vote(
     settings = config.agreement
     if not passing:
         return [], []
-    if config.correctness.enabled and "correctness" in config.order:
+    if "correctness" in config.active():
         winners = passing
     else:
         keys = [task.vote_key(s.text) for s in passing]
@@ -250,8 +250,9 @@ class DatasetFilters:
         self.lsh: dict[str, Any] = {}
         self.kept_prompts: set[str] = set()
         if "near_dedup" in self.names:
-            from datasketch import MinHashLSH
+            from datasketch import MinHash, MinHashLSH
 
+            self.minhash_class = MinHash
             near = config.near_dedup
             self.lsh = {f: MinHashLSH(threshold=near.threshold, num_perm=near.num_perm) for f in near.fields}
         self.last_match: tuple[str, str | None] = ("", None)  # decontamination of the row in hand
@@ -278,12 +279,10 @@ class DatasetFilters:
         return None
 
     def _minhash(self, text: str) -> Any:
-        from datasketch import MinHash
-
         size = self.config.near_dedup.shingle
         tokens = words(text)
         shingles = {" ".join(tokens[i : i + size]) for i in range(max(1, len(tokens) - size + 1))}
-        signature = MinHash(num_perm=self.config.near_dedup.num_perm)
+        signature = self.minhash_class(num_perm=self.config.near_dedup.num_perm)
         signature.update_batch([s.encode() for s in shingles])
         return signature
 
