@@ -193,6 +193,9 @@ class FilterConfig(_Strict):
 
     val_fraction: float = Field(0.1, ge=0, lt=1)
     on_malformed_line: Literal["skip", "fail"] = "skip"
+    # Processes that screen rows (0: in this process; default: one per core for inputs of 2,048+ lines).
+    # Outputs are identical for any value.
+    workers: int | None = Field(None, ge=0)
     order: list[str] = Field(default_factory=lambda: list(DEFAULT_FILTER_ORDER))
     empty: Toggle = Field(default_factory=Toggle)
     truncated: Toggle = Field(default_factory=Toggle)

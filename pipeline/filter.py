@@ -13,9 +13,14 @@ dedup hashes and MinHash signatures of kept rows. Outputs appear only when the s
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+import multiprocessing
+import os
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +30,24 @@ from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.dataset_card import write_dataset_card
 from pipeline.filters import DatasetFilters, Sample, SampleFilters, judge_prompt, parse_judge_score, vote, words
 from pipeline.generate import OUTPUT as TEACHER_OUTPUTS
-from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, read_jsonl, write_json
+from pipeline.runs import (
+    PipelineError,
+    Stage,
+    atomic_path,
+    json_line,
+    log,
+    malformed_line_message,
+    parse_json_object,
+    write_json,
+)
 from pipeline.tasks import Example, Task, build_task
 from pipeline.tracking import start_tracking
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
 MAX_DROP_EXAMPLES = 3  # per reason, in DATASET.md
-ROWS_PER_CHUNK = 512  # rows read, then tokenized in one batch, before they are judged one by one
+ROWS_PER_CHUNK = 512  # lines screened together: one tokenizer batch, one task for a worker process
+MIN_LINES_FOR_WORKERS = 4 * ROWS_PER_CHUNK  # below this, starting worker processes (~1 s) costs more than it saves
+MAX_AUTO_WORKERS = 8
 
 
 def filter_stage(config: ExperimentConfig) -> Stage:
@@ -53,25 +69,25 @@ def _in_val(prompt_id: str, seed: int, fraction: float) -> bool:
 
 
 def _token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
-    """Response lengths in the student's tokens (what training will see), many texts per call: the Rust
-    tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text."""
-    from transformers import AutoTokenizer
+    """Response lengths in the student's tokens (what training will see), many texts per call.
 
+    The Rust tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text, and
+    loading `tokenizer.json` with `tokenizers` alone skips the ~5 s import of transformers.
+    """
     from pipeline.models import resolve_model
 
-    backend = AutoTokenizer.from_pretrained(resolve_model(config.student.model)).backend_tokenizer
+    model = resolve_model(config.student.model)
+    tokenizer_file = Path(model) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(tokenizer_file))
+    else:  # a hub id, or a slow-only tokenizer: let transformers find or convert it
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(model).backend_tokenizer
+    backend.no_truncation()
     return lambda texts: [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
-
-
-def _chunks(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def protected_prompts(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
@@ -99,6 +115,13 @@ class Tally:
         self.drop_examples: dict[str, list[dict[str, Any]]] = {}
         self.malformed: list[int] = []
         self.train = self.val = 0
+
+    def add(self, row: Screened) -> None:
+        self.prompts_in += 1
+        self.samples_in += len(row.samples)
+        self.categories_in[row.example.category] += 1
+        for sample in row.samples:
+            self.lengths_in[sample.length] += 1
 
     def drop(self, record: dict[str, Any]) -> None:
         self.dropped[record["filter"]] += 1
@@ -177,6 +200,130 @@ class Judge:
             self.engine.close()
 
 
+@dataclass
+class Screened:
+    """One teacher row after everything that needs no other row."""
+
+    example: Example
+    samples: list[Sample]
+    dropped: list[tuple[Sample, str, str]]  # (sample, filter, detail)
+    survivors: list[Sample]  # features prepared: the dataset filters decide
+    student_messages: list[dict[str, str]]
+    teacher: str | None
+
+
+class Screener:
+    """The per-row half of the stage: decode, measure lengths, the test-split guard, the sample filters,
+    the vote and the dataset filters' features. Rows are independent here, so chunks of lines can be
+    screened in worker processes; the stateful half (dedup against kept rows, writing) stays in one."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+        settings = config.filter
+        self.active = frozenset(settings.active())
+        self.count_tokens = _token_counter(config) if "length" in self.active else None
+        self.sample_filters = SampleFilters(settings, self.task)
+        self.dataset_filters = DatasetFilters(settings, protected_prompts(config, self.task))
+
+    def measure(self, texts: list[str]) -> list[int]:
+        return self.count_tokens(texts) if self.count_tokens else [len(words(t)) for t in texts]
+
+    def screen(self, lines: list[tuple[int, bytes]]) -> list[Screened | tuple[int, str]]:
+        """Screened rows, and (line number, problem) for each malformed line, in input order."""
+        parsed: list[dict[str, Any] | tuple[int, str]] = []
+        for number, line in lines:
+            try:
+                row = parse_json_object(line)
+                missing = next((key for key in ("prompt_id", "user") if key not in row), None)
+                if missing is not None:
+                    raise ValueError(f"no {missing!r} key")
+                parsed.append(row)
+            except ValueError as exc:
+                parsed.append((number, str(exc)))
+        rows = [row for row in parsed if isinstance(row, dict)]
+        lengths = iter(self.measure([c.get("text") or "" for row in rows for c in row.get("completions") or []]))
+        return [self._screen_row(row, lengths) if isinstance(row, dict) else row for row in parsed]
+
+    def _screen_row(self, row: dict[str, Any], lengths: Iterator[int]) -> Screened:
+        task, config = self.task, self.config
+        example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
+        samples = [
+            Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"), next(lengths))
+            for i, c in enumerate(row.get("completions") or [])
+        ]
+        screened = Screened(
+            example, samples, [], [], task.messages(example, config.student.prompt_style), row.get("teacher")
+        )
+        guard = self.dataset_filters.guard(example)
+        if guard is not None:
+            screened.dropped = [(sample, TEST_GUARD, guard) for sample in samples]
+            return screened
+        teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
+        passing = []
+        for sample in samples:
+            failed = self.sample_filters.check(sample, example, teacher_messages)
+            if failed:
+                screened.dropped.append((sample, *failed))
+            else:
+                passing.append(sample)
+        if "agreement" in self.active:
+            passing, losers = vote(task, config.filter, passing, len(samples))
+            screened.dropped += [(sample, "agreement", detail) for sample, detail in losers]
+        for sample in passing:
+            self.dataset_filters.prepare(example, sample)
+        screened.survivors = passing
+        return screened
+
+
+_worker_screener: Screener | None = None
+
+
+def _start_worker(config: ExperimentConfig) -> None:
+    global _worker_screener
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _worker_screener = Screener(config)
+
+
+def _screen_in_worker(lines: list[tuple[int, bytes]]) -> list[Screened | tuple[int, str]]:
+    return _worker_screener.screen(lines)
+
+
+def worker_count(setting: int | None, lines: int) -> int:
+    """`filter.workers`, or by default one per core once the input is large enough to repay starting them."""
+    if setting is not None:
+        return setting
+    return min(os.cpu_count() or 1, MAX_AUTO_WORKERS) if lines >= MIN_LINES_FOR_WORKERS else 0
+
+
+def screened_chunks(
+    config: ExperimentConfig, lines: Iterable[tuple[int, bytes]], workers: int
+) -> Iterator[list[Screened | tuple[int, str]]]:
+    """Chunks of screened rows in input order: in this process (workers=0) or in a pool of processes,
+    with a bounded number of chunks in flight so memory does not grow with the input."""
+    chunks = iter(lambda: list(islice(lines, ROWS_PER_CHUNK)), [])
+    if workers == 0:
+        screener = Screener(config)
+        yield from map(screener.screen, chunks)
+        return
+    context = multiprocessing.get_context("spawn")  # safe after torch or vLLM ran in this process
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(config,)) as pool:
+        in_flight: deque[Future] = deque()
+        for chunk in chunks:
+            in_flight.append(pool.submit(_screen_in_worker, chunk))
+            if len(in_flight) > 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if line.strip():
+                yield number, line
+
+
 def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
     stage = filter_stage(config)
     out_dir = stage.dir
@@ -188,30 +335,20 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         raise PipelineError(f"student.prompt_style: {config.student.prompt_style!r} not in {task.prompt_styles}")
     settings = config.filter
     active = settings.active()
-    active_set = frozenset(active)
     source = config.run_dir / "generate" / TEACHER_OUTPUTS
     if not source.is_file():
         raise PipelineError(f"input file not found: {source} (run generate first)")
-    count_tokens = _token_counter(config) if "length" in active else None
-    sample_filters = SampleFilters(settings, task)
-    protected = protected_prompts(config, task)
-    dataset_filters = DatasetFilters(settings, protected)
+    if "length" in active:
+        _token_counter(config)  # a missing tokenizer fails here, with its own message, not in a worker
+    dataset_filters = DatasetFilters(settings, protected=[])  # rows arrive with their features prepared
     tally = Tally([TEST_GUARD, *active])
     judge = Judge(config) if "judge" in active else None
-    pending: list[tuple[Example, Sample, list[dict[str, str]], dict[str, Any]]] = []
-
-    def measure(texts: list[str]) -> list[int]:
-        return count_tokens(texts) if count_tokens else [len(words(t)) for t in texts]
-
-    def malformed(number: int, message: str) -> None:
-        if settings.on_malformed_line == "fail":
-            raise PipelineError(f"{message}; set filter.on_malformed_line=skip to skip bad lines")
-        tally.malformed.append(number)
-        log(f"filter: {message}, skipped")
+    pending: list[tuple[Example, Sample, list[dict[str, str]], str | None]] = []
 
     outputs = [out_dir / name for name in ("train.jsonl", "val.jsonl", "drops.jsonl", "filter_report.json")]
     with source.open("rb") as fh:
         total_lines = sum(1 for _ in fh)
+    workers = worker_count(settings.workers, total_lines)
     with ExitStack() as stack:
         train_fh, val_fh, drops_fh = (stack.enter_context(atomic_path(p)).open("w") for p in outputs[:3])
         for fh in (train_fh, val_fh, drops_fh):
@@ -229,13 +366,13 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
             drops_fh.write(json_line(record))
             tally.drop(record)
 
-        def keep(example: Example, sample: Sample, messages: list[dict[str, str]], row: dict[str, Any]) -> None:
+        def keep(example: Example, sample: Sample, messages: list[dict[str, str]], teacher: str | None) -> None:
             record = {
                 "messages": [*messages, {"role": "assistant", "content": sample.text.strip()}],
                 "prompt_id": example.id,
                 "category": example.category,
                 "sample_index": sample.index,
-                "teacher": row.get("teacher"),
+                "teacher": teacher,
                 "scores": sample.scores,
             }
             in_val = _in_val(example.id, config.seed, settings.val_fraction)
@@ -249,36 +386,39 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
             if not pending:
                 return
             grades = judge.grade([(messages, sample.text) for _, sample, messages, _ in pending])
-            for (example, sample, messages, row), (score, raw) in zip(pending, grades, strict=True):
+            for (example, sample, messages, teacher), (score, raw) in zip(pending, grades, strict=True):
                 sample.scores["judge"] = score
                 if score is None:
                     drop(example, sample, "judge", f"unparseable grade {raw.strip()[:40]!r}")
                 elif score < settings.judge.threshold:
                     drop(example, sample, "judge", f"score {score} < {settings.judge.threshold}")
                 else:
-                    keep(example, sample, messages, row)
+                    keep(example, sample, messages, teacher)
             pending.clear()
 
         try:
-            rows = read_jsonl(source, on_malformed=malformed)
             progress = tqdm(total=total_lines, desc="filter", unit="row", mininterval=1.0)
-            for chunk in _chunks(rows, ROWS_PER_CHUNK):
-                texts = [c.get("text") or "" for row in chunk for c in row.get("completions") or []]
-                lengths = iter(measure(texts))
-                for row in chunk:
-                    process_row(
-                        row,
-                        task,
-                        config,
-                        active_set,
-                        sample_filters,
-                        dataset_filters,
-                        tally,
-                        lengths,
-                        drop,
-                        keep,
-                        pending,
-                    )
+            for chunk in screened_chunks(config, _numbered_lines(source), workers):
+                for item in chunk:
+                    if isinstance(item, tuple):
+                        number, problem = item
+                        message = malformed_line_message(source, number, problem)
+                        if settings.on_malformed_line == "fail":
+                            raise PipelineError(f"{message}; set filter.on_malformed_line=skip to skip bad lines")
+                        tally.malformed.append(number)
+                        log(f"filter: {message}, skipped")
+                        continue
+                    tally.add(item)
+                    for sample, name, detail in item.dropped:
+                        drop(item.example, sample, name, detail)
+                    for sample in item.survivors:
+                        failed = dataset_filters.check(item.example, sample)
+                        if failed:
+                            drop(item.example, sample, *failed)
+                        elif judge:
+                            pending.append((item.example, sample, item.student_messages, item.teacher))
+                        else:
+                            keep(item.example, sample, item.student_messages, item.teacher)
                     if judge and len(pending) >= settings.judge.batch_size:
                         flush_judge()
                 progress.update(len(chunk))
@@ -293,7 +433,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
             raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
-    report = tally.report("tokens" if count_tokens else "words")
+    report = tally.report("tokens" if "length" in active else "words") | {"workers": workers}
     write_json(outputs[3], report)
     card_files = write_dataset_card(out_dir, config, report, tally)
     stage.finish([*outputs, *card_files], {k: v for k, v in report.items() if isinstance(v, int)})
@@ -308,47 +448,3 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         f"dropped {report['dropped']}"
     )
     return out_dir
-
-
-def process_row(
-    row, task, config, active, sample_filters, dataset_filters, tally, lengths, drop, keep, pending
-) -> None:
-    """One teacher row through every filter: sample filters, the vote, then the dataset filters."""
-    example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
-    teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
-    student_messages = task.messages(example, config.student.prompt_style)
-    completions = row.get("completions") or []
-    samples = [
-        Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"), next(lengths))
-        for i, c in enumerate(completions)
-    ]
-    tally.prompts_in += 1
-    tally.samples_in += len(samples)
-    tally.categories_in[example.category] += 1
-    for sample in samples:
-        tally.lengths_in[sample.length] += 1
-
-    guard = dataset_filters.guard(example)
-    if guard is not None:
-        for sample in samples:
-            drop(example, sample, TEST_GUARD, guard)
-        return
-    passing = []
-    for sample in samples:
-        failed = sample_filters.check(sample, example, teacher_messages)
-        if failed:
-            drop(example, sample, *failed)
-        else:
-            passing.append(sample)
-    if "agreement" in active:
-        passing, losers = vote(task, config.filter, passing, len(samples))
-        for sample, detail in losers:
-            drop(example, sample, "agreement", detail)
-    for sample in passing:
-        failed = dataset_filters.check(example, sample)
-        if failed:
-            drop(example, sample, *failed)
-        elif "judge" in active:
-            pending.append((example, sample, student_messages, row))
-        else:
-            keep(example, sample, student_messages, row)

@@ -50,13 +50,14 @@ class Sample:
     output_tokens: int | None = None
     length: int = 0  # in the student's tokens when the length filter is on, else in words
     scores: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)  # what the dataset filters compare (see prepare)
 
 
 def repeated_ngram_ratio(text: str, n: int) -> float:
     """1 - distinct/total word n-grams: 0 for no repetition, near 1 for a loop."""
     tokens = words(text)
-    grams = list(zip(*(tokens[i:] for i in range(n)), strict=False))
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+    total = len(tokens) - n + 1
+    return 1 - len(set(zip(*(tokens[i:] for i in range(n)), strict=False))) / total if total > 0 else 0.0
 
 
 def parse_json_output(text: str) -> Any:
@@ -222,11 +223,14 @@ class NgramIndex:
                     seen.add(gram)
                     self.buckets.setdefault(gram[:2], []).append((gram, source))
         self.has_single_words = any(len(key) == 1 for key in self.buckets)
+        self.bigrams = {key for key in self.buckets if len(key) == 2}
 
     def match(self, text: str) -> str | None:
         tokens = words(text)
         buckets = self.buckets
         singles = self.has_single_words
+        if not singles and self.bigrams.isdisjoint(zip(tokens, tokens[1:], strict=False)):
+            return None  # the common case, decided without a Python loop
         for i in range(len(tokens)):
             candidates = buckets.get(tuple(tokens[i : i + 2]), [])
             if singles:
@@ -238,8 +242,13 @@ class NgramIndex:
 
 
 class DatasetFilters:
-    """Dedup and decontamination against everything kept so far (streaming; memory grows with the
-    hashes and signatures of kept rows only)."""
+    """Dedup and decontamination against everything kept so far.
+
+    Split in two so the costly half runs in worker processes: `prepare` computes what one sample needs
+    from nobody else (its dedup hash, MinHash signatures, the n-gram match of its prompt); `check` then
+    compares that with the examples kept before it, in input order, in one process. Memory grows with
+    the hashes and signatures of kept rows only.
+    """
 
     def __init__(self, config: FilterConfig, protected: list[tuple[str, str]]) -> None:
         self.config = config
@@ -250,19 +259,37 @@ class DatasetFilters:
         self.lsh: dict[str, Any] = {}
         self.kept_prompts: set[str] = set()
         if "near_dedup" in self.names:
-            from datasketch import MinHash, MinHashLSH
+            from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-            self.minhash_class = MinHash
+            self.minhash_classes = (MinHash, LeanMinHash)
             near = config.near_dedup
             self.lsh = {f: MinHashLSH(threshold=near.threshold, num_perm=near.num_perm) for f in near.fields}
-        self.last_match: tuple[str, str | None] = ("", None)  # decontamination of the row in hand
+        self.last_match: tuple[str | None, str | None] = (None, None)  # (prompt, protected source it matches)
 
     def guard(self, example: Example) -> str | None:
         """Never switched off: a protected prompt itself (after normalisation) must not reach training."""
         source = self.protected_exact.get(_normalized(example.user))
         return f"is the protected prompt {source}" if source is not None else None
 
+    def prepare(self, example: Example, sample: Sample) -> None:
+        """Fill `sample.features` with what `check` compares; needs no other row."""
+        features = sample.features
+        if "exact_dedup" in self.names:
+            features["exact_dedup"] = hashlib.blake2b(
+                f"{_normalized(example.user)}\x00{normalize_text(sample.text)}".encode(), digest_size=16
+            ).digest()
+        if "near_dedup" in self.names:
+            features["near_dedup"] = {
+                field: self._minhash(example.user if field == "prompt" else sample.text) for field in self.lsh
+            }
+        if "decontaminate" in self.names:
+            if self.last_match[0] != example.user:  # the samples of one row share their prompt
+                self.last_match = (example.user, self.index.match(example.user))
+            features["decontaminate"] = self.last_match[1]
+
     def check(self, example: Example, sample: Sample) -> tuple[str, str] | None:
+        if not sample.features:
+            self.prepare(example, sample)
         for name in self.names:
             detail = getattr(self, f"_{name}")(example, sample)
             if detail is not None:
@@ -270,9 +297,7 @@ class DatasetFilters:
         return None
 
     def _exact_dedup(self, example: Example, sample: Sample) -> str | None:
-        key = hashlib.blake2b(
-            f"{_normalized(example.user)}\x00{normalize_text(sample.text)}".encode(), digest_size=16
-        ).digest()
+        key = sample.features["exact_dedup"]
         if key in self.seen:
             return "same prompt and response as an earlier example"
         self.seen.add(key)
@@ -282,37 +307,35 @@ class DatasetFilters:
         size = self.config.near_dedup.shingle
         tokens = words(text)
         shingles = {" ".join(tokens[i : i + size]) for i in range(max(1, len(tokens) - size + 1))}
-        signature = self.minhash_class(num_perm=self.config.near_dedup.num_perm)
+        minhash, lean = self.minhash_classes
+        signature = minhash(num_perm=self.config.near_dedup.num_perm)
         signature.update_batch([s.encode() for s in shingles])
-        return signature
+        return lean(signature)  # no permutation arrays: a tenth of the size to send between processes
 
     def _near_dedup(self, example: Example, sample: Sample) -> str | None:
+        signatures = sample.features["near_dedup"]
         pending = []
         for field_name, lsh in self.lsh.items():
             if field_name == "prompt":
                 if example.id in self.kept_prompts:  # another kept sample of the same prompt
                     continue
-                signature = self._minhash(example.user)
-                hits = lsh.query(signature)
+                hits = lsh.query(signatures[field_name])
                 if hits:
                     return f"prompt near-duplicates the prompt of {sorted(hits)[0]}"
-                pending.append((field_name, lsh, example.id, signature))
+                pending.append((field_name, lsh, example.id))
             else:
-                signature = self._minhash(sample.text)
-                hits = lsh.query(signature)
+                hits = lsh.query(signatures[field_name])
                 if hits:
                     return f"response near-duplicates the response of {sorted(hits)[0].split('#')[0]}"
-                pending.append((field_name, lsh, f"{example.id}#{sample.index}", signature))
-        for field_name, lsh, key, signature in pending:  # insert only once the example is kept
-            lsh.insert(key, signature)
+                pending.append((field_name, lsh, f"{example.id}#{sample.index}"))
+        for field_name, lsh, key in pending:  # insert only once the example is kept
+            lsh.insert(key, signatures[field_name])
             if field_name == "prompt":
                 self.kept_prompts.add(example.id)
         return None
 
     def _decontaminate(self, example: Example, sample: Sample) -> str | None:
-        if self.last_match[0] != example.id:
-            self.last_match = (example.id, self.index.match(example.user) if self.index else None)
-        source = self.last_match[1]
+        source = sample.features["decontaminate"]
         if source is not None:
             return f"shares a {self.config.decontaminate.ngram}-gram with {source}"
         return None

@@ -66,6 +66,17 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return count
 
 
+def parse_json_object(line: str | bytes) -> dict[str, Any]:
+    """One JSONL line as a dict; ValueError says what is wrong with it."""
+    try:
+        row = _decode(line)
+    except msgspec.DecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    return row
+
+
 def read_jsonl(path: Path, on_malformed: Callable[[int, str], None] | None = None) -> Iterator[dict[str, Any]]:
     """Rows of a JSONL file. A bad line raises PipelineError naming file and line number, or, with
     `on_malformed`, is reported to it as (line number, message) and skipped."""
@@ -76,17 +87,18 @@ def read_jsonl(path: Path, on_malformed: Callable[[int, str], None] | None = Non
             if not line.strip():
                 continue
             try:
-                row = _decode(line)
-                problem = None if isinstance(row, dict) else "not a JSON object"
-            except msgspec.DecodeError as exc:
-                problem = str(exc)
-            if problem is not None:
-                message = f"{path}:{number}: malformed JSON line ({problem})"
+                row = parse_json_object(line)
+            except ValueError as exc:
+                message = malformed_line_message(path, number, str(exc))
                 if on_malformed is None:
                     raise PipelineError(message) from None
                 on_malformed(number, message)
                 continue
             yield row
+
+
+def malformed_line_message(path: Path, number: int, problem: str) -> str:
+    return f"{path}:{number}: malformed JSON line ({problem})"
 
 
 def sha256_file(path: Path) -> str:

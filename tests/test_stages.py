@@ -143,6 +143,41 @@ def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
     assert (out / "response_lengths.png").stat().st_size > 1000
 
 
+def test_filter_outputs_are_identical_with_worker_processes(tmp_path, tiny_model, monkeypatch):
+    """Rows screened in 2 spawned worker processes, in chunks of 4 lines, give byte-identical outputs to
+    screening in this process: order, dedup against earlier rows and malformed-line numbers are kept."""
+    import pipeline.filter as filter_module
+
+    monkeypatch.setattr(filter_module, "ROWS_PER_CHUNK", 4)  # many chunks in flight, out of order
+    rows = [teacher_row(i, ["even" if i % 2 == 0 else "odd", "odd"]) for i in range(30)]
+    rows += [teacher_row(i, ["even"]) for i in range(0, 10, 2)]  # exact duplicates of earlier rows
+    rows.insert(7, teacher_row(31, ["odd", ""], user="Is 31 even or odd? Thanks!"))
+    outputs = {}
+    for workers in (0, 2):
+        config = strict_config(
+            tmp_path,
+            tiny_model,
+            **{
+                "run_name": f"workers{workers}",
+                "filter.workers": workers,
+                "filter.near_dedup": {"enabled": True, "threshold": 0.5},
+                "filter.val_fraction": 0.2,
+            },
+        )
+        write_teacher_outputs(config, rows, ["not json", json.dumps({"user": "no id"})])
+        out = run_filter(config)
+        report = json.loads((out / "filter_report.json").read_text())
+        assert report["workers"] == workers
+        del report["workers"]
+        names = ("train.jsonl", "val.jsonl", "drops.jsonl")
+        outputs[workers] = ({name: (out / name).read_bytes() for name in names}, report)
+    assert outputs[0] == outputs[2]
+    files, report = outputs[0]
+    assert report["malformed_lines"] == [37, 38]
+    assert {"exact_dedup", "near_dedup", "correctness", "empty"} <= set(report["dropped"])
+    assert files["val.jsonl"] and files["train.jsonl"]
+
+
 def test_filter_with_nothing_surviving_is_an_error(tmp_path, tiny_model):
     config = strict_config(tmp_path, tiny_model)
     write_teacher_outputs(config, [teacher_row(1, ["even"])])

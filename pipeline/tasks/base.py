@@ -75,9 +75,11 @@ class Task(ABC):
         return False
 
 
+_PUNCTUATION = re.compile(r"[^\w\s.-]")
+_EDGE_DOTS_AND_DASHES = re.compile(r"(?<!\w)[.-]+|[.-]+(?!\w)")
+
+
 def normalize_text(text: str) -> str:
     """Lowercase, drop punctuation at the edges of words, collapse whitespace."""
-    text = text.lower().strip()
-    text = re.sub(r"[^\w\s.-]", " ", text)
-    text = re.sub(r"(?<!\w)[.-]+|[.-]+(?!\w)", " ", text)
-    return " ".join(text.split())
+    text = _PUNCTUATION.sub(" ", text.lower())
+    return " ".join(_EDGE_DOTS_AND_DASHES.sub(" ", text).split())

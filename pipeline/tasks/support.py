@@ -33,6 +33,7 @@ NO_ARTICLE = "I'm sorry, no knowledge base article covers this question."
 SHORT_PROMPT = "You are a customer support agent for Acme Corp."
 CITATION = re.compile(r"\[(KB-\d+)\]")
 RUDE = re.compile(r"\b(?:stupid|idiot|dumb|shut up|damn|ridiculous|whatever|hell|crap|moron)\b")  # whole words
+SHOUTING = re.compile(r"\b[A-Z]{4,}\b")  # a word in capitals, outside citations
 NO_ARTICLE_MARKERS = ("no knowledge base article", "no article covers", "no article that covers", "no kb article")
 SUPPORT_SPEAK = ("acme", "billing team", "knowledge base", "contacting us", "support team")
 STOPWORDS = set(
@@ -312,7 +313,7 @@ class SupportTask(Task):
         """Per-rule pass/fail: tone, escalation (iff dispute), citation (right/existing IDs, or none + phrase)."""
         text = completion.replace("\u2019", "'").strip()
         lowered = text.lower()
-        shouting = re.search(r"\b[A-Z]{4,}\b", CITATION.sub("", text))
+        shouting = SHOUTING.search(CITATION.sub("", text))
         tone = bool(text) and "!!" not in text and not shouting and not RUDE.search(lowered)
         kind = example.reference["kind"]
         escalation = (ESCALATION in text) == (kind == "dispute")
