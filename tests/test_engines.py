@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.engines import load_engine, timed_single_requests
+from pipeline.runs import PipelineError
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": f"Count to {i}."}]
@@ -22,6 +25,13 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         again = engine.generate(CONVERSATIONS, greedy, progress=False)
         sampled = engine.generate(CONVERSATIONS[:2], SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=1))
         timed = timed_single_requests(engine, CONVERSATIONS[:2], greedy)
+        with_logprobs = engine.generate(CONVERSATIONS[:1], SamplingConfig(max_tokens=6, logprobs=3), progress=False)
+        schema = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+        structured = engine.generate(
+            CONVERSATIONS[:3], SamplingConfig(max_tokens=48, json_schema=schema, extra={"top_k": 5}), progress=False
+        )
+        too_long = [{"role": "user", "content": "word " * 2000}]
+        mixed = engine.generate([CONVERSATIONS[0], too_long, CONVERSATIONS[1]], greedy, progress=False)
     finally:
         engine.close()
     assert len(first) == len(CONVERSATIONS)
@@ -33,6 +43,20 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         assert completion.finish_reason in ("stop", "length")
     assert all(len(g.completions) == 3 for g in sampled)
     assert all(g.latency_s is not None and g.latency_s > 0 for g in timed)
+    (scored,) = with_logprobs[0].completions
+    assert len(scored.token_ids) == len(scored.top_logprobs) == scored.output_tokens
+    for token, step in zip(scored.token_ids, scored.top_logprobs, strict=True):
+        assert 3 <= len(step) <= 4 and token in {t for t, _ in step}  # top 3, plus the sampled token
+        assert [lp for _, lp in step] == sorted((lp for _, lp in step), reverse=True)
+    for gen in structured:  # constrained decoding: whatever the random weights say, it is the schema's JSON
+        completion = gen.completions[0]
+        if completion.finish_reason == "stop":
+            assert isinstance(json.loads(completion.text)["id"], int)
+        else:
+            assert completion.text.lstrip().startswith("{")
+    # A prompt that cannot fit is reported on its own; the others in its batch are still answered.
+    assert mixed[1].error and "does not fit max_model_len 512" in mixed[1].error and not mixed[1].completions
+    assert [g.completions[0].text for g in (mixed[0], mixed[2])] == [g.completions[0].text for g in first[:2]]
 
 
 def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model):
@@ -49,3 +73,23 @@ def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model):
     batched = engine.generate(CONVERSATIONS, greedy, progress=False)[3].completions[0].text
     alone = engine.generate([CONVERSATIONS[3]], greedy, progress=False)[0].completions[0].text
     assert batched == alone
+
+
+def test_more_gpus_than_present_is_a_one_line_error():
+    config = EngineConfig(backend="vllm", tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(PipelineError, match=r"engine.tensor_parallel_size: 2 x pipeline_parallel_size 2 needs 4 GPUs"):
+        load_engine("any-model", config, seed=0)
+
+
+def test_transformers_engine_cuts_at_stop_strings_and_refuses_logprobs(tiny_model):
+    engine = load_engine(str(tiny_model), EngineConfig(backend="transformers"), seed=0)
+    greedy = SamplingConfig(max_tokens=12)
+    (free,) = engine.generate(CONVERSATIONS[:1], greedy, progress=False)
+    text = free.completions[0].text
+    stop = text[len(text) // 2 :][:3]  # a piece of what it will say anyway
+    assert stop.strip(), text
+    (stopped,) = engine.generate(CONVERSATIONS[:1], greedy.model_copy(update={"stop": [stop]}), progress=False)
+    assert stopped.completions[0].text == text[: text.find(stop)]
+    assert stopped.completions[0].finish_reason == "stop"
+    with pytest.raises(PipelineError, match="sampling.logprobs: not supported by the transformers backend"):
+        engine.generate(CONVERSATIONS[:1], SamplingConfig(logprobs=2), progress=False)

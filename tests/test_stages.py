@@ -51,7 +51,7 @@ def test_generate_resumes_without_redoing_or_duplicating(tmp_path, tiny_model, m
     config = parity_config(tmp_path, tiny_model)
     dying = ScriptedEngine(fail_after=1)
     monkeypatch.setattr(generate_module, "load_engine", lambda *a, **k: dying)
-    monkeypatch.setattr(generate_module, "resolve_model", lambda name: name)
+    monkeypatch.setattr(generate_module, "model_for", lambda name, engine: name)
     with pytest.raises(KeyboardInterrupt):
         run_generate(config)
     partial = config.run_dir / "generate" / "teacher_outputs.partial.jsonl"
@@ -228,11 +228,14 @@ def test_decontamination_drops_a_reworded_probe_question(tmp_path, tiny_model):
 
 def test_malformed_lines_are_skipped_with_their_line_number_or_fail(tmp_path, tiny_model, capsys):
     config = strict_config(tmp_path, tiny_model)
-    write_teacher_outputs(config, [teacher_row(0, ["even"]), teacher_row(1, ["odd"])], ['{"prompt_id": "torn'])
+    unanswered = teacher_row(2, []) | {"error": "prompt of 900 tokens does not fit max_model_len 512"}
+    rows = [teacher_row(0, ["even"]), teacher_row(1, ["odd"]), unanswered]
+    write_teacher_outputs(config, rows, ['{"prompt_id": "torn'])
     out = run_filter(config)
     report = json.loads((out / "filter_report.json").read_text())
-    assert report["malformed_lines"] == [3] and report["samples_kept"] == 2
-    assert "teacher_outputs.jsonl:3: malformed JSON line" in capsys.readouterr().err
+    assert report["malformed_lines"] == [4] and report["samples_kept"] == 2
+    assert report["prompt_errors"] == 1 and report["prompts_in"] == 3
+    assert "teacher_outputs.jsonl:4: malformed JSON line" in capsys.readouterr().err
 
     failing = strict_config(tmp_path, tiny_model, **{"filter.on_malformed_line": "fail", "run_name": "strict"})
     write_teacher_outputs(failing, [teacher_row(0, ["even"])], ["[1, 2]", "{}"])

@@ -1,0 +1,207 @@
+"""The OpenAI-compatible backend against a real `vllm serve` (CPU build, tiny random model, 127.0.0.1),
+and its retry policy against a local server that fails on purpose (vLLM cannot be made to send 503s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import EngineConfig, SamplingConfig, ServerConfig, validate_config
+from pipeline.engines import load_engine
+from pipeline.runs import PipelineError, read_jsonl
+from tests.conftest import tiny_config
+
+API_KEY = "test-key-1f3a"  # the test's own server; must never appear in a run directory
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": f"Count to {i}."}]
+    for i in range(4)
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model):
+    """`vllm serve` on the tiny model, with an API key; yields its base URL."""
+    from pipeline.engines import _prepare_vllm_cpu_env
+
+    _prepare_vllm_cpu_env()
+    port = free_port()
+    log = (Path(tiny_model).parent / "vllm-serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            # `vllm serve`, minus its CLI wrapper, which looks up the version of a package named "vllm"
+            # and so fails under vllm-cpu.
+            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model)),
+            *("--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY),
+            *("--max-model-len", "512", "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.5"),
+            *("--served-model-name", "tiny"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its engine-core child goes down with it
+    )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited: {Path(log.name).read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("vllm serve did not become healthy in 300 s")
+            time.sleep(1)
+        yield base_url
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def server_engine(base_url: str, **server) -> EngineConfig:
+    return EngineConfig(
+        backend="openai",
+        server=ServerConfig(base_url=base_url, api_key_env="DISTILL_TEST_KEY", max_retries=0, **server),
+    )
+
+
+@pytest.mark.integration
+def test_server_backend_against_real_vllm_serve(vllm_server, monkeypatch):
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    engine = load_engine("tiny", server_engine(vllm_server, max_concurrency=2), seed=0)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
+    first = engine.generate(CONVERSATIONS, greedy, progress=False)
+    again = engine.generate(CONVERSATIONS, greedy, progress=False)
+    sampled = engine.generate(CONVERSATIONS[:2], SamplingConfig(n=3, temperature=1.0, max_tokens=8), progress=False)
+    too_long = [{"role": "user", "content": "word " * 2000}]
+    mixed = engine.generate([too_long, CONVERSATIONS[0]], greedy, progress=False)
+
+    assert [g.completions[0].text for g in first] == [g.completions[0].text for g in again]  # order and greedy
+    for gen in first:
+        assert gen.prompt_tokens > 10 and gen.extra["usage"]["prompt_tokens"] == gen.prompt_tokens
+        assert 1 <= gen.completions[0].output_tokens == gen.extra["usage"]["completion_tokens"] <= 8
+    assert all(len(g.completions) == 3 and 3 <= g.output_tokens <= 24 for g in sampled)
+    assert mixed[0].error and "400" in mixed[0].error and not mixed[0].completions  # recorded, not fatal
+    assert mixed[1].completions[0].text == first[0].completions[0].text
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", "wrong")
+    with pytest.raises(PipelineError, match=r"engine.server.api_key_env: .* refused the key from \$DISTILL_TEST_KEY"):
+        load_engine("tiny", server_engine(vllm_server), seed=0)
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    with pytest.raises(PipelineError, match=r"engine.server.model: .* does not serve 'no-such-model'"):
+        load_engine("no-such-model", server_engine(vllm_server), seed=0)
+
+
+@pytest.mark.integration
+def test_generate_stage_through_the_server_never_writes_the_key(vllm_server, tmp_path, tiny_model, monkeypatch):
+    from pipeline.generate import run_generate
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["teacher"]["model"] = "tiny"
+    raw["teacher"]["engine"] = server_engine(vllm_server).model_dump()
+    raw["tracking"] = {"wandb": True, "mode": "offline"}
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    config = validate_config(raw)
+    output = run_generate(config)
+    rows = list(read_jsonl(output))
+    assert len(rows) == 12 and all(r["usage"]["completion_tokens"] >= 1 for r in rows)
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    manifest = json.loads((output.parent / "manifest.json").read_text())
+    assert manifest["config"]["teacher"]["engine"]["server"]["api_key_env"] == "DISTILL_TEST_KEY"
+
+
+class FlakyHandler(BaseHTTPRequestHandler):
+    """Answers /models, then fails the first `failures` chat requests with 503 (or 429), then answers."""
+
+    failures = 2
+    status = 503
+    chat_requests: list[float] = []
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "flaky", "object": "model", "owned_by": "test"}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).chat_requests.append(time.monotonic())
+        if len(self.chat_requests) <= self.failures:
+            self._send(self.status, {"error": {"message": "overloaded", "type": "server_error"}})
+            return
+        self._send(
+            200,
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "flaky",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+            },
+        )
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_server_backend_retries_with_backoff(status):
+    handler = type("Handler", (FlakyHandler,), {"chat_requests": [], "status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        config = EngineConfig(backend="openai", server=ServerConfig(base_url=url, max_retries=3, api_key_env=None))
+        (gen,) = load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], SamplingConfig(), progress=False)
+        assert gen.completions[0].text == "ok" and gen.output_tokens == 1
+        times = handler.chat_requests
+        assert len(times) == 3  # two failures, then the answer
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert all(gap >= 0.3 for gap in gaps)  # backed off (0.5 s doubling, with up to 25% jitter off)
+
+        handler.chat_requests.clear()
+        config.server.max_retries = 1  # the second failure is the last straw
+        with pytest.raises(PipelineError, match=f"engine.server: .* failed with {status}"):
+            load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], SamplingConfig(), progress=False)
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_server_is_a_one_line_error():
+    config = EngineConfig(
+        backend="openai", server=ServerConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=0)
+    )
+    with pytest.raises(PipelineError, match=r"engine.server.base_url: cannot connect to http://127.0.0.1:\d+/v1"):
+        load_engine("anything", config, seed=0)
