@@ -3,9 +3,11 @@
     distill benchmark --config configs/smollm2_support.yaml
 
 Per system: task accuracy (overall and per rule), latency p50/p95 of requests run one at a time,
-output tokens/s of the batched run, and serving cost in $ per 1M output tokens from the configured
-$/hour and that throughput. The students are also asked a general probe of closed questions outside
-the task, to measure forgetting (probe accuracy) and leakage (task behaviour in general answers).
+warm (shared prompt prefixes may come from vLLM's prefix cache) and cold (cache cleared before each
+request: every prompt token computed), output tokens/s of the batched run, and serving cost in $ per
+1M output tokens from the configured $/hour and that throughput. The students are also asked a general
+probe of closed questions outside the task, to measure forgetting (probe accuracy) and leakage (task
+behaviour in general answers).
 Per-request records are kept in `records.jsonl`, so every number in the report can be recomputed.
 """
 
@@ -23,7 +25,7 @@ from pipeline.models import resolve_model
 from pipeline.probe import load_probe, probe_correct, probe_messages, summarize_probe
 from pipeline.report import write_report
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
-from pipeline.tasks import Example, Task, build_task
+from pipeline.tasks import Example, Task, build_task, task_files
 from pipeline.tasks.base import normalize_text
 from pipeline.tracking import start_tracking
 
@@ -44,7 +46,7 @@ def benchmark_stage(config: ExperimentConfig) -> Stage:
         "student": config.student.model_dump(),
         "benchmark": config.benchmark.model_dump(),
     }
-    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "adapter"])
+    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "adapter", *task_files(config)])
 
 
 def systems_for(config: ExperimentConfig) -> list[System]:
@@ -100,19 +102,21 @@ def evaluate_system(
                 "output_tokens": completion.output_tokens,
             }
         )
-    timed = timed_single_requests(engine, conversations[: bench.latency_requests], bench.sampling)
-    latencies = [g.latency_s for g in timed]
-    for ex, gen in zip(examples, timed, strict=False):
-        records.append(
-            {
-                "system": system.name,
-                "kind": "latency",
-                "id": ex.id,
-                "latency_s": gen.latency_s,
-                "prompt_tokens": gen.prompt_tokens,
-                "output_tokens": gen.completions[0].output_tokens,
-            }
-        )
+    latencies: dict[str, list[float]] = {}
+    for kind, cold in (("latency", False), ("latency_cold", True)):
+        timed = timed_single_requests(engine, conversations[: bench.latency_requests], bench.sampling, cold=cold)
+        latencies[kind] = [g.latency_s for g in timed]
+        for ex, gen in zip(examples, timed, strict=False):
+            records.append(
+                {
+                    "system": system.name,
+                    "kind": kind,
+                    "id": ex.id,
+                    "latency_s": gen.latency_s,
+                    "prompt_tokens": gen.prompt_tokens,
+                    "output_tokens": gen.completions[0].output_tokens,
+                }
+            )
     output_tokens = sum(r["output_tokens"] for r in records if r["kind"] == "task")
     tokens_per_s = output_tokens / wall
     rule_names = sorted({rule for r in records if r["kind"] == "task" for rule in r["rules"]})
@@ -123,9 +127,11 @@ def evaluate_system(
         "n": len(task_records),
         "accuracy": sum(r["correct"] for r in task_records) / len(task_records),
         "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / len(task_records) for rule in rule_names},
-        "latency_p50_s": percentile(latencies, 50),
-        "latency_p95_s": percentile(latencies, 95),
-        "latency_requests": len(latencies),
+        "latency_p50_s": percentile(latencies["latency"], 50),
+        "latency_p95_s": percentile(latencies["latency"], 95),
+        "latency_cold_p50_s": percentile(latencies["latency_cold"], 50),
+        "latency_cold_p95_s": percentile(latencies["latency_cold"], 95),
+        "latency_requests": len(latencies["latency"]),
         "output_tokens_per_s": tokens_per_s,
         "cost_per_1m_output_tokens": cost_per_1m_tokens(bench.hardware.usd_per_hour, tokens_per_s),
         "mean_prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in task_records),

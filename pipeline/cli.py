@@ -1,4 +1,7 @@
-"""The `distill` command: one subcommand per stage, `run` for all of them, `key=value` overrides.
+"""The `distill` command: one subcommand per stage, `run` for all of them, `promote`, `key=value` overrides.
+
+Exit codes: 0 done; 2 bad input (one line naming the key, file or column); 3 promotion refused by the
+gate; 75 the run directory is locked by another live run (retry later); 130 interrupted (rerun resumes).
 
 distill run --config configs/smollm2_support.yaml
 distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --force
@@ -13,7 +16,8 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.models import ModelError
-from pipeline.runs import PipelineError
+from pipeline.promote import PromotionRefused
+from pipeline.runs import LockedError, PipelineError, run_lock
 from pipeline.tasks import TaskError
 
 STAGES = ("generate", "filter", "train", "benchmark")
@@ -26,6 +30,8 @@ def _stage_function(name: str) -> Callable[[ExperimentConfig, bool], Path]:
         from pipeline.filter import run_filter as fn
     elif name == "train":
         from pipeline.train import run_train as fn
+    elif name == "promote":
+        from pipeline.promote import run_promote as fn
     else:
         from pipeline.benchmark import run_benchmark as fn
     return fn
@@ -44,13 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in (*STAGES, "run"):
-        p = sub.add_parser(name, help="all four stages in order" if name == "run" else f"the {name} stage")
+    helps = {
+        "run": "all four stages in order",
+        "promote": "copy the tuned student to promote.target if it clears the gate",
+    }
+    for name in (*STAGES, "run", "promote"):
+        p = sub.add_parser(name, help=helps.get(name, f"the {name} stage"))
         p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
         p.add_argument(
             "--force",
             action="store_true",
-            help="redo the stage even if unchanged" if name != "run" else "redo every stage",
+            help={"run": "redo every stage", "promote": "promote even if the gate refuses"}.get(
+                name, "redo the stage even if unchanged"
+            ),
         )
         if name == "run":
             p.add_argument("--force-stage", action="append", default=[], choices=STAGES, help="redo one stage")
@@ -73,29 +85,46 @@ def main(argv: list[str] | None = None) -> int:
             print(resolve_model(args.model))
             return 0
         config = load_config(args.config, args.overrides)
-        if args.command == "run":
-            force = STAGES if args.force else tuple(args.force_stage)
-            run_pipeline(config, STAGES, force)
-            report = config.run_dir / "benchmark" / "report.md"
-            print(f"Report: {report}\nNumbers: {report.with_suffix('.json')}")
-        elif args.command == "generate" and (args.shard is not None or args.num_shards or args.merge_shards):
-            from pipeline.generate import Shard, merge_shards, run_generate
+        locked = config.run_dir
+        if args.command == "generate" and args.shard is not None and args.num_shards:
+            from pipeline.generate import Shard
 
-            if args.merge_shards:
-                print(merge_shards(config, args.merge_shards))
-            elif args.shard is None or not args.num_shards:
-                raise PipelineError("--shard and --num-shards go together")
-            else:
-                print(run_generate(config, args.force, Shard(args.shard, args.num_shards)))
-        else:
-            print(_stage_function(args.command)(config, args.force))
-        return 0
+            # Shards of one run work side by side (a Slurm array): each locks its own folder.
+            locked = config.run_dir / Shard(args.shard, args.num_shards).name
+        with run_lock(locked):
+            return _run_command(args, config)
+    except LockedError as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 75
+    except PromotionRefused as exc:
+        print(f"distill: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, TaskError, ModelError, PipelineError) as exc:
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _run_command(args: argparse.Namespace, config: ExperimentConfig) -> int:
+    if args.command == "run":
+        force = STAGES if args.force else tuple(args.force_stage)
+        run_pipeline(config, STAGES, force)
+        report = config.run_dir / "benchmark" / "report.md"
+        print(f"Report: {report}\nNumbers: {report.with_suffix('.json')}")
+    elif args.command == "generate" and (args.shard is not None or args.num_shards or args.merge_shards):
+        from pipeline.generate import Shard, merge_shards, run_generate
+
+        if args.merge_shards:
+            print(merge_shards(config, args.merge_shards))
+        elif args.shard is None or not args.num_shards:
+            raise PipelineError("--shard and --num-shards go together")
+        else:
+            print(run_generate(config, args.force, Shard(args.shard, args.num_shards)))
+    else:
+        print(_stage_function(args.command)(config, args.force))
+    return 0
 
 
 if __name__ == "__main__":

@@ -304,6 +304,9 @@ class TrainConfig(_Strict):
     bf16: bool | None = None  # None: chosen by device (on for CUDA with bf16 support, off on CPU)
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (68 s vs 4.5 s a step here)
     merge: bool = True  # also save merged weights that vLLM serves directly
+    # Scheduled runs: retrain only when at least this fraction of training examples was added or removed
+    # since the adapter was trained (0: on any change). A changed base model or train config always retrains.
+    retrain_min_change: float = Field(0.0, ge=0, le=1)
 
 
 class HardwareConfig(_Strict):
@@ -319,6 +322,18 @@ class BenchmarkConfig(_Strict):
     hardware: HardwareConfig = Field(default_factory=lambda: HardwareConfig(name="cpu-2core", usd_per_hour=0.10))
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
+
+
+class PromoteConfig(_Strict):
+    """The gate a tuned student must clear before `distill promote` copies it to `target` (scheduled jobs)."""
+
+    target: str = "promoted"  # folder (relative: to the working directory) that serving reads
+    # Accuracy may fall at most this much below the currently promoted student's (0.005 = half a point).
+    max_accuracy_drop: float = Field(0.005, ge=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    max_leakage_rate: float | None = Field(0.02, ge=0, le=1)  # general answers drifting into task behaviour
+    max_probe_accuracy_drop: float | None = Field(0.05, ge=0)  # against the untuned student
+    max_latency_p95_s: float | None = Field(None, gt=0)
 
 
 class TrackingConfig(_Strict):
@@ -337,6 +352,7 @@ class ExperimentConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("run_name")

@@ -59,6 +59,9 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and worker processes."""
 
+    def clear_prefix_cache(self) -> None:  # noqa: B027 - optional hook
+        """Forget cached prompt prefixes, so the next request pays for its whole prompt."""
+
 
 def has_cuda() -> bool:
     import torch
@@ -208,6 +211,9 @@ class VLLMEngine(Engine):
             ]
             results.append(Generation(completions, len(out.prompt_token_ids or [])))
         return results
+
+    def clear_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
 
     def _too_long(self, conversations: list[Conversation]) -> dict[int, int]:
         """Prompt token counts of conversations that leave no room for an answer (vLLM would fail the whole
@@ -480,11 +486,17 @@ def _first_line(exc: Exception) -> str:
 
 
 def timed_single_requests(
-    engine: Engine, conversations: list[Conversation], sampling: SamplingConfig
+    engine: Engine, conversations: list[Conversation], sampling: SamplingConfig, cold: bool = False
 ) -> list[Generation]:
-    """Run requests one at a time (concurrency 1) and record each one's end-to-end latency."""
+    """Run requests one at a time (concurrency 1) and record each one's end-to-end latency.
+
+    Warm (default): a prompt prefix seen before (a shared system prompt) may come from the prefix cache,
+    as on a busy server. Cold: the cache is cleared before each request, so every prompt token is
+    computed, as after an eviction or on a server without prefix caching."""
     results = []
     for conv in conversations:
+        if cold:
+            engine.clear_prefix_cache()
         start = time.perf_counter()
         (gen,) = engine.generate([conv], sampling, progress=False)
         gen.latency_s = time.perf_counter() - start

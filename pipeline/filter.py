@@ -40,7 +40,7 @@ from pipeline.runs import (
     parse_json_object,
     write_json,
 )
-from pipeline.tasks import Example, Task, build_task
+from pipeline.tasks import Example, Task, build_task, task_files
 from pipeline.tracking import start_tracking
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
@@ -59,7 +59,9 @@ def filter_stage(config: ExperimentConfig) -> Stage:
         "probe": config.benchmark.probe,
         "teacher": config.teacher.model if "judge" in config.filter.active() else None,
     }
-    return Stage(config, "filter", sections, inputs=[config.run_dir / "generate" / TEACHER_OUTPUTS])
+    return Stage(
+        config, "filter", sections, inputs=[config.run_dir / "generate" / TEACHER_OUTPUTS, *task_files(config)]
+    )
 
 
 def _in_val(prompt_id: str, seed: int, fraction: float) -> bool:

@@ -22,10 +22,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, resolved_dict
 from pipeline.engines import Completion, Generation, load_engine, model_for
 from pipeline.runs import PipelineError, Stage, atomic_path, log, sha256_file
-from pipeline.tasks import Example, build_task
+from pipeline.tasks import Example, Task, build_task, task_files
 from pipeline.tracking import start_tracking
 
 OUTPUT = "teacher_outputs.jsonl"
@@ -59,7 +59,11 @@ def _sections(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def generate_stage(config: ExperimentConfig) -> Stage:
-    return Stage(config, "generate", _sections(config), inputs=[])
+    return Stage(config, "generate", _sections(config), inputs=task_files(config))
+
+
+def shard_stage(config: ExperimentConfig, shard: Shard) -> Stage:
+    return Stage(config, shard.name, _sections(config) | {"shard": shard.name}, inputs=task_files(config))
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,7 @@ def _train_examples(config: ExperimentConfig) -> list[Example]:
 
 def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | None = None) -> Path:
     """Answer every training prompt (or one shard's slice of them); returns the output file."""
-    stage = (
-        Stage(config, shard.name, _sections(config) | {"shard": shard.name}, []) if shard else generate_stage(config)
-    )
+    stage = shard_stage(config, shard) if shard else generate_stage(config)
     output = stage.dir / OUTPUT
     if not force and stage.is_fresh():
         log(f"generate: skipped, inputs and config unchanged ({output})")
@@ -124,9 +126,16 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
     if force or not stamp.exists() or stamp.read_text() != stage.fingerprint:
         partial.unlink(missing_ok=True)  # written under another config: not reusable
     stamp.write_text(stage.fingerprint)
+    reused = 0
+    if not partial.exists() and not force and not shard:
+        reused = reuse_previous(config, stage, task, examples, partial)
     done = read_done(partial)
     todo = [ex for ex in examples if ex.id not in done]
-    log(f"generate: {len(examples)} prompts, {len(done)} already done, {len(todo)} to go")
+    log(
+        f"generate: {len(examples)} prompts, {len(done)} already done"
+        + (f" ({reused} reused from the previous run)" if reused else "")
+        + f", {len(todo)} to go"
+    )
 
     tracker = start_tracking(config, "generate")
     output_tokens = sum(row.output_tokens for row in done.values())
@@ -169,7 +178,14 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
     errors = [(prompt_id, row.error) for prompt_id, row in rows.items() if row.error]
     os.replace(partial, output)
     stamp.unlink(missing_ok=True)
-    metrics = {"prompts": len(examples), "output_tokens": output_tokens, "prompt_errors": len(errors), **timing}
+    metrics = {
+        "prompts": len(examples),
+        "generated_prompts": len(todo),
+        "reused_prompts": reused,
+        "output_tokens": output_tokens,
+        "prompt_errors": len(errors),
+        **timing,
+    }
     stage.finish([output], metrics)
     tracker.summary(metrics)
     tracker.finish()
@@ -177,6 +193,48 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         log(f"generate: {len(errors)} prompts skipped (first: {errors[0][0]}: {errors[0][1]})")
     log(f"generate: wrote {output}")
     return output
+
+
+def _teacher_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What decides a teacher row besides its prompt (a resolved config, as manifests store it)."""
+    teacher = {k: v for k, v in resolved["teacher"].items() if k not in ("chunk_size", "on_prompt_error", "ray")}
+    teacher["engine"] = {k: v for k, v in teacher["engine"].items() if k != "server"}
+    return {"seed": resolved["seed"], "teacher": teacher}
+
+
+def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], partial: Path) -> int:
+    """Start a fresh partial file with the previous run's rows that still hold.
+
+    When only the prompt set changed (new rows in the data file, a larger split), the previous output's
+    rows for prompts still present, with the same teacher prompt, teacher, sampling and seed, are copied
+    in prompt order; only the new prompts are generated. Returns how many rows were reused.
+    """
+    previous, manifest = stage.dir / OUTPUT, stage.manifest()
+    if not previous.is_file() or not manifest or "config" not in manifest:
+        return 0
+    if _teacher_identity(manifest["config"]) != _teacher_identity(resolved_dict(config)):
+        return 0
+    where: dict[str, tuple[int, int]] = {}  # prompt id -> (offset, length) of its line
+    offset = 0
+    with previous.open("rb") as fh:
+        for line in fh:
+            where[json.loads(line)["prompt_id"]] = (offset, len(line))
+            offset += len(line)
+    reused = 0
+    with previous.open("rb") as source, partial.open("ab") as out:
+        for example in examples:
+            if example.id not in where:
+                continue
+            source.seek(where[example.id][0])
+            line = source.read(where[example.id][1])
+            row = json.loads(line)
+            if row.get("error") or row["messages"] != task.messages(example, config.teacher.prompt_style):
+                continue
+            out.write(line)
+            reused += 1
+        out.flush()
+        os.fsync(out.fileno())
+    return reused
 
 
 def run_generate_or_scale_out(config: ExperimentConfig, force: bool = False) -> Path:
@@ -227,14 +285,14 @@ def merge_shards(config: ExperimentConfig, num_shards: int) -> Path:
     shards = [Shard(i, num_shards) for i in range(num_shards)]
     files = []
     for shard in shards:
-        shard_stage = Stage(config, shard.name, _sections(config) | {"shard": shard.name}, [])
-        if not shard_stage.is_fresh():
+        finished = shard_stage(config, shard)
+        if not finished.is_fresh():
             raise PipelineError(
                 f"generate: shard {shard.index} of {num_shards} is not finished under this config "
                 f"(run: distill generate --config ... --shard {shard.index} --num-shards {num_shards})"
             )
-        files.append(shard_stage.dir / OUTPUT)
-    stage.inputs = {str(f): sha256_file(f) for f in files}  # recorded; the fingerprint stays the unsharded one
+        files.append(finished.dir / OUTPUT)
+    stage.inputs |= {str(f): sha256_file(f) for f in files}  # recorded; the fingerprint stays the unsharded one
     output = stage.dir / OUTPUT
     readers = [f.open("rb") for f in files]
     counts = {"prompts": 0, "output_tokens": 0, "prompt_errors": 0}

@@ -16,10 +16,15 @@ def verdict(report: dict[str, Any]) -> str:
     kept = tuned["accuracy"] / teacher["accuracy"] if teacher["accuracy"] > 0 else float("nan")
     cost_ratio = tuned["cost_per_1m_output_tokens"] / teacher["cost_per_1m_output_tokens"]
     latency_ratio = tuned["latency_p50_s"] / teacher["latency_p50_s"]
+    cold = ""
+    if "latency_cold_p50_s" in tuned and "latency_cold_p50_s" in teacher:
+        cold_ratio = tuned["latency_cold_p50_s"] / teacher["latency_cold_p50_s"]
+        cold = f" ({cold_ratio:.2f}x without: the teacher's long prompt computed in full)"
     parts = [
         f"Fine-tuning moved the student's accuracy from {base['accuracy']:.1%} to {tuned['accuracy']:.1%} "
         f"({gain:+.1%}); the teacher scores {teacher['accuracy']:.1%}, so the tuned student keeps {kept:.0%} of it.",
-        f"Its p50 latency is {latency_ratio:.2f}x the teacher's and its cost per 1M output tokens {cost_ratio:.2f}x.",
+        f"Its p50 latency is {latency_ratio:.2f}x the teacher's with prompt prefixes cached{cold} "
+        f"and its cost per 1M output tokens {cost_ratio:.2f}x.",
     ]
     change = report.get("forgetting", {}).get("change")
     if change:
@@ -47,14 +52,15 @@ def verdict(report: dict[str, Any]) -> str:
 
 def _table(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| system | prompt | accuracy | latency p50 (s) | latency p95 (s) | output tok/s | $ / 1M output tok "
-        "| mean prompt tok |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | prompt | accuracy | latency p50 (s) | latency p95 (s) | cold p50 (s) | cold p95 (s) "
+        "| output tok/s | $ / 1M output tok | mean prompt tok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["systems"].items():
         lines.append(
             f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f} | {m['latency_p50_s']:.2f} "
-            f"| {m['latency_p95_s']:.2f} "
+            f"| {m['latency_p95_s']:.2f} | {m.get('latency_cold_p50_s', float('nan')):.2f} "
+            f"| {m.get('latency_cold_p95_s', float('nan')):.2f} "
             f"| {m['output_tokens_per_s']:.1f} | {m['cost_per_1m_output_tokens']:.3f} | {m['mean_prompt_tokens']:.0f} |"
         )
     rules = sorted({rule for m in report["systems"].values() for rule in m["rule_accuracy"]})
@@ -76,7 +82,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         "",
         f"Task `{report['task']}`, {report['test_examples']} held-out test examples. Cost from "
         f"{report['hardware']['name']} at ${report['hardware']['usd_per_hour']}/hour and the measured batched "
-        "throughput; latency from requests run one at a time.",
+        "throughput; latency from requests run one at a time, warm (shared prompt prefixes served from vLLM's "
+        "prefix cache, as on a busy server) and cold (cache cleared before each request).",
         "",
         *_table(report),
         "",
@@ -124,8 +131,13 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [systems[n]["latency_p50_s"] for n in names], width=0.4, label="p50")
-    ax.bar([i + 0.2 for i in x], [systems[n]["latency_p95_s"] for n in names], width=0.4, label="p95")
+    ax.bar([i - 0.2 for i in x], [systems[n]["latency_p50_s"] for n in names], width=0.4, label="p50, warm")
+    ax.bar(
+        [i + 0.2 for i in x],
+        [systems[n].get("latency_cold_p50_s", float("nan")) for n in names],
+        width=0.4,
+        label="p50, cold (no prefix cache)",
+    )
     ax.set_xticks(list(x), names)
     ax.set_ylabel("seconds per request")
     ax.set_title("Latency (one request at a time)")

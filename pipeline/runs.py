@@ -35,6 +35,67 @@ class PipelineError(RuntimeError):
     """A stage cannot run with the inputs it was given; the message is shown as-is."""
 
 
+class LockedError(PipelineError):
+    """Another live run holds the run directory (exit code 75, EX_TEMPFAIL: a scheduler may retry later)."""
+
+
+LOCK = ".lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold `directory/.lock` (pid, host, start time) while a command works in it.
+
+    Two scheduled runs on one run directory would trample each other's partial files, so the second
+    fails at once with LockedError. A lock whose process is gone (killed, machine rebooted: same host,
+    pid not alive) is stale: it is reported and taken over. A lock from another host cannot be checked
+    and is respected; the message says which file to remove if that host's run is dead.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    mine = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == platform.node() and not _alive(pid):
+                log(f"removing a stale lock {path} (pid {pid} on {host}, started {holder.get('started')}, is gone)")
+                path.unlink(missing_ok=True)
+                continue
+            raise LockedError(
+                f"{directory} is locked by pid {pid} on {host} since {holder.get('started')}: another run is "
+                f"in progress (if it is dead, remove {path})"
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(mine, fh)
+        break
+    else:
+        raise LockedError(f"{path}: could not take the lock")
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path`; it replaces `path` only if the block succeeds."""
@@ -187,4 +248,10 @@ class Stage:
 
 
 def log(message: str) -> None:
-    print(f"[distill] {message}", file=sys.stderr, flush=True)
+    """One progress line on stderr; with DISTILL_LOG_FORMAT=json, one JSON object per line for log systems."""
+    if os.environ.get("DISTILL_LOG_FORMAT") == "json":
+        stage = message.split(":", 1)[0] if ":" in message[:20] else None
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pid": os.getpid(), "stage": stage, "message": message}
+        print(json.dumps(record), file=sys.stderr, flush=True)
+    else:
+        print(f"[distill] {message}", file=sys.stderr, flush=True)

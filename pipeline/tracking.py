@@ -72,6 +72,10 @@ def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
     """Open a W&B run for `stage`, grouped by the pipeline run; NoTracker when tracking is off."""
     if not tracking_enabled(config):
         return NoTracker()
+    return WandbTracker(_init_run(config, stage))
+
+
+def _init_run(config: ExperimentConfig, stage: str) -> Any:
     import wandb
 
     mode = configure_wandb_env(config, stage)
@@ -86,12 +90,15 @@ def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
         mode=mode,
         reinit="finish_previous",
     )
-    return WandbTracker(run)
+    return run
 
 
 def trainer_report_to(config: ExperimentConfig) -> list[str]:
-    """What TRL's `report_to` should be; the trainer's W&B run joins the group through the environment."""
+    """What TRL's `report_to` should be. The train stage's W&B run is opened here, with this run's folder
+    and group, and the trainer's callback logs into it: left to open its own, the callback would take its
+    folder from an environment W&B read once per process (a second run directory in one process, as in
+    tests or notebooks, would log into the first one's folder)."""
     if not tracking_enabled(config):
         return []
-    configure_wandb_env(config, "train")
+    _init_run(config, "train")
     return ["wandb"]

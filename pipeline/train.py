@@ -10,6 +10,8 @@ tokens only, end-of-turn/EOS token included, whatever the student's chat templat
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,39 @@ from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.tracking import trainer_report_to
 
+DATA_KEYS = "data_keys.json"  # a hash per training example, to measure how far the data moved
+
+
+def _sections(config: ExperimentConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "student": config.student.model_dump(), "train": config.train.model_dump()}
+
+
+def _example_keys(path: Path) -> list[str]:
+    return sorted(
+        hashlib.blake2b(json.dumps(row["messages"]).encode(), digest_size=8).hexdigest() for row in read_jsonl(path)
+    )
+
+
+def data_moved(config: ExperimentConfig, stage: Stage) -> float | None:
+    """Share of training examples added or removed since the last training with this same config and
+    base model; None when that training does not exist (or anything but the data changed)."""
+    manifest = stage.manifest()
+    keys_file = stage.dir / DATA_KEYS
+    if not manifest or not keys_file.is_file() or not all((stage.dir / rel).exists() for rel in manifest["outputs"]):
+        return None
+    if manifest.get("sections_fingerprint") != _fingerprint(_sections(config)):
+        return None
+    before = set(json.loads(keys_file.read_text()))
+    now = set(_example_keys(config.run_dir / "filter" / "train.jsonl"))
+    return len(before ^ now) / max(len(before), 1)
+
+
+def _fingerprint(sections: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def train_stage(config: ExperimentConfig) -> Stage:
-    sections = {"seed": config.seed, "student": config.student.model_dump(), "train": config.train.model_dump()}
+    sections = _sections(config)
     data = config.run_dir / "filter"
     return Stage(config, "train", sections, inputs=[data / "train.jsonl", data / "val.jsonl"])
 
@@ -108,6 +140,14 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     if not force and stage.is_fresh():
         log(f"train: skipped, inputs and config unchanged ({stage.dir})")
         return stage.dir
+    if not force and config.train.retrain_min_change > 0:
+        moved = data_moved(config, stage)
+        if moved is not None and moved < config.train.retrain_min_change:
+            log(
+                f"train: skipped, the training data moved {moved:.1%} < train.retrain_min_change "
+                f"{config.train.retrain_min_change:.1%}; keeping the adapter in {stage.dir}"
+            )
+            return stage.dir
 
     import torch
     from transformers import set_seed
@@ -152,8 +192,11 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         "base_model": config.student.model,
     }
     write_json(stage.dir / "train_metrics.json", {**metrics, "log_history": trainer.state.log_history})
-    outputs.append(stage.dir / "train_metrics.json")
-    stage.finish(outputs, metrics)
+    write_json(stage.dir / DATA_KEYS, _example_keys(data / "train.jsonl"))
+    outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
+    manifest = stage.finish(outputs, metrics)
+    manifest["sections_fingerprint"] = _fingerprint(_sections(config))
+    write_json(stage.manifest_path, manifest)
     log(
         f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
         f"adapter in {adapter_dir}"

@@ -119,3 +119,43 @@ def test_console_script_is_installed_and_shows_every_stage():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
     for name in ("generate", "filter", "train", "benchmark", "run"):
         assert name in out.stdout
+
+
+def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_cleared(tmp_path, tiny_model, capsys):
+    import json
+    import platform
+
+    from tests.conftest import tiny_config
+
+    raw = tiny_config(tmp_path, tiny_model)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    lock = tmp_path / "runs" / raw["run_name"] / ".lock"
+    lock.parent.mkdir(parents=True)
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": platform.node(), "started": "earlier"}))
+        assert main(["filter", "--config", str(config_file)]) == 75  # EX_TEMPFAIL: a scheduler retries later
+        assert f"locked by pid {holder.pid}" in capsys.readouterr().err
+        assert lock.exists()  # not ours to remove
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # The holder is dead now: its lock is stale, so the run takes over (and then fails for its own reason).
+    assert main(["filter", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "removing a stale lock" in err and "input file not found" in err
+    assert not lock.exists()  # released on the way out
+
+
+def test_json_logs_for_log_systems(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("DISTILL_LOG_FORMAT", "json")
+    from pipeline.runs import log
+
+    log("filter: 3/4 samples kept")
+    record = json.loads(capsys.readouterr().err)
+    assert record["stage"] == "filter" and record["message"] == "filter: 3/4 samples kept" and record["time"]

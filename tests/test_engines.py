@@ -25,6 +25,7 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         again = engine.generate(CONVERSATIONS, greedy, progress=False)
         sampled = engine.generate(CONVERSATIONS[:2], SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=1))
         timed = timed_single_requests(engine, CONVERSATIONS[:2], greedy)
+        cold = timed_single_requests(engine, CONVERSATIONS[:2], greedy, cold=True)  # prefix cache cleared each time
         with_logprobs = engine.generate(CONVERSATIONS[:1], SamplingConfig(max_tokens=6, logprobs=3), progress=False)
         schema = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
         structured = engine.generate(
@@ -42,7 +43,8 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         assert 1 <= completion.output_tokens <= 8
         assert completion.finish_reason in ("stop", "length")
     assert all(len(g.completions) == 3 for g in sampled)
-    assert all(g.latency_s is not None and g.latency_s > 0 for g in timed)
+    assert all(g.latency_s is not None and g.latency_s > 0 for g in timed + cold)
+    assert [g.completions[0].text for g in cold] == [g.completions[0].text for g in first[:2]]
     (scored,) = with_logprobs[0].completions
     assert len(scored.token_ids) == len(scored.top_logprobs) == scored.output_tokens
     for token, step in zip(scored.token_ids, scored.top_logprobs, strict=True):

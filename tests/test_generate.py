@@ -102,3 +102,42 @@ def test_ray_runs_two_workers_and_merges_into_the_unsharded_output(tmp_path, tin
     assert shard_dirs == ["00000-of-00002", "00001-of-00002"]
     whole = run_generate(validate_config(greedy_config(tmp_path, tiny_model, "whole", num_train=8)))
     assert merged.read_bytes() == whole.read_bytes()
+
+
+def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tmp_path, tiny_model):
+    import csv
+    import json
+
+    def write_rows(path, count, start=0):
+        new_file = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new_file:
+                writer.writerow(["text", "label"])
+            for i in range(start, start + count):
+                writer.writerow(
+                    [f"ticket number {i} about {'billing' if i % 2 else 'shipping'}", "a" if i % 2 else "b"]
+                )
+
+    train_csv, test_csv = tmp_path / "tickets.csv", tmp_path / "held_out.csv"
+    write_rows(train_csv, 8)
+    write_rows(test_csv, 3, start=100)
+    raw = greedy_config(tmp_path, tiny_model, "nightly", num_train=0)
+    raw["task"] = {"name": "classification", "params": {"path": str(train_csv), "test_path": str(test_csv)}}
+    config = validate_config(raw)
+
+    first = {row["prompt_id"]: row for row in read_jsonl(run_generate(config))}
+    assert run_generate(config) and len(first) == 8  # unchanged data: skipped
+
+    write_rows(train_csv, 4, start=8)  # tonight's new tickets
+    output = run_generate(config)
+    second = {row["prompt_id"]: row for row in read_jsonl(output)}
+    metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
+    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (8, 4)
+    assert len(second) == 12 and all(second[key] == row for key, row in first.items())
+
+    # Another teacher setting changes what a row would be: nothing is reused.
+    raw["teacher"]["sampling"]["max_tokens"] = 16
+    output = run_generate(validate_config(raw))
+    metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
+    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 12)

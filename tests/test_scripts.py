@@ -90,3 +90,56 @@ def test_filter_benchmark_script_prints_rates():
     near = next(line for line in lines if line.startswith("near_dedup"))
     assert "400 rows in" in rules and "rows/s" in rules and "'exact_dedup'" in rules and "'truncated'" in rules
     assert "400 rows in" in near and "'near_dedup'" in near
+
+
+def test_slurm_array_script_generates_its_shard_and_queues_the_merge(tmp_path, tiny_model):
+    """The sbatch file run as Slurm would run it: two array tasks, then the merge it queued (a stand-in
+    `sbatch` records the submission, since there is no Slurm here)."""
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["teacher"]["sampling"] = {"n": 1, "temperature": 0.0, "max_tokens": 8}
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    submissions = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {submissions}\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "CONFIG": str(config_file),
+        "WANDB_MODE": "disabled",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_TASK_MIN": "0",
+    }
+    for task_id in ("0", "1"):
+        result = run("slurm/generate_sharded.sbatch", {**env, "SLURM_ARRAY_TASK_ID": task_id})
+        assert result.returncode == 0, result.stderr[-2000:]
+    submitted = submissions.read_text().splitlines()
+    assert "--dependency=afterok:4242" in submitted  # queued once, by the first task, after the whole array
+    wrap = submitted[submitted.index("--wrap") + 1]
+    assert "--merge-shards 2" in wrap
+    merged = subprocess.run(["bash", "-c", wrap], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    run_dir = Path(raw["runs_dir"]) / raw["run_name"]
+    rows = [json.loads(line) for line in (run_dir / "generate" / "teacher_outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == len({r["prompt_id"] for r in rows}) == 12
+
+
+@pytest.mark.integration
+def test_generate_benchmark_script_prints_the_ratio():
+    """bench_generate.py on the bundled model, shrunk to 4 prompts and 8 tokens: runs both sides, prints a ratio."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_generate.py"), "--prompts", "4", "teacher.sampling.max_tokens=8"],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[0] raw :" in result.stdout and "[0] ours:" in result.stdout
+    ratio = float(result.stdout.strip().splitlines()[-1].rsplit("=", 1)[1])
+    assert ratio > 0

@@ -297,6 +297,7 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
         for key in ("accuracy", "latency_p50_s", "latency_p95_s", "output_tokens_per_s", "cost_per_1m_output_tokens"):
             assert isinstance(metrics[key], float), key
         assert metrics["latency_p95_s"] >= metrics["latency_p50_s"] > 0
+        assert metrics["latency_cold_p95_s"] >= metrics["latency_cold_p50_s"] > 0
     assert {"accuracy", "leakage_rate"} <= report["forgetting"]["student_tuned"].keys()
     assert (config.run_dir / "benchmark" / "report.md").read_text().startswith("# Distillation report")
     assert (config.run_dir / "benchmark" / "accuracy_vs_cost.png").stat().st_size > 1000

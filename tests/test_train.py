@@ -82,3 +82,43 @@ def test_row_without_final_assistant_turn_is_rejected():
 
     with pytest.raises(PipelineError, match="assistant"):
         to_prompt_completion({"prompt_id": "p1", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_retrain_only_when_the_data_moved_past_the_threshold(tmp_path, tiny_model, capsys):
+    import json
+
+    from pipeline.train import run_train
+
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["train"].update({"max_steps": 1, "retrain_min_change": 0.25, "merge": False})
+    raw["tracking"] = {"wandb": False}
+    config = validate_config(raw)
+    data = config.run_dir / "filter"
+    data.mkdir(parents=True)
+
+    def write(rows):
+        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (data / "val.jsonl").write_text("")
+
+    def trained_at():
+        return json.loads((config.run_dir / "train" / "manifest.json").read_text())["started_at"], (
+            config.run_dir / "train" / "adapter"
+        ).stat().st_mtime_ns
+
+    write(ROWS)
+    run_train(config)
+    first = trained_at()
+    write(ROWS + [ROWS[0] | {"messages": ROWS[0]["messages"][:2] + [{"role": "assistant", "content": "New."}]}])
+    run_train(config)  # 1 of 8 examples added: 12.5% < 25%
+    assert (
+        trained_at() == first and "the training data moved 12.5% < train.retrain_min_change" in capsys.readouterr().err
+    )
+
+    write(ROWS[:5])  # 3 of 8 removed: 37.5%
+    run_train(config)
+    assert trained_at() != first
+
+    raw["train"]["learning_rate"] = 1e-3  # a config change always retrains, however little the data moved
+    second = trained_at()
+    run_train(validate_config(raw))
+    assert trained_at() != second

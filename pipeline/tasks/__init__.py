@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from pipeline.tasks.base import Example, Task, TaskError, TaskParams
 
-__all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "TASKS"]
+__all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "task_files", "TASKS"]
 
 
 # Registered tasks, imported only when selected.
@@ -37,3 +37,8 @@ def build_task(name: str, params: dict[str, Any], seed: int, base_dir: Path) -> 
         loc = ".".join(str(p) for p in err["loc"])
         raise TaskError(f"task.params.{loc}: {err['msg']}") from None
     return cls(typed, seed=seed, base_dir=base_dir)
+
+
+def task_files(config: Any) -> list[Path]:
+    """The data files of the experiment's task (see `Task.data_files`), for stage fingerprints."""
+    return build_task(config.task.name, config.task.params, config.seed, config.base_dir).data_files()

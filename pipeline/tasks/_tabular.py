@@ -123,6 +123,10 @@ class TabularTask(Task):
         self.validate(train, test)
         return train, test
 
+    def data_files(self) -> list[Path]:
+        paths = [self.params.path, *([self.params.test_path] if self.params.test_path else [])]
+        return [resolve(self.base_dir, value) for value in paths]
+
     def split(self, name: str) -> list[Example]:
         """Train or test examples in file order; the test split is a seeded sample unless `test_path` is set."""
         if name not in ("train", "test"):

@@ -74,6 +74,11 @@ class Task(ABC):
         """Whether an answer to an unrelated prompt shows this task's behaviour (forgetting probe)."""
         return False
 
+    def data_files(self) -> list[Path]:
+        """Files the splits are read from. Their contents are part of each stage's fingerprint, so new rows
+        in a data file rerun the stages (a generated task, like `support`, has none)."""
+        return []
+
 
 _PUNCTUATION = re.compile(r"[^\w\s.-]")
 _EDGE_DOTS_AND_DASHES = re.compile(r"(?<!\w)[.-]+|[.-]+(?!\w)")

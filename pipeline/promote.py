@@ -1,0 +1,102 @@
+"""After the benchmark: promote the tuned student to a stable folder, only if it clears the gate.
+
+    distill promote --config configs/smollm2_support.yaml
+
+The gate's rules (`promote:` in the config) compare the new benchmark report with the report of the
+student promoted before it: accuracy may not fall more than `max_accuracy_drop`, leakage and forgetting
+stay within bounds, p95 latency under a ceiling. A refusal exits with code 3 and one line per failed
+rule, so a scheduler can alert on it; nothing in the target changes. A promotion swaps the whole folder
+at once (weights, adapter, report, provenance), keeping the previous one as `<target>.previous`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig
+from pipeline.runs import PipelineError, log, sha256_tree
+
+PROMOTED_REPORT = "report.json"
+
+
+class PromotionRefused(PipelineError):
+    """The tuned student did not clear the gate (exit code 3)."""
+
+
+def target_dir(config: ExperimentConfig) -> Path:
+    target = Path(config.promote.target)
+    return target if target.is_absolute() else Path.cwd() / target
+
+
+def gate(config: ExperimentConfig, report: dict[str, Any], current: dict[str, Any] | None) -> list[str]:
+    """The failed rules, each as one readable line; empty when the student may be promoted."""
+    rules = config.promote
+    tuned = report["systems"]["student_tuned"]
+    failures = []
+    if current is not None:
+        floor = current["systems"]["student_tuned"]["accuracy"] - rules.max_accuracy_drop
+        if tuned["accuracy"] < floor:
+            failures.append(
+                f"accuracy {tuned['accuracy']:.3f} < {floor:.3f} (the promoted student's "
+                f"{current['systems']['student_tuned']['accuracy']:.3f} minus {rules.max_accuracy_drop})"
+            )
+    if rules.min_accuracy is not None and tuned["accuracy"] < rules.min_accuracy:
+        failures.append(f"accuracy {tuned['accuracy']:.3f} < min_accuracy {rules.min_accuracy}")
+    forgetting = report.get("forgetting", {})
+    leakage = forgetting.get("student_tuned", {}).get("leakage_rate")
+    if rules.max_leakage_rate is not None and leakage is not None and leakage > rules.max_leakage_rate:
+        failures.append(f"leakage rate {leakage:.3f} > max_leakage_rate {rules.max_leakage_rate}")
+    drop = -forgetting.get("change", {}).get("accuracy", 0.0)
+    if rules.max_probe_accuracy_drop is not None and drop > rules.max_probe_accuracy_drop:
+        failures.append(f"probe accuracy fell {drop:.3f} > max_probe_accuracy_drop {rules.max_probe_accuracy_drop}")
+    if rules.max_latency_p95_s is not None and tuned["latency_p95_s"] > rules.max_latency_p95_s:
+        failures.append(f"latency p95 {tuned['latency_p95_s']:.2f} s > max_latency_p95_s {rules.max_latency_p95_s}")
+    return failures
+
+
+def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
+    """Copy the tuned student and its report to `promote.target` if it clears the gate (force: skip the gate)."""
+    report_path = config.run_dir / "benchmark" / "report.json"
+    if not report_path.is_file():
+        raise PipelineError(f"input file not found: {report_path} (run benchmark first)")
+    report = json.loads(report_path.read_text())
+    target = target_dir(config)
+    current_path = target / PROMOTED_REPORT
+    current = json.loads(current_path.read_text()) if current_path.is_file() else None
+    if current == report and not force:  # a night on which nothing changed
+        log(f"promote: skipped, {config.run_name} is already the promoted student ({target})")
+        return target
+    failures = gate(config, report, current)
+    if failures and not force:
+        raise PromotionRefused("promotion refused: " + "; ".join(failures))
+    train_dir = config.run_dir / "train"
+    parts = [p for p in (train_dir / "merged", train_dir / "adapter") if p.is_dir()]
+    if not parts:
+        raise PipelineError(f"input file not found: {train_dir / 'adapter'} (run train first)")
+
+    staging = target.with_name(f".{target.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for part in parts:
+        shutil.copytree(part, staging / part.name)
+    shutil.copy2(report_path, staging / PROMOTED_REPORT)
+    provenance = {
+        "run_name": config.run_name,
+        "run_dir": str(config.run_dir),
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "forced_past": failures,
+        "replaces": current.get("run_name") if current else None,
+        "hashes": {part.name: sha256_tree(staging / part.name) for part in parts},
+    }
+    (staging / "promotion.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    previous = target.with_name(f"{target.name}.previous")
+    if target.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        target.rename(previous)
+    staging.rename(target)
+    log(f"promote: {config.run_name} promoted to {target}" + (f" (gate forced past: {failures})" if failures else ""))
+    return target
