@@ -205,3 +205,35 @@ def test_a_tuned_tiny_model_learns_to_stop(tmp_path, tiny_model):
         assert finishes == {expected}, (model, finishes)
     (answer, *_), *_ = [g.completions for g in engine.generate(prompts[:1], greedy, progress=False)]
     assert answer.text == "Pong." and answer.output_tokens < 20
+
+
+def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model):
+    """Validation at every step, patience 2, a learning rate that overshoots: training stops well before
+    max_steps once val loss stops improving, and the best checkpoint is the one loaded."""
+    import json
+
+    from pipeline.train import run_train
+
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["train"].update(
+        {"max_steps": 80, "learning_rate": 0.3, "save_steps": 1, "early_stopping_patience": 2, "merge": False}
+    )
+    raw["tracking"] = {"wandb": False}
+    config = validate_config(raw)
+    data = config.run_dir / "filter"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
+    (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[6:]))
+    run_train(config)
+    metrics = json.loads((config.run_dir / "train" / "manifest.json").read_text())["metrics"]
+    evals = metrics["eval_losses"][:-1]  # the last entry is the final evaluate() of the loaded model
+    assert metrics["steps"] < 80, metrics["steps"]
+    best = min(evals)
+    assert metrics["best_checkpoint"] == f"checkpoint-{evals.index(best) + 1}"
+    assert metrics["eval_losses"][-1] == pytest.approx(best, rel=1e-4)  # the best model is the one kept
+
+    raw["filter"] = {"val_fraction": 0.0}
+    raw["train"]["early_stopping_patience"] = 2
+    (data / "val.jsonl").write_text("")
+    with pytest.raises(Exception, match="train.early_stopping_patience: needs a val split"):
+        run_train(validate_config(raw), force=True)
