@@ -20,6 +20,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_json_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON Schema the `jsonschema` library accepts (ValueError, which names the key, otherwise)."""
+    if value is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"invalid JSON Schema: {exc.message}") from None
+    return value
+
+
 class ServerConfig(_Strict):
     """An OpenAI-compatible endpoint: `vllm serve`, SGLang, llama.cpp's server or a hosted API."""
 
@@ -72,14 +84,7 @@ class SamplingConfig(_Strict):
     @field_validator("json_schema")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            import jsonschema
-
-            try:
-                jsonschema.validators.validator_for(value).check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"invalid JSON Schema: {exc.message}") from None
-        return value
+        return _check_json_schema(value)
 
 
 class TaskConfig(_Strict):
@@ -164,14 +169,7 @@ class JsonSchemaFilter(Toggle):
     @field_validator("schema_")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            import jsonschema
-
-            try:
-                jsonschema.validators.validator_for(value).check_schema(value)
-            except jsonschema.SchemaError as exc:
-                raise ValueError(f"invalid JSON Schema: {exc.message}") from None
-        return value
+        return _check_json_schema(value)
 
 
 class RegexFilter(Toggle):

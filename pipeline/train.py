@@ -17,16 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.tracking import trainer_report_to
 
 DATA_KEYS = "data_keys.json"  # a hash per training example, to measure how far the data moved
-
-
-def _sections(config: ExperimentConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "student": config.student.model_dump(), "train": config.train.model_dump()}
 
 
 def _example_keys(path: Path) -> list[str]:
@@ -42,19 +38,17 @@ def data_moved(config: ExperimentConfig, stage: Stage) -> float | None:
     keys_file = stage.dir / DATA_KEYS
     if not manifest or not keys_file.is_file() or not all((stage.dir / rel).exists() for rel in manifest["outputs"]):
         return None
-    if manifest.get("sections_fingerprint") != _fingerprint(_sections(config)):
+    # The manifest holds the resolved config it trained under: anything but the data changed, retrain.
+    resolved = resolved_dict(config)
+    if any(manifest["config"].get(key) != resolved[key] for key in ("seed", "student", "train")):
         return None
     before = set(json.loads(keys_file.read_text()))
     now = set(_example_keys(config.run_dir / "filter" / "train.jsonl"))
     return len(before ^ now) / max(len(before), 1)
 
 
-def _fingerprint(sections: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_stage(config: ExperimentConfig) -> Stage:
-    sections = _sections(config)
+    sections = {"seed": config.seed, "student": config.student.model_dump(), "train": config.train.model_dump()}
     data = config.run_dir / "filter"
     return Stage(config, "train", sections, inputs=[data / "train.jsonl", data / "val.jsonl"])
 
@@ -228,9 +222,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     write_json(stage.dir / DATA_KEYS, _example_keys(data / "train.jsonl"))
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: the adapter is the output
     outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
-    manifest = stage.finish(outputs, metrics)
-    manifest["sections_fingerprint"] = _fingerprint(_sections(config))
-    write_json(stage.manifest_path, manifest)
+    stage.finish(outputs, metrics)
     log(
         f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
         f"adapter in {adapter_dir}"
