@@ -113,3 +113,41 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
             node = node.setdefault(part, {})
         node[leaf] = value
     return raw
+
+
+def kill_midway(args: list[str], ready, what: str, timeout: float = 180):
+    """Start `python -m pipeline.cli ARGS` in its own session, wait until `ready()`, then SIGKILL the whole
+    group (engine workers included), as a crash or `kill -9` would. Fails if the command ends first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"{what} ended before it could be killed"
+        assert time.time() < deadline, f"{what} did not get far enough in {timeout} s"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return process
+
+
+def append_csv_rows(path: Path, rows: list[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> None:
+    """Append rows to a CSV data file, writing the header first when the file is new."""
+    import csv
+
+    new_file = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new_file:
+            writer.writerow(header)
+        writer.writerows(rows)

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import yaml
 
 from pipeline.config import validate_config
 from pipeline.generate import Shard, merge_shards, run_generate, shard_of
 from pipeline.runs import PipelineError, read_jsonl
-from tests.conftest import tiny_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import append_csv_rows, kill_midway, tiny_config
 
 
 def greedy_config(tmp_path, tiny_model, run_name: str, num_train: int) -> dict:
@@ -37,21 +28,12 @@ def test_sigkill_midway_then_resume_gives_the_uninterrupted_rows(tmp_path, tiny_
     config = validate_config(raw)
     partial = config.run_dir / "generate" / "teacher_outputs.partial.jsonl"
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "generate", "--config", str(config_file)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    kill_midway(
+        ["generate", "--config", str(config_file)],
+        lambda: partial.exists() and partial.read_bytes().count(b"\n") >= 3,
+        "generate",
+        timeout=120,
     )
-    deadline = time.time() + 120
-    while not (partial.exists() and partial.read_bytes().count(b"\n") >= 3):
-        assert process.poll() is None, "generate ended before it could be killed"
-        assert time.time() < deadline, "generate wrote nothing in 120 s"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
     survived = partial.read_bytes().count(b"\n")
     assert 3 <= survived < 40, survived  # killed midway, with work to lose
 
@@ -105,19 +87,13 @@ def test_ray_runs_two_workers_and_merges_into_the_unsharded_output(tmp_path, tin
 
 
 def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tmp_path, tiny_model):
-    import csv
     import json
 
     def write_rows(path, count, start=0):
-        new_file = not path.exists()
-        with path.open("a", newline="") as fh:
-            writer = csv.writer(fh)
-            if new_file:
-                writer.writerow(["text", "label"])
-            for i in range(start, start + count):
-                writer.writerow(
-                    [f"ticket number {i} about {'billing' if i % 2 else 'shipping'}", "a" if i % 2 else "b"]
-                )
+        tickets = range(start, start + count)
+        append_csv_rows(
+            path, [(f"ticket number {i} about {'billing' if i % 2 else 'shipping'}", "ab"[i % 2 == 0]) for i in tickets]
+        )
 
     train_csv, test_csv = tmp_path / "tickets.csv", tmp_path / "held_out.csv"
     write_rows(train_csv, 8)

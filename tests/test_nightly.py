@@ -6,7 +6,6 @@ The manifests say what ran each night."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,19 +14,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_config
+from tests.conftest import append_csv_rows, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_tickets(path: Path, start: int, count: int) -> None:
-    new_file = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new_file:
-            writer.writerow(["text", "label"])
-        for i in range(start, start + count):
-            writer.writerow([f"Order {i}: the {'refund' if i % 2 else 'parcel'} is late again", "a" if i % 2 else "b"])
+    tickets = range(start, start + count)
+    append_csv_rows(
+        path, [(f"Order {i}: the {'refund' if i % 2 else 'parcel'} is late again", "ab"[i % 2 == 0]) for i in tickets]
+    )
 
 
 def night(env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:

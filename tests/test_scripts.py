@@ -23,6 +23,17 @@ def run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedPro
     )
 
 
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args],
+        cwd=ROOT,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 @pytest.fixture
 def tiny_env(tmp_path, tiny_model):
     raw = tiny_config(tmp_path, tiny_model)
@@ -76,14 +87,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.integration
 def test_filter_benchmark_script_prints_rates():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench_filter.py"), "--rows", "400"],
-        cwd=ROOT,
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python("bench_filter.py", "--rows", "400")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     rules = next(line for line in lines if line.startswith("rules+exact_dedup"))
@@ -131,14 +135,7 @@ def test_slurm_array_script_generates_its_shard_and_queues_the_merge(tmp_path, t
 @pytest.mark.integration
 def test_generate_benchmark_script_prints_the_ratio():
     """bench_generate.py on the bundled model, shrunk to 4 prompts and 8 tokens: runs both sides, prints a ratio."""
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "bench_generate.py"), "--prompts", "4", "teacher.sampling.max_tokens=8"],
-        cwd=ROOT,
-        env={**os.environ, "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python("bench_generate.py", "--prompts", "4", "teacher.sampling.max_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[0] raw :" in result.stdout and "[0] ours:" in result.stdout
     ratio = float(result.stdout.strip().splitlines()[-1].rsplit("=", 1)[1])

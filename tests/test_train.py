@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import validate_config
 from pipeline.train import build_trainer, device_defaults, to_prompt_completion
-from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, tiny_config
+from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, kill_midway, tiny_config
 
 ROWS = [
     {
@@ -126,12 +126,6 @@ def test_retrain_only_when_the_data_moved_past_the_threshold(tmp_path, tiny_mode
 
 def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model):
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
 
     import yaml
 
@@ -148,22 +142,12 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (data / "val.jsonl").write_text("")
 
-    root = Path(__file__).resolve().parents[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "--config", str(config_file)],
-        cwd=root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     checkpoints = config.run_dir / "train" / "checkpoints"
-    deadline = time.time() + 180
-    while not (checkpoints / "checkpoint-6" / "trainer_state.json").exists():
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_midway(
+        ["train", "--config", str(config_file)],
+        lambda: (checkpoints / "checkpoint-6" / "trainer_state.json").exists(),
+        "training",
+    )
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
     assert saved and saved[-1] < 200
 
