@@ -46,7 +46,7 @@ def benchmark_stage(config: ExperimentConfig) -> Stage:
         "student": config.student.model_dump(),
         "benchmark": config.benchmark.model_dump(),
     }
-    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "adapter", *task_files(config)])
+    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "merged", *task_files(config)])
 
 
 def systems_for(config: ExperimentConfig) -> list[System]:

@@ -292,7 +292,13 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    # lora: a LoRA adapter on the full-precision student; qlora: the same on 4-bit NF4 weights (bitsandbytes,
+    # CUDA only); full: every weight trained (no adapter; the saved model is the tuned student).
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # Pack several examples into each row of `max_length` tokens (best-fit decreasing), padding-free: position
+    # ids restart at every example, so no example attends to another and each keeps the loss it has alone.
+    packing: bool = False
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(3.0, gt=0)
     max_steps: int = -1

@@ -81,6 +81,31 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": checkpointing}
 
 
+def model_init_kwargs(train: TrainConfig) -> dict[str, Any]:
+    """Loading options for the student: 4-bit NF4 weights for QLoRA (bitsandbytes, CUDA only)."""
+    if train.method != "qlora":
+        return {}
+    import torch
+
+    if train.device == "cpu" or not torch.cuda.is_available():
+        raise PipelineError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PipelineError("train.method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # FSDP shards the 4-bit weights only when storage matches compute
+    )
+    return {"quantization_config": quantization, "dtype": compute}
+
+
 def build_trainer(
     config: ExperimentConfig, model_path: str, train_rows: list[dict], val_rows: list[dict], output_dir: Path
 ):
@@ -113,6 +138,9 @@ def build_trainer(
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         completion_only_loss=True,
+        packing=train.packing,
+        packing_strategy="bfd",  # padding-free: position ids restart per example
+        model_init_kwargs=model_init_kwargs(train) or None,
         seed=config.seed,
         data_seed=config.seed,
         report_to=trainer_report_to(config),
@@ -120,13 +148,15 @@ def build_trainer(
         dataloader_num_workers=0,
         **device_defaults(train),
     )
-    lora = LoraConfig(
-        r=train.lora.r,
-        lora_alpha=train.lora.alpha,
-        lora_dropout=train.lora.dropout,
-        target_modules=train.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
+    lora = None
+    if train.method != "full":
+        lora = LoraConfig(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=train.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
     callbacks = []
     if train.early_stopping_patience is not None:
         if not has_val:
@@ -190,16 +220,27 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     if losses and not all(math.isfinite(v) for v in losses):
         raise PipelineError("train: the loss became NaN/inf; lower train.learning_rate")
 
-    _save_atomic(
-        lambda path: (trainer.model.save_pretrained(path), trainer.processing_class.save_pretrained(path)), adapter_dir
-    )
-    outputs = [adapter_dir]
-    if config.train.merge:
-        merged = trainer.model.merge_and_unload()
+    tokenizer = trainer.processing_class
+    outputs = []
+    if config.train.method == "full":  # no adapter: the trained model is the tuned student
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        _save_atomic(
+            lambda path: (
+                trainer.model.save_pretrained(path, safe_serialization=True),
+                tokenizer.save_pretrained(path),
+            ),
+            merged_dir,
+        )
+        outputs.append(merged_dir)
+    else:
+        _save_atomic(lambda path: (trainer.model.save_pretrained(path), tokenizer.save_pretrained(path)), adapter_dir)
+        outputs.append(adapter_dir)
+    if config.train.merge and config.train.method != "full":
+        merged = _merged_student(trainer.model, config.train, model_path, adapter_dir)
         _save_atomic(
             lambda path: (
                 merged.save_pretrained(path, safe_serialization=True),
-                trainer.processing_class.save_pretrained(path),
+                tokenizer.save_pretrained(path),
             ),
             merged_dir,
         )
@@ -229,6 +270,19 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     )
     _finish_wandb()
     return stage.dir
+
+
+def _merged_student(model, train: TrainConfig, model_path: str, adapter_dir: Path):
+    """The adapter folded into the base weights. QLoRA trained against 4-bit weights, but vLLM should serve
+    full-precision ones: reload the base in its compute dtype and merge the saved adapter into that."""
+    if train.method != "qlora":
+        return model.merge_and_unload()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_init_kwargs(train)["dtype"]
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 def _save_atomic(save, target: Path) -> None:

@@ -221,3 +221,69 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model):
     (data / "val.jsonl").write_text("")
     with pytest.raises(Exception, match="train.early_stopping_patience: needs a val split"):
         run_train(validate_config(raw), force=True)
+
+
+def test_packed_examples_keep_their_unpacked_loss(tmp_path, tiny_model):
+    """Packing puts several examples in one row; with position ids restarting per example, none attends to
+    another: each trained token's loss in the packed row equals its loss when the example runs alone."""
+    import torch
+
+    raw = tiny_config(tmp_path, tiny_model, **{"train.packing": True, "train.per_device_train_batch_size": 8})
+    config = validate_config(raw)
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1, "padding-free: the whole batch is one flat row"
+    positions = batch["position_ids"][0]
+    starts = [*(positions == 0).nonzero().flatten().tolist(), positions.numel()]
+    assert len(starts) - 1 == len(ROWS), "every example packed into the row"
+
+    model = trainer.model.eval()
+
+    def token_losses(input_ids, labels, **extra):
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, **extra).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=-100)
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    packed = token_losses(ids, labels, position_ids=batch["position_ids"])
+    for begin, end in zip(starts, starts[1:], strict=False):
+        alone = token_losses(ids[:, begin:end], labels[:, begin:end])
+        trained = labels[0, begin + 1 : end] != -100
+        assert trained.sum() > 5
+        torch.testing.assert_close(packed[begin : end - 1][trained], alone[trained], rtol=1e-4, atol=1e-4)
+    # And the control: without restarting positions the same packed row does attend across examples.
+    leaky = token_losses(ids, labels, position_ids=torch.arange(ids.shape[1])[None])
+    assert not torch.allclose(leaky[starts[1] :], packed[starts[1] :], atol=1e-3)
+
+
+def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model):
+    import json
+
+    from safetensors import safe_open
+
+    from pipeline.train import run_train
+
+    raw = tiny_config(tmp_path, tiny_model, **{"train.method": "full", "train.max_steps": 2})
+    config = validate_config(raw)
+    data = config.run_dir / "filter"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (data / "val.jsonl").write_text("")
+    run_train(config)
+    merged = config.run_dir / "train" / "merged"
+    assert not (config.run_dir / "train" / "adapter").exists()
+    with (
+        safe_open(merged / "model.safetensors", "pt") as tuned,
+        safe_open(tiny_model / "model.safetensors", "pt") as base,
+    ):
+        names = [n for n in tuned.keys() if "layers.0.mlp.down_proj" in n]
+        assert names and not any("lora" in n for n in tuned.keys())
+        assert not (tuned.get_tensor(names[0]) == base.get_tensor(names[0])).all(), "full FT moved base weights"
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
+    from pipeline.runs import PipelineError
+
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.method": "qlora", "train.device": "cpu"}))
+    with pytest.raises(PipelineError, match=r"^train.method: qlora needs a CUDA GPU"):
+        build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
