@@ -10,6 +10,7 @@ distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --f
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
             # Shards of one run work side by side (a Slurm array): each locks its own folder.
             locked = config.run_dir / Shard(args.shard, args.num_shards).name
+        if os.environ.get("RANK", "0") != "0":  # a worker rank of `accelerate launch`: rank 0 holds the lock
+            if args.command != "train":
+                raise PipelineError(f"{args.command}: only train runs under a multi-process launcher")
+            return _run_command(args, config)
         with run_lock(locked):
             return _run_command(args, config)
     except LockedError as exc:

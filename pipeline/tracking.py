@@ -100,5 +100,7 @@ def trainer_report_to(config: ExperimentConfig) -> list[str]:
     tests or notebooks, would log into the first one's folder)."""
     if not tracking_enabled(config):
         return []
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch`, only rank 0 logs
+        return []
     _init_run(config, "train")
     return ["wandb"]

@@ -146,6 +146,7 @@ def build_trainer(
         report_to=trainer_report_to(config),
         run_name=f"{config.run_name}-train",
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
         **device_defaults(train),
     )
     lora = None
@@ -201,17 +202,20 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     checkpoints = stage.dir / "checkpoints"
+    trainer = build_trainer(config, model_path, train_rows, val_rows, checkpoints)
+    main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
     stamp = checkpoints / "fingerprint"
-    if force or not stamp.is_file() or stamp.read_text() != stage.fingerprint:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # from another config or data: not resumable
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(stage.fingerprint)
+    if main:
+        if force or not stamp.is_file() or stamp.read_text() != stage.fingerprint:
+            shutil.rmtree(checkpoints, ignore_errors=True)  # from another config or data: not resumable
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(stage.fingerprint)
+    trainer.accelerator.wait_for_everyone()
     from transformers.trainer_utils import get_last_checkpoint
 
     resume = get_last_checkpoint(str(checkpoints))
-    if resume:
+    if resume and main:
         log(f"train: resuming from {Path(resume).name} (a killed run)")
-    trainer = build_trainer(config, model_path, train_rows, val_rows, checkpoints)
     result = trainer.train(resume_from_checkpoint=resume)
     if val_rows:
         trainer.evaluate()  # the final model's val loss, in the log history
@@ -219,33 +223,29 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     eval_losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if losses and not all(math.isfinite(v) for v in losses):
         raise PipelineError("train: the loss became NaN/inf; lower train.learning_rate")
+    replicas = replica_digests(trainer)
 
-    tokenizer = trainer.processing_class
-    outputs = []
-    if config.train.method == "full":  # no adapter: the trained model is the tuned student
+    # Collective (FSDP and ZeRO-3 gather their shards to rank 0): every rank calls save_model.
+    full = config.train.method == "full"
+    saved = _save_atomic(trainer, merged_dir if full else adapter_dir)
+    if not main:
+        return stage.dir
+    if full:  # no adapter: the trained model is the tuned student
         shutil.rmtree(adapter_dir, ignore_errors=True)
-        _save_atomic(
-            lambda path: (
-                trainer.model.save_pretrained(path, safe_serialization=True),
-                tokenizer.save_pretrained(path),
-            ),
-            merged_dir,
-        )
-        outputs.append(merged_dir)
-    else:
-        _save_atomic(lambda path: (trainer.model.save_pretrained(path), tokenizer.save_pretrained(path)), adapter_dir)
-        outputs.append(adapter_dir)
-    if config.train.merge and config.train.method != "full":
-        merged = _merged_student(trainer.model, config.train, model_path, adapter_dir)
-        _save_atomic(
-            lambda path: (
-                merged.save_pretrained(path, safe_serialization=True),
-                tokenizer.save_pretrained(path),
-            ),
-            merged_dir,
-        )
-        outputs.append(merged_dir)
+    elif config.train.merge:
+        merged = _merged_student(config.train, model_path, adapter_dir)
+        tmp = merged_dir.with_name(f".{merged_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        tmp.rename(merged_dir)
+    outputs = [saved] + ([merged_dir] if config.train.merge and not full else [])
     metrics = {
+        "method": config.train.method,
+        "packing": config.train.packing,
+        "processes": trainer.args.world_size,
+        "replicas_identical": replicas is None or len(set(replicas)) == 1,
         "train_examples": len(train_rows),
         "val_examples": len(val_rows),
         "steps": result.global_step,
@@ -259,40 +259,66 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         "resumed_from": Path(resume).name if resume else None,
         "base_model": config.student.model,
     }
-    write_json(stage.dir / "train_metrics.json", {**metrics, "log_history": trainer.state.log_history})
+    write_json(
+        stage.dir / "train_metrics.json",
+        {**metrics, "replica_digests": replicas, "log_history": trainer.state.log_history},
+    )
+    if replicas and len(set(replicas)) > 1:
+        raise PipelineError(f"train: the {len(replicas)} data-parallel replicas ended with different weights")
     write_json(stage.dir / DATA_KEYS, _example_keys(data / "train.jsonl"))
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: the adapter is the output
     outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
     stage.finish(outputs, metrics)
-    log(
-        f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
-        f"adapter in {adapter_dir}"
-    )
+    log(f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {saved}")
     _finish_wandb()
     return stage.dir
 
 
-def _merged_student(model, train: TrainConfig, model_path: str, adapter_dir: Path):
-    """The adapter folded into the base weights. QLoRA trained against 4-bit weights, but vLLM should serve
-    full-precision ones: reload the base in its compute dtype and merge the saved adapter into that."""
-    if train.method != "qlora":
-        return model.merge_and_unload()
+def replica_digests(trainer) -> list[str] | None:
+    """Under DDP, a hash of each rank's trainable weights, gathered to every rank (None otherwise).
+
+    DDP keeps replicas identical by all-reducing gradients; a desync (a rank skipping a step, a non-
+    deterministic module) would silently save rank 0's copy only. FSDP/ZeRO-3 shard weights: not compared.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if not isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel):
+        return None
+    digest = hashlib.sha256()
+    for name, param in sorted(trainer.model.named_parameters()):
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return [str(d) for d in gathered]
+
+
+def _merged_student(train: TrainConfig, model_path: str, adapter_dir: Path):
+    """The saved adapter folded into freshly loaded base weights: what was saved is what gets served, and
+    it works however training ran (QLoRA's 4-bit base merges into full-precision weights, sharded FSDP or
+    ZeRO-3 models need no gathering here)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = model_init_kwargs(train)["dtype"]
+    dtype = model_init_kwargs(train)["dtype"] if train.method == "qlora" else "auto"
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-def _save_atomic(save, target: Path) -> None:
-    import shutil
-
+def _save_atomic(trainer, target: Path) -> Path:
+    """`trainer.save_model` (adapter or full weights, plus the tokenizer) into a temporary folder, renamed."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
 
 
 def _finish_wandb() -> None:
