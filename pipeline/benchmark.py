@@ -217,6 +217,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     stage.finish(outputs, {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()})
     tracker = start_tracking(config, "benchmark")
     tracker.summary({f"{name}/{k}": v for name, m in results.items() for k, v in m.items() if isinstance(v, float)})
+    tracker.artifact(config, "benchmark", stage.fingerprint, outputs)
     tracker.finish()
     log(f"benchmark: report at {stage.dir / 'report.md'}")
     return report_path

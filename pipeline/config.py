@@ -354,6 +354,9 @@ class TrackingConfig(_Strict):
     wandb: bool = True
     project: str = "distill"
     mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
+    # Log each stage's outputs as a W&B Artifact (teacher outputs, dataset, student, report), linked to the
+    # artifact it was made from, so the dashboard shows which data made which model.
+    artifacts: bool = True
 
 
 class ExperimentConfig(_Strict):

@@ -452,6 +452,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         {k: v for k, v in report.items() if isinstance(v, int)} | {f"dropped/{k}": v for k, v in tally.dropped.items()}
     )
     tracker.table("filters", ["filter", "in", "dropped", "out"], [list(r.values()) for r in report["filters"]])
+    tracker.artifact(config, "filter", stage.fingerprint, [*outputs, *card_files])
     tracker.finish()
     log(
         f"filter: {report['samples_kept']}/{tally.samples_in} samples kept ({tally.train} train, {tally.val} val); "

@@ -188,6 +188,8 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
     }
     stage.finish([output], metrics)
     tracker.summary(metrics)
+    if not shard:  # a shard's rows are logged once merged
+        tracker.artifact(config, "generate", stage.fingerprint, [output])
     tracker.finish()
     if errors:
         log(f"generate: {len(errors)} prompts skipped (first: {errors[0][0]}: {errors[0][1]})")
@@ -317,6 +319,9 @@ def merge_shards(config: ExperimentConfig, num_shards: int) -> Path:
         for reader in readers:
             reader.close()
     stage.finish([output], counts | {"shards": num_shards})
+    tracker = start_tracking(config, "generate")
+    tracker.artifact(config, "generate", stage.fingerprint, [output])
+    tracker.finish()
     log(f"generate: merged {num_shards} shards, {counts['prompts']} prompts, into {output}")
     return output
 

@@ -1,11 +1,15 @@
 """Weights & Biases logging, offline by default, a no-op when switched off.
 
-Each stage is one W&B run; all stages of a pipeline run share one group (the run name).
+Each stage is one W&B run; all stages of a pipeline run share one group (the run name). Each stage's
+outputs become an Artifact with the alias `fp-<stage fingerprint>`, linked to the exact upstream version
+it was made from: teacher outputs -> dataset -> student -> report.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, resolved_dict
@@ -21,8 +25,34 @@ class NoTracker:
     def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         pass
 
+    def artifact(self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
+
+
+# stage -> (artifact name suffix, W&B artifact type); each stage's artifact derives from its upstream's.
+STAGE_ARTIFACTS = {
+    "generate": ("teacher-outputs", "dataset"),
+    "filter": ("dataset", "dataset"),
+    "train": ("student", "model"),
+    "benchmark": ("report", "report"),
+}
+UPSTREAM = {"filter": "generate", "train": "filter", "benchmark": "train"}
+
+
+def artifact_name(config: ExperimentConfig, stage: str) -> str:
+    return f"{config.run_name}-{STAGE_ARTIFACTS[stage][0]}"
+
+
+def upstream_artifact(config: ExperimentConfig, stage: str) -> str | None:
+    """`name:fp-<fingerprint>` of the exact upstream output this stage read, from the upstream manifest."""
+    upstream = UPSTREAM.get(stage)
+    manifest = config.run_dir / upstream / "manifest.json" if upstream else None
+    if manifest is None or not manifest.is_file():
+        return None
+    return f"{artifact_name(config, upstream)}:fp-{json.loads(manifest.read_text())['fingerprint']}"
 
 
 class WandbTracker(NoTracker):
@@ -40,6 +70,32 @@ class WandbTracker(NoTracker):
         import wandb
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)})
+
+    def artifact(self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path]) -> None:
+        """Log `paths` as this stage's Artifact, linked to the upstream one. Online, the link is a W&B
+        `use_artifact` edge; offline W&B cannot record uses, so the link is kept in the artifact's metadata
+        (`derived_from`) and the edge can be added when the runs are synced online."""
+        if not config.tracking.artifacts:
+            return
+        import wandb
+
+        derived_from = upstream_artifact(config, stage)
+        if derived_from and wandb_mode(config) == "online":
+            try:
+                self.run.use_artifact(derived_from)
+            except (wandb.errors.CommError, ValueError) as exc:  # upstream logged offline, never synced
+                from pipeline.runs import log
+
+                log(f"tracking: could not link {derived_from} ({exc}); kept in the artifact's metadata")
+        kind = STAGE_ARTIFACTS[stage][1]
+        metadata = {"stage": stage, "fingerprint": fingerprint, "derived_from": derived_from, "run": config.run_name}
+        artifact = wandb.Artifact(artifact_name(config, stage), type=kind, metadata=metadata)
+        for path in paths:
+            if path.is_dir():
+                artifact.add_dir(str(path), name=path.name)
+            elif path.is_file():
+                artifact.add_file(str(path), name=path.name)
+        self.run.log_artifact(artifact, aliases=["latest", f"fp-{fingerprint}"])
 
     def finish(self) -> None:
         self.run.finish()

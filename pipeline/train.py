@@ -269,6 +269,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: the adapter is the output
     outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
     stage.finish(outputs, metrics)
+    _log_student_artifact(config, stage, saved, stage.dir / "train_metrics.json")
     log(f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {saved}")
     _finish_wandb()
     return stage.dir
@@ -319,6 +320,18 @@ def _save_atomic(trainer, target: Path) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
+
+
+def _log_student_artifact(config: ExperimentConfig, stage: Stage, *paths: Path) -> None:
+    """The adapter (or, for full fine-tuning, the whole model) as a W&B Artifact, into the trainer's run."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        from pipeline.tracking import WandbTracker
+
+        WandbTracker(wandb.run).artifact(config, "train", stage.fingerprint, list(paths))
 
 
 def _finish_wandb() -> None:

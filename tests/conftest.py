@@ -151,3 +151,33 @@ def append_csv_rows(path: Path, rows: list[tuple[str, str]], header: tuple[str, 
         if new_file:
             writer.writerow(header)
         writer.writerows(rows)
+
+
+def wandb_records(path: Path):
+    """The records of an offline W&B run's transaction log (`run-*.wandb`), as W&B's own protobufs.
+
+    W&B 0.31 ships no reader for these files. Format: a 7-byte header (":W&B", magic, version), then the
+    LevelDB log format: 32 KiB blocks of chunks, each crc32 (4 bytes), length (2, little-endian), type
+    (1: full record, 2/3/4: first/middle/last piece of one); a block's tail shorter than a chunk header is
+    padding."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    block, pos, pieces = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero padding up to the next block
+            pos += left
+            continue
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            yield record
+            pieces = b""

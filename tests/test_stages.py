@@ -7,7 +7,7 @@ import json
 import pytest
 
 import pipeline.generate as generate_module
-from pipeline.cli import run_pipeline
+from pipeline.cli import STAGES, run_pipeline
 from pipeline.config import validate_config
 from pipeline.engines import Completion, Generation
 from pipeline.filter import run_filter
@@ -305,13 +305,76 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
         assert (config.run_dir / stage / "manifest.json").exists()
 
 
-def test_wandb_offline_logs_every_stage_in_one_group(tmp_path, tiny_model, monkeypatch):
-    """Stages in one process, tracking on, no account: each stage is an offline W&B run in the run's group."""
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    config = parity_config(tmp_path, tiny_model, **{"tracking.wandb": True, "tracking.mode": "offline"})
-    run_pipeline(config, stages=("generate", "filter", "train"))
-    offline_runs = sorted((config.run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 3, offline_runs  # generate, filter, train (through TRL's report_to)
+def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_path, tiny_model, monkeypatch):
+    """Stages in one process, tracking on, no account: each stage is an offline W&B run in the run's group,
+    and logs its outputs as an Artifact naming the exact upstream version it was made from. Read back from
+    the runs' transaction logs, as `wandb sync` would send them."""
+    import json
     import os
 
+    from tests.conftest import wandb_records
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = parity_config(tmp_path, tiny_model, **{"tracking.wandb": True, "tracking.mode": "offline"})
+    run_pipeline(config, stages=STAGES)
     assert os.environ["WANDB_RUN_GROUP"] == "tiny" and os.environ["WANDB_MODE"] == "offline"
+    logs = sorted((config.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 4, logs  # generate, filter, train (through TRL's report_to), benchmark
+    runs, artifacts = {}, {}
+    for path in logs:
+        records = list(wandb_records(path))
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert run.run_group == "tiny"
+        runs[run.job_type] = run
+        for record in records:
+            if record.WhichOneof("record_type") == "artifact":
+                artifacts[run.job_type] = record.artifact
+    assert set(runs) == {"generate", "filter", "train", "benchmark"}
+
+    def manifest(stage):
+        return json.loads((config.run_dir / stage / "manifest.json").read_text())
+
+    expected = {
+        "generate": ("tiny-teacher-outputs", "dataset", {"teacher_outputs.jsonl"}, None),
+        "filter": ("tiny-dataset", "dataset", {"train.jsonl", "val.jsonl", "drops.jsonl"}, "generate"),
+        "train": ("tiny-student", "model", {"adapter/adapter_model.safetensors"}, "filter"),
+        "benchmark": ("tiny-report", "report", {"report.json", "records.jsonl"}, "train"),
+    }
+    names = {"generate": "tiny-teacher-outputs", "filter": "tiny-dataset", "train": "tiny-student"}
+    for stage, (name, kind, files, upstream) in expected.items():
+        artifact = artifacts[stage]
+        assert (artifact.name, artifact.type) == (name, kind)
+        assert f"fp-{manifest(stage)['fingerprint']}" in artifact.aliases
+        assert files <= {entry.path for entry in artifact.manifest.contents}, stage
+        link = json.loads(artifact.metadata)["derived_from"]
+        assert link == (f"{names[upstream]}:fp-{manifest(upstream)['fingerprint']}" if upstream else None), stage
+
+
+def test_online_artifacts_record_a_use_edge(tmp_path, tiny_model):
+    """Online, the link is a real W&B lineage edge (`use_artifact`) before `log_artifact`. No W&B server can
+    exist here, so the run object is a stand-in that records the calls."""
+    import json
+
+    from pipeline.tracking import WandbTracker
+
+    config = parity_config(tmp_path, tiny_model, **{"tracking.wandb": True, "tracking.mode": "online"})
+    (config.run_dir / "filter").mkdir(parents=True)
+    (config.run_dir / "filter" / "manifest.json").write_text(json.dumps({"fingerprint": "abc123"}))
+    (config.run_dir / "train").mkdir()
+    (config.run_dir / "train" / "train_metrics.json").write_text("{}")
+
+    class StandInRun:
+        calls: list = []
+
+        def use_artifact(self, ref):
+            self.calls.append(("use", ref))
+
+        def log_artifact(self, artifact, aliases):
+            self.calls.append(("log", artifact.name, artifact.metadata["derived_from"], aliases))
+
+    run = StandInRun()
+    WandbTracker(run).artifact(config, "train", "fff000", [config.run_dir / "train" / "train_metrics.json"])
+    assert run.calls == [
+        ("use", "tiny-dataset:fp-abc123"),
+        ("log", "tiny-student", "tiny-dataset:fp-abc123", ["latest", "fp-fff000"]),
+    ]
