@@ -36,6 +36,7 @@ class System:
     model: str  # resolved path or HF id
     prompt_style: str
     probe: bool  # students get the forgetting probe
+    adapter: str | None = None  # a LoRA adapter served unmerged on top of `model`
 
 
 def benchmark_stage(config: ExperimentConfig) -> Stage:
@@ -46,17 +47,31 @@ def benchmark_stage(config: ExperimentConfig) -> Stage:
         "student": config.student.model_dump(),
         "benchmark": config.benchmark.model_dump(),
     }
-    return Stage(config, "benchmark", sections, inputs=[config.run_dir / "train" / "merged", *task_files(config)])
+    return Stage(config, "benchmark", sections, inputs=[tuned_student_dir(config), *task_files(config)])
+
+
+def tuned_student_dir(config: ExperimentConfig) -> Path:
+    lora = config.benchmark.student_serving == "lora"
+    return config.run_dir / "train" / ("adapter" if lora else "merged")
 
 
 def systems_for(config: ExperimentConfig) -> list[System]:
-    merged = config.run_dir / "train" / "merged"
-    if not (merged / "config.json").exists():
-        raise PipelineError(f"benchmark: no merged student at {merged}; run train with train.merge=true")
+    tuned = tuned_student_dir(config)
+    base_student = resolve_model(config.student.model)
+    if config.benchmark.student_serving == "lora":
+        if config.train.method == "full":
+            raise PipelineError("benchmark.student_serving: lora needs an adapter; train.method is full")
+        if not (tuned / "adapter_config.json").exists():
+            raise PipelineError(f"benchmark: no adapter at {tuned}; run train first")
+        student = System("student_tuned", base_student, config.student.prompt_style, probe=True, adapter=str(tuned))
+    else:
+        if not (tuned / "config.json").exists():
+            raise PipelineError(f"benchmark: no merged student at {tuned}; run train with train.merge=true")
+        student = System("student_tuned", str(tuned), config.student.prompt_style, probe=True)
     return [
         System("teacher", resolve_model(config.teacher.model), config.teacher.prompt_style, probe=False),
-        System("student_base", resolve_model(config.student.model), config.student.prompt_style, probe=True),
-        System("student_tuned", str(merged), config.student.prompt_style, probe=True),
+        System("student_base", base_student, config.student.prompt_style, probe=True),
+        student,
     ]
 
 
@@ -123,6 +138,7 @@ def evaluate_system(
     task_records = [r for r in records if r["kind"] == "task"]
     metrics = {
         "model": system.model,
+        "serving": "base + unmerged LoRA adapter" if system.adapter else "weights",
         "prompt_style": system.prompt_style,
         "n": len(task_records),
         "accuracy": sum(r["correct"] for r in task_records) / len(task_records),
@@ -180,11 +196,11 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     forgetting: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     # Systems that share weights share one engine (in the embedded default, teacher and base student).
-    by_model: dict[str, list[System]] = {}
+    by_model: dict[tuple[str, str | None], list[System]] = {}
     for system in systems:
-        by_model.setdefault(system.model, []).append(system)
-    for model, group in by_model.items():
-        engine = load_engine(model, config.benchmark.engine, config.seed)
+        by_model.setdefault((system.model, system.adapter), []).append(system)
+    for (model, adapter), group in by_model.items():
+        engine = load_engine(model, config.benchmark.engine, config.seed, adapter)
         try:
             for system in group:
                 log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")

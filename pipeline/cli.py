@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-shards", type=int, help="how many slices the prompts are split into")
             p.add_argument("--merge-shards", type=int, metavar="N", help="merge N finished shards into one output")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
+    compare = sub.add_parser("compare", help="put finished runs side by side (e.g. SFT against KD)")
+    compare.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/sft runs/kd")
     mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
     mat.add_argument("model", nargs="?", default="bundled:smollm2-135m-instruct")
     return parser
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "compare":
+            from pipeline.report import compare_runs
+
+            print(compare_runs(args.runs))
+            return 0
         if args.command == "materialize":
             from pipeline.models import resolve_model
 

@@ -299,6 +299,12 @@ class TrainConfig(_Strict):
     # Pack several examples into each row of `max_length` tokens (best-fit decreasing), padding-free: position
     # ids restart at every example, so no example attends to another and each keeps the loss it has alone.
     packing: bool = False
+    # sft: cross-entropy on the teacher's kept answers. kd: logit distillation, (1 - kd_alpha) * cross-entropy +
+    # kd_alpha * T^2 * KL against the teacher's top-k logprobs that generate stored (teacher.sampling.logprobs);
+    # teacher and student must share a tokenizer (pipeline/kd.py).
+    objective: Literal["sft", "kd"] = "sft"
+    kd_alpha: float = Field(0.5, ge=0, le=1)
+    kd_temperature: float = Field(1.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     num_train_epochs: float = Field(3.0, gt=0)
     max_steps: int = -1
@@ -331,6 +337,10 @@ class HardwareConfig(_Strict):
 class BenchmarkConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    # How the tuned student is served: "merged" weights (the adapter folded in, as fast as the base model),
+    # or "lora": the base model plus the unmerged adapter (vLLM enable_lora), which lets one server host many
+    # adapters but costs latency. The report says which was measured.
+    student_serving: Literal["merged", "lora"] = "merged"
     latency_requests: int = Field(16, ge=1)  # requests timed one at a time per system
     max_test_examples: int | None = Field(None, ge=1)
     hardware: HardwareConfig = Field(default_factory=lambda: HardwareConfig(name="cpu-2core", usd_per_hour=0.10))

@@ -12,6 +12,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, SamplingConfig
@@ -79,12 +80,21 @@ def model_for(name: str, config: EngineConfig) -> str:
     return resolve_model(name)
 
 
-def load_engine(model: str, config: EngineConfig, seed: int) -> Engine:
+def load_engine(model: str, config: EngineConfig, seed: int, adapter: str | None = None) -> Engine:
+    """`adapter`: a PEFT LoRA folder served on top of `model` without merging (vLLM `enable_lora`)."""
     if config.backend == "vllm":
-        return VLLMEngine(model, config, seed)
+        return VLLMEngine(model, config, seed, adapter)
     if config.backend == "openai":
+        if adapter:
+            raise PipelineError("engine.backend: openai serves what the server loaded; start it with the adapter")
         return OpenAIEngine(config.server.model or model, config, seed)
-    return TransformersEngine(model, config, seed)
+    return TransformersEngine(model, config, seed, adapter)
+
+
+def adapter_rank(adapter: str) -> int:
+    import json
+
+    return int(json.loads((Path(adapter) / "adapter_config.json").read_text())["r"])
 
 
 def _prepare_vllm_cpu_env() -> None:
@@ -117,8 +127,6 @@ def _check_parallelism(config: EngineConfig, on_gpu: bool) -> None:
 def _chat_template(value: str | None) -> str | None:
     """The template itself, read from a file when `value` names one."""
     if value is not None and "{" not in value:
-        from pathlib import Path
-
         path = Path(value)
         if not path.is_file():
             raise PipelineError(f"engine.chat_template: {value!r} is neither a Jinja template nor a file")
@@ -127,7 +135,7 @@ def _chat_template(value: str | None) -> str | None:
 
 
 class VLLMEngine(Engine):
-    def __init__(self, model: str, config: EngineConfig, seed: int) -> None:
+    def __init__(self, model: str, config: EngineConfig, seed: int, adapter: str | None = None) -> None:
         on_gpu = has_cuda()
         _check_parallelism(config, on_gpu)
         self.chat_template = _chat_template(config.chat_template)
@@ -153,6 +161,12 @@ class VLLMEngine(Engine):
             "seed": seed,
             **config.extra,
         }
+        self.lora_request = None
+        if adapter:  # vLLM applies the unmerged adapter at run time (punica kernels): slower than merged
+            from vllm.lora.request import LoRARequest
+
+            kwargs |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": max(8, adapter_rank(adapter))}
+            self.lora_request = LoRARequest("student", 1, adapter)
         self.model = model
         self.on_gpu = on_gpu
         self.llm = LLM(**kwargs)
@@ -185,7 +199,11 @@ class VLLMEngine(Engine):
         too_long = self._too_long(conversations)
         accepted = [c for i, c in enumerate(conversations) if i not in too_long]
         outputs = iter(
-            self.llm.chat(accepted, params, use_tqdm=progress, chat_template=self.chat_template) if accepted else []
+            self.llm.chat(
+                accepted, params, use_tqdm=progress, chat_template=self.chat_template, lora_request=self.lora_request
+            )
+            if accepted
+            else []
         )
         results = []
         for i in range(len(conversations)):
@@ -256,7 +274,7 @@ def _vllm_top_logprobs(steps: Any) -> list[list[tuple[int | str, float]]]:
 class TransformersEngine(Engine):
     """Batched, left-padded `generate`; slower than vLLM, but runs wherever transformers does."""
 
-    def __init__(self, model: str, config: EngineConfig, seed: int) -> None:
+    def __init__(self, model: str, config: EngineConfig, seed: int, adapter: str | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -272,6 +290,10 @@ class TransformersEngine(Engine):
         self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype != "auto" else "auto").to(
             self.device
         )
+        if adapter:  # unmerged: the LoRA matrices run beside the base weights at every step
+            from peft import PeftModel
+
+            self.lm = PeftModel.from_pretrained(self.lm, adapter)
         self.lm.eval()
 
     def generate(

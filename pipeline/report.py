@@ -72,6 +72,16 @@ def _table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _serving_note(report: dict[str, Any]) -> str:
+    serving = report["systems"]["student_tuned"].get("serving", "weights")
+    if serving == "weights":
+        return "The tuned student was served as merged weights (the adapter folded in)."
+    return (
+        "The tuned student was served as the base model plus its unmerged LoRA adapter (vLLM `enable_lora`): "
+        "slower than merged weights, measured as such."
+    )
+
+
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.md and its plots; return the paths written."""
     plots = _plots(report, out_dir)
@@ -83,7 +93,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         f"Task `{report['task']}`, {report['test_examples']} held-out test examples. Cost from "
         f"{report['hardware']['name']} at ${report['hardware']['usd_per_hour']}/hour and the measured batched "
         "throughput; latency from requests run one at a time, warm (shared prompt prefixes served from vLLM's "
-        "prefix cache, as on a busy server) and cold (cache cleared before each request).",
+        "prefix cache, as on a busy server) and cold (cache cleared before each request). " + _serving_note(report),
         "",
         *_table(report),
         "",
@@ -155,3 +165,37 @@ def _save(fig: Any, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def compare_runs(run_dirs: list[Path]) -> str:
+    """A markdown table of finished runs side by side (`distill compare runs/a runs/b`): how each student was
+    trained, and what the benchmark measured for it against its teacher and untuned base."""
+    import json
+
+    from pipeline.runs import PipelineError
+
+    header = (
+        "| run | objective | method | LoRA r | packing | steps | train s | tuned acc | vs base | kept of teacher "
+        "| p50 vs teacher | $/1M out | probe acc change | leakage change |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for run_dir in run_dirs:
+        report_path, train_path = run_dir / "benchmark" / "report.json", run_dir / "train" / "manifest.json"
+        for path in (report_path, train_path):
+            if not path.is_file():
+                raise PipelineError(f"{path}: not found; compare takes run folders whose benchmark has run")
+        report, train = json.loads(report_path.read_text()), json.loads(train_path.read_text())
+        config, metrics = train["config"]["train"], train["metrics"]
+        systems = report["systems"]
+        teacher, base, tuned = systems["teacher"], systems["student_base"], systems["student_tuned"]
+        change = report.get("forgetting", {}).get("change", {})
+        kept = tuned["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else float("nan")
+        lines.append(
+            f"| {run_dir.name} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
+            f"| {config['lora']['r']} | {config.get('packing', False)} | {metrics.get('steps')} "
+            f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f} "
+            f"| {tuned['accuracy'] - base['accuracy']:+.3f} | {kept:.0%} "
+            f"| {tuned['latency_p50_s'] / teacher['latency_p50_s']:.2f}x | {tuned['cost_per_1m_output_tokens']:.3f} "
+            f"| {change.get('accuracy', float('nan')):+.3f} | {change.get('leakage_rate', float('nan')):+.3f} |"
+        )
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
+from pipeline.kd import KD_COLUMNS, attach_teacher_logprobs, check_same_tokenizer, kd_trainer_class
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.tracking import trainer_report_to
@@ -50,19 +51,30 @@ def data_moved(config: ExperimentConfig, stage: Stage) -> float | None:
 def train_stage(config: ExperimentConfig) -> Stage:
     sections = {"seed": config.seed, "student": config.student.model_dump(), "train": config.train.model_dump()}
     data = config.run_dir / "filter"
-    return Stage(config, "train", sections, inputs=[data / "train.jsonl", data / "val.jsonl"])
+    inputs = [data / "train.jsonl", data / "val.jsonl"]
+    if config.train.objective == "kd":
+        sections["teacher"] = config.teacher.model
+        inputs.append(teacher_outputs_path(config))  # the logprobs distilled from
+    return Stage(config, "train", sections, inputs=inputs)
+
+
+def teacher_outputs_path(config: ExperimentConfig) -> Path:
+    return config.run_dir / "generate" / "teacher_outputs.jsonl"
 
 
 def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-    """Split a `{"messages": [...]}` row at its last assistant turn."""
+    """Split a `{"messages": [...]}` row at its last assistant turn (teacher logprobs for KD kept)."""
     messages = row.get("messages")
     if not messages or messages[-1].get("role") != "assistant":
         raise PipelineError(f"training row {row.get('prompt_id', '?')}: messages must end with an assistant turn")
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
+    return {"prompt": messages[:-1], "completion": messages[-1:], **{k: row[k] for k in KD_COLUMNS if k in row}}
 
 
-def load_split(path: Path) -> list[dict[str, Any]]:
-    return [to_prompt_completion(row) for row in read_jsonl(path)]
+def load_split(path: Path, teacher_outputs: Path | None = None) -> list[dict[str, Any]]:
+    rows = list(read_jsonl(path))
+    if teacher_outputs is not None and rows:
+        rows = attach_teacher_logprobs(rows, teacher_outputs)
+    return [to_prompt_completion(row) for row in rows]
 
 
 def device_defaults(train: TrainConfig) -> dict[str, Any]:
@@ -165,13 +177,20 @@ def build_trainer(
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    return SFTTrainer(
+    trainer_class, extra = SFTTrainer, {}
+    if train.objective == "kd":
+        if train.packing:
+            raise PipelineError("train.objective: kd needs one example per row; set train.packing=false")
+        trainer_class = kd_trainer_class()
+        extra = {"kd_alpha": train.kd_alpha, "kd_temperature": train.kd_temperature}
+    return trainer_class(
         model=model_path,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
         peft_config=lora,
         callbacks=callbacks,
+        **extra,
     )
 
 
@@ -195,10 +214,14 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
 
     set_seed(config.seed)
     data = config.run_dir / "filter"
-    train_rows, val_rows = load_split(data / "train.jsonl"), load_split(data / "val.jsonl")
+    model_path = resolve_model(config.student.model)
+    logprobs = None
+    if config.train.objective == "kd":
+        check_same_tokenizer(resolve_model(config.teacher.model), model_path)
+        logprobs = teacher_outputs_path(config)
+    train_rows, val_rows = load_split(data / "train.jsonl", logprobs), load_split(data / "val.jsonl", logprobs)
     if not train_rows:
         raise PipelineError(f"{data / 'train.jsonl'}: no training examples")
-    model_path = resolve_model(config.student.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     checkpoints = stage.dir / "checkpoints"
@@ -243,6 +266,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     outputs = [saved] + ([merged_dir] if config.train.merge and not full else [])
     metrics = {
         "method": config.train.method,
+        "objective": config.train.objective,
         "packing": config.train.packing,
         "processes": trainer.args.world_size,
         "replicas_identical": replicas is None or len(set(replicas)) == 1,

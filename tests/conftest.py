@@ -70,6 +70,32 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
 
 
+@pytest.fixture(scope="session")
+def ping_pong_student(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """The tiny model tuned with LoRA to answer "Ping <n>" with "Pong." and stop: (adapter, merged) folders."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import validate_config
+    from pipeline.train import build_trainer, to_prompt_completion
+
+    out = tmp_path_factory.mktemp("ping-pong")
+    rows = [
+        {"messages": [{"role": "user", "content": f"Ping {i}"}, {"role": "assistant", "content": "Pong."}]}
+        for i in range(8)
+    ]
+    raw = tiny_config(out, tiny_model)
+    raw["train"].update({"max_steps": 60, "learning_rate": 2e-2, "per_device_train_batch_size": 8, "save_steps": 1000})
+    trainer = build_trainer(
+        validate_config(raw), str(tiny_model), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"
+    )
+    trainer.train()
+    adapter, merged = out / "adapter", out / "merged"
+    trainer.model.save_pretrained(adapter)
+    trainer.model.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(merged)
+    return adapter, merged
+
+
 def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:
     """A raw experiment config that runs every stage in seconds on the tiny model."""
     raw: dict[str, Any] = {

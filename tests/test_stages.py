@@ -303,6 +303,14 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     assert (config.run_dir / "benchmark" / "accuracy_vs_cost.png").stat().st_size > 1000
     for stage in ("generate", "filter", "train", "benchmark"):
         assert (config.run_dir / stage / "manifest.json").exists()
+    assert report["systems"]["student_tuned"]["serving"] == "weights"
+
+    # The same student served as base + unmerged adapter: a new benchmark, which says what it measured.
+    lora = parity_config(tmp_path, tiny_model, **{"benchmark.student_serving": "lora"})
+    run_pipeline(lora, stages=("benchmark",))
+    report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
+    assert report["systems"]["student_tuned"]["serving"] == "base + unmerged LoRA adapter"
+    assert "unmerged LoRA adapter (vLLM `enable_lora`)" in (config.run_dir / "benchmark" / "report.md").read_text()
 
 
 def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_path, tiny_model, monkeypatch):

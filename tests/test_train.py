@@ -160,27 +160,13 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     assert not checkpoints.exists()  # finished: checkpoints cleaned up, the adapter is the output
 
 
-def test_a_tuned_tiny_model_learns_to_stop(tmp_path, tiny_model):
+def test_a_tuned_tiny_model_learns_to_stop(tiny_model, ping_pong_student):
     """Overfit a few examples, merge, generate: the tuned model answers and ends with EOS before max_tokens,
     where the untuned random model runs to the limit. Catches EOS masked out of the loss (pad == EOS here)."""
-    from transformers import AutoTokenizer
-
     from pipeline.config import EngineConfig, SamplingConfig
     from pipeline.engines import load_engine
 
-    rows = [
-        {"messages": [{"role": "user", "content": f"Ping {i}"}, {"role": "assistant", "content": "Pong."}]}
-        for i in range(8)
-    ]
-    raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update({"max_steps": 60, "learning_rate": 2e-2, "per_device_train_batch_size": 8, "save_steps": 1000})
-    config = validate_config(raw)
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in rows], [], tmp_path / "out")
-    trainer.train()
-    tuned = tmp_path / "tuned"
-    trainer.model.merge_and_unload().save_pretrained(tuned)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tuned)
-
+    _, tuned = ping_pong_student
     prompts = [[{"role": "user", "content": "Ping 3"}], [{"role": "user", "content": "Ping 42"}]]
     greedy = SamplingConfig(max_tokens=20)
     for model, expected in ((tiny_model, "length"), (tuned, "stop")):
