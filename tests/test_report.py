@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.report import verdict
 
 
@@ -26,3 +28,38 @@ def test_verdicts():
     assert "regression on base capabilities" in verdict(report(0.37, 0.0, 0.15))
     assert "Verdict: mixed" in verdict(report(0.28, 0.04, 0.08))  # measured on the demo, lr 1e-3
     assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_p50=2.5))  # slower than the teacher
+
+
+def test_compare_puts_runs_side_by_side(tmp_path):
+    import json
+
+    from pipeline.report import compare_runs
+    from pipeline.runs import PipelineError
+
+    def fake_run(name, objective, tuned_accuracy):
+        system = {"accuracy": 0.5, "latency_p50_s": 1.0, "cost_per_1m_output_tokens": 0.2}
+        report = {
+            "systems": {
+                "teacher": {**system, "accuracy": 0.8},
+                "student_base": {**system, "accuracy": 0.1},
+                "student_tuned": {**system, "accuracy": tuned_accuracy, "latency_p50_s": 0.5},
+            },
+            "forgetting": {"change": {"accuracy": -0.02, "leakage_rate": 0.1}},
+        }
+        train = {
+            "config": {"train": {"objective": objective, "method": "lora", "lora": {"r": 16}}},
+            "metrics": {"steps": 9},
+        }
+        for stage, data in (("benchmark", report), ("train", train)):
+            (tmp_path / name / stage).mkdir(parents=True)
+            (tmp_path / name / stage / ("report.json" if stage == "benchmark" else "manifest.json")).write_text(
+                json.dumps(data)
+            )
+        return tmp_path / name
+
+    table = compare_runs([fake_run("sft", "sft", 0.4), fake_run("kd", "kd", 0.6)]).splitlines()
+    assert len(table) == 4 and table[0].startswith("| run | objective")
+    assert table[2].startswith("| sft | sft | lora | 16 |") and "| 0.400 | +0.300 | 50% | 0.50x |" in table[2]
+    assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]
+    with pytest.raises(PipelineError, match="compare takes run folders whose benchmark has run"):
+        compare_runs([tmp_path / "missing"])

@@ -273,3 +273,11 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.method": "qlora", "train.device": "cpu"}))
     with pytest.raises(PipelineError, match=r"^train.method: qlora needs a CUDA GPU"):
         build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+
+
+def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 3}))
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer.train()
+    rates = [entry["tokens_per_s"] for entry in trainer.state.log_history if "tokens_per_s" in entry]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)  # every log after the first
