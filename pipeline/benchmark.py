@@ -13,6 +13,7 @@ Per-request records are kept in `records.jsonl`, so every number in the report c
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,11 +24,14 @@ from pipeline.config import ExperimentConfig
 from pipeline.engines import Engine, load_engine, timed_single_requests
 from pipeline.models import resolve_model
 from pipeline.probe import load_probe, probe_correct, probe_messages, summarize_probe
-from pipeline.report import write_report
+from pipeline.report import latency_p50, write_report
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
+from pipeline.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.tasks import Example, Task, build_task, task_files
 from pipeline.tasks.base import normalize_text
 from pipeline.tracking import start_tracking
+
+REPORT_SCHEMA_VERSION = 2  # report.json's layout; README "report.json" documents it
 
 
 @dataclass(frozen=True)
@@ -56,38 +60,141 @@ def tuned_student_dir(config: ExperimentConfig) -> Path:
 
 
 def systems_for(config: ExperimentConfig) -> list[System]:
+    """The systems of `benchmark.systems`, their model names resolved ("teacher", "student", "tuned")."""
     tuned = tuned_student_dir(config)
+    lora = config.benchmark.student_serving == "lora"
+    if lora and config.train.method == "full":
+        raise PipelineError("benchmark.student_serving: lora needs an adapter; train.method is full")
+    wants_tuned = any(s.model == "tuned" for s in config.benchmark.systems)
+    if wants_tuned and lora and not (tuned / "adapter_config.json").exists():
+        raise PipelineError(f"benchmark: no adapter at {tuned}; run train first")
+    if wants_tuned and not lora and not (tuned / "config.json").exists():
+        raise PipelineError(f"benchmark: no merged student at {tuned}; run train with train.merge=true")
     base_student = resolve_model(config.student.model)
-    if config.benchmark.student_serving == "lora":
-        if config.train.method == "full":
-            raise PipelineError("benchmark.student_serving: lora needs an adapter; train.method is full")
-        if not (tuned / "adapter_config.json").exists():
-            raise PipelineError(f"benchmark: no adapter at {tuned}; run train first")
-        student = System("student_tuned", base_student, config.student.prompt_style, probe=True, adapter=str(tuned))
-    else:
-        if not (tuned / "config.json").exists():
-            raise PipelineError(f"benchmark: no merged student at {tuned}; run train with train.merge=true")
-        student = System("student_tuned", str(tuned), config.student.prompt_style, probe=True)
-    return [
-        System("teacher", resolve_model(config.teacher.model), config.teacher.prompt_style, probe=False),
-        System("student_base", base_student, config.student.prompt_style, probe=True),
-        student,
-    ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    models = {"teacher": resolve_model(config.teacher.model), "student": base_student}
+    systems = []
+    for declared in config.benchmark.systems:
+        adapter = None
+        if declared.model == "tuned":
+            model, adapter = (base_student, str(tuned)) if lora else (str(tuned), None)
+        else:
+            model = models.get(declared.model) or resolve_model(declared.model)
+        systems.append(System(declared.name, model, declared.prompt_style, declared.probe, adapter))
+    return systems
 
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
     return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
+
+
+def serving_costs(usd_per_hour: float, throughput: dict[str, float]) -> dict[str, float]:
+    """What the machine's hour buys at a measured throughput: $ per 1M input tokens, per 1M output tokens
+    (each charging the whole machine to that one kind of token) and per 1,000 requests."""
+    return {
+        "cost_per_1m_input_tokens": cost_per_1m_tokens(usd_per_hour, throughput["prompt_tokens_per_s"]),
+        "cost_per_1m_output_tokens": cost_per_1m_tokens(usd_per_hour, throughput["output_tokens_per_s"]),
+        "cost_per_1k_requests": cost_per_1m_tokens(usd_per_hour, throughput["requests_per_s"]) / 1000,
+    }
+
+
+def run_load_tests(
+    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
+    adapters served beside it. Returns per-system level summaries and the per-request records."""
+    from pipeline.serving import load_test, summarize_level, vllm_server
+
+    bench = config.benchmark
+    by_model: dict[str, list[System]] = {}
+    for system in systems:
+        by_model.setdefault(system.model, []).append(system)
+    summaries: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
+    for model, group in by_model.items():
+        adapters = {f"adapter-{i}": s.adapter for i, s in enumerate(group) if s.adapter}
+        names = {s.name: next((n for n, path in adapters.items() if path == s.adapter), "base") for s in group}
+        log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in group)}")
+        with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+            for system in group:
+                conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+                rows = load_test(url, names[system.name], conversations, bench.sampling, bench.load_test)
+                records += [{"system": system.name, "kind": "load", **row} for row in rows]
+                levels = sorted({row["concurrency"] for row in rows})
+                summaries[system.name] = {
+                    str(level): summarize_level([r for r in rows if r["concurrency"] == level]) for level in levels
+                }
+    return summaries, records
+
+
+def add_costs(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> None:
+    """$ per 1M input/output tokens and per 1k requests for each system, from the server's throughput at the
+    cost concurrency (or, without a load test, the offline batched run)."""
+    bench = config.benchmark
+    level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
+    for declared in bench.systems:
+        metrics = results[declared.name]
+        hardware, usd_per_hour = bench.hardware_for(declared)
+        load = metrics.get("load", {})
+        if level in load:
+            throughput, basis = load[level], f"vllm serve at concurrency {level}"
+        else:
+            throughput, basis = metrics["offline"], "offline engine, batched"
+        metrics.update(serving_costs(usd_per_hour, throughput))
+        metrics.update({"hardware": hardware, "usd_per_hour": usd_per_hour, "cost_basis": basis})
+
+
+def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Paired tests of the tuned student against every other system on the same test examples, and the
+    share of the teacher's accuracy it keeps, with a bootstrap interval."""
+    outcome = {
+        name: {r["id"]: r["correct"] for r in records if r["system"] == name and r["kind"] == "task"}
+        for name in results
+    }
+    ids = sorted(outcome["student_tuned"])
+    tuned = [outcome["student_tuned"][i] for i in ids]
+    tests = {}
+    for other in results:
+        if other != "student_tuned":
+            theirs = [outcome[other][i] for i in ids]
+            test = mcnemar(tuned, theirs)
+            tests[other] = {
+                "accuracy_diff": results["student_tuned"]["accuracy"] - results[other]["accuracy"],
+                "tuned_only_correct": test["a_only"],
+                "other_only_correct": test["b_only"],
+                "p_value": test["p_value"],
+            }
+    teacher = [outcome["teacher"][i] for i in ids]
+    teacher_accuracy = results["teacher"]["accuracy"]
+    return {
+        "student_tuned_vs": tests,
+        "kept_of_teacher": {
+            "ratio": results["student_tuned"]["accuracy"] / teacher_accuracy if teacher_accuracy else None,
+            "ci95": ratio_interval(tuned, teacher, seed),
+        },
+    }
+
+
+def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
+    one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving."""
+    bench = config.benchmark
+    walls = {}
+    for stage in ("generate", "train"):
+        manifest = config.run_dir / stage / "manifest.json"
+        walls[stage] = json.loads(manifest.read_text())["wall_s"] if manifest.is_file() else 0.0
+    usd_per_hour = bench.hardware_profiles[bench.pipeline_hardware].usd_per_hour
+    one_off = sum(walls.values()) / 3600 * usd_per_hour
+    saving = (results["teacher"]["cost_per_1k_requests"] - results["student_tuned"]["cost_per_1k_requests"]) / 1000
+    requests = one_off / saving if saving > 0 else None
+    return {
+        "one_off_usd": one_off,
+        "one_off_wall_s": walls,
+        "pipeline_hardware": bench.pipeline_hardware,
+        "saving_per_1k_requests_usd": saving * 1000,
+        "requests": requests,
+        "days": requests / bench.requests_per_day if requests is not None else None,
+        "requests_per_day": bench.requests_per_day,
+    }
 
 
 def evaluate_system(
@@ -136,20 +243,30 @@ def evaluate_system(
     tokens_per_s = output_tokens / wall
     rule_names = sorted({rule for r in records if r["kind"] == "task" for rule in r["rules"]})
     task_records = [r for r in records if r["kind"] == "task"]
+    correct = sum(r["correct"] for r in task_records)
     metrics = {
         "model": system.model,
         "serving": "base + unmerged LoRA adapter" if system.adapter else "weights",
         "prompt_style": system.prompt_style,
         "n": len(task_records),
-        "accuracy": sum(r["correct"] for r in task_records) / len(task_records),
+        "accuracy": correct / len(task_records),
+        "accuracy_ci95": wilson_interval(correct, len(task_records)),
         "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / len(task_records) for rule in rule_names},
+        "rule_accuracy_ci95": {
+            rule: wilson_interval(sum(r["rules"][rule] for r in task_records), len(task_records)) for rule in rule_names
+        },
         "latency_p50_s": percentile(latencies["latency"], 50),
         "latency_p95_s": percentile(latencies["latency"], 95),
         "latency_cold_p50_s": percentile(latencies["latency_cold"], 50),
         "latency_cold_p95_s": percentile(latencies["latency_cold"], 95),
         "latency_requests": len(latencies["latency"]),
+        # The offline engine's batched run over the whole test split.
         "output_tokens_per_s": tokens_per_s,
-        "cost_per_1m_output_tokens": cost_per_1m_tokens(bench.hardware.usd_per_hour, tokens_per_s),
+        "offline": {
+            "requests_per_s": len(task_records) / wall,
+            "output_tokens_per_s": tokens_per_s,
+            "prompt_tokens_per_s": sum(r["prompt_tokens"] for r in task_records) / wall,
+        },
         "mean_prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in task_records),
         "mean_output_tokens": output_tokens / len(task_records),
     }
@@ -213,13 +330,29 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             engine.close()
 
     check_adapter_applied(records)
+    if config.benchmark.load_test.enabled:
+        summaries, load_records = run_load_tests(config, systems, task, examples)
+        records += load_records
+        for name, levels in summaries.items():
+            results[name]["load"] = levels
+    add_costs(config, results)
     report = {
-        "schema_version": 1,
+        "schema_version": REPORT_SCHEMA_VERSION,
         "run_name": config.run_name,
         "task": config.task.name,
         "test_examples": len(examples),
-        "hardware": config.benchmark.hardware.model_dump(),
+        "hardware_profiles": {k: v.usd_per_hour for k, v in config.benchmark.hardware_profiles.items()},
         "systems": {s.name: results[s.name] for s in systems},
+        "comparisons": comparisons(results, records, config.seed),
+        "latency_cdf": {
+            name: {
+                str(level): sorted(r["e2e_s"] for r in records if r["system"] == name and r.get("concurrency") == level)
+                for level in config.benchmark.load_test.concurrency
+            }
+            for name in results
+            if "load" in results[name]
+        },
+        "break_even": break_even(config, results),
         "forgetting": forgetting,
     }
     if "student_tuned" in forgetting and "student_base" in forgetting:
@@ -233,6 +366,22 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     stage.finish(outputs, {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()})
     tracker = start_tracking(config, "benchmark")
     tracker.summary({f"{name}/{k}": v for name, m in results.items() for k, v in m.items() if isinstance(v, float)})
+    columns = ["system", "accuracy", "ci_low", "ci_high", "cost_per_1k_requests", "latency_p50_s", "mean_prompt_tokens"]
+    tracker.table(
+        "systems",
+        columns,
+        [
+            [
+                name,
+                m["accuracy"],
+                *m["accuracy_ci95"],
+                m["cost_per_1k_requests"],
+                latency_p50(m),
+                m["mean_prompt_tokens"],
+            ]
+            for name, m in results.items()
+        ],
+    )
     tracker.artifact(config, "benchmark", stage.fingerprint, outputs)
     tracker.finish()
     log(f"benchmark: report at {stage.dir / 'report.md'}")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -330,22 +330,97 @@ class TrainConfig(_Strict):
 
 
 class HardwareConfig(_Strict):
-    name: str
     usd_per_hour: float = Field(gt=0)
+
+
+class SystemConfig(_Strict):
+    """One row of the benchmark: a model, the prompt it gets, and the machine it is priced on."""
+
+    name: str
+    # "teacher", "student" (untuned), "tuned" (the trained student), or any model folder / HF id.
+    model: str
+    prompt_style: str
+    probe: bool = False  # ask the general forgetting probe (base capabilities)
+    hardware: str | None = None  # a key of benchmark.hardware_profiles; None: benchmark.serving_hardware
+
+
+def _default_systems() -> list[SystemConfig]:
+    return [
+        SystemConfig(name="teacher", model="teacher", prompt_style="full"),
+        SystemConfig(name="student_base", model="student", prompt_style="short", probe=True),
+        # "Try prompting first": the untuned student given the teacher's whole prompt.
+        SystemConfig(name="student_prompted", model="student", prompt_style="full"),
+        SystemConfig(name="student_tuned", model="tuned", prompt_style="short", probe=True),
+    ]
+
+
+REQUIRED_SYSTEMS = ("teacher", "student_base", "student_tuned")  # what the verdict compares
+
+
+class LoadTestConfig(_Strict):
+    """Latency and throughput under load through a real OpenAI-compatible server (`vllm serve`), the same
+    for every system: per concurrency level, TTFT, time per output token and end-to-end latency (p50/p95/p99),
+    requests/s and output tokens/s. The throughput at `cost_concurrency` prices serving."""
+
+    enabled: bool = True
+    concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16])
+    requests: int = Field(32, ge=1)  # timed requests per level (at least the level itself)
+    warmup: int = Field(4, ge=0)  # untimed requests before the first level
+    cost_concurrency: int | None = None  # None: the highest level
+    startup_timeout_s: float = Field(600, gt=0)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, levels: list[int]) -> list[int]:
+        if not levels or any(level < 1 for level in levels):
+            raise ValueError("give one or more concurrency levels, each at least 1")
+        return sorted(set(levels))
 
 
 class BenchmarkConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    systems: list[SystemConfig] = Field(default_factory=_default_systems)
     # How the tuned student is served: "merged" weights (the adapter folded in, as fast as the base model),
     # or "lora": the base model plus the unmerged adapter (vLLM enable_lora), which lets one server host many
     # adapters but costs latency. The report says which was measured.
     student_serving: Literal["merged", "lora"] = "merged"
-    latency_requests: int = Field(16, ge=1)  # requests timed one at a time per system
+    load_test: LoadTestConfig = Field(default_factory=LoadTestConfig)
+    latency_requests: int = Field(16, ge=1)  # offline engine: requests timed one at a time per system
     max_test_examples: int | None = Field(None, ge=1)
-    hardware: HardwareConfig = Field(default_factory=lambda: HardwareConfig(name="cpu-2core", usd_per_hour=0.10))
+    # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
+    # are computed from these and measured throughput and wall times.
+    hardware_profiles: dict[str, HardwareConfig] = Field(
+        default_factory=lambda: {
+            "h100": HardwareConfig(usd_per_hour=3.00),
+            "a10g": HardwareConfig(usd_per_hour=1.01),
+            "cpu-2core": HardwareConfig(usd_per_hour=0.10),
+        }
+    )
+    serving_hardware: str = "cpu-2core"  # where systems are priced unless they name their own
+    pipeline_hardware: str = "cpu-2core"  # where generate + train ran: the one-off cost of distillation
+    requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BenchmarkConfig:
+        names = [system.name for system in self.systems]
+        if len(set(names)) != len(names):
+            raise ValueError("systems: two systems share a name")
+        missing = [name for name in REQUIRED_SYSTEMS if name not in names]
+        if missing:
+            raise ValueError(
+                f"systems: {', '.join(missing)} missing (the verdict compares {', '.join(REQUIRED_SYSTEMS)})"
+            )
+        for key in (self.serving_hardware, self.pipeline_hardware, *(s.hardware for s in self.systems if s.hardware)):
+            if key not in self.hardware_profiles:
+                raise ValueError(f"hardware {key!r} is not in hardware_profiles ({', '.join(self.hardware_profiles)})")
+        return self
+
+    def hardware_for(self, system: SystemConfig) -> tuple[str, float]:
+        key = system.hardware or self.serving_hardware
+        return key, self.hardware_profiles[key].usd_per_hour
 
 
 class PromoteConfig(_Strict):

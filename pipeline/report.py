@@ -8,67 +8,153 @@ from typing import Any
 from pipeline.runs import write_text
 
 
+def latency_p50(metrics: dict[str, Any]) -> float:
+    """End-to-end p50 through the server at its lowest concurrency, else the offline one-at-a-time p50."""
+    load = metrics.get("load")
+    if load:
+        return load[min(load, key=int)]["e2e_p50_s"]
+    return metrics["latency_p50_s"]
+
+
+def _cost(metrics: dict[str, Any]) -> float:
+    """$ per 1k requests where measured (schema 2), else $ per 1M output tokens (schema 1 reports)."""
+    return metrics.get("cost_per_1k_requests", metrics["cost_per_1m_output_tokens"])
+
+
+def _interval(values: list[float] | None) -> str:
+    return f" (95% CI {values[0]:.0%}-{values[1]:.0%})" if values and all(v == v for v in values) else ""
+
+
 def verdict(report: dict[str, Any]) -> str:
     """One paragraph answering 'was fine-tuning worth it here?', computed from the numbers."""
     systems = report["systems"]
     teacher, base, tuned = systems["teacher"], systems["student_base"], systems["student_tuned"]
+    tests = report.get("comparisons", {}).get("student_tuned_vs", {})
     gain = tuned["accuracy"] - base["accuracy"]
+    p_base = tests.get("student_base", {}).get("p_value")
     kept = tuned["accuracy"] / teacher["accuracy"] if teacher["accuracy"] > 0 else float("nan")
-    cost_ratio = tuned["cost_per_1m_output_tokens"] / teacher["cost_per_1m_output_tokens"]
-    latency_ratio = tuned["latency_p50_s"] / teacher["latency_p50_s"]
-    cold = ""
-    if "latency_cold_p50_s" in tuned and "latency_cold_p50_s" in teacher:
-        cold_ratio = tuned["latency_cold_p50_s"] / teacher["latency_cold_p50_s"]
-        cold = f" ({cold_ratio:.2f}x without: the teacher's long prompt computed in full)"
+    kept_ci = report.get("comparisons", {}).get("kept_of_teacher", {}).get("ci95")
+    cost_ratio = _cost(tuned) / _cost(teacher)
+    latency_ratio = latency_p50(tuned) / latency_p50(teacher)
+    significance = f", paired McNemar p = {p_base:.3g}" if p_base is not None else ""
+    keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}" if kept == kept else "none to keep"
     parts = [
         f"Fine-tuning moved the student's accuracy from {base['accuracy']:.1%} to {tuned['accuracy']:.1%} "
-        f"({gain:+.1%}); the teacher scores {teacher['accuracy']:.1%}, so the tuned student keeps {kept:.0%} of it.",
-        f"Its p50 latency is {latency_ratio:.2f}x the teacher's with prompt prefixes cached{cold} "
-        f"and its cost per 1M output tokens {cost_ratio:.2f}x.",
+        f"({gain:+.1%}{significance}); the teacher scores {teacher['accuracy']:.1%}, {keeps}."
     ]
+    prompted = systems.get("student_prompted")
+    if prompted:
+        p_prompted = tests.get("student_prompted", {}).get("p_value")
+        parts.append(
+            f"Prompting the untuned student with the teacher's full prompt instead scores {prompted['accuracy']:.1%}"
+            + (f" (p = {p_prompted:.3g} against the tuned student)" if p_prompted is not None else "")
+            + "."
+        )
+    unit = "per 1k requests" if "cost_per_1k_requests" in tuned else "per 1M output tokens"
+    parts.append(
+        f"Serving it costs {cost_ratio:.2f}x the teacher (${_cost(tuned):.4f} vs ${_cost(teacher):.4f} {unit}) "
+        f"and its p50 latency is {latency_ratio:.2f}x the teacher's."
+    )
     change = report.get("forgetting", {}).get("change")
     if change:
         parts.append(
             f"On the general probe, accuracy changed by {change['accuracy']:+.1%} and the leakage rate "
             f"by {change['leakage_rate']:+.1%}."
         )
-    worth = gain > 0 and kept >= 0.9 and latency_ratio < 1 and (not change or change["accuracy"] > -0.05)
-    if worth:
+    even = report.get("break_even")
+    if even:
+        spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
+        if even["requests"] is None:
+            parts.append(f"{spent} and never pays back: the tuned student is not cheaper per request.")
+        else:
+            parts.append(
+                f"{spent}, paid back after {even['requests']:,.0f} requests ({even['days']:.1f} days at "
+                f"{even['requests_per_day']:,.0f} requests/day)."
+            )
+    significant = gain > 0 and (p_base is None or p_base < 0.05)
+    forgot = bool(change) and (change["accuracy"] < -0.05 or change["leakage_rate"] > 0.10)
+    if not significant:
+        parts.append("Verdict: not worth it — fine-tuning did not measurably beat the untuned student.")
+    elif prompted and prompted["accuracy"] >= tuned["accuracy"]:
         parts.append(
-            "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
+            "Verdict: not worth it — prompting the untuned student did as well; fine-tuning bought no accuracy."
         )
-    elif gain <= 0:
-        parts.append("Verdict: not worth it — fine-tuning did not beat the untuned student.")
-    elif change and (change["accuracy"] < -0.05 or change["leakage_rate"] > 0.10):
+    elif forgot:
         parts.append(
             "Verdict: not worth it as trained — the task gain came with a regression on base capabilities "
             "(probe accuracy down more than 5 points or leakage up more than 10); train gentler (lower learning "
             "rate, fewer epochs, smaller rank) or mix general data in."
+        )
+    elif kept >= 0.9 and latency_ratio < 1 and cost_ratio < 1:
+        parts.append(
+            "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
         )
     else:
         parts.append("Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it.")
     return " ".join(parts)
 
 
+def _ci(values: list[float] | None) -> str:
+    return f" [{values[0]:.2f}, {values[1]:.2f}]" if values else ""
+
+
 def _table(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| system | prompt | accuracy | latency p50 (s) | latency p95 (s) | cold p50 (s) | cold p95 (s) "
-        "| output tok/s | $ / 1M output tok | mean prompt tok |",
+        "| system | prompt | accuracy [95% CI] | mean prompt tok | offline p50 warm / cold (s) | offline output tok/s "
+        "| hardware | $ / 1M input tok | $ / 1M output tok | $ / 1k requests |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["systems"].items():
         lines.append(
-            f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f} | {m['latency_p50_s']:.2f} "
-            f"| {m['latency_p95_s']:.2f} | {m.get('latency_cold_p50_s', float('nan')):.2f} "
-            f"| {m.get('latency_cold_p95_s', float('nan')):.2f} "
-            f"| {m['output_tokens_per_s']:.1f} | {m['cost_per_1m_output_tokens']:.3f} | {m['mean_prompt_tokens']:.0f} |"
+            f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f}{_ci(m.get('accuracy_ci95'))} "
+            f"| {m['mean_prompt_tokens']:.0f} "
+            f"| {m['latency_p50_s']:.2f} / {m.get('latency_cold_p50_s', float('nan')):.2f} "
+            f"| {m['output_tokens_per_s']:.1f} | {m.get('hardware', '')} "
+            f"| {m.get('cost_per_1m_input_tokens', float('nan')):.3f} | {m['cost_per_1m_output_tokens']:.3f} "
+            f"| {m.get('cost_per_1k_requests', float('nan')):.4f} |"
         )
     rules = sorted({rule for m in report["systems"].values() for rule in m["rule_accuracy"]})
     lines += ["", "| system | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     for name, m in report["systems"].items():
-        lines.append(
-            f"| {name} | " + " | ".join(f"{m['rule_accuracy'].get(r, float('nan')):.3f}" for r in rules) + " |"
-        )
+        cis = m.get("rule_accuracy_ci95", {})
+        cells = [f"{m['rule_accuracy'].get(r, float('nan')):.3f}{_ci(cis.get(r))}" for r in rules]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tests = report.get("comparisons", {}).get("student_tuned_vs")
+    if tests:
+        lines += [
+            "",
+            "Paired exact McNemar tests, tuned student against each system on the same test examples:",
+            "",
+            "| against | accuracy difference | only tuned right | only other right | p-value |",
+            "|---|---|---|---|---|",
+        ]
+        for other, t in tests.items():
+            lines.append(
+                f"| {other} | {t['accuracy_diff']:+.3f} | {t['tuned_only_correct']} | {t['other_only_correct']} "
+                f"| {t['p_value']:.3g} |"
+            )
+    loads = {name: m["load"] for name, m in report["systems"].items() if m.get("load")}
+    if loads:
+        lines += [
+            "",
+            "Under load through `vllm serve` (streamed requests; TTFT = time to first token, TPOT = time per "
+            "output token after it):",
+            "",
+            "| system | concurrency | TTFT p50 / p95 / p99 (s) | TPOT p50 / p95 / p99 (ms) | e2e p50 / p95 / p99 (s) "
+            "| requests/s | output tok/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def trio(level: dict[str, Any], key: str, scale: float = 1.0, digits: int = 2) -> str:
+            values = [level.get(f"{key}_p{q}_s") for q in (50, 95, 99)]
+            return " / ".join("-" if v is None else f"{v * scale:.{digits}f}" for v in values)
+
+        for name, levels in loads.items():
+            for concurrency, level in levels.items():
+                lines.append(
+                    f"| {name} | {concurrency} | {trio(level, 'ttft')} | {trio(level, 'tpot', 1000, 1)} "
+                    f"| {trio(level, 'e2e')} | {level['requests_per_s']:.2f} | {level['output_tokens_per_s']:.1f} |"
+                )
     return lines
 
 
@@ -85,19 +171,37 @@ def _serving_note(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.md and its plots; return the paths written."""
     plots = _plots(report, out_dir)
+    tuned = report["systems"]["student_tuned"]
+    basis = tuned.get("cost_basis", "the offline engine's batched throughput")
     lines = [
         f"# Distillation report: {report['run_name']}",
         "",
         verdict(report),
         "",
-        f"Task `{report['task']}`, {report['test_examples']} held-out test examples. Cost from "
-        f"{report['hardware']['name']} at ${report['hardware']['usd_per_hour']}/hour and the measured batched "
-        "throughput; latency from requests run one at a time, warm (shared prompt prefixes served from vLLM's "
-        "prefix cache, as on a busy server) and cold (cache cleared before each request). " + _serving_note(report),
+        f"Task `{report['task']}`, {report['test_examples']} held-out test examples, report schema "
+        f"{report.get('schema_version', 1)}. Serving cost from each system's hardware $/hour and its measured "
+        f"throughput ({basis}); offline latency from requests run one at a time on the offline engine, warm "
+        "(shared prompt prefixes served from vLLM's prefix cache, as on a busy server) and cold (cache cleared "
+        "before each request). " + _serving_note(report),
         "",
         *_table(report),
         "",
     ]
+    even = report.get("break_even")
+    if even:
+        walls = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in even["one_off_wall_s"].items())
+        lines += [
+            "## Break-even",
+            "",
+            f"One-off cost ${even['one_off_usd']:.4f} ({walls} on {even['pipeline_hardware']}); saving "
+            f"${even['saving_per_1k_requests_usd']:.4f} per 1k requests against the teacher; break-even after "
+            + (
+                f"{even['requests']:,.0f} requests, {even['days']:.2f} days at {even['requests_per_day']:,.0f}/day."
+                if even["requests"] is not None
+                else "never (no saving per request)."
+            ),
+            "",
+        ]
     forgetting = report.get("forgetting", {})
     if forgetting:
         lines += [
@@ -106,9 +210,8 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             "| system | probe accuracy | leakage rate | n |",
             "|---|---|---|---|",
         ]
-        for name in ("student_base", "student_tuned"):
-            if name in forgetting:
-                f = forgetting[name]
+        for name, f in forgetting.items():
+            if name != "change":
                 lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
@@ -127,13 +230,14 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     names = list(systems)
     paths = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name in names:
         m = systems[name]
-        ax.scatter(m["cost_per_1m_output_tokens"], m["accuracy"], s=60)
-        ax.annotate(name, (m["cost_per_1m_output_tokens"], m["accuracy"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("$ per 1M output tokens")
-    ax.set_ylabel("task accuracy")
+        low, high = m.get("accuracy_ci95", [m["accuracy"], m["accuracy"]])
+        ax.errorbar(_cost(m), m["accuracy"], yerr=[[m["accuracy"] - low], [high - m["accuracy"]]], fmt="o", capsize=4)
+        ax.annotate(name, (_cost(m), m["accuracy"]), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("$ per 1,000 requests" if "cost_per_1k_requests" in systems[names[0]] else "$ per 1M output tokens")
+    ax.set_ylabel("task accuracy (95% CI)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Accuracy against serving cost")
     ax.grid(alpha=0.3)
@@ -148,11 +252,44 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
         width=0.4,
         label="p50, cold (no prefix cache)",
     )
-    ax.set_xticks(list(x), names)
+    ax.set_xticks(list(x), names, rotation=15)
     ax.set_ylabel("seconds per request")
-    ax.set_title("Latency (one request at a time)")
+    ax.set_title("Offline engine latency (one request at a time)")
     ax.legend()
     paths.append(_save(fig, out_dir / "latency.png"))
+
+    cdfs = report.get("latency_cdf")
+    if cdfs:
+        levels = sorted({level for per_system in cdfs.values() for level in per_system}, key=int)
+        fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.8), sharey=True, squeeze=False)
+        for ax, level in zip(axes[0], levels, strict=True):
+            for name, per_system in cdfs.items():
+                values = sorted(per_system.get(level, []))
+                if values:
+                    ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
+            ax.set_title(f"concurrency {level}")
+            ax.set_xlabel("end-to-end latency (s)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("share of requests")
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle("Latency CDF through vllm serve")
+        paths.append(_save(fig, out_dir / "latency_cdf.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in names:
+            load = systems[name].get("load")
+            if load:
+                levels_of = sorted(load, key=int)
+                ax.plot(
+                    [int(c) for c in levels_of], [load[c]["output_tokens_per_s"] for c in levels_of], "o-", label=name
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title("Throughput against concurrency (vllm serve)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "throughput_vs_concurrency.png"))
     return paths
 
 
@@ -195,7 +332,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
             f"| {config['lora']['r']} | {config.get('packing', False)} | {metrics.get('steps')} "
             f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f} "
             f"| {tuned['accuracy'] - base['accuracy']:+.3f} | {kept:.0%} "
-            f"| {tuned['latency_p50_s'] / teacher['latency_p50_s']:.2f}x | {tuned['cost_per_1m_output_tokens']:.3f} "
+            f"| {latency_p50(tuned) / latency_p50(teacher):.2f}x | {tuned['cost_per_1m_output_tokens']:.3f} "
             f"| {change.get('accuracy', float('nan')):+.3f} | {change.get('leakage_rate', float('nan')):+.3f} |"
         )
     return "\n".join(lines)

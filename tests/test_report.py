@@ -7,27 +7,52 @@ import pytest
 from pipeline.report import verdict
 
 
-def report(tuned_accuracy: float, probe_change: float, leakage_change: float, tuned_p50: float = 1.0) -> dict:
+def report(
+    tuned_accuracy: float,
+    probe_change: float,
+    leakage_change: float,
+    tuned_p50: float = 1.0,
+    p_vs_base: float = 0.001,
+    prompted_accuracy: float | None = None,
+    tuned_cost: float = 0.3,
+) -> dict:
     def system(accuracy: float, p50: float, cost: float) -> dict:
         return {"accuracy": accuracy, "latency_p50_s": p50, "cost_per_1m_output_tokens": cost}
 
+    systems = {
+        "teacher": system(0.85, 2.0, 0.5),
+        "student_base": system(0.0, 1.5, 0.2),
+        "student_tuned": system(tuned_accuracy, tuned_p50, tuned_cost),
+    }
+    if prompted_accuracy is not None:
+        systems["student_prompted"] = system(prompted_accuracy, 2.0, 0.45)
     return {
-        "systems": {
-            "teacher": system(0.85, 2.0, 0.5),
-            "student_base": system(0.0, 1.5, 0.2),
-            "student_tuned": system(tuned_accuracy, tuned_p50, 0.3),
-        },
+        "systems": systems,
+        "comparisons": {"student_tuned_vs": {"student_base": {"p_value": p_vs_base}}},
         "forgetting": {"change": {"accuracy": probe_change, "leakage_rate": leakage_change}},
     }
 
 
 def test_verdicts():
     assert "Verdict: worth it" in verdict(report(0.84, -0.01, 0.02))
-    assert "Verdict: not worth it — fine-tuning did not beat" in verdict(report(0.0, 0.0, 0.0))
+    assert "Verdict: not worth it — fine-tuning did not measurably beat" in verdict(report(0.0, 0.0, 0.0))
     assert "regression on base capabilities" in verdict(report(0.37, -0.38, 0.75))  # measured on the demo, lr 2e-3
     assert "regression on base capabilities" in verdict(report(0.37, 0.0, 0.15))
     assert "Verdict: mixed" in verdict(report(0.28, 0.04, 0.08))  # measured on the demo, lr 1e-3
     assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_p50=2.5))  # slower than the teacher
+    assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_cost=0.6))  # dearer than the teacher
+
+
+def test_flipping_one_number_flips_the_verdict():
+    """The verdict is computed, not written: the same report with one input changed says something else."""
+    worth = report(0.84, -0.01, 0.02)
+    assert "Verdict: worth it" in verdict(worth)
+    assert "did not measurably beat" in verdict(report(0.84, -0.01, 0.02, p_vs_base=0.2))  # gain within noise
+    assert "prompting the untuned student did as well" in verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86))
+    assert "Verdict: worth it" in verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.5))
+    # The numbers in the sentence are the report's own.
+    assert "from 0.0% to 84.0% (+84.0%, paired McNemar p = 0.001)" in verdict(worth)
+    assert "keeps 99% of it" in verdict(worth) and "Serving it costs 0.60x the teacher" in verdict(worth)
 
 
 def test_compare_puts_runs_side_by_side(tmp_path):

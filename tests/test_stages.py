@@ -386,3 +386,59 @@ def test_online_artifacts_record_a_use_edge(tmp_path, tiny_model):
         ("use", "tiny-dataset:fp-abc123"),
         ("log", "tiny-student", "tiny-dataset:fp-abc123", ["latest", "fp-fff000"]),
     ]
+
+
+@pytest.mark.integration
+def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
+    """The whole pipeline with the load test on: every system through a real `vllm serve` at two concurrency
+    levels. Accuracy, its interval, latency percentiles, throughput and costs in report.json are recomputed
+    here from records.jsonl and must agree."""
+    from pipeline.stats import percentile, wilson_interval
+
+    config = parity_config(
+        tmp_path,
+        tiny_model,
+        **{
+            "benchmark.load_test": {"enabled": True, "concurrency": [1, 3], "requests": 6, "warmup": 1},
+            "benchmark.engine.max_model_len": 512,
+            "benchmark.engine.gpu_memory_utilization": 0.3,
+        },
+    )
+    run_pipeline(config)
+    report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
+    records = list(read_jsonl(config.run_dir / "benchmark" / "records.jsonl"))
+    assert report["schema_version"] == 2
+    assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
+    for name, metrics in report["systems"].items():
+        task = [r for r in records if r["system"] == name and r["kind"] == "task"]
+        correct = sum(r["correct"] for r in task)
+        assert metrics["accuracy"] == correct / len(task) and metrics["accuracy_ci95"] == wilson_interval(
+            correct, len(task)
+        )
+        for level in ("1", "3"):
+            load = [
+                r for r in records if r["system"] == name and r["kind"] == "load" and r["concurrency"] == int(level)
+            ]
+            summary = metrics["load"][level]
+            assert len(load) == summary["requests"] == 6
+            for q in (50, 95, 99):
+                assert summary[f"e2e_p{q}_s"] == pytest.approx(percentile([r["e2e_s"] for r in load], q))
+                assert summary[f"ttft_p{q}_s"] == pytest.approx(percentile([r["ttft_s"] for r in load], q))
+            assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in load) and all(r["output_tokens"] > 0 for r in load)
+            wall = max(r["ended_s"] for r in load) - min(r["started_s"] for r in load)
+            assert summary["requests_per_s"] == pytest.approx(len(load) / wall)
+        # Priced at the highest level's throughput on cpu-2core ($0.10/hour).
+        assert metrics["cost_basis"] == "vllm serve at concurrency 3"
+        assert metrics["cost_per_1k_requests"] == pytest.approx(
+            0.10 / 3600 / metrics["load"]["3"]["requests_per_s"] * 1000
+        )
+    tests = report["comparisons"]["student_tuned_vs"]
+    assert set(tests) == {"teacher", "student_base", "student_prompted"}
+    assert all(0 <= t["p_value"] <= 1 for t in tests.values())
+    even = report["break_even"]
+    assert even["one_off_wall_s"]["train"] > 0 and even["one_off_usd"] > 0
+    assert sorted(report["latency_cdf"]["teacher"]["1"]) == report["latency_cdf"]["teacher"]["1"]
+    markdown = (config.run_dir / "benchmark" / "report.md").read_text()
+    assert "Under load through `vllm serve`" in markdown and "## Break-even" in markdown
+    for plot in ("accuracy_vs_cost", "latency_cdf", "throughput_vs_concurrency"):
+        assert (config.run_dir / "benchmark" / f"{plot}.png").stat().st_size > 1000

@@ -8,7 +8,8 @@ Rules, each scored separately (accuracy = all pass):
 
 Prompt styles: "short" is one line (what the student gets); "full" is the teacher's expensive configuration:
 the rules, few-shot worked examples as chat turns, and the KB articles retrieved for the ticket with the reply
-the top one suggests (last, so that every prompt shares the rules + examples prefix for vLLM's prefix cache).
+the top one suggests (last, so that every prompt shares the rules + examples prefix for vLLM's prefix cache);
+"retrieved" is the short prompt with the retrieved articles (a tuned student given the context at serving).
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class SupportTask(Task):
 
     name = "support"
     Params = SupportParams
+    prompt_styles = ("short", "full", "retrieved")
 
     def __init__(self, params: SupportParams, seed: int, base_dir: Path) -> None:
         super().__init__(params, seed, base_dir)
@@ -301,11 +303,17 @@ class SupportTask(Task):
         return turns
 
     def messages(self, example: Example, style: str) -> list[Message]:
-        """Short: system one-liner + ticket. Full: rules, few-shot turns, then retrieved articles + ticket."""
+        """Short: system one-liner + ticket. Full: rules, few-shot turns, then retrieved articles + ticket.
+        Retrieved: system one-liner, then retrieved articles + ticket."""
         if style == "short":
             return [{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": example.user}]
         if style == "full":
             return [*self._full_prefix, {"role": "user", "content": self._teacher_turn(example)}]
+        if style == "retrieved":  # the short prompt plus the retrieved articles: does tuning learn facts or style?
+            return [
+                {"role": "system", "content": SHORT_PROMPT},
+                {"role": "user", "content": self._teacher_turn(example)},
+            ]
         raise TaskError(f"unknown prompt style {style!r}; expected one of {self.prompt_styles}")
 
     # --- scoring ---------------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""Latency under load through a real OpenAI-compatible server: `vllm serve` started on a model, then
+streamed chat requests at each concurrency level.
+
+Per request: time to first token (TTFT), time per output token after the first (TPOT), end-to-end latency,
+prompt and output tokens (the server's own usage counts). Per level: p50/p95/p99 of each, requests/s and
+output tokens/s over the level's wall time. The benchmark keeps every request as a record, so each number
+can be recomputed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EngineConfig, LoadTestConfig, SamplingConfig
+from pipeline.engines import _prepare_vllm_cpu_env, has_cuda
+from pipeline.runs import PipelineError, log
+
+Conversation = list[dict[str, str]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(
+    model: str, engine: EngineConfig, seed: int, adapters: dict[str, str] | None = None, timeout_s: float = 600
+) -> Iterator[str]:
+    """Serve `model` (as "base") and any LoRA `adapters` ({served name: folder}) with `vllm serve`; yields the
+    base URL and stops the server (its whole process group) on exit.
+
+    Started as `python -m vllm.entrypoints.openai.api_server`: the `vllm` CLI wrapper fails under vllm-cpu.
+    """
+    on_gpu = has_cuda()
+    if not on_gpu:
+        _prepare_vllm_cpu_env()
+    port = _free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    command += ["--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
+    command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.max_model_len:
+        command += ["--max-model-len", str(engine.max_model_len)]
+    dtype = ("float32" if not on_gpu else "auto") if engine.dtype == "auto" else engine.dtype
+    command += ["--dtype", dtype]
+    if engine.enforce_eager if engine.enforce_eager is not None else not on_gpu:
+        command += ["--enforce-eager"]
+    if not engine.enable_prefix_caching:
+        command += ["--no-enable-prefix-caching"]
+    if adapters:
+        from pipeline.engines import adapter_rank
+
+        rank = max(adapter_rank(path) for path in adapters.values())
+        command += ["--enable-lora", "--max-lora-rank", str(max(8, rank)), "--lora-modules"]
+        command += [f"{name}={path}" for name, path in adapters.items()]
+    server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            if process.poll() is not None:
+                tail = Path(server_log.name).read_text()[-1500:]
+                raise PipelineError(f"benchmark.load_test: vllm serve exited ({server_log.name}):\n{tail}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise PipelineError(
+                    f"benchmark.load_test: vllm serve not healthy after {timeout_s:.0f} s (see {server_log.name})"
+                )
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+async def _one_request(client: Any, model: str, conversation: Conversation, sampling: SamplingConfig) -> dict:
+    started = time.perf_counter()
+    first = None
+    usage = None
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=conversation,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+    ended = time.perf_counter()
+    output_tokens = usage.completion_tokens if usage else 0
+    ttft = (first or ended) - started
+    return {
+        "ttft_s": ttft,
+        "e2e_s": ended - started,
+        # After the first token: the decode speed a reader of a streamed answer sees.
+        "tpot_s": (ended - started - ttft) / (output_tokens - 1) if output_tokens > 1 else None,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "output_tokens": output_tokens,
+        "started_s": started,
+        "ended_s": ended,
+    }
+
+
+async def _level(base_url: str, model: str, conversations: list[Conversation], sampling, concurrency: int):
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def gated(conversation: Conversation) -> dict:
+            async with gate:
+                return await _one_request(client, model, conversation, sampling)
+
+        return await asyncio.gather(*(gated(c) for c in conversations))
+
+
+def load_test(
+    base_url: str, model: str, conversations: list[Conversation], sampling: SamplingConfig, config: LoadTestConfig
+) -> list[dict[str, Any]]:
+    """Per-request records for every concurrency level (after an untimed warm-up)."""
+    if not conversations:
+        return []
+
+    def cycle(count: int) -> list[Conversation]:
+        return [conversations[i % len(conversations)] for i in range(count)]
+
+    if config.warmup:
+        asyncio.run(_level(base_url, model, cycle(config.warmup), sampling, config.warmup))
+    records = []
+    for level in config.concurrency:
+        rows = asyncio.run(_level(base_url, model, cycle(max(config.requests, level)), sampling, level))
+        log(f"benchmark: {model} at concurrency {level}: {len(rows)} requests")
+        records += [{"concurrency": level, **row} for row in rows]
+    return records
+
+
+def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Percentiles and throughput of one level's request records (what the report shows)."""
+    from pipeline.stats import percentile
+
+    wall = max(r["ended_s"] for r in rows) - min(r["started_s"] for r in rows)
+    summary: dict[str, Any] = {"requests": len(rows), "wall_s": wall}
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        values = [r[key] for r in rows if r[key] is not None]
+        for q in (50, 95, 99):
+            summary[f"{key.removesuffix('_s')}_p{q}_s"] = percentile(values, q) if values else None
+    summary["requests_per_s"] = len(rows) / wall
+    summary["output_tokens_per_s"] = sum(r["output_tokens"] for r in rows) / wall
+    summary["prompt_tokens_per_s"] = sum(r["prompt_tokens"] or 0 for r in rows) / wall
+    summary["mean_prompt_tokens"] = sum(r["prompt_tokens"] or 0 for r in rows) / len(rows)
+    return summary
