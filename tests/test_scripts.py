@@ -140,3 +140,17 @@ def test_generate_benchmark_script_prints_the_ratio():
     assert "[0] raw :" in result.stdout and "[0] ours:" in result.stdout
     ratio = float(result.stdout.strip().splitlines()[-1].rsplit("=", 1)[1])
     assert ratio > 0
+
+
+@pytest.mark.integration
+def test_train_benchmark_script_prints_both_ratios():
+    """bench_train.py on the bundled model, one short step each way: both sides run, ratios and MFU print."""
+    result = run_python(
+        "bench_train.py",
+        *("--steps", "1", "--peak-tflops", "1"),
+        *("train.max_length=64", "train.per_device_train_batch_size=2"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("unpacked", "packed  "):
+        assert f"{name} ratio ours/plain = " in result.stdout and f"{name} model FLOPs utilisation" in result.stdout
+    assert "packing: " in result.stdout

@@ -4,16 +4,10 @@ and its retry policy against a local server that fails on purpose (vLLM cannot b
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -37,49 +31,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model):
-    """`vllm serve` on the tiny model, with an API key; yields its base URL."""
-    from pipeline.engines import _prepare_vllm_cpu_env
+    """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL."""
+    from pipeline.serving import vllm_server as serve
 
-    _prepare_vllm_cpu_env()
-    port = free_port()
-    log = (Path(tiny_model).parent / "vllm-serve.log").open("w")
-    process = subprocess.Popen(
-        [
-            # `vllm serve`, minus its CLI wrapper, which looks up the version of a package named "vllm"
-            # and so fails under vllm-cpu.
-            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model)),
-            *("--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY),
-            *("--max-model-len", "512", "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.5"),
-            *("--served-model-name", "tiny"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its engine-core child goes down with it
-    )
-    base_url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited: {Path(log.name).read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("vllm serve did not become healthy in 300 s")
-            time.sleep(1)
-        yield base_url
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-        log.close()
+    engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
+    with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
+        yield url
 
 
 def server_engine(base_url: str, **server) -> EngineConfig:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import validate_config
 from pipeline.train import build_trainer, device_defaults, to_prompt_completion
-from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, kill_midway, tiny_config
+from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, kill_midway, tiny_config, write_filtered
 
 ROWS = [
     {
@@ -93,12 +93,9 @@ def test_retrain_only_when_the_data_moved_past_the_threshold(tmp_path, tiny_mode
     raw["train"].update({"max_steps": 1, "retrain_min_change": 0.25, "merge": False})
     raw["tracking"] = {"wandb": False}
     config = validate_config(raw)
-    data = config.run_dir / "filter"
-    data.mkdir(parents=True)
 
     def write(rows):
-        (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (data / "val.jsonl").write_text("")
+        write_filtered(config, rows)
 
     def trained_at():
         return json.loads((config.run_dir / "train" / "manifest.json").read_text())["started_at"], (
@@ -137,10 +134,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     config = validate_config(raw)
-    data = config.run_dir / "filter"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (data / "val.jsonl").write_text("")
+    write_filtered(config, ROWS)
 
     checkpoints = config.run_dir / "train" / "checkpoints"
     kill_midway(
@@ -190,10 +184,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model):
     )
     raw["tracking"] = {"wandb": False}
     config = validate_config(raw)
-    data = config.run_dir / "filter"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:6]))
-    (data / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[6:]))
+    write_filtered(config, ROWS[:6], ROWS[6:])
     run_train(config)
     metrics = json.loads((config.run_dir / "train" / "manifest.json").read_text())["metrics"]
     evals = metrics["eval_losses"][:-1]  # the last entry is the final evaluate() of the loaded model
@@ -204,7 +195,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, tiny_model):
 
     raw["filter"] = {"val_fraction": 0.0}
     raw["train"]["early_stopping_patience"] = 2
-    (data / "val.jsonl").write_text("")
+    write_filtered(config, ROWS[:6])
     with pytest.raises(Exception, match="train.early_stopping_patience: needs a val split"):
         run_train(validate_config(raw), force=True)
 
@@ -243,7 +234,6 @@ def test_packed_examples_keep_their_unpacked_loss(tmp_path, tiny_model):
 
 
 def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model):
-    import json
 
     from safetensors import safe_open
 
@@ -251,10 +241,7 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model):
 
     raw = tiny_config(tmp_path, tiny_model, **{"train.method": "full", "train.max_steps": 2})
     config = validate_config(raw)
-    data = config.run_dir / "filter"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    (data / "val.jsonl").write_text("")
+    write_filtered(config, ROWS)
     run_train(config)
     merged = config.run_dir / "train" / "merged"
     assert not (config.run_dir / "train" / "adapter").exists()
