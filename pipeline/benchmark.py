@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.config import ExperimentConfig
 from pipeline.engines import Engine, load_engine, timed_single_requests
 from pipeline.models import resolve_model
-from pipeline.probe import load_probe, probe_correct, probe_messages, summarize_probe
+from pipeline.probe import load_probe, probe_correct, probe_messages, run_lm_eval, summarize_probe
 from pipeline.report import latency_p50, write_report
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
 from pipeline.stats import mcnemar, percentile, ratio_interval, wilson_interval
@@ -330,6 +330,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             engine.close()
 
     check_adapter_applied(records)
+    if config.benchmark.lm_eval.tasks:
+        students = {s.name: (s.model, s.adapter) for s in systems if s.name in ("student_base", "student_tuned")}
+        forgetting["lm_eval"] = run_lm_eval(config.benchmark.lm_eval, students)
     if config.benchmark.load_test.enabled:
         summaries, load_records = run_load_tests(config, systems, task, examples)
         records += load_records

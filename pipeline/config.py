@@ -377,6 +377,16 @@ class LoadTestConfig(_Strict):
         return sorted(set(levels))
 
 
+class LmEvalConfig(_Strict):
+    """Named lm-evaluation-harness tasks (e.g. ["arc_easy", "hellaswag"]) for the untuned and the tuned
+    student, through lm-eval's Python API: a second forgetting measure beside the probe. Needs `pip install
+    lm-eval` and a hub to fetch the task data; without them it is skipped, and the report says why."""
+
+    tasks: list[str] = Field(default_factory=list)  # empty: not run
+    limit: int | None = Field(None, ge=1)  # examples per task (None: all)
+    batch_size: int = Field(8, ge=1)
+
+
 class BenchmarkConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -402,6 +412,7 @@ class BenchmarkConfig(_Strict):
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkConfig:

@@ -12,7 +12,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import LmEvalConfig
 
 PROBE_PATH = Path(__file__).parent / "data" / "general_probe.jsonl"
 PROBE_SYSTEM = "You are a helpful assistant."
@@ -85,3 +88,44 @@ def summarize_probe(
         "n": n,
         "per_category": {cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
     }
+
+
+def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """lm-evaluation-harness scores of each student ({name: (model folder, LoRA adapter or None)}).
+
+    A known failure of that harness is an adapter silently not applied; so the per-sample results of the
+    tuned and untuned student are compared, and identical ones are an error, not a report."""
+    from pipeline.runs import PipelineError, log
+
+    try:
+        import lm_eval
+    except ImportError:
+        log("benchmark.lm_eval: lm-eval is not installed (pip install lm-eval); skipped")
+        return {"skipped": "lm-eval is not installed"}
+    scores: dict[str, Any] = {}
+    samples: dict[str, list[Any]] = {}
+    for name, (model, adapter) in students.items():
+        args = f"pretrained={model}" + (f",peft={adapter}" if adapter else "")
+        try:
+            out = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=args,
+                tasks=config.tasks,
+                limit=config.limit,
+                batch_size=config.batch_size,
+                log_samples=True,
+            )
+        except Exception as exc:  # noqa: BLE001 - most often no hub to fetch the task data from
+            log(f"benchmark.lm_eval: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        scores[name] = {
+            task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            for task, metrics in out["results"].items()
+        }
+        samples[name] = [[s.get("resps") for s in rows] for _, rows in sorted(out.get("samples", {}).items())]
+    if len(samples) > 1 and all(v == next(iter(samples.values())) for v in samples.values()):
+        raise PipelineError(
+            "benchmark.lm_eval: the tuned and untuned students gave identical responses on every lm-eval "
+            "sample; the adapter was not applied"
+        )
+    return scores

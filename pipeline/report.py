@@ -211,9 +211,24 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             "|---|---|---|---|",
         ]
         for name, f in forgetting.items():
-            if name != "change":
+            if name not in ("change", "lm_eval"):
                 lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
         lines.append("")
+        harness = forgetting.get("lm_eval")
+        if harness and "skipped" in harness:
+            lines += [f"lm-evaluation-harness: skipped ({harness['skipped']}).", ""]
+        elif harness:
+            lines += [
+                "lm-evaluation-harness (adapter checked as applied):",
+                "",
+                "| system | task | metrics |",
+                "|---|---|---|",
+            ]
+            for name, tasks in harness.items():
+                for task_name, metrics in tasks.items():
+                    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+                    lines.append(f"| {name} | {task_name} | {shown} |")
+            lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     path = out_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")

@@ -74,3 +74,48 @@ def test_summarize_probe_counts_accuracy_leakage_and_categories():
     assert summary == {"accuracy": 0.75, "leakage_rate": 0.5, "n": 4, "per_category": {"x": 1.0, "y": 2 / 3}}
     with pytest.raises(ValueError):
         summarize_probe(["1"], qs, leaks=lambda t: False)
+
+
+def test_lm_eval_is_skipped_with_a_reason_when_missing(monkeypatch):
+    import sys
+
+    from pipeline.config import LmEvalConfig
+    from pipeline.probe import run_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed (it is not, here; this makes sure)
+    assert run_lm_eval(LmEvalConfig(tasks=["arc_easy"]), {"student_base": ("m", None)}) == {
+        "skipped": "lm-eval is not installed"
+    }
+
+
+def test_lm_eval_refuses_a_tuned_student_that_answers_like_the_base(monkeypatch):
+    """lm-eval's task data needs a hub, which cannot exist here: a stand-in `simple_evaluate` returns what
+    the harness returns. Identical per-sample responses mean the adapter was not applied."""
+    import sys
+    import types
+
+    import pytest
+
+    from pipeline.config import LmEvalConfig
+    from pipeline.probe import run_lm_eval
+    from pipeline.runs import PipelineError
+
+    calls = []
+
+    def simple_evaluate(model, model_args, tasks, limit, batch_size, log_samples):
+        calls.append(model_args)
+        answer = "B" if "peft=" in model_args and differ else "A"
+        return {
+            "results": {"arc_easy": {"acc,none": 0.5, "alias": "arc"}},
+            "samples": {"arc_easy": [{"resps": [[answer]]}]},
+        }
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    students = {"student_base": ("base", None), "student_tuned": ("base", "adapter-dir")}
+    differ = True
+    scores = run_lm_eval(LmEvalConfig(tasks=["arc_easy"]), students)
+    assert calls == ["pretrained=base", "pretrained=base,peft=adapter-dir"]
+    assert scores["student_tuned"] == {"arc_easy": {"acc,none": 0.5}}
+    differ = False
+    with pytest.raises(PipelineError, match="the adapter was not applied"):
+        run_lm_eval(LmEvalConfig(tasks=["arc_easy"]), students)
