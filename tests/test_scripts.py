@@ -51,7 +51,7 @@ def test_stage_scripts_then_run_all_skips_everything(tiny_env):
         result = run(script, env)
         assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run_dir / "benchmark" / "report.json").read_text())
-    assert set(report["systems"]) == {"teacher", "student_base", "student_tuned"}
+    assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
 
     again = run("run_all.sh", env)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -292,7 +292,7 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     config = parity_config(tmp_path, tiny_model)
     run_pipeline(config)
     report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
-    assert set(report["systems"]) == {"teacher", "student_base", "student_tuned"}
+    assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
     for metrics in report["systems"].values():
         for key in ("accuracy", "latency_p50_s", "latency_p95_s", "output_tokens_per_s", "cost_per_1m_output_tokens"):
             assert isinstance(metrics[key], float), key
