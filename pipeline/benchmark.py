@@ -111,8 +111,8 @@ def run_load_tests(
     summaries: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     for model, group in by_model.items():
-        adapters = {f"adapter-{i}": s.adapter for i, s in enumerate(group) if s.adapter}
-        names = {s.name: next((n for n, path in adapters.items() if path == s.adapter), "base") for s in group}
+        names = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
+        adapters = {names[s.name]: s.adapter for s in group if s.adapter}
         log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in group)}")
         with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
             for system in group:

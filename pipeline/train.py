@@ -70,11 +70,13 @@ def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": messages[:-1], "completion": messages[-1:], **{k: row[k] for k in KD_COLUMNS if k in row}}
 
 
-def load_split(path: Path, teacher_outputs: Path | None = None) -> list[dict[str, Any]]:
-    rows = list(read_jsonl(path))
-    if teacher_outputs is not None and rows:
-        rows = attach_teacher_logprobs(rows, teacher_outputs)
-    return [to_prompt_completion(row) for row in rows]
+def load_splits(data: Path, teacher_outputs: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """train.jsonl and val.jsonl as prompt/completion rows; for KD, with the teacher's logprobs attached
+    (one pass over the teacher outputs for both splits)."""
+    train, val = list(read_jsonl(data / "train.jsonl")), list(read_jsonl(data / "val.jsonl"))
+    if teacher_outputs is not None and train + val:
+        attach_teacher_logprobs(train + val, teacher_outputs)  # in place
+    return [to_prompt_completion(row) for row in train], [to_prompt_completion(row) for row in val]
 
 
 def device_defaults(train: TrainConfig) -> dict[str, Any]:
@@ -254,7 +256,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     if config.train.objective == "kd":
         check_same_tokenizer(resolve_model(config.teacher.model), model_path)
         logprobs = teacher_outputs_path(config)
-    train_rows, val_rows = load_split(data / "train.jsonl", logprobs), load_split(data / "val.jsonl", logprobs)
+    train_rows, val_rows = load_splits(data, logprobs)
     if not train_rows:
         raise PipelineError(f"{data / 'train.jsonl'}: no training examples")
     torch.set_num_threads(max(1, torch.get_num_threads()))
