@@ -35,7 +35,7 @@ def training_rows(config, limit: int) -> list[dict]:
         rows = list(read_jsonl(data))
         print(f"data: {data} ({len(rows)} rows)")
     else:
-        task = build_task(config.task, config.seed, config.base_dir)
+        task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
         reply = "Thank you for contacting support. Here is what to do next, step by step. "
         rows = [
             {

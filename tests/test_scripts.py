@@ -143,12 +143,14 @@ def test_generate_benchmark_script_prints_the_ratio():
 
 
 @pytest.mark.integration
-def test_train_benchmark_script_prints_both_ratios():
-    """bench_train.py on the bundled model, one short step each way: both sides run, ratios and MFU print."""
+def test_train_benchmark_script_prints_both_ratios(tmp_path):
+    """bench_train.py on the bundled model, one short step each way: both sides run, ratios and MFU print.
+
+    An empty runs_dir makes it build its rows from the task, as on a fresh clone with no demo run yet."""
     result = run_python(
         "bench_train.py",
         *("--steps", "1", "--peak-tflops", "1"),
-        *("train.max_length=64", "train.per_device_train_batch_size=2"),
+        *("train.max_length=64", "train.per_device_train_batch_size=2", f"runs_dir={tmp_path}"),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("unpacked", "packed  "):
