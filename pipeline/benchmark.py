@@ -184,17 +184,27 @@ def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> 
         walls[stage] = json.loads(manifest.read_text())["wall_s"] if manifest.is_file() else 0.0
     usd_per_hour = bench.hardware_profiles[bench.pipeline_hardware].usd_per_hour
     one_off = sum(walls.values()) / 3600 * usd_per_hour
-    saving = (results["teacher"]["cost_per_1k_requests"] - results["student_tuned"]["cost_per_1k_requests"]) / 1000
-    requests = one_off / saving if saving > 0 else None
-    return {
+
+    def against(baseline: str) -> dict[str, Any]:
+        saving = (results[baseline]["cost_per_1k_requests"] - results["student_tuned"]["cost_per_1k_requests"]) / 1000
+        requests = one_off / saving if saving > 0 else None
+        return {
+            "saving_per_1k_requests_usd": saving * 1000,
+            "requests": requests,
+            "days": requests / bench.requests_per_day if requests is not None else None,
+        }
+
+    even = {
         "one_off_usd": one_off,
         "one_off_wall_s": walls,
         "pipeline_hardware": bench.pipeline_hardware,
-        "saving_per_1k_requests_usd": saving * 1000,
-        "requests": requests,
-        "days": requests / bench.requests_per_day if requests is not None else None,
+        **against("teacher"),
         "requests_per_day": bench.requests_per_day,
     }
+    if "student_prompted" in results:
+        # The "try prompting first" baseline: what fine-tuning saves over serving the untuned student its long prompt.
+        even["vs_prompted"] = against("student_prompted")
+    return even
 
 
 def evaluate_system(

@@ -444,6 +444,8 @@ class PromoteConfig(_Strict):
     max_leakage_rate: float | None = Field(0.02, ge=0, le=1)  # general answers drifting into task behaviour
     max_probe_accuracy_drop: float | None = Field(0.05, ge=0)  # against the untuned student
     max_latency_p95_s: float | None = Field(None, gt=0)
+    # W&B Artifact alias given to the promoted student's artifact (with tracking.artifacts on); None: path only.
+    wandb_alias: str | None = Field("promoted", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class TrackingConfig(_Strict):

@@ -19,6 +19,8 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.runs import PipelineError, log, sha256_tree
+from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
+from pipeline.train import student_artifact_paths
 
 PROMOTED_REPORT = "report.json"
 
@@ -99,4 +101,20 @@ def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
         target.rename(previous)
     staging.rename(target)
     log(f"promote: {config.run_name} promoted to {target}" + (f" (gate forced past: {failures})" if failures else ""))
+    _alias_student_artifact(config)
     return target
+
+
+def _alias_student_artifact(config: ExperimentConfig) -> None:
+    """Give the promoted student's W&B Artifact the `promote.wandb_alias` alias, so serving can pull
+    `<run>-student:promoted`. The files are the train stage's, so W&B attaches the alias to its version."""
+    if not (config.promote.wandb_alias and config.tracking.artifacts and tracking_enabled(config)):
+        return
+    fingerprint = json.loads((config.run_dir / "train" / "manifest.json").read_text())["fingerprint"]
+    tracker = start_tracking(config, "promote")
+    try:
+        paths = student_artifact_paths(config.run_dir / "train")
+        tracker.artifact(config, "train", fingerprint, paths, aliases=(config.promote.wandb_alias,))
+    finally:
+        tracker.finish()
+    log(f"promote: W&B artifact {artifact_name(config, 'train')}:{config.promote.wandb_alias}")

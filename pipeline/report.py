@@ -25,8 +25,26 @@ def _interval(values: list[float] | None) -> str:
     return f" (95% CI {values[0]:.0%}-{values[1]:.0%})" if values and all(v == v for v in values) else ""
 
 
+def _payback(even: dict[str, Any], requests_per_day: float) -> str:
+    return f"{even['requests']:,.0f} requests ({even['days']:.1f} days at {requests_per_day:,.0f} requests/day)"
+
+
+def _against_prompted(tuned: dict[str, Any], prompted: dict[str, Any], p_value: float | None) -> str:
+    """'better', 'worse' or 'tie': the tuned student against the prompted one, by the paired test where there is one."""
+    differs = p_value is None or p_value < 0.05
+    if differs and prompted["accuracy"] > tuned["accuracy"]:
+        return "worse"
+    if differs and tuned["accuracy"] > prompted["accuracy"]:
+        return "better"
+    return "tie"
+
+
 def verdict(report: dict[str, Any]) -> str:
-    """One paragraph answering 'was fine-tuning worth it here?', computed from the numbers."""
+    """One paragraph answering 'was fine-tuning worth it here?', computed from the numbers.
+
+    Fine-tuning has to beat the untuned student measurably, and then earn its keep against the cheapest
+    alternative: prompting the untuned student. Where prompting matches it, only a lower serving cost can
+    justify fine-tuning, and the break-even against prompting says how soon that pays."""
     systems = report["systems"]
     teacher, base, tuned = systems["teacher"], systems["student_base"], systems["student_tuned"]
     tests = report.get("comparisons", {}).get("student_tuned_vs", {})
@@ -36,6 +54,8 @@ def verdict(report: dict[str, Any]) -> str:
     kept_ci = report.get("comparisons", {}).get("kept_of_teacher", {}).get("ci95")
     cost_ratio = _cost(tuned) / _cost(teacher)
     latency_ratio = latency_p50(tuned) / latency_p50(teacher)
+    unit = "per 1k requests" if "cost_per_1k_requests" in tuned else "per 1M output tokens"
+    even = report.get("break_even")
     significance = f", paired McNemar p = {p_base:.3g}" if p_base is not None else ""
     keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}" if kept == kept else "none to keep"
     parts = [
@@ -43,14 +63,17 @@ def verdict(report: dict[str, Any]) -> str:
         f"({gain:+.1%}{significance}); the teacher scores {teacher['accuracy']:.1%}, {keeps}."
     ]
     prompted = systems.get("student_prompted")
+    versus_prompted, prompted_cost_ratio = None, float("nan")
     if prompted:
         p_prompted = tests.get("student_prompted", {}).get("p_value")
+        versus_prompted = _against_prompted(tuned, prompted, p_prompted)
+        prompted_cost_ratio = _cost(tuned) / _cost(prompted)
         parts.append(
             f"Prompting the untuned student with the teacher's full prompt instead scores {prompted['accuracy']:.1%}"
             + (f" (p = {p_prompted:.3g} against the tuned student)" if p_prompted is not None else "")
-            + "."
+            + f" and costs ${_cost(prompted):.4f} {unit}, so the tuned student serves at {prompted_cost_ratio:.2f}x "
+            "the cost of prompting."
         )
-    unit = "per 1k requests" if "cost_per_1k_requests" in tuned else "per 1M output tokens"
     parts.append(
         f"Serving it costs {cost_ratio:.2f}x the teacher (${_cost(tuned):.4f} vs ${_cost(teacher):.4f} {unit}) "
         f"and its p50 latency is {latency_ratio:.2f}x the teacher's."
@@ -61,29 +84,48 @@ def verdict(report: dict[str, Any]) -> str:
             f"On the general probe, accuracy changed by {change['accuracy']:+.1%} and the leakage rate "
             f"by {change['leakage_rate']:+.1%}."
         )
-    even = report.get("break_even")
+    vs_prompted = (even or {}).get("vs_prompted")
     if even:
         spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
         if even["requests"] is None:
-            parts.append(f"{spent} and never pays back: the tuned student is not cheaper per request.")
+            spent += " and never pays back against the teacher: the tuned student is not cheaper per request"
         else:
-            parts.append(
-                f"{spent}, paid back after {even['requests']:,.0f} requests ({even['days']:.1f} days at "
-                f"{even['requests_per_day']:,.0f} requests/day)."
-            )
+            spent += f", paid back against the teacher after {_payback(even, even['requests_per_day'])}"
+        if vs_prompted and vs_prompted["requests"] is not None:
+            spent += f" and against prompting after {_payback(vs_prompted, even['requests_per_day'])}"
+        elif vs_prompted:
+            spent += "; against prompting it never pays back"
+        parts.append(spent + ".")
     significant = gain > 0 and (p_base is None or p_base < 0.05)
     forgot = bool(change) and (change["accuracy"] < -0.05 or change["leakage_rate"] > 0.10)
+    cheaper_than_prompting = prompted_cost_ratio < 1
     if not significant:
         parts.append("Verdict: not worth it — fine-tuning did not measurably beat the untuned student.")
-    elif prompted and prompted["accuracy"] >= tuned["accuracy"]:
+    elif versus_prompted == "worse":
         parts.append(
-            "Verdict: not worth it — prompting the untuned student did as well; fine-tuning bought no accuracy."
+            "Verdict: not worth it — prompting the untuned student did better"
+            + (", though at a higher cost per request." if cheaper_than_prompting else ", for no more cost.")
+        )
+    elif versus_prompted == "tie" and not cheaper_than_prompting:
+        parts.append(
+            "Verdict: not worth it — prompting the untuned student did as well for no more cost per request; "
+            "fine-tuning bought nothing."
         )
     elif forgot:
         parts.append(
             "Verdict: not worth it as trained — the task gain came with a regression on base capabilities "
             "(probe accuracy down more than 5 points or leakage up more than 10); train gentler (lower learning "
             "rate, fewer epochs, smaller rank) or mix general data in."
+        )
+    elif versus_prompted == "tie":
+        parts.append(
+            f"Verdict: worth it for cost only — prompting the untuned student did as well, but the tuned student "
+            f"serves at {prompted_cost_ratio:.2f}x its cost per request"
+            + (
+                f", paid back after {vs_prompted['requests']:,.0f} requests."
+                if vs_prompted and vs_prompted["requests"]
+                else "."
+            )
         )
     elif kept >= 0.9 and latency_ratio < 1 and cost_ratio < 1:
         parts.append(
@@ -193,15 +235,20 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         lines += [
             "## Break-even",
             "",
-            f"One-off cost ${even['one_off_usd']:.4f} ({walls} on {even['pipeline_hardware']}); saving "
-            f"${even['saving_per_1k_requests_usd']:.4f} per 1k requests against the teacher; break-even after "
-            + (
-                f"{even['requests']:,.0f} requests, {even['days']:.2f} days at {even['requests_per_day']:,.0f}/day."
-                if even["requests"] is not None
-                else "never (no saving per request)."
-            ),
+            f"One-off cost ${even['one_off_usd']:.4f} ({walls} on {even['pipeline_hardware']}).",
             "",
+            "| against | saving per 1k requests | break-even (requests) | break-even (days) |",
+            "|---|---|---|---|",
         ]
+        baselines = {"teacher": even, "student_prompted": even.get("vs_prompted")}
+        for name, row in baselines.items():
+            if row:
+                never = row["requests"] is None
+                lines.append(
+                    f"| {name} | ${row['saving_per_1k_requests_usd']:.4f} | "
+                    + ("never (no saving) | - |" if never else f"{row['requests']:,.0f} | {row['days']:.2f} |")
+                )
+        lines += ["", f"Days at {even['requests_per_day']:,.0f} requests/day (`benchmark.requests_per_day`).", ""]
     forgetting = report.get("forgetting", {})
     if forgetting:
         lines += [

@@ -25,7 +25,9 @@ class NoTracker:
     def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
         pass
 
-    def artifact(self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path]) -> None:
+    def artifact(
+        self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path], aliases: tuple[str, ...] = ()
+    ) -> None:
         pass
 
     def finish(self) -> None:
@@ -71,10 +73,13 @@ class WandbTracker(NoTracker):
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
-    def artifact(self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path]) -> None:
+    def artifact(
+        self, config: ExperimentConfig, stage: str, fingerprint: str, paths: list[Path], aliases: tuple[str, ...] = ()
+    ) -> None:
         """Log `paths` as this stage's Artifact, linked to the upstream one. Online, the link is a W&B
         `use_artifact` edge; offline W&B cannot record uses, so the link is kept in the artifact's metadata
-        (`derived_from`) and the edge can be added when the runs are synced online."""
+        (`derived_from`) and the edge can be added when the runs are synced online. Logging the same files
+        again with extra `aliases` (as promote does) adds them to the existing version: W&B versions by content."""
         if not config.tracking.artifacts:
             return
         import wandb
@@ -95,7 +100,7 @@ class WandbTracker(NoTracker):
                 artifact.add_dir(str(path), name=path.name)
             elif path.is_file():
                 artifact.add_file(str(path), name=path.name)
-        self.run.log_artifact(artifact, aliases=["latest", f"fp-{fingerprint}"])
+        self.run.log_artifact(artifact, aliases=["latest", f"fp-{fingerprint}", *aliases])
 
     def finish(self) -> None:
         self.run.finish()

@@ -330,7 +330,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
     shutil.rmtree(checkpoints, ignore_errors=True)  # done: the adapter is the output
     outputs += [stage.dir / "train_metrics.json", stage.dir / DATA_KEYS]
     stage.finish(outputs, metrics)
-    _log_student_artifact(config, stage, saved, stage.dir / "train_metrics.json")
+    _log_student_artifact(config, stage, *student_artifact_paths(stage.dir))
     log(f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {saved}")
     _finish_wandb()
     return stage.dir
@@ -381,6 +381,12 @@ def _save_atomic(trainer, target: Path) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target
+
+
+def student_artifact_paths(train_dir: Path) -> list[Path]:
+    """What the student Artifact holds: the adapter (the full weights when there is none) and the metrics."""
+    adapter = train_dir / "adapter"
+    return [adapter if adapter.is_dir() else train_dir / "merged", train_dir / "train_metrics.json"]
 
 
 def _log_student_artifact(config: ExperimentConfig, stage: Stage, *paths: Path) -> None:

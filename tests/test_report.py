@@ -15,6 +15,7 @@ def report(
     p_vs_base: float = 0.001,
     prompted_accuracy: float | None = None,
     tuned_cost: float = 0.3,
+    p_vs_prompted: float | None = None,
 ) -> dict:
     def system(accuracy: float, p50: float, cost: float) -> dict:
         return {"accuracy": accuracy, "latency_p50_s": p50, "cost_per_1m_output_tokens": cost}
@@ -28,7 +29,9 @@ def report(
         systems["student_prompted"] = system(prompted_accuracy, 2.0, 0.45)
     return {
         "systems": systems,
-        "comparisons": {"student_tuned_vs": {"student_base": {"p_value": p_vs_base}}},
+        "comparisons": {
+            "student_tuned_vs": {"student_base": {"p_value": p_vs_base}, "student_prompted": {"p_value": p_vs_prompted}}
+        },
         "forgetting": {"change": {"accuracy": probe_change, "leakage_rate": leakage_change}},
     }
 
@@ -48,11 +51,41 @@ def test_flipping_one_number_flips_the_verdict():
     worth = report(0.84, -0.01, 0.02)
     assert "Verdict: worth it" in verdict(worth)
     assert "did not measurably beat" in verdict(report(0.84, -0.01, 0.02, p_vs_base=0.2))  # gain within noise
-    assert "prompting the untuned student did as well" in verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86))
-    assert "Verdict: worth it" in verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.5))
+    assert "Verdict: worth it —" in verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.5))
+    # Prompting beats the tuned student in a paired test (or with no test to say otherwise): not worth it.
+    for p_value in (0.01, None):
+        better = verdict(report(0.6, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=p_value))
+        assert "Verdict: not worth it — prompting the untuned student did better, though at a higher cost" in better
+    # A tie with prompting: fine-tuning is worth it for cost only if the tuned student is cheaper to serve.
+    tie = verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6))
+    assert "Verdict: worth it for cost only" in tie and "serves at 0.67x its cost per request" in tie
+    dear = verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6, tuned_cost=0.5))
+    assert "Verdict: not worth it — prompting the untuned student did as well for no more cost" in dear
+    # A tie that came with forgetting is not worth it either.
+    assert "regression on base capabilities" in verdict(
+        report(0.84, -0.01, 0.3, prompted_accuracy=0.86, p_vs_prompted=0.6)
+    )
     # The numbers in the sentence are the report's own.
     assert "from 0.0% to 84.0% (+84.0%, paired McNemar p = 0.001)" in verdict(worth)
     assert "keeps 99% of it" in verdict(worth) and "Serving it costs 0.60x the teacher" in verdict(worth)
+
+
+def test_break_even_is_stated_against_the_teacher_and_against_prompting():
+    numbers = report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6)
+    numbers["break_even"] = {
+        "one_off_usd": 1.5,
+        "pipeline_hardware": "h100",
+        "requests": 7500,
+        "days": 0.75,
+        "requests_per_day": 10000,
+        "vs_prompted": {"saving_per_1k_requests_usd": 0.15, "requests": 10000, "days": 1.0},
+    }
+    text = verdict(numbers)
+    assert "paid back against the teacher after 7,500 requests (0.8 days at 10,000 requests/day)" in text
+    assert "against prompting after 10,000 requests (1.0 days" in text
+    assert text.endswith("paid back after 10,000 requests.")
+    numbers["break_even"]["vs_prompted"] = {"saving_per_1k_requests_usd": -0.1, "requests": None, "days": None}
+    assert "against prompting it never pays back" in verdict(numbers)
 
 
 def test_compare_puts_runs_side_by_side(tmp_path):

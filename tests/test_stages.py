@@ -320,14 +320,20 @@ def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_p
     import json
     import os
 
+    from pipeline.promote import run_promote
     from tests.conftest import wandb_records
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    config = parity_config(tmp_path, tiny_model, **{"tracking.wandb": True, "tracking.mode": "offline"})
+    config = parity_config(
+        tmp_path,
+        tiny_model,
+        **{"tracking.wandb": True, "tracking.mode": "offline", "promote.target": str(tmp_path / "promoted")},
+    )
     run_pipeline(config, stages=STAGES)
+    run_promote(config, force=True)  # the tiny random student would not clear the gate
     assert os.environ["WANDB_RUN_GROUP"] == "tiny" and os.environ["WANDB_MODE"] == "offline"
     logs = sorted((config.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(logs) == 4, logs  # generate, filter, train (through TRL's report_to), benchmark
+    assert len(logs) == 5, logs  # generate, filter, train (through TRL's report_to), benchmark, promote
     runs, artifacts = {}, {}
     for path in logs:
         records = list(wandb_records(path))
@@ -337,7 +343,7 @@ def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_p
         for record in records:
             if record.WhichOneof("record_type") == "artifact":
                 artifacts[run.job_type] = record.artifact
-    assert set(runs) == {"generate", "filter", "train", "benchmark"}
+    assert set(runs) == {"generate", "filter", "train", "benchmark", "promote"}
 
     def manifest(stage):
         return json.loads((config.run_dir / stage / "manifest.json").read_text())
@@ -356,6 +362,10 @@ def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_p
         assert files <= {entry.path for entry in artifact.manifest.contents}, stage
         link = json.loads(artifact.metadata)["derived_from"]
         assert link == (f"{names[upstream]}:fp-{manifest(upstream)['fingerprint']}" if upstream else None), stage
+    # Promotion aliases the very version train logged: same name, same content digest.
+    promoted, trained = artifacts["promote"], artifacts["train"]
+    assert "promoted" in promoted.aliases and "promoted" not in trained.aliases
+    assert (promoted.name, promoted.digest) == (trained.name, trained.digest)
 
 
 def test_online_artifacts_record_a_use_edge(tmp_path, tiny_model):
@@ -437,8 +447,12 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     assert all(0 <= t["p_value"] <= 1 for t in tests.values())
     even = report["break_even"]
     assert even["one_off_wall_s"]["train"] > 0 and even["one_off_usd"] > 0
+    costs = {name: metrics["cost_per_1k_requests"] for name, metrics in report["systems"].items()}
+    prompted_saving = costs["student_prompted"] - costs["student_tuned"]
+    assert even["vs_prompted"]["saving_per_1k_requests_usd"] == pytest.approx(prompted_saving)
     assert sorted(report["latency_cdf"]["teacher"]["1"]) == report["latency_cdf"]["teacher"]["1"]
     markdown = (config.run_dir / "benchmark" / "report.md").read_text()
     assert "Under load through `vllm serve`" in markdown and "## Break-even" in markdown
+    assert "| student_prompted | $" in markdown  # break-even against prompting, as well as against the teacher
     for plot in ("accuracy_vs_cost", "latency_cdf", "throughput_vs_concurrency"):
         assert (config.run_dir / "benchmark" / f"{plot}.png").stat().st_size > 1000
