@@ -207,6 +207,26 @@ def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> 
     return even
 
 
+def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where a system fails, not only how often: the rate of each named failure mode (plus answers cut off at
+    max_tokens, a student that never stops) and accuracy per example category, each with a Wilson interval.
+    A category far below the teacher's is where the student's distribution cliff is."""
+    n = len(task_records)
+    counts = {"truncated": sum(r["finish_reason"] == "length" for r in task_records)}
+    for mode in sorted({m for r in task_records for m in r.get("failures", {})}):
+        counts[mode] = sum(r["failures"].get(mode, False) for r in task_records)
+    categories: dict[str, list[bool]] = {}
+    for r in task_records:
+        categories.setdefault(r["category"] or "all", []).append(r["correct"])
+    return {
+        "failure_rates": {mode: count / n for mode, count in counts.items()},
+        "failure_rates_ci95": {mode: wilson_interval(count, n) for mode, count in counts.items()},
+        "category_accuracy": {c: sum(v) / len(v) for c, v in sorted(categories.items())},
+        "category_accuracy_ci95": {c: wilson_interval(sum(v), len(v)) for c, v in sorted(categories.items())},
+        "category_n": {c: len(v) for c, v in sorted(categories.items())},
+    }
+
+
 def evaluate_system(
     system: System, engine: Engine, task: Task, config: ExperimentConfig, examples
 ) -> tuple[dict, list]:
@@ -230,6 +250,7 @@ def evaluate_system(
                 "finish_reason": completion.finish_reason,
                 "rules": rules,
                 "correct": all(rules.values()),
+                "failures": task.failure_modes(completion.text, ex),
                 "prompt_tokens": gen.prompt_tokens,
                 "output_tokens": completion.output_tokens,
             }
@@ -265,6 +286,7 @@ def evaluate_system(
         "rule_accuracy_ci95": {
             rule: wilson_interval(sum(r["rules"][rule] for r in task_records), len(task_records)) for rule in rule_names
         },
+        **failure_and_category_metrics(task_records),
         "latency_p50_s": percentile(latencies["latency"], 50),
         "latency_p95_s": percentile(latencies["latency"], 95),
         "latency_cold_p50_s": percentile(latencies["latency_cold"], 50),

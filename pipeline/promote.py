@@ -55,9 +55,20 @@ def gate(config: ExperimentConfig, report: dict[str, Any], current: dict[str, An
     drop = -forgetting.get("change", {}).get("accuracy", 0.0)
     if rules.max_probe_accuracy_drop is not None and drop > rules.max_probe_accuracy_drop:
         failures.append(f"probe accuracy fell {drop:.3f} > max_probe_accuracy_drop {rules.max_probe_accuracy_drop}")
-    if rules.max_latency_p95_s is not None and tuned["latency_p95_s"] > rules.max_latency_p95_s:
-        failures.append(f"latency p95 {tuned['latency_p95_s']:.2f} s > max_latency_p95_s {rules.max_latency_p95_s}")
+    p95, measured = latency_p95(tuned)
+    if rules.max_latency_p95_s is not None and p95 > rules.max_latency_p95_s:
+        failures.append(f"latency p95 {p95:.2f} s ({measured}) > max_latency_p95_s {rules.max_latency_p95_s}")
     return failures
+
+
+def latency_p95(metrics: dict[str, Any]) -> tuple[float, str]:
+    """End-to-end p95 through the server at its lowest concurrency (what one user waits), where the benchmark
+    ran a load test; else the offline one-at-a-time p95."""
+    load = metrics.get("load")
+    if load:
+        level = min(load, key=int)
+        return load[level]["e2e_p95_s"], f"through vllm serve at concurrency {level}"
+    return metrics["latency_p95_s"], "offline engine, one request at a time"
 
 
 def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
@@ -110,7 +121,11 @@ def _alias_student_artifact(config: ExperimentConfig) -> None:
     `<run>-student:promoted`. The files are the train stage's, so W&B attaches the alias to its version."""
     if not (config.promote.wandb_alias and config.tracking.artifacts and tracking_enabled(config)):
         return
-    fingerprint = json.loads((config.run_dir / "train" / "manifest.json").read_text())["fingerprint"]
+    manifest = config.run_dir / "train" / "manifest.json"
+    if not manifest.is_file():
+        log(f"promote: no W&B alias, {manifest} is missing (a train stage run without this pipeline?)")
+        return
+    fingerprint = json.loads(manifest.read_text())["fingerprint"]
     tracker = start_tracking(config, "promote")
     try:
         paths = student_artifact_paths(config.run_dir / "train")

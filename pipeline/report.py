@@ -25,8 +25,9 @@ def _interval(values: list[float] | None) -> str:
     return f" (95% CI {values[0]:.0%}-{values[1]:.0%})" if values and all(v == v for v in values) else ""
 
 
-def _payback(even: dict[str, Any], requests_per_day: float) -> str:
-    return f"{even['requests']:,.0f} requests ({even['days']:.1f} days at {requests_per_day:,.0f} requests/day)"
+def _payback(even: dict[str, Any], requests_per_day: float | None = None) -> str:
+    rate = f" at {requests_per_day:,.0f} requests/day" if requests_per_day else ""
+    return f"{even['requests']:,.0f} requests ({even['days']:.1f} days{rate})"
 
 
 def _against_prompted(tuned: dict[str, Any], prompted: dict[str, Any], p_value: float | None) -> str:
@@ -78,6 +79,9 @@ def verdict(report: dict[str, Any]) -> str:
         f"Serving it costs {cost_ratio:.2f}x the teacher (${_cost(tuned):.4f} vs ${_cost(teacher):.4f} {unit}) "
         f"and its p50 latency is {latency_ratio:.2f}x the teacher's."
     )
+    failing = _where_it_fails(report)
+    if failing:
+        parts.append(failing)
     change = report.get("forgetting", {}).get("change")
     if change:
         parts.append(
@@ -92,7 +96,7 @@ def verdict(report: dict[str, Any]) -> str:
         else:
             spent += f", paid back against the teacher after {_payback(even, even['requests_per_day'])}"
         if vs_prompted and vs_prompted["requests"] is not None:
-            spent += f" and against prompting after {_payback(vs_prompted, even['requests_per_day'])}"
+            spent += f" and against prompting after {_payback(vs_prompted)}"
         elif vs_prompted:
             spent += "; against prompting it never pays back"
         parts.append(spent + ".")
@@ -142,14 +146,15 @@ def _ci(values: list[float] | None) -> str:
 
 def _table(report: dict[str, Any]) -> list[str]:
     lines = [
-        "| system | prompt | accuracy [95% CI] | mean prompt tok | offline p50 warm / cold (s) | offline output tok/s "
+        "| system | prompt | accuracy [95% CI] | mean prompt tok | prompt share of request time "
+        "| offline p50 warm / cold (s) | offline output tok/s "
         "| hardware | $ / 1M input tok | $ / 1M output tok | $ / 1k requests |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["systems"].items():
         lines.append(
             f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f}{_ci(m.get('accuracy_ci95'))} "
-            f"| {m['mean_prompt_tokens']:.0f} "
+            f"| {m['mean_prompt_tokens']:.0f} | {_prompt_share(m)} "
             f"| {m['latency_p50_s']:.2f} / {m.get('latency_cold_p50_s', float('nan')):.2f} "
             f"| {m['output_tokens_per_s']:.1f} | {m.get('hardware', '')} "
             f"| {m.get('cost_per_1m_input_tokens', float('nan')):.3f} | {m['cost_per_1m_output_tokens']:.3f} "
@@ -161,6 +166,7 @@ def _table(report: dict[str, Any]) -> list[str]:
         cis = m.get("rule_accuracy_ci95", {})
         cells = [f"{m['rule_accuracy'].get(r, float('nan')):.3f}{_ci(cis.get(r))}" for r in rules]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _failures_table(report)
     tests = report.get("comparisons", {}).get("student_tuned_vs")
     if tests:
         lines += [
@@ -200,6 +206,64 @@ def _table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _failures_table(report: dict[str, Any]) -> list[str]:
+    """Accuracy per example category and the rate of each named failure mode, per system (schema 2 reports
+    written before these fields existed have neither)."""
+    systems = {name: m for name, m in report["systems"].items() if "category_accuracy" in m}
+    if not systems:
+        return []
+    categories = sorted({c for m in systems.values() for c in m["category_accuracy"]})
+    modes = sorted({f for m in systems.values() for f in m["failure_rates"]})
+    sizes = next(iter(systems.values()))["category_n"]  # every system answers the same test split
+    lines = [
+        "",
+        "Where each system fails: accuracy per example category (n) and the share of answers showing each "
+        "failure mode (`truncated`: cut off at max_tokens, never stopped).",
+        "",
+        "| system | " + " | ".join(f"{c} (n={sizes.get(c, 0)})" for c in categories) + " | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * (len(categories) + len(modes)),
+    ]
+    for name, m in systems.items():
+        cells = [
+            f"{m['category_accuracy'].get(c, float('nan')):.3f}{_ci(m['category_accuracy_ci95'].get(c))}"
+            for c in categories
+        ]
+        cells += [f"{m['failure_rates'].get(f, float('nan')):.1%}" for f in modes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _where_it_fails(report: dict[str, Any]) -> str:
+    """The verdict's sentence on the named failure modes: the tuned student's largest category gap to the
+    teacher (a distribution cliff) and the failure modes it shows more often than the teacher."""
+    teacher, tuned = report["systems"]["teacher"], report["systems"]["student_tuned"]
+    if "category_accuracy" not in tuned or "category_accuracy" not in teacher:
+        return ""
+    parts = []
+    gaps = {c: teacher["category_accuracy"][c] - a for c, a in tuned["category_accuracy"].items()}
+    worst = max(gaps, key=gaps.get) if len(gaps) > 1 else None
+    if worst is not None and gaps[worst] > 0:
+        parts.append(
+            f"its largest gap to the teacher is on `{worst}` examples ({tuned['category_accuracy'][worst]:.0%} vs "
+            f"{teacher['category_accuracy'][worst]:.0%})"
+        )
+    worse = [
+        f"{mode} in {rate:.0%} of answers (teacher {teacher['failure_rates'].get(mode, 0.0):.0%})"
+        for mode, rate in tuned["failure_rates"].items()
+        if rate > teacher["failure_rates"].get(mode, 0.0)
+    ]
+    if worse:
+        parts.append("it shows " + ", ".join(worse))
+    return ("Where it fails: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _prompt_share(metrics: dict[str, Any]) -> str:
+    """Time to first token over end-to-end time through the server at the lowest concurrency (no queueing)."""
+    load = metrics.get("load")
+    share = load[min(load, key=int)].get("prompt_time_share") if load else None
+    return "-" if share is None else f"{share:.0%}"
+
+
 def _serving_note(report: dict[str, Any]) -> str:
     serving = report["systems"]["student_tuned"].get("serving", "weights")
     if serving == "weights":
@@ -224,7 +288,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         f"{report.get('schema_version', 1)}. Serving cost from each system's hardware $/hour and its measured "
         f"throughput ({basis}); offline latency from requests run one at a time on the offline engine, warm "
         "(shared prompt prefixes served from vLLM's prefix cache, as on a busy server) and cold (cache cleared "
-        "before each request). " + _serving_note(report),
+        "before each request). The prompt's share of request time is time to first token over end-to-end "
+        "time through the server at the lowest concurrency: how much of a system's serving cost its prompt is. "
+        + _serving_note(report),
         "",
         *_table(report),
         "",

@@ -185,4 +185,7 @@ def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary["output_tokens_per_s"] = sum(r["output_tokens"] for r in rows) / wall
     summary["prompt_tokens_per_s"] = sum(r["prompt_tokens"] or 0 for r in rows) / wall
     summary["mean_prompt_tokens"] = sum(r["prompt_tokens"] or 0 for r in rows) / len(rows)
+    # How much of a request's time goes to its prompt (prefill, until the first token): what a long prompt costs.
+    timed = [r for r in rows if r["ttft_s"] is not None]
+    summary["prompt_time_share"] = sum(r["ttft_s"] for r in timed) / sum(r["e2e_s"] for r in timed) if timed else None
     return summary

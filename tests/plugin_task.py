@@ -37,5 +37,10 @@ class ParityTask(Task):
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         return {"answer": example.reference["answer"] in completion.lower().split()}
 
+    def failure_modes(self, completion: str, example: Example) -> dict[str, bool]:
+        """Answers with the wrong parity word (a confident wrong answer, as against no answer)."""
+        wrong = "odd" if example.reference["answer"] == "even" else "even"
+        return {"off_label": wrong in completion.lower().split()}
+
     def leaks(self, completion: str) -> bool:
         return "parity" in completion.lower()

@@ -58,6 +58,16 @@ def test_promotion_gate(tmp_path, tiny_model, capsys):
     assert main(["promote", "--config", worse, "--force"]) == 0  # an operator's override, recorded
     assert json.loads((promoted / "promotion.json").read_text())["forced_past"]
 
+    # With a load test in the report, the latency rule reads the server's p95 at the lowest concurrency.
+    slow = fake_run(tmp_path, tiny_model, "night5", accuracy=0.9, leakage=0.0)
+    report_path = tmp_path / "runs" / "night5" / "benchmark" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["systems"]["student_tuned"]["load"] = {"16": {"e2e_p95_s": 9.0}, "1": {"e2e_p95_s": 6.5}}
+    report_path.write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["promote", "--config", slow]) == 3
+    assert "latency p95 6.50 s (through vllm serve at concurrency 1) > max_latency_p95_s 5.0" in capsys.readouterr().err
+
     missing = fake_run(tmp_path, tiny_model, "night4", accuracy=0.9, leakage=0.0)
     (tmp_path / "runs" / "night4" / "benchmark" / "report.json").unlink()
     assert main(["promote", "--config", missing]) == 2

@@ -121,3 +121,34 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]
     with pytest.raises(PipelineError, match="compare takes run folders whose benchmark has run"):
         compare_runs([tmp_path / "missing"])
+
+
+def test_verdict_names_the_failure_modes_and_the_category_cliff():
+    """The tuned student's largest category gap to the teacher, and the failure modes it shows more often."""
+    from pipeline.benchmark import failure_and_category_metrics
+
+    def records(correct_by_category: dict[str, list[bool]], invented: int, truncated: int) -> list[dict]:
+        rows = [
+            {"category": c, "correct": ok, "finish_reason": "stop", "failures": {"invented_kb_id": False}}
+            for c, oks in correct_by_category.items()
+            for ok in oks
+        ]
+        for row in rows[:invented]:
+            row["failures"]["invented_kb_id"] = True
+        for row in rows[len(rows) - truncated :]:
+            row["finish_reason"] = "length"
+        return rows
+
+    numbers = report(0.84, -0.01, 0.02)
+    teacher = failure_and_category_metrics(records({"article": [True] * 8, "no_article": [True] * 2}, 0, 0))
+    tuned = failure_and_category_metrics(records({"article": [True] * 8, "no_article": [False] * 2}, 3, 1))
+    assert tuned["category_accuracy"] == {"article": 1.0, "no_article": 0.0} and tuned["category_n"]["no_article"] == 2
+    assert tuned["failure_rates"] == {"truncated": 0.1, "invented_kb_id": 0.3}
+    assert tuned["failure_rates_ci95"]["invented_kb_id"][0] < 0.3 < tuned["failure_rates_ci95"]["invented_kb_id"][1]
+    numbers["systems"]["teacher"].update(teacher)
+    numbers["systems"]["student_tuned"].update(tuned)
+    text = verdict(numbers)
+    assert "its largest gap to the teacher is on `no_article` examples (0% vs 100%)" in text
+    assert "invented_kb_id in 30% of answers (teacher 0%)" in text and "truncated in 10% of answers" in text
+    numbers["systems"]["student_tuned"].update(teacher)  # fails like the teacher: nothing to say
+    assert "Where it fails" not in verdict(numbers)

@@ -425,6 +425,14 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
         assert metrics["accuracy"] == correct / len(task) and metrics["accuracy_ci95"] == wilson_interval(
             correct, len(task)
         )
+        for category, accuracy in metrics["category_accuracy"].items():
+            rows = [r for r in task if (r["category"] or "all") == category]
+            assert accuracy == sum(r["correct"] for r in rows) / len(rows)
+        assert sum(metrics["category_n"].values()) == len(task)
+        truncated = sum(r["finish_reason"] == "length" for r in task)
+        assert metrics["failure_rates"].pop("truncated") == truncated / len(task)
+        assert set(metrics["failure_rates"]) == {"off_label"}  # the plugin task's named failure mode
+        assert metrics["failure_rates"]["off_label"] == sum(r["failures"]["off_label"] for r in task) / len(task)
         for level in ("1", "3"):
             load = [
                 r for r in records if r["system"] == name and r["kind"] == "load" and r["concurrency"] == int(level)
@@ -437,6 +445,8 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
             assert all(0 < r["ttft_s"] <= r["e2e_s"] for r in load) and all(r["output_tokens"] > 0 for r in load)
             wall = max(r["ended_s"] for r in load) - min(r["started_s"] for r in load)
             assert summary["requests_per_s"] == pytest.approx(len(load) / wall)
+            prefill_share = sum(r["ttft_s"] for r in load) / sum(r["e2e_s"] for r in load)
+            assert summary["prompt_time_share"] == pytest.approx(prefill_share)
         # Priced at the highest level's throughput on cpu-2core ($0.10/hour).
         assert metrics["cost_basis"] == "vllm serve at concurrency 3"
         assert metrics["cost_per_1k_requests"] == pytest.approx(

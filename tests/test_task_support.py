@@ -91,6 +91,32 @@ def test_wrong_answers_fail_the_right_rule():
     assert all(task.score("Sorry, no article covers that question.", none).values())  # a phrase variant
 
 
+def test_failure_modes_name_hallucinated_citations():
+    """Invented IDs and real-but-wrong articles are counted apart from a missing citation, which is no
+    hallucination; the right answer shows neither."""
+    task = make()
+    article, none = _first(task, "article"), _first(task, "no_article")
+    right = article.reference["article_id"]
+    other = next(i for i in sorted(task.kb_ids) if i not in (right, "KB-1034"))
+    good = task.reference_answer(article)
+    assert task.failure_modes(good, article) == {"invented_kb_id": False, "wrong_kb_article": False}
+    assert task.failure_modes(good.replace(right, "KB-9999"), article) == {
+        "invented_kb_id": True,
+        "wrong_kb_article": False,
+    }
+    assert task.failure_modes(good.replace(right, other), article) == {
+        "invented_kb_id": False,
+        "wrong_kb_article": True,
+    }
+    assert task.failure_modes(good.replace(f" [{right}]", ""), article) == {
+        "invented_kb_id": False,
+        "wrong_kb_article": False,
+    }
+    # On a ticket no article covers, any real article cited is a wrong one; a dispute may cite any.
+    assert task.failure_modes(f"See [{other}].", none) == {"invented_kb_id": False, "wrong_kb_article": True}
+    assert task.failure_modes(f"{ESCALATION} See [{other}].", _first(task, "dispute"))["wrong_kb_article"] is False
+
+
 def test_retrieval_finds_the_article_and_nothing_for_uncovered_questions():
     task = make()
     examples = task.split("train") + task.split("test")

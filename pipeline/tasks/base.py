@@ -66,6 +66,11 @@ class Task(ABC):
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         """Per-rule pass/fail of one completion."""
 
+    def failure_modes(self, completion: str, example: Example) -> dict[str, bool]:
+        """Named failures worth counting beyond pass/fail (True: it happened), e.g. an invented citation:
+        the background note's "hallucinated fluency", fluent in form and wrong in fact. None by default."""
+        return {}
+
     def vote_key(self, completion: str) -> str:
         """What samples of one prompt must share to count as agreeing (majority vote without a reference)."""
         return normalize_text(completion)

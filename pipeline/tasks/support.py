@@ -335,6 +335,15 @@ class SupportTask(Task):
             citation = not cited and any(m in lowered for m in NO_ARTICLE_MARKERS)
         return {"tone": tone, "escalation": escalation, "citation": citation}
 
+    def failure_modes(self, completion: str, example: Example) -> dict[str, bool]:
+        """Hallucinated fluency, in two forms: a KB ID that does not exist, and a real article that does
+        not answer the ticket (cited with the same confidence as the right one; on a ticket no article
+        covers, any citation). A dispute may cite any real article, as the citation rule allows."""
+        cited = CITATION.findall(completion)
+        kind, right = example.reference["kind"], example.reference.get("article_id")
+        wrong = kind != "dispute" and any(c in self.kb_ids and c != right for c in cited)
+        return {"invented_kb_id": any(c not in self.kb_ids for c in cited), "wrong_kb_article": wrong}
+
     def leaks(self, completion: str) -> bool:
         """Whether a general answer shows support behaviour: KB citation, escalation, no-article line, Acme-speak."""
         text = completion.replace("\u2019", "'")
