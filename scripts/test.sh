@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE="${WANDB_MODE:-offline}"
-.venv/bin/ruff check pipeline tests
+.venv/bin/ruff check pipeline tests scripts
 .venv/bin/python -m pytest "$@"
