@@ -82,6 +82,7 @@ def verdict(report: dict[str, Any]) -> str:
     failing = _where_it_fails(report)
     if failing:
         parts.append(failing)
+    parts += _tuned_variants(report, unit)
     change = report.get("forgetting", {}).get("change")
     if change:
         parts.append(
@@ -233,6 +234,25 @@ def _failures_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tuned_variants(report: dict[str, Any], unit: str) -> list[str]:
+    """A sentence per other system serving the tuned student (e.g. given retrieved context, the background
+    note's test of "fine-tuning learns style, not facts"): its accuracy and cost, against the tuned student."""
+    systems, tests = report["systems"], report.get("comparisons", {}).get("student_tuned_vs", {})
+    teacher, tuned = systems["teacher"], systems["student_tuned"]
+    sentences = []
+    for name, m in systems.items():
+        same_student = "model" in m and (m["model"], m.get("serving")) == (tuned.get("model"), tuned.get("serving"))
+        if name == "student_tuned" or not same_student:
+            continue
+        p_value = tests.get(name, {}).get("p_value")
+        sentences.append(
+            f"The tuned student with the `{m['prompt_style']}` prompt ({name}) scores {m['accuracy']:.1%}"
+            + (f" (p = {p_value:.3g} against the tuned student)" if p_value is not None else "")
+            + f" at ${_cost(m):.4f} {unit}, {_cost(m) / _cost(teacher):.2f}x the teacher."
+        )
+    return sentences
+
+
 def _where_it_fails(report: dict[str, Any]) -> str:
     """The verdict's sentence on the named failure modes: the tuned student's largest category gap to the
     teacher (a distribution cliff) and the failure modes it shows more often than the teacher."""
@@ -362,13 +382,14 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     for name in names:
         m = systems[name]
         low, high = m.get("accuracy_ci95", [m["accuracy"], m["accuracy"]])
-        ax.errorbar(_cost(m), m["accuracy"], yerr=[[m["accuracy"] - low], [high - m["accuracy"]]], fmt="o", capsize=4)
-        ax.annotate(name, (_cost(m), m["accuracy"]), textcoords="offset points", xytext=(6, 4))
+        error = [[m["accuracy"] - low], [high - m["accuracy"]]]
+        ax.errorbar(_cost(m), m["accuracy"], yerr=error, fmt="o", capsize=4, label=name)  # a legend: points may touch
     ax.set_xlabel("$ per 1,000 requests" if "cost_per_1k_requests" in systems[names[0]] else "$ per 1M output tokens")
     ax.set_ylabel("task accuracy (95% CI)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Accuracy against serving cost")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     paths.append(_save(fig, out_dir / "accuracy_vs_cost.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -152,3 +152,25 @@ def test_verdict_names_the_failure_modes_and_the_category_cliff():
     assert "invented_kb_id in 30% of answers (teacher 0%)" in text and "truncated in 10% of answers" in text
     numbers["systems"]["student_tuned"].update(teacher)  # fails like the teacher: nothing to say
     assert "Where it fails" not in verdict(numbers)
+
+
+def test_verdict_reports_other_tuned_variants():
+    """A declared system serving the tuned student another way (retrieved context) gets its own sentence."""
+    numbers = report(0.35, -0.01, 0.02)
+    numbers["systems"]["student_tuned"]["model"] = "runs/x/train/merged"
+    numbers["systems"]["student_base"]["model"] = "base-model"
+    numbers["systems"]["student_tuned_retrieved"] = {
+        "model": "runs/x/train/merged",
+        "prompt_style": "retrieved",
+        "accuracy": 0.883,
+        "latency_p50_s": 1.4,
+        "cost_per_1m_output_tokens": 0.55,
+    }
+    numbers["comparisons"]["student_tuned_vs"]["student_tuned_retrieved"] = {"p_value": 4.4e-7}
+    text = verdict(numbers)
+    assert (
+        "The tuned student with the `retrieved` prompt (student_tuned_retrieved) scores 88.3% "
+        "(p = 4.4e-07 against the tuned student) at $0.5500 per 1M output tokens, 1.10x the teacher." in text
+    )
+    del numbers["systems"]["student_tuned_retrieved"]
+    assert "retrieved" not in verdict(numbers)
