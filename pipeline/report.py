@@ -110,11 +110,13 @@ def verdict(report: dict[str, Any]) -> str:
         parts.append(
             "Verdict: not worth it — prompting the untuned student did better"
             + (", though at a higher cost per request." if cheaper_than_prompting else ", for no more cost.")
+            + (" The tuned student also regressed on base capabilities." if forgot else "")
         )
     elif versus_prompted == "tie" and not cheaper_than_prompting:
         parts.append(
             "Verdict: not worth it — prompting the untuned student did as well for no more cost per request; "
             "fine-tuning bought nothing."
+            + (" The tuned student also regressed on base capabilities." if forgot else "")
         )
     elif forgot:
         parts.append(

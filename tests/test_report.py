@@ -56,6 +56,12 @@ def test_flipping_one_number_flips_the_verdict():
     for p_value in (0.01, None):
         better = verdict(report(0.6, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=p_value))
         assert "Verdict: not worth it — prompting the untuned student did better, though at a higher cost" in better
+        assert "also regressed" not in better
+    # Both reasons against it are named, not only the first.
+    leaky = verdict(report(0.6, -0.01, 0.18, prompted_accuracy=0.86, p_vs_prompted=0.01))
+    assert leaky.endswith(
+        "did better, though at a higher cost per request. The tuned student also regressed on base capabilities."
+    )
     # A tie with prompting: fine-tuning is worth it for cost only if the tuned student is cheaper to serve.
     tie = verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6))
     assert "Verdict: worth it for cost only" in tie and "serves at 0.67x its cost per request" in tie
