@@ -311,7 +311,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         f"throughput ({basis}); offline latency from requests run one at a time on the offline engine, warm "
         "(shared prompt prefixes served from vLLM's prefix cache, as on a busy server) and cold (cache cleared "
         "before each request). The prompt's share of request time is time to first token over end-to-end "
-        "time through the server at the lowest concurrency: how much of a system's serving cost its prompt is. "
+        "time through the server at the lowest concurrency: the part of a request's serving time its prompt takes. "
         + _serving_note(report),
         "",
         *_table(report),
