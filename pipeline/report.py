@@ -455,6 +455,12 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _failure_summary(metrics: dict[str, Any]) -> str:
+    """`wrong_kb_article 65%, truncated 3%`: the failure modes a system showed, most frequent first."""
+    rates = sorted(((rate, mode) for mode, rate in metrics.get("failure_rates", {}).items() if rate > 0), reverse=True)
+    return ", ".join(f"{mode} {rate:.0%}" for rate, mode in rates) or "-"
+
+
 def compare_runs(run_dirs: list[Path]) -> str:
     """A markdown table of finished runs side by side (`distill compare runs/a runs/b`): how each student was
     trained, and what the benchmark measured for it against its teacher and untuned base."""
@@ -464,7 +470,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
 
     header = (
         "| run | objective | method | LoRA r | packing | steps | train s | tuned acc | vs base | kept of teacher "
-        "| p50 vs teacher | $/1M out | probe acc change | leakage change |"
+        "| p50 vs teacher | $/1M out | probe acc change | leakage change | tuned failure modes |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for run_dir in run_dirs:
@@ -484,6 +490,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
             f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f} "
             f"| {tuned['accuracy'] - base['accuracy']:+.3f} | {kept:.0%} "
             f"| {latency_p50(tuned) / latency_p50(teacher):.2f}x | {tuned['cost_per_1m_output_tokens']:.3f} "
-            f"| {change.get('accuracy', float('nan')):+.3f} | {change.get('leakage_rate', float('nan')):+.3f} |"
+            f"| {change.get('accuracy', float('nan')):+.3f} | {change.get('leakage_rate', float('nan')):+.3f} "
+            f"| {_failure_summary(tuned)} |"
         )
     return "\n".join(lines)

@@ -106,7 +106,12 @@ def test_compare_puts_runs_side_by_side(tmp_path):
             "systems": {
                 "teacher": {**system, "accuracy": 0.8},
                 "student_base": {**system, "accuracy": 0.1},
-                "student_tuned": {**system, "accuracy": tuned_accuracy, "latency_p50_s": 0.5},
+                "student_tuned": {
+                    **system,
+                    "accuracy": tuned_accuracy,
+                    "latency_p50_s": 0.5,
+                    "failure_rates": {"truncated": 0.05, "wrong_kb_article": 0.65, "invented_kb_id": 0.0},
+                },
             },
             "forgetting": {"change": {"accuracy": -0.02, "leakage_rate": 0.1}},
         }
@@ -125,6 +130,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     assert len(table) == 4 and table[0].startswith("| run | objective")
     assert table[2].startswith("| sft | sft | lora | 16 |") and "| 0.400 | +0.300 | 50% | 0.50x |" in table[2]
     assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]
+    assert table[3].endswith("| wrong_kb_article 65%, truncated 5% |")  # modes seen, most frequent first
     with pytest.raises(PipelineError, match="compare takes run folders whose benchmark has run"):
         compare_runs([tmp_path / "missing"])
 
