@@ -216,14 +216,14 @@ def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str
     for mode in sorted({m for r in task_records for m in r.get("failures", {})}):
         counts[mode] = sum(r["failures"].get(mode, False) for r in task_records)
     categories: dict[str, list[bool]] = {}
-    for r in task_records:
+    for r in sorted(task_records, key=lambda r: r["category"] or "all"):
         categories.setdefault(r["category"] or "all", []).append(r["correct"])
     return {
         "failure_rates": {mode: count / n for mode, count in counts.items()},
         "failure_rates_ci95": {mode: wilson_interval(count, n) for mode, count in counts.items()},
-        "category_accuracy": {c: sum(v) / len(v) for c, v in sorted(categories.items())},
-        "category_accuracy_ci95": {c: wilson_interval(sum(v), len(v)) for c, v in sorted(categories.items())},
-        "category_n": {c: len(v) for c, v in sorted(categories.items())},
+        "category_accuracy": {c: sum(v) / len(v) for c, v in categories.items()},
+        "category_accuracy_ci95": {c: wilson_interval(sum(v), len(v)) for c, v in categories.items()},
+        "category_n": {c: len(v) for c, v in categories.items()},
     }
 
 

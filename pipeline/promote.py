@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig
+from pipeline.report import lowest_load_level
 from pipeline.runs import PipelineError, log, sha256_tree
 from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
 from pipeline.train import student_artifact_paths
@@ -64,10 +65,10 @@ def gate(config: ExperimentConfig, report: dict[str, Any], current: dict[str, An
 def latency_p95(metrics: dict[str, Any]) -> tuple[float, str]:
     """End-to-end p95 through the server at its lowest concurrency (what one user waits), where the benchmark
     ran a load test; else the offline one-at-a-time p95."""
-    load = metrics.get("load")
-    if load:
-        level = min(load, key=int)
-        return load[level]["e2e_p95_s"], f"through vllm serve at concurrency {level}"
+    lowest = lowest_load_level(metrics)
+    if lowest:
+        level, summary = lowest
+        return summary["e2e_p95_s"], f"through vllm serve at concurrency {level}"
     return metrics["latency_p95_s"], "offline engine, one request at a time"
 
 

@@ -8,12 +8,19 @@ from typing import Any
 from pipeline.runs import write_text
 
 
+def lowest_load_level(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The load test's lowest concurrency and its summary (what one user sees, no queueing); None without one."""
+    load = metrics.get("load")
+    if not load:
+        return None
+    level = min(load, key=int)
+    return level, load[level]
+
+
 def latency_p50(metrics: dict[str, Any]) -> float:
     """End-to-end p50 through the server at its lowest concurrency, else the offline one-at-a-time p50."""
-    load = metrics.get("load")
-    if load:
-        return load[min(load, key=int)]["e2e_p50_s"]
-    return metrics["latency_p50_s"]
+    lowest = lowest_load_level(metrics)
+    return lowest[1]["e2e_p50_s"] if lowest else metrics["latency_p50_s"]
 
 
 def _cost(metrics: dict[str, Any]) -> float:
@@ -281,8 +288,8 @@ def _where_it_fails(report: dict[str, Any]) -> str:
 
 def _prompt_share(metrics: dict[str, Any]) -> str:
     """Time to first token over end-to-end time through the server at the lowest concurrency (no queueing)."""
-    load = metrics.get("load")
-    share = load[min(load, key=int)].get("prompt_time_share") if load else None
+    lowest = lowest_load_level(metrics)
+    share = lowest[1].get("prompt_time_share") if lowest else None
     return "-" if share is None else f"{share:.0%}"
 
 
