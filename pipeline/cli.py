@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "compare":
-            from pipeline.report import compare_runs
+            from pipeline.benchmark.report import compare_runs
 
             print(compare_runs(args.runs))
             return 0

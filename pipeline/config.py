@@ -301,7 +301,7 @@ class TrainConfig(_Strict):
     packing: bool = False
     # sft: cross-entropy on the teacher's kept answers. kd: logit distillation, (1 - kd_alpha) * cross-entropy +
     # kd_alpha * T^2 * KL against the teacher's top-k logprobs that generate stored (teacher.sampling.logprobs);
-    # teacher and student must share a tokenizer (pipeline/kd.py).
+    # teacher and student must share a tokenizer (pipeline/train/kd.py).
     objective: Literal["sft", "kd"] = "sft"
     kd_alpha: float = Field(0.5, ge=0, le=1)
     kd_temperature: float = Field(1.0, gt=0)

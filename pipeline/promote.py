@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.benchmark.report import lowest_load_level
 from pipeline.config import ExperimentConfig
-from pipeline.report import lowest_load_level
 from pipeline.runs import PipelineError, log, sha256_tree
 from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
-from pipeline.train import student_artifact_paths
+from pipeline.train.stage import student_artifact_paths
 
 PROMOTED_REPORT = "report.json"
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 def training_rows(config, limit: int) -> list[dict]:
     from pipeline.runs import read_jsonl
     from pipeline.tasks import build_task
-    from pipeline.train import to_prompt_completion
+    from pipeline.train.stage import to_prompt_completion
 
     data = config.run_dir / "filter" / "train.jsonl"
     if data.is_file():
@@ -110,7 +110,7 @@ def main() -> int:
 
     from pipeline.config import load_config
     from pipeline.models import resolve_model
-    from pipeline.train import build_trainer
+    from pipeline.train.stage import build_trainer
 
     steps = f"train.max_steps={args.steps}"
     base = [

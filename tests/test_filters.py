@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, FilterConfig, validate_config
-from pipeline.filters import DatasetFilters, NgramIndex, Sample, SampleFilters, parse_judge_score, vote
+from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample, SampleFilters, parse_judge_score, vote
 from pipeline.tasks.base import Example
 from tests.plugin_task import ParityParams, ParityTask
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import validate_config
 from pipeline.runs import PipelineError
-from pipeline.train import build_trainer, to_prompt_completion
+from pipeline.train.stage import build_trainer, to_prompt_completion
 from tests.conftest import tiny_config
 
 ROWS = [
@@ -94,7 +94,7 @@ def test_kd_on_a_one_hot_teacher_is_exactly_the_cross_entropy(tmp_path, tiny_mod
 def test_different_tokenizers_are_refused(tmp_path, tokenizer):
     from copy import deepcopy
 
-    from pipeline.kd import check_same_tokenizer
+    from pipeline.train.kd import check_same_tokenizer
 
     tokenizer.save_pretrained(tmp_path / "student")
     other = deepcopy(tokenizer)

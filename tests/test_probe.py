@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.probe import ProbeQuestion, load_probe, probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.probe import ProbeQuestion, load_probe, probe_correct, probe_messages, summarize_probe
 
 
 def test_probe_has_100_plus_unique_questions_whose_answers_score():
@@ -79,8 +79,8 @@ def test_summarize_probe_counts_accuracy_leakage_and_categories():
 def test_lm_eval_is_skipped_with_a_reason_when_missing(monkeypatch):
     import sys
 
+    from pipeline.benchmark.probe import run_lm_eval
     from pipeline.config import LmEvalConfig
-    from pipeline.probe import run_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed (it is not, here; this makes sure)
     assert run_lm_eval(LmEvalConfig(tasks=["arc_easy"]), {"student_base": ("m", None)}) == {
@@ -96,8 +96,8 @@ def test_lm_eval_refuses_a_tuned_student_that_answers_like_the_base(monkeypatch)
 
     import pytest
 
+    from pipeline.benchmark.probe import run_lm_eval
     from pipeline.config import LmEvalConfig
-    from pipeline.probe import run_lm_eval
     from pipeline.runs import PipelineError
 
     calls = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.report import verdict
+from pipeline.benchmark.report import verdict
 
 
 def report(
@@ -97,7 +97,7 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
 def test_compare_puts_runs_side_by_side(tmp_path):
     import json
 
-    from pipeline.report import compare_runs
+    from pipeline.benchmark.report import compare_runs
     from pipeline.runs import PipelineError
 
     def fake_run(name, objective, tuned_accuracy):
@@ -137,7 +137,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
 
 def test_verdict_names_the_failure_modes_and_the_category_cliff():
     """The tuned student's largest category gap to the teacher, and the failure modes it shows more often."""
-    from pipeline.benchmark import failure_and_category_metrics
+    from pipeline.benchmark.stage import failure_and_category_metrics
 
     def records(correct_by_category: dict[str, list[bool]], invented: int, truncated: int) -> list[dict]:
         rows = [

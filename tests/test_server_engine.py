@@ -32,7 +32,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model):
     """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL."""
-    from pipeline.serving import vllm_server as serve
+    from pipeline.benchmark.serving import vllm_server as serve
 
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
     with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:

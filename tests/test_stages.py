@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import pipeline.generate as generate_module
+import pipeline.generate.stage as generate_module
 from pipeline.cli import STAGES, run_pipeline
 from pipeline.config import validate_config
 from pipeline.engines import Completion, Generation
@@ -146,7 +146,7 @@ def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
 def test_filter_outputs_are_identical_with_worker_processes(tmp_path, tiny_model, monkeypatch):
     """Rows screened in 2 spawned worker processes, in chunks of 4 lines, give byte-identical outputs to
     screening in this process: order, dedup against earlier rows and malformed-line numbers are kept."""
-    import pipeline.filter as filter_module
+    import pipeline.filter.stage as filter_module
 
     monkeypatch.setattr(filter_module, "ROWS_PER_CHUNK", 4)  # many chunks in flight, out of order
     rows = [teacher_row(i, ["even" if i % 2 == 0 else "odd", "odd"]) for i in range(30)]
@@ -215,7 +215,7 @@ def test_benchmark_refuses_a_training_set_holding_a_test_prompt(tmp_path, tiny_m
 
 
 def test_decontamination_drops_a_reworded_probe_question(tmp_path, tiny_model):
-    from pipeline.probe import load_probe
+    from pipeline.benchmark.probe import load_probe
 
     question = max(load_probe(), key=lambda q: len(q.question.split())).question
     config = strict_config(tmp_path, tiny_model, **{"filter.correctness": {"enabled": False}})
@@ -403,7 +403,7 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     """The whole pipeline with the load test on: every system through a real `vllm serve` at two concurrency
     levels. Accuracy, its interval, latency percentiles, throughput and costs in report.json are recomputed
     here from records.jsonl and must agree."""
-    from pipeline.stats import percentile, wilson_interval
+    from pipeline.benchmark.stats import percentile, wilson_interval
 
     config = parity_config(
         tmp_path,

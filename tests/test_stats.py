@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.stats import mcnemar, percentile, ratio_interval, wilson_interval
+from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 
 
 def test_wilson_interval_matches_the_formula():

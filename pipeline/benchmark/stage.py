@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.benchmark.probe import load_probe, probe_correct, probe_messages, run_lm_eval, summarize_probe
+from pipeline.benchmark.report import latency_p50, write_report
+from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.config import ExperimentConfig
 from pipeline.engines import Engine, load_engine, timed_single_requests
 from pipeline.models import resolve_model
-from pipeline.probe import load_probe, probe_correct, probe_messages, run_lm_eval, summarize_probe
-from pipeline.report import latency_p50, write_report
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json, write_jsonl
-from pipeline.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.tasks import Example, Task, build_task, task_files
 from pipeline.tasks.base import normalize_text
 from pipeline.tracking import start_tracking
@@ -102,7 +102,7 @@ def run_load_tests(
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
     adapters served beside it. Returns per-system level summaries and the per-request records."""
-    from pipeline.serving import load_test, summarize_level, vllm_server
+    from pipeline.benchmark.serving import load_test, summarize_level, vllm_server
 
     bench = config.benchmark
     by_model: dict[str, list[System]] = {}

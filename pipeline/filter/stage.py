@@ -27,9 +27,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.dataset_card import write_dataset_card
-from pipeline.filters import DatasetFilters, Sample, SampleFilters, judge_prompt, parse_judge_score, vote, words
-from pipeline.generate import OUTPUT as TEACHER_OUTPUTS
+from pipeline.filter.card import write_dataset_card
+from pipeline.filter.filters import DatasetFilters, Sample, SampleFilters, judge_prompt, parse_judge_score, vote, words
+from pipeline.generate.stage import OUTPUT as TEACHER_OUTPUTS
 from pipeline.runs import (
     PipelineError,
     Stage,
@@ -96,7 +96,7 @@ def protected_prompts(config: ExperimentConfig, task: Task) -> list[tuple[str, s
     """(source, text) of every prompt training must not see: the benchmark test split and the probe."""
     protected = [(ex.id, ex.user) for ex in task.split("test")]
     if config.filter.decontaminate.probe and config.benchmark.probe:
-        from pipeline.probe import load_probe
+        from pipeline.benchmark.probe import load_probe
 
         protected += [(f"probe:{q.id}", q.question) for q in load_probe()]
     return protected

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
-from pipeline.kd import KD_COLUMNS, attach_teacher_logprobs, check_same_tokenizer, kd_trainer_class
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.tracking import trainer_report_to
+from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs, check_same_tokenizer, kd_trainer_class
 
 DATA_KEYS = "data_keys.json"  # a hash per training example, to measure how far the data moved
 

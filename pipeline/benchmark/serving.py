@@ -173,7 +173,7 @@ def load_test(
 
 def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Percentiles and throughput of one level's request records (what the report shows)."""
-    from pipeline.stats import percentile
+    from pipeline.benchmark.stats import percentile
 
     wall = max(r["ended_s"] for r in rows) - min(r["started_s"] for r in rows)
     summary: dict[str, Any] = {"requests": len(rows), "wall_s": wall}
