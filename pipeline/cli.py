@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.layout import STAGES
 from pipeline.models import ModelError
 from pipeline.promote import PromotionRefused
 from pipeline.runs import LockedError, PipelineError, run_lock
 from pipeline.tasks import TaskError
-
-STAGES = ("generate", "filter", "train", "benchmark")
 
 
 def _stage_function(name: str) -> Callable[[ExperimentConfig, bool], Path]:
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.generate import Shard
 
             # Shards of one run work side by side (a Slurm array): each locks its own folder.
-            locked = config.run_dir / Shard(args.shard, args.num_shards).name
+            locked = config.layout.stage_dir(Shard(args.shard, args.num_shards).name)
         if os.environ.get("RANK", "0") != "0":  # a worker rank of `accelerate launch`: rank 0 holds the lock
             if args.command != "train":
                 raise PipelineError(f"{args.command}: only train runs under a multi-process launcher")
@@ -123,8 +122,7 @@ def _run_command(args: argparse.Namespace, config: ExperimentConfig) -> int:
     if args.command == "run":
         force = STAGES if args.force else tuple(args.force_stage)
         run_pipeline(config, STAGES, force)
-        report = config.run_dir / "benchmark" / "report.md"
-        print(f"Report: {report}\nNumbers: {report.with_suffix('.json')}")
+        print(f"Report: {config.layout.report_md}\nNumbers: {config.layout.report_json}")
     elif args.command == "generate" and (args.shard is not None or args.num_shards or args.merge_shards):
         from pipeline.generate import Shard, merge_shards, run_generate
 

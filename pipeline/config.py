@@ -11,6 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import names
+from pipeline.layout import RunLayout
+from pipeline.names import REQUIRED_SYSTEMS
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
@@ -337,7 +341,7 @@ class SystemConfig(_Strict):
     """One row of the benchmark: a model, the prompt it gets, and the machine it is priced on."""
 
     name: str
-    # "teacher", "student" (untuned), "tuned" (the trained student), or any model folder / HF id.
+    # "teacher", "student" (untuned), "tuned" (the trained student; pipeline/names.py), or any model folder / HF id.
     model: str
     prompt_style: str
     probe: bool = False  # ask the general forgetting probe (base capabilities)
@@ -346,15 +350,12 @@ class SystemConfig(_Strict):
 
 def _default_systems() -> list[SystemConfig]:
     return [
-        SystemConfig(name="teacher", model="teacher", prompt_style="full"),
-        SystemConfig(name="student_base", model="student", prompt_style="short", probe=True),
+        SystemConfig(name=names.TEACHER, model=names.TEACHER_MODEL, prompt_style="full"),
+        SystemConfig(name=names.STUDENT_BASE, model=names.STUDENT_MODEL, prompt_style="short", probe=True),
         # "Try prompting first": the untuned student given the teacher's whole prompt.
-        SystemConfig(name="student_prompted", model="student", prompt_style="full"),
-        SystemConfig(name="student_tuned", model="tuned", prompt_style="short", probe=True),
+        SystemConfig(name=names.STUDENT_PROMPTED, model=names.STUDENT_MODEL, prompt_style="full"),
+        SystemConfig(name=names.STUDENT_TUNED, model=names.TUNED_MODEL, prompt_style="short", probe=True),
     ]
-
-
-REQUIRED_SYSTEMS = ("teacher", "student_base", "student_tuned")  # what the verdict compares
 
 
 class LoadTestConfig(_Strict):
@@ -387,6 +388,18 @@ class LmEvalConfig(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
+class VerdictConfig(_Strict):
+    """What counts as a regression and as "near the teacher": one set of rules, read by the report's verdict
+    and by the promotion gate (`distill promote`). None switches a forgetting rule off in both."""
+
+    # Base capabilities, the tuned student against the untuned one on the general probe: a regression is
+    # probe accuracy down more than this, or the leakage rate (task behaviour in general answers) up more.
+    max_probe_accuracy_drop: float | None = Field(0.05, ge=0)
+    max_leakage_increase: float | None = Field(0.10, ge=0)
+    min_kept_of_teacher: float = Field(0.9, ge=0)  # "worth it" needs this share of the teacher's accuracy
+    significance: float = Field(0.05, gt=0, lt=1)  # a paired McNemar p-value below this is a real difference
+
+
 class BenchmarkConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -413,13 +426,14 @@ class BenchmarkConfig(_Strict):
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+    verdict: VerdictConfig = Field(default_factory=VerdictConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkConfig:
-        names = [system.name for system in self.systems]
-        if len(set(names)) != len(names):
+        declared = [system.name for system in self.systems]
+        if len(set(declared)) != len(declared):
             raise ValueError("systems: two systems share a name")
-        missing = [name for name in REQUIRED_SYSTEMS if name not in names]
+        missing = [name for name in REQUIRED_SYSTEMS if name not in declared]
         if missing:
             raise ValueError(
                 f"systems: {', '.join(missing)} missing (the verdict compares {', '.join(REQUIRED_SYSTEMS)})"
@@ -442,7 +456,7 @@ class PromoteConfig(_Strict):
     max_accuracy_drop: float = Field(0.005, ge=0)
     min_accuracy: float | None = Field(None, ge=0, le=1)
     max_leakage_rate: float | None = Field(0.02, ge=0, le=1)  # general answers drifting into task behaviour
-    max_probe_accuracy_drop: float | None = Field(0.05, ge=0)  # against the untuned student
+    # Forgetting (probe accuracy drop, leakage increase) is judged by benchmark.verdict's rules, as in the report.
     max_latency_p95_s: float | None = Field(None, gt=0)
     # W&B Artifact alias given to the promoted student's artifact (with tracking.artifacts on); None: path only.
     wandb_alias: str | None = Field("promoted", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -487,6 +501,11 @@ class ExperimentConfig(_Strict):
         runs = Path(self.runs_dir)
         return (runs if runs.is_absolute() else Path.cwd() / runs) / self.run_name
 
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of this run's directory."""
+        return RunLayout(self.run_dir)
+
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["train.learning_rate=1e-4", "seed=3"]` -> nested dict; values parse as YAML scalars."""
@@ -530,6 +549,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate_config(raw)
 
 
+MOVED_KEYS = {"promote.max_probe_accuracy_drop": "benchmark.verdict.max_probe_accuracy_drop"}
+
+
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
@@ -537,6 +559,8 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if key in MOVED_KEYS:
+            msg = f"moved to {MOVED_KEYS[key]}"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{key}: {msg}{more}") from None
 

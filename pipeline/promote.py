@@ -3,9 +3,10 @@
     distill promote --config configs/smollm2_support.yaml
 
 The gate's rules (`promote:` in the config) compare the new benchmark report with the report of the
-student promoted before it: accuracy may not fall more than `max_accuracy_drop`, leakage and forgetting
-stay within bounds, p95 latency under a ceiling. A refusal exits with code 3 and one line per failed
-rule, so a scheduler can alert on it; nothing in the target changes. A promotion swaps the whole folder
+student promoted before it: accuracy may not fall more than `max_accuracy_drop`, the leakage rate stays under
+`max_leakage_rate`, p95 latency under a ceiling; and the student may not have regressed on base capabilities
+by the same rules the report's verdict applies (`benchmark.verdict`). A refusal exits with code 3 and one line
+per failed rule, so a scheduler can alert on it; nothing in the target changes. A promotion swaps the whole folder
 at once (weights, adapter, report, provenance), keeping the previous one as `<target>.previous`.
 """
 
@@ -17,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.benchmark.report import lowest_load_level
+from pipeline import names
+from pipeline.benchmark.verdict import lowest_load_level, regressions
 from pipeline.config import ExperimentConfig
-from pipeline.runs import PipelineError, log, sha256_tree
+from pipeline.layout import read_manifest
+from pipeline.names import latency_key
+from pipeline.runs import PipelineError, log, sha256_tree, write_json
 from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
-from pipeline.train.stage import student_artifact_paths
 
 PROMOTED_REPORT = "report.json"
 
@@ -38,24 +41,23 @@ def target_dir(config: ExperimentConfig) -> Path:
 def gate(config: ExperimentConfig, report: dict[str, Any], current: dict[str, Any] | None) -> list[str]:
     """The failed rules, each as one readable line; empty when the student may be promoted."""
     rules = config.promote
-    tuned = report["systems"]["student_tuned"]
+    tuned = report["systems"][names.STUDENT_TUNED]
     failures = []
     if current is not None:
-        floor = current["systems"]["student_tuned"]["accuracy"] - rules.max_accuracy_drop
+        promoted = current["systems"][names.STUDENT_TUNED]["accuracy"]
+        floor = promoted - rules.max_accuracy_drop
         if tuned["accuracy"] < floor:
             failures.append(
                 f"accuracy {tuned['accuracy']:.3f} < {floor:.3f} (the promoted student's "
-                f"{current['systems']['student_tuned']['accuracy']:.3f} minus {rules.max_accuracy_drop})"
+                f"{promoted:.3f} minus {rules.max_accuracy_drop})"
             )
     if rules.min_accuracy is not None and tuned["accuracy"] < rules.min_accuracy:
         failures.append(f"accuracy {tuned['accuracy']:.3f} < min_accuracy {rules.min_accuracy}")
     forgetting = report.get("forgetting", {})
-    leakage = forgetting.get("student_tuned", {}).get("leakage_rate")
+    leakage = forgetting.get(names.STUDENT_TUNED, {}).get("leakage_rate")
     if rules.max_leakage_rate is not None and leakage is not None and leakage > rules.max_leakage_rate:
         failures.append(f"leakage rate {leakage:.3f} > max_leakage_rate {rules.max_leakage_rate}")
-    drop = -forgetting.get("change", {}).get("accuracy", 0.0)
-    if rules.max_probe_accuracy_drop is not None and drop > rules.max_probe_accuracy_drop:
-        failures.append(f"probe accuracy fell {drop:.3f} > max_probe_accuracy_drop {rules.max_probe_accuracy_drop}")
+    failures += regressions(forgetting.get("change"), config.benchmark.verdict)
     p95, measured = latency_p95(tuned)
     if rules.max_latency_p95_s is not None and p95 > rules.max_latency_p95_s:
         failures.append(f"latency p95 {p95:.2f} s ({measured}) > max_latency_p95_s {rules.max_latency_p95_s}")
@@ -68,13 +70,14 @@ def latency_p95(metrics: dict[str, Any]) -> tuple[float, str]:
     lowest = lowest_load_level(metrics)
     if lowest:
         level, summary = lowest
-        return summary["e2e_p95_s"], f"through vllm serve at concurrency {level}"
+        return summary[latency_key("e2e", 95)], f"through vllm serve at concurrency {level}"
     return metrics["latency_p95_s"], "offline engine, one request at a time"
 
 
 def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
     """Copy the tuned student and its report to `promote.target` if it clears the gate (force: skip the gate)."""
-    report_path = config.run_dir / "benchmark" / "report.json"
+    layout = config.layout
+    report_path = layout.report_json
     if not report_path.is_file():
         raise PipelineError(f"input file not found: {report_path} (run benchmark first)")
     report = json.loads(report_path.read_text())
@@ -87,10 +90,9 @@ def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
     failures = gate(config, report, current)
     if failures and not force:
         raise PromotionRefused("promotion refused: " + "; ".join(failures))
-    train_dir = config.run_dir / "train"
-    parts = [p for p in (train_dir / "merged", train_dir / "adapter") if p.is_dir()]
+    parts = [p for p in (layout.merged, layout.adapter) if p.is_dir()]
     if not parts:
-        raise PipelineError(f"input file not found: {train_dir / 'adapter'} (run train first)")
+        raise PipelineError(f"input file not found: {layout.adapter} (run train first)")
 
     staging = target.with_name(f".{target.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -106,7 +108,7 @@ def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
         "replaces": current.get("run_name") if current else None,
         "hashes": {part.name: sha256_tree(staging / part.name) for part in parts},
     }
-    (staging / "promotion.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    write_json(staging / "promotion.json", provenance)
     previous = target.with_name(f"{target.name}.previous")
     if target.exists():
         shutil.rmtree(previous, ignore_errors=True)
@@ -122,15 +124,14 @@ def _alias_student_artifact(config: ExperimentConfig) -> None:
     `<run>-student:promoted`. The files are the train stage's, so W&B attaches the alias to its version."""
     if not (config.promote.wandb_alias and config.tracking.artifacts and tracking_enabled(config)):
         return
-    manifest = config.run_dir / "train" / "manifest.json"
-    if not manifest.is_file():
-        log(f"promote: no W&B alias, {manifest} is missing (a train stage run without this pipeline?)")
+    manifest = read_manifest(config.layout.stage_dir("train"))
+    if manifest is None:
+        log(f"promote: no W&B alias, {config.layout.manifest('train')} is missing (a train stage run elsewhere?)")
         return
-    fingerprint = json.loads(manifest.read_text())["fingerprint"]
     tracker = start_tracking(config, "promote")
     try:
-        paths = student_artifact_paths(config.run_dir / "train")
-        tracker.artifact(config, "train", fingerprint, paths, aliases=(config.promote.wandb_alias,))
+        paths = config.layout.student_artifact
+        tracker.artifact(config, "train", manifest["fingerprint"], paths, aliases=(config.promote.wandb_alias,))
     finally:
         tracker.finish()
     log(f"promote: W&B artifact {artifact_name(config, 'train')}:{config.promote.wandb_alias}")

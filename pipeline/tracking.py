@@ -7,12 +7,12 @@ it was made from: teacher outputs -> dataset -> student -> report.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, resolved_dict
+from pipeline.layout import STAGES, read_manifest
 
 
 class NoTracker:
@@ -41,7 +41,7 @@ STAGE_ARTIFACTS = {
     "train": ("student", "model"),
     "benchmark": ("report", "report"),
 }
-UPSTREAM = {"filter": "generate", "train": "filter", "benchmark": "train"}
+UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1], strict=True))  # filter <- generate, train <- filter, ...
 
 
 def artifact_name(config: ExperimentConfig, stage: str) -> str:
@@ -51,10 +51,10 @@ def artifact_name(config: ExperimentConfig, stage: str) -> str:
 def upstream_artifact(config: ExperimentConfig, stage: str) -> str | None:
     """`name:fp-<fingerprint>` of the exact upstream output this stage read, from the upstream manifest."""
     upstream = UPSTREAM.get(stage)
-    manifest = config.run_dir / upstream / "manifest.json" if upstream else None
-    if manifest is None or not manifest.is_file():
+    manifest = read_manifest(config.layout.stage_dir(upstream)) if upstream else None
+    if manifest is None:
         return None
-    return f"{artifact_name(config, upstream)}:fp-{json.loads(manifest.read_text())['fingerprint']}"
+    return f"{artifact_name(config, upstream)}:fp-{manifest['fingerprint']}"
 
 
 class WandbTracker(NoTracker):
@@ -137,8 +137,13 @@ def start_tracking(config: ExperimentConfig, stage: str) -> NoTracker:
 
 
 def _init_run(config: ExperimentConfig, stage: str) -> Any:
+    """A W&B run for `stage` of this pipeline run: the one already open in this process if there is one (the
+    train stage opens its run for TRL's callback, and logs its Artifact into it at the end), else a new one."""
     import wandb
 
+    current = wandb.run
+    if current is not None and (current.group, current.job_type) == (config.run_name, stage):
+        return current
     mode = configure_wandb_env(config, stage)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(

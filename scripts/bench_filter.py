@@ -33,10 +33,10 @@ MODES = {
 
 def synthesize(path: Path, rows: int, seed: int = 0) -> None:
     from pipeline.config import load_config
-    from pipeline.tasks import build_task
+    from pipeline.tasks import task_for
 
     config = load_config(ROOT / "configs" / "smollm2_support.yaml")
-    task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    task = task_for(config)
     examples = task.split("train")
     rng = random.Random(seed)
     fillers = ["Thanks.", "Please help.", "It is urgent.", "Regards.", "Any idea?", "Cheers."]
@@ -131,9 +131,11 @@ def main() -> None:
         run_mode(Path(args.child[0]), args.child[1:])
         return
     with tempfile.TemporaryDirectory() as tmp:
+        from pipeline.layout import RunLayout
+
         run_dir = Path(tmp) / "bench"
-        (run_dir / "generate").mkdir(parents=True)
-        source = run_dir / "generate" / "teacher_outputs.jsonl"
+        source = RunLayout(run_dir).teacher_outputs
+        source.parent.mkdir(parents=True)
         started = time.perf_counter()
         synthesize(source, args.rows)
         print(

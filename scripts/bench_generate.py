@@ -19,7 +19,6 @@ prompts cached; output tokens/s of each and the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -53,9 +52,10 @@ def raw_vllm(config, conversations) -> tuple[int, float]:
 
 def ours(config) -> tuple[int, float]:
     from pipeline.generate import run_generate
+    from pipeline.layout import read_manifest
 
     output = run_generate(config, force=True)
-    metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
+    metrics = read_manifest(output.parent)["metrics"]
     return metrics["output_tokens"], metrics["generation_s"]
 
 
@@ -85,54 +85,16 @@ async def raw_client(base_url: str, model: str, conversations, sampling, concurr
 
 def bench_server(config, conversations, levels: list[int], repeats: int) -> None:
     import asyncio
-    import os
-    import signal
-    import socket
-    import subprocess
-    import urllib.request
 
+    from pipeline.benchmark.serving import vllm_server
     from pipeline.config import EngineConfig, ServerConfig
-    from pipeline.engines import _prepare_vllm_cpu_env, has_cuda, load_engine
+    from pipeline.engines import load_engine
     from pipeline.models import resolve_model
 
-    engine = config.teacher.engine
-    if not has_cuda():
-        _prepare_vllm_cpu_env()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        resolve_model(config.teacher.model),
-    ]
-    command += ["--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port)]
-    command += [
-        "--max-model-len",
-        str(engine.max_model_len),
-        "--gpu-memory-utilization",
-        str(engine.gpu_memory_utilization),
-    ]
     # No prefix caching: both clients send the same prompts in turn, and the second must not find the
     # first one's prompts cached. This compares clients, not the server's cache.
-    command += ["--no-enable-prefix-caching"]
-    if not has_cuda():
-        command += ["--dtype", "float32", "--enforce-eager"]
-    server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
-    print(f"server log: {server_log.name}")
-    server = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    raise SystemExit("vllm serve exited") from None
-                time.sleep(1)
+    engine = config.teacher.engine.model_copy(update={"enable_prefix_caching": False})
+    with vllm_server(resolve_model(config.teacher.model), engine, config.seed, served_name="teacher") as base_url:
         sampling = config.teacher.sampling
         warm = conversations[:8]
         asyncio.run(raw_client(base_url, "teacher", warm, sampling, 8))  # warm-up, not timed
@@ -161,9 +123,6 @@ def bench_server(config, conversations, levels: list[int], repeats: int) -> None
                 f"server, concurrency {level:3d}: raw client {rates['raw']:.1f} tok/s, ours {rates['ours']:.1f} tok/s, "
                 f"ratio ours/raw = {rates['ours'] / rates['raw']:.3f}"
             )
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
 
 
 def main() -> None:
@@ -177,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.config import load_config
-    from pipeline.tasks import build_task
+    from pipeline.tasks import task_for
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
@@ -190,7 +149,7 @@ def main() -> None:
                 *args.overrides,
             ],
         )
-        task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+        task = task_for(config)
         conversations = [task.messages(ex, config.teacher.prompt_style) for ex in task.split("train")]
         if args.server:
             bench_server(config, conversations, args.concurrency, args.repeats)

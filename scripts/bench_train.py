@@ -27,15 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 def training_rows(config, limit: int) -> list[dict]:
     from pipeline.runs import read_jsonl
-    from pipeline.tasks import build_task
-    from pipeline.train.stage import to_prompt_completion
+    from pipeline.tasks import task_for
+    from pipeline.train.trainer import to_prompt_completion
 
-    data = config.run_dir / "filter" / "train.jsonl"
+    data = config.layout.train_data
     if data.is_file():
         rows = list(read_jsonl(data))
         print(f"data: {data} ({len(rows)} rows)")
     else:
-        task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+        task = task_for(config)
         reply = "Thank you for contacting support. Here is what to do next, step by step. "
         rows = [
             {
@@ -110,7 +110,7 @@ def main() -> int:
 
     from pipeline.config import load_config
     from pipeline.models import resolve_model
-    from pipeline.train.stage import build_trainer
+    from pipeline.train.trainer import build_trainer
 
     steps = f"train.max_steps={args.steps}"
     base = [

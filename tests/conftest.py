@@ -76,7 +76,7 @@ def ping_pong_student(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
     from pipeline.config import validate_config
-    from pipeline.train.stage import build_trainer, to_prompt_completion
+    from pipeline.train.trainer import build_trainer, to_prompt_completion
 
     out = tmp_path_factory.mktemp("ping-pong")
     rows = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, FilterConfig, validate_config
-from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample, SampleFilters, parse_judge_score, vote
+from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample, SampleFilters, vote
+from pipeline.filter.judge import parse_judge_score
 from pipeline.tasks.base import Example
 from tests.plugin_task import ParityParams, ParityTask
 

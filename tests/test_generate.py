@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.config import validate_config
-from pipeline.generate.stage import Shard, merge_shards, run_generate, shard_of
+from pipeline.generate import Shard, merge_shards, run_generate, shard_of
 from pipeline.runs import PipelineError, read_jsonl
 from tests.conftest import append_csv_rows, kill_midway, tiny_config
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import validate_config
 from pipeline.runs import PipelineError
-from pipeline.train.stage import build_trainer, to_prompt_completion
+from pipeline.train.trainer import build_trainer, to_prompt_completion
 from tests.conftest import tiny_config
 
 ROWS = [

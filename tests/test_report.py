@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.benchmark.report import verdict
+from pipeline.benchmark.verdict import verdict
 
 
 def report(
@@ -137,7 +137,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
 
 def test_verdict_names_the_failure_modes_and_the_category_cliff():
     """The tuned student's largest category gap to the teacher, and the failure modes it shows more often."""
-    from pipeline.benchmark.stage import failure_and_category_metrics
+    from pipeline.benchmark.evaluate import failure_and_category_metrics
 
     def records(correct_by_category: dict[str, list[bool]], invented: int, truncated: int) -> list[dict]:
         rows = [

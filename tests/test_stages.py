@@ -146,7 +146,7 @@ def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
 def test_filter_outputs_are_identical_with_worker_processes(tmp_path, tiny_model, monkeypatch):
     """Rows screened in 2 spawned worker processes, in chunks of 4 lines, give byte-identical outputs to
     screening in this process: order, dedup against earlier rows and malformed-line numbers are kept."""
-    import pipeline.filter.stage as filter_module
+    import pipeline.filter.screen as filter_module
 
     monkeypatch.setattr(filter_module, "ROWS_PER_CHUNK", 4)  # many chunks in flight, out of order
     rows = [teacher_row(i, ["even" if i % 2 == 0 else "odd", "odd"]) for i in range(30)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import validate_config
-from pipeline.train.stage import build_trainer, device_defaults, to_prompt_completion
+from pipeline.train.trainer import build_trainer, device_defaults, to_prompt_completion
 from tests.conftest import QWEN_STYLE_TEMPLATE, build_tiny_model, kill_midway, tiny_config, write_filtered
 
 ROWS = [

@@ -21,11 +21,17 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import EngineConfig, LoadTestConfig, SamplingConfig
-from pipeline.engines import _prepare_vllm_cpu_env, has_cuda
+from pipeline.benchmark.stats import percentile
+from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
+from pipeline.engines import adapter_rank, has_cuda, prepare_vllm_cpu_env, vllm_dtype_and_eager
+from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
 from pipeline.runs import PipelineError, log
+
+if TYPE_CHECKING:
+    from pipeline.benchmark.systems import System
+    from pipeline.tasks import Example, Task
 
 Conversation = list[dict[str, str]]
 
@@ -53,28 +59,9 @@ def vllm_server(
     """
     on_gpu = has_cuda()
     if not on_gpu:
-        _prepare_vllm_cpu_env()
+        prepare_vllm_cpu_env()
     port = _free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
-    if api_key:
-        command += ["--api-key", api_key]
-    command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
-    if engine.max_model_len:
-        command += ["--max-model-len", str(engine.max_model_len)]
-    dtype = ("float32" if not on_gpu else "auto") if engine.dtype == "auto" else engine.dtype
-    command += ["--dtype", dtype]
-    if engine.enforce_eager if engine.enforce_eager is not None else not on_gpu:
-        command += ["--enforce-eager"]
-    if not engine.enable_prefix_caching:
-        command += ["--no-enable-prefix-caching"]
-    if adapters:
-        from pipeline.engines import adapter_rank
-
-        rank = max(adapter_rank(path) for path in adapters.values())
-        command += ["--enable-lora", "--max-lora-rank", str(max(8, rank)), "--lora-modules"]
-        command += [f"{name}={path}" for name, path in adapters.items()]
+    command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -103,6 +90,38 @@ def vllm_server(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def _serve_command(
+    model: str,
+    engine: EngineConfig,
+    seed: int,
+    port: int,
+    adapters: dict[str, str] | None,
+    served_name: str,
+    api_key: str | None,
+    on_gpu: bool,
+) -> list[str]:
+    """`vllm serve`'s command line, with the engine options the offline engine gets."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
+    if api_key:
+        command += ["--api-key", api_key]
+    command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
+    if engine.max_model_len:
+        command += ["--max-model-len", str(engine.max_model_len)]
+    dtype, eager = vllm_dtype_and_eager(engine, on_gpu)
+    command += ["--dtype", dtype]
+    if eager:
+        command += ["--enforce-eager"]
+    if not engine.enable_prefix_caching:
+        command += ["--no-enable-prefix-caching"]
+    if adapters:
+        rank = max(adapter_rank(path) for path in adapters.values())
+        command += ["--enable-lora", "--max-lora-rank", str(max(8, rank)), "--lora-modules"]
+        command += [f"{name}={path}" for name, path in adapters.items()]
+    return command
 
 
 async def _one_request(client: Any, model: str, conversation: Conversation, sampling: SamplingConfig) -> dict:
@@ -173,14 +192,12 @@ def load_test(
 
 def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Percentiles and throughput of one level's request records (what the report shows)."""
-    from pipeline.benchmark.stats import percentile
-
     wall = max(r["ended_s"] for r in rows) - min(r["started_s"] for r in rows)
     summary: dict[str, Any] = {"requests": len(rows), "wall_s": wall}
-    for key in ("ttft_s", "tpot_s", "e2e_s"):
-        values = [r[key] for r in rows if r[key] is not None]
-        for q in (50, 95, 99):
-            summary[f"{key.removesuffix('_s')}_p{q}_s"] = percentile(values, q) if values else None
+    for measure in LATENCY_MEASURES:
+        values = [r[f"{measure}_s"] for r in rows if r[f"{measure}_s"] is not None]
+        for q in LATENCY_PERCENTILES:
+            summary[latency_key(measure, q)] = percentile(values, q) if values else None
     summary["requests_per_s"] = len(rows) / wall
     summary["output_tokens_per_s"] = sum(r["output_tokens"] for r in rows) / wall
     summary["prompt_tokens_per_s"] = sum(r["prompt_tokens"] or 0 for r in rows) / wall
@@ -189,3 +206,30 @@ def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
     timed = [r for r in rows if r["ttft_s"] is not None]
     summary["prompt_time_share"] = sum(r["ttft_s"] for r in timed) / sum(r["e2e_s"] for r in timed) if timed else None
     return summary
+
+
+def run_load_tests(
+    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example]
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
+    adapters served beside it. Returns per-system level summaries and the per-request records."""
+    bench = config.benchmark
+    by_model: dict[str, list[System]] = {}
+    for system in systems:
+        by_model.setdefault(system.model, []).append(system)
+    summaries: dict[str, dict[str, Any]] = {}
+    records: list[dict[str, Any]] = []
+    for model, group in by_model.items():
+        served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
+        adapters = {served[s.name]: s.adapter for s in group if s.adapter}
+        log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in group)}")
+        with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+            for system in group:
+                conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+                rows = load_test(url, served[system.name], conversations, bench.sampling, bench.load_test)
+                records += [{"system": system.name, "kind": "load", **row} for row in rows]
+                levels = sorted({row["concurrency"] for row in rows})
+                summaries[system.name] = {
+                    str(level): summarize_level([r for r in rows if r["concurrency"] == level]) for level in levels
+                }
+    return summaries, records

@@ -1,20 +1,100 @@
-"""DATASET.md: what the filter stage made of the teacher's outputs, for a person to read."""
+"""What the filter stage made of the teacher's outputs: the tally of every filter (filter_report.json) and
+the dataset card (DATASET.md with a response-length histogram), for a person to read."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.runs import atomic_path, write_text
 
-CARD = "DATASET.md"
-HISTOGRAM = "response_lengths.png"
+if TYPE_CHECKING:
+    from pipeline.filter.screen import Screened
+
+MAX_DROP_EXAMPLES = 3  # per reason, in DATASET.md
 
 
-def write_dataset_card(out_dir: Path, config: ExperimentConfig, report: dict[str, Any], tally: Any) -> list[Path]:
-    histogram = out_dir / HISTOGRAM
+class Tally:
+    """Counts in and out per filter, category balance, lengths, and a few dropped examples per reason."""
+
+    def __init__(self, flow: list[str]) -> None:
+        self.flow = flow
+        self.samples_in = 0
+        self.prompts_in = 0
+        self.dropped: Counter[str] = Counter()
+        self.categories_in: Counter[str] = Counter()
+        self.categories_kept: Counter[str] = Counter()
+        self.lengths_in: Counter[int] = Counter()
+        self.lengths_kept: Counter[int] = Counter()
+        self.drop_examples: dict[str, list[dict[str, Any]]] = {}
+        self.malformed: list[int] = []
+        self.prompt_errors = 0  # prompts the teacher could not answer (recorded by generate)
+        self.train = self.val = 0
+
+    def add(self, row: Screened) -> None:
+        self.prompts_in += 1
+        self.samples_in += len(row.samples)
+        self.categories_in[row.example.category] += 1
+        self.prompt_errors += row.error is not None
+        for sample in row.samples:
+            self.lengths_in[sample.length] += 1
+
+    def drop(self, record: dict[str, Any]) -> None:
+        self.dropped[record["filter"]] += 1
+        examples = self.drop_examples.setdefault(record["filter"], [])
+        if len(examples) < MAX_DROP_EXAMPLES:
+            examples.append(record)
+
+    def per_filter(self) -> list[dict[str, Any]]:
+        rows, remaining = [], self.samples_in
+        for name in self.flow:
+            dropped = self.dropped.get(name, 0)
+            rows.append({"filter": name, "in": remaining, "dropped": dropped, "out": remaining - dropped})
+            remaining -= dropped
+        return rows
+
+    def report(self, length_unit: str) -> dict[str, Any]:
+        return {
+            "prompts_in": self.prompts_in,
+            "samples_in": self.samples_in,
+            "samples_kept": self.train + self.val,
+            "train": self.train,
+            "val": self.val,
+            "malformed_lines": self.malformed,
+            "prompt_errors": self.prompt_errors,
+            "filters": self.per_filter(),
+            "dropped": {name: self.dropped[name] for name in self.flow if self.dropped.get(name)},
+            "categories_in": dict(sorted(self.categories_in.items())),
+            "categories_kept": dict(sorted(self.categories_kept.items())),
+            "length_unit": length_unit,
+            "response_length_in": _summary(self.lengths_in),
+            "response_length_kept": _summary(self.lengths_kept),
+        }
+
+
+def _summary(lengths: Counter[int]) -> dict[str, float]:
+    total = sum(lengths.values())
+    if not total:
+        return {}
+    ordered = sorted(lengths.items())
+    seen, median = 0, ordered[-1][0]
+    for value, count in ordered:
+        seen += count
+        if seen * 2 >= total:
+            median = value
+            break
+    return {
+        "count": total,
+        "mean": round(sum(v * c for v, c in ordered) / total, 2),
+        "p50": median,
+        "max": ordered[-1][0],
+    }
+
+
+def write_dataset_card(config: ExperimentConfig, report: dict[str, Any], tally: Tally) -> list[Path]:
+    card, histogram = config.layout.dataset_card, config.layout.length_histogram
     _plot_lengths(histogram, tally.lengths_in, tally.lengths_kept, report["length_unit"])
     lines = [
         f"# Dataset card: {config.run_name}",
@@ -40,7 +120,7 @@ def write_dataset_card(out_dir: Path, config: ExperimentConfig, report: dict[str
         kept = report["categories_kept"].get(category, 0)
         lines.append(f"| {category or '(none)'} | {report['categories_in'].get(category, 0)} | {kept} |")
     unit = report["length_unit"]
-    lines += ["", f"## Response length ({unit})", "", f"![response lengths]({HISTOGRAM})", ""]
+    lines += ["", f"## Response length ({unit})", "", f"![response lengths]({histogram.name})", ""]
     for label, key in (("all samples", "response_length_in"), ("kept", "response_length_kept")):
         stats = report[key]
         if stats:
@@ -53,7 +133,6 @@ def write_dataset_card(out_dir: Path, config: ExperimentConfig, report: dict[str
             text = text if len(text) <= 200 else text[:200] + "..."
             lines.append(f'- `{record["prompt_id"]}` #{record["sample_index"]}: {record["detail"]}: "{text}"')
         lines.append("")
-    card = out_dir / CARD
     write_text(card, "\n".join(lines).rstrip() + "\n")
     return [card, histogram]
 

@@ -17,12 +17,12 @@ import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from pipeline.config import FilterConfig
+from pipeline.config import SAMPLE_FILTERS, FilterConfig
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text
 
@@ -72,7 +72,7 @@ class SampleFilters:
     def __init__(self, config: FilterConfig, task: Task) -> None:
         self.config = config
         self.task = task
-        self.names = [n for n in config.active() if n in _SAMPLE_CHECKS]
+        self.names = [n for n in config.active() if n in SAMPLE_FILTERS]
         self.refusals = [p.lower() for p in config.refusal.phrases]
         self.required = [re.compile(p) for p in config.regex.require]
         self.forbidden = [re.compile(p) for p in config.regex.forbid]
@@ -82,10 +82,11 @@ class SampleFilters:
 
             schema = config.json_schema.schema_ or {}
             self.validator = jsonschema.validators.validator_for(schema)(schema)
+        self.checks = [(name, getattr(self, f"_{name}")) for name in self.names]  # filter `x` is method `_x`
 
     def check(self, sample: Sample, example: Example, prompt_messages: list[dict[str, str]]) -> tuple[str, str] | None:
-        for name in self.names:
-            detail = _SAMPLE_CHECKS[name](self, sample, example, prompt_messages)
+        for name, check in self.checks:
+            detail = check(sample, example, prompt_messages)
             if detail is not None:
                 return name, detail
         return None
@@ -151,19 +152,6 @@ class SampleFilters:
         sample.scores["rules"] = rules
         failed = [rule for rule, ok in rules.items() if not ok]
         return ",".join(failed) if failed else None
-
-
-_SAMPLE_CHECKS: dict[str, Callable[..., str | None]] = {
-    "empty": SampleFilters._empty,
-    "truncated": SampleFilters._truncated,
-    "length": SampleFilters._length,
-    "repetition": SampleFilters._repetition,
-    "refusal": SampleFilters._refusal,
-    "prompt_echo": SampleFilters._prompt_echo,
-    "json_schema": SampleFilters._json_schema,
-    "regex": SampleFilters._regex,
-    "correctness": SampleFilters._correctness,
-}
 
 
 def vote(
@@ -253,6 +241,7 @@ class DatasetFilters:
     def __init__(self, config: FilterConfig, protected: list[tuple[str, str]]) -> None:
         self.config = config
         self.names = [n for n in config.active() if n in ("exact_dedup", "near_dedup", "decontaminate")]
+        self.checks = [(name, getattr(self, f"_{name}")) for name in self.names]  # filter `x` is method `_x`
         self.seen: set[bytes] = set()
         self.protected_exact = {normalize_text(text): source for source, text in protected}
         self.index = NgramIndex(protected, config.decontaminate.ngram) if "decontaminate" in self.names else None
@@ -290,8 +279,8 @@ class DatasetFilters:
     def check(self, example: Example, sample: Sample) -> tuple[str, str] | None:
         if not sample.features:
             self.prepare(example, sample)
-        for name in self.names:
-            detail = getattr(self, f"_{name}")(example, sample)
+        for name, check in self.checks:
+            detail = check(example, sample)
             if detail is not None:
                 return name, detail
         return None
@@ -339,26 +328,3 @@ class DatasetFilters:
         if source is not None:
             return f"shares a {self.config.decontaminate.ngram}-gram with {source}"
         return None
-
-
-_SCORE = re.compile(r"\b(10|[1-9])\b")
-
-
-def judge_prompt(rubric: str, messages: list[dict[str, str]], response: str) -> list[dict[str, str]]:
-    question = "\n\n".join(m["content"] for m in messages if m["role"] != "system")
-    return [
-        {
-            "role": "system",
-            "content": "You grade assistant replies. "
-            "Answer with one integer from 1 (worst) to 10 (best) and nothing else.",
-        },
-        {
-            "role": "user",
-            "content": f"Rubric: {rubric}\n\nPrompt:\n{question}\n\nReply:\n{response}\n\nScore (1-10):",
-        },
-    ]
-
-
-def parse_judge_score(text: str) -> int | None:
-    found = _SCORE.search(text)
-    return int(found.group(1)) if found else None

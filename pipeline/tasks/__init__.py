@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from pipeline.tasks.base import Example, Task, TaskError, TaskParams
 
-__all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "task_files", "TASKS"]
+__all__ = ["Example", "Task", "TaskError", "TaskParams", "build_task", "task_for", "TASKS"]
 
 
 # Registered tasks, imported only when selected.
@@ -39,6 +39,7 @@ def build_task(name: str, params: dict[str, Any], seed: int, base_dir: Path) -> 
     return cls(typed, seed=seed, base_dir=base_dir)
 
 
-def task_files(config: Any) -> list[Path]:
-    """The data files of the experiment's task (see `Task.data_files`), for stage fingerprints."""
-    return build_task(config.task.name, config.task.params, config.seed, config.base_dir).data_files()
+def task_for(config: Any) -> Task:
+    """The experiment's task (`task.name` with `task.params`, the run's seed, paths relative to the working
+    directory): what every stage builds its prompts, splits and scores from."""
+    return build_task(config.task.name, config.task.params, config.seed, config.base_dir)

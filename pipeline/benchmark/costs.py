@@ -1,0 +1,75 @@
+"""What serving each system costs, from its machine's $/hour (`benchmark.hardware_profiles`) and its measured
+throughput, and when distilling pays for itself (break-even)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import names
+from pipeline.config import ExperimentConfig
+from pipeline.layout import read_manifest
+
+
+def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
+    return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
+
+
+def serving_costs(usd_per_hour: float, throughput: dict[str, float]) -> dict[str, float]:
+    """What the machine's hour buys at a measured throughput: $ per 1M input tokens, per 1M output tokens
+    (each charging the whole machine to that one kind of token) and per 1,000 requests."""
+    return {
+        "cost_per_1m_input_tokens": cost_per_1m_tokens(usd_per_hour, throughput["prompt_tokens_per_s"]),
+        "cost_per_1m_output_tokens": cost_per_1m_tokens(usd_per_hour, throughput["output_tokens_per_s"]),
+        "cost_per_1k_requests": cost_per_1m_tokens(usd_per_hour, throughput["requests_per_s"]) / 1000,
+    }
+
+
+def add_costs(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> None:
+    """$ per 1M input/output tokens and per 1k requests for each system, from the server's throughput at the
+    cost concurrency (or, without a load test, the offline batched run)."""
+    bench = config.benchmark
+    level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
+    for declared in bench.systems:
+        metrics = results[declared.name]
+        hardware, usd_per_hour = bench.hardware_for(declared)
+        load = metrics.get("load", {})
+        if level in load:
+            throughput, basis = load[level], f"vllm serve at concurrency {level}"
+        else:
+            throughput, basis = metrics["offline"], "offline engine, batched"
+        metrics.update(serving_costs(usd_per_hour, throughput))
+        metrics.update({"hardware": hardware, "usd_per_hour": usd_per_hour, "cost_basis": basis})
+
+
+def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
+    one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving."""
+    bench = config.benchmark
+    walls = {}
+    for stage in ("generate", "train"):
+        manifest = read_manifest(config.layout.stage_dir(stage))
+        walls[stage] = manifest["wall_s"] if manifest else 0.0
+    usd_per_hour = bench.hardware_profiles[bench.pipeline_hardware].usd_per_hour
+    one_off = sum(walls.values()) / 3600 * usd_per_hour
+
+    def against(baseline: str) -> dict[str, Any]:
+        tuned = results[names.STUDENT_TUNED]["cost_per_1k_requests"]
+        saving = (results[baseline]["cost_per_1k_requests"] - tuned) / 1000
+        requests = one_off / saving if saving > 0 else None
+        return {
+            "saving_per_1k_requests_usd": saving * 1000,
+            "requests": requests,
+            "days": requests / bench.requests_per_day if requests is not None else None,
+        }
+
+    even = {
+        "one_off_usd": one_off,
+        "one_off_wall_s": walls,
+        "pipeline_hardware": bench.pipeline_hardware,
+        **against(names.TEACHER),
+        "requests_per_day": bench.requests_per_day,
+    }
+    if names.STUDENT_PROMPTED in results:
+        # The "try prompting first" baseline: what fine-tuning saves over serving the untuned student its long prompt.
+        even["vs_prompted"] = against(names.STUDENT_PROMPTED)
+    return even

@@ -1,0 +1,248 @@
+"""The verdict: one paragraph answering "was fine-tuning worth it here?", computed from report.json's numbers
+with the rules of `benchmark.verdict` (the same rules the promotion gate applies to forgetting)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import names
+from pipeline.config import VerdictConfig
+from pipeline.names import latency_key
+
+
+def lowest_load_level(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The load test's lowest concurrency and its summary (what one user sees, no queueing); None without one."""
+    load = metrics.get("load")
+    if not load:
+        return None
+    level = min(load, key=int)
+    return level, load[level]
+
+
+def latency_p50(metrics: dict[str, Any]) -> float:
+    """End-to-end p50 through the server at its lowest concurrency, else the offline one-at-a-time p50."""
+    lowest = lowest_load_level(metrics)
+    return lowest[1][latency_key("e2e", 50)] if lowest else metrics["latency_p50_s"]
+
+
+def cost(metrics: dict[str, Any]) -> float:
+    """$ per 1k requests where measured (schema 2), else $ per 1M output tokens (schema 1 reports)."""
+    return metrics.get("cost_per_1k_requests", metrics["cost_per_1m_output_tokens"])
+
+
+def regressions(change: dict[str, float] | None, rules: VerdictConfig) -> list[str]:
+    """Each base-capability rule of `benchmark.verdict` the tuned student broke against the untuned one (probe
+    accuracy down, or leakage up, more than allowed), as a line naming its key; empty when it broke none.
+    The verdict and the promotion gate both judge forgetting by this."""
+    change = change or {}
+    broken = []
+    drop, limit = -change.get("accuracy", 0.0), rules.max_probe_accuracy_drop
+    if limit is not None and drop > limit:
+        broken.append(f"probe accuracy fell {drop:.3f} > benchmark.verdict.max_probe_accuracy_drop {limit}")
+    rise, limit = change.get("leakage_rate", 0.0), rules.max_leakage_increase
+    if limit is not None and rise > limit:
+        broken.append(f"leakage rate rose {rise:.3f} > benchmark.verdict.max_leakage_increase {limit}")
+    return broken
+
+
+def verdict(report: dict[str, Any], rules: VerdictConfig | None = None) -> str:
+    """One paragraph answering 'was fine-tuning worth it here?', computed from the numbers.
+
+    Fine-tuning has to beat the untuned student measurably, and then earn its keep against the cheapest
+    alternative: prompting the untuned student. Where prompting matches it, only a lower serving cost can
+    justify fine-tuning, and the break-even against prompting says how soon that pays."""
+    rules = rules or VerdictConfig()
+    facts = _Facts(report, rules)
+    return " ".join([*_findings(report, facts), _conclusion(report, facts, rules)])
+
+
+class _Facts:
+    """The numbers the verdict's sentences and its conclusion share."""
+
+    def __init__(self, report: dict[str, Any], rules: VerdictConfig) -> None:
+        systems = report["systems"]
+        self.teacher, self.base = systems[names.TEACHER], systems[names.STUDENT_BASE]
+        self.tuned, self.prompted = systems[names.STUDENT_TUNED], systems.get(names.STUDENT_PROMPTED)
+        self.tests = report.get("comparisons", {}).get("student_tuned_vs", {})
+        self.gain = self.tuned["accuracy"] - self.base["accuracy"]
+        self.p_base = self.tests.get(names.STUDENT_BASE, {}).get("p_value")
+        teacher_accuracy = self.teacher["accuracy"]
+        self.kept = self.tuned["accuracy"] / teacher_accuracy if teacher_accuracy > 0 else float("nan")
+        self.cost_ratio = cost(self.tuned) / cost(self.teacher)
+        self.latency_ratio = latency_p50(self.tuned) / latency_p50(self.teacher)
+        self.unit = "per 1k requests" if "cost_per_1k_requests" in self.tuned else "per 1M output tokens"
+        self.p_prompted = self.tests.get(names.STUDENT_PROMPTED, {}).get("p_value")
+        self.versus_prompted = None
+        self.prompted_cost_ratio = float("nan")
+        if self.prompted:
+            self.versus_prompted = _against_prompted(self.tuned, self.prompted, self.p_prompted, rules.significance)
+            self.prompted_cost_ratio = cost(self.tuned) / cost(self.prompted)
+        self.change = report.get("forgetting", {}).get("change")
+        self.even = report.get("break_even")
+
+
+def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
+    """The measured sentences, before the conclusion: accuracy, prompting, cost, failures, forgetting, payback."""
+    significance = f", paired McNemar p = {facts.p_base:.3g}" if facts.p_base is not None else ""
+    kept_ci = report.get("comparisons", {}).get("kept_of_teacher", {}).get("ci95")
+    kept = facts.kept
+    keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}" if kept == kept else "none to keep"
+    parts = [
+        f"Fine-tuning moved the student's accuracy from {facts.base['accuracy']:.1%} to {facts.tuned['accuracy']:.1%} "
+        f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher['accuracy']:.1%}, {keeps}."
+    ]
+    if facts.prompted:
+        parts.append(
+            f"Prompting the untuned student with the teacher's full prompt instead scores "
+            f"{facts.prompted['accuracy']:.1%}"
+            + (f" (p = {facts.p_prompted:.3g} against the tuned student)" if facts.p_prompted is not None else "")
+            + f" and costs ${cost(facts.prompted):.4f} {facts.unit}, so the tuned student serves at "
+            f"{facts.prompted_cost_ratio:.2f}x the cost of prompting."
+        )
+    parts.append(
+        f"Serving it costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
+        f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the teacher's."
+    )
+    failing = _where_it_fails(report)
+    if failing:
+        parts.append(failing)
+    parts += _tuned_variants(report, facts.unit)
+    if facts.change:
+        parts.append(
+            f"On the general probe, accuracy changed by {facts.change['accuracy']:+.1%} and the leakage rate "
+            f"by {facts.change['leakage_rate']:+.1%}."
+        )
+    if facts.even:
+        parts.append(_spent(facts.even))
+    return parts
+
+
+def _spent(even: dict[str, Any]) -> str:
+    """What distilling cost, and when it pays back against the teacher and against prompting."""
+    vs_prompted = even.get("vs_prompted")
+    spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
+    if even["requests"] is None:
+        spent += " and never pays back against the teacher: the tuned student is not cheaper per request"
+    else:
+        spent += f", paid back against the teacher after {_payback(even, even['requests_per_day'])}"
+    if vs_prompted and vs_prompted["requests"] is not None:
+        spent += f" and against prompting after {_payback(vs_prompted)}"
+    elif vs_prompted:
+        spent += "; against prompting it never pays back"
+    return spent + "."
+
+
+def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> str:
+    """The one-line verdict, in order of what settles it: no measurable gain, prompting did better or as well
+    for no more cost, a regression on base capabilities, worth it for cost only, worth it, or mixed."""
+    significant = facts.gain > 0 and (facts.p_base is None or facts.p_base < rules.significance)
+    forgot = bool(regressions(facts.change, rules))
+    also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
+    cheaper_than_prompting = facts.prompted_cost_ratio < 1
+    if not significant:
+        return "Verdict: not worth it — fine-tuning did not measurably beat the untuned student."
+    if facts.versus_prompted == "worse":
+        return (
+            "Verdict: not worth it — prompting the untuned student did better"
+            + (", though at a higher cost per request." if cheaper_than_prompting else ", for no more cost.")
+            + also_forgot
+        )
+    if facts.versus_prompted == "tie" and not cheaper_than_prompting:
+        return (
+            "Verdict: not worth it — prompting the untuned student did as well for no more cost per request; "
+            "fine-tuning bought nothing." + also_forgot
+        )
+    if forgot:
+        return (
+            "Verdict: not worth it as trained — the task gain came with a regression on base capabilities "
+            f"({_regression_rule(rules)}); train gentler (lower learning rate, fewer epochs, smaller rank) or mix "
+            "general data in."
+        )
+    if facts.versus_prompted == "tie":
+        vs_prompted = (facts.even or {}).get("vs_prompted")
+        return (
+            f"Verdict: worth it for cost only — prompting the untuned student did as well, but the tuned student "
+            f"serves at {facts.prompted_cost_ratio:.2f}x its cost per request"
+            + (
+                f", paid back after {vs_prompted['requests']:,.0f} requests."
+                if vs_prompted and vs_prompted["requests"]
+                else "."
+            )
+        )
+    if facts.kept >= rules.min_kept_of_teacher and facts.latency_ratio < 1 and facts.cost_ratio < 1:
+        return "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
+    return "Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it."
+
+
+def _regression_rule(rules: VerdictConfig) -> str:
+    """'probe accuracy down more than 5 points or leakage up more than 10', from the configured rules."""
+    said = []
+    if rules.max_probe_accuracy_drop is not None:
+        said.append(f"probe accuracy down more than {rules.max_probe_accuracy_drop * 100:.3g} points")
+    if rules.max_leakage_increase is not None:
+        said.append(f"leakage up more than {rules.max_leakage_increase * 100:.3g}")
+    return " or ".join(said)
+
+
+def _interval(values: list[float] | None) -> str:
+    return f" (95% CI {values[0]:.0%}-{values[1]:.0%})" if values and all(v == v for v in values) else ""
+
+
+def _payback(even: dict[str, Any], requests_per_day: float | None = None) -> str:
+    rate = f" at {requests_per_day:,.0f} requests/day" if requests_per_day else ""
+    return f"{even['requests']:,.0f} requests ({even['days']:.1f} days{rate})"
+
+
+def _against_prompted(
+    tuned: dict[str, Any], prompted: dict[str, Any], p_value: float | None, significance: float
+) -> str:
+    """'better', 'worse' or 'tie': the tuned student against the prompted one, by the paired test where there is one."""
+    differs = p_value is None or p_value < significance
+    if differs and prompted["accuracy"] > tuned["accuracy"]:
+        return "worse"
+    if differs and tuned["accuracy"] > prompted["accuracy"]:
+        return "better"
+    return "tie"
+
+
+def _tuned_variants(report: dict[str, Any], unit: str) -> list[str]:
+    """A sentence per other system serving the tuned student (e.g. given retrieved context, the background
+    note's test of "fine-tuning learns style, not facts"): its accuracy and cost, against the tuned student."""
+    systems, tests = report["systems"], report.get("comparisons", {}).get("student_tuned_vs", {})
+    teacher, tuned = systems[names.TEACHER], systems[names.STUDENT_TUNED]
+    sentences = []
+    for name, m in systems.items():
+        same_student = "model" in m and (m["model"], m.get("serving")) == (tuned.get("model"), tuned.get("serving"))
+        if name == names.STUDENT_TUNED or not same_student:
+            continue
+        p_value = tests.get(name, {}).get("p_value")
+        sentences.append(
+            f"The tuned student with the `{m['prompt_style']}` prompt ({name}) scores {m['accuracy']:.1%}"
+            + (f" (p = {p_value:.3g} against the tuned student)" if p_value is not None else "")
+            + f" at ${cost(m):.4f} {unit}, {cost(m) / cost(teacher):.2f}x the teacher."
+        )
+    return sentences
+
+
+def _where_it_fails(report: dict[str, Any]) -> str:
+    """The verdict's sentence on the named failure modes: the tuned student's largest category gap to the
+    teacher (a distribution cliff) and the failure modes it shows more often than the teacher."""
+    teacher, tuned = report["systems"][names.TEACHER], report["systems"][names.STUDENT_TUNED]
+    if "category_accuracy" not in tuned or "category_accuracy" not in teacher:
+        return ""
+    parts = []
+    gaps = {c: teacher["category_accuracy"][c] - a for c, a in tuned["category_accuracy"].items()}
+    worst = max(gaps, key=gaps.get) if len(gaps) > 1 else None
+    if worst is not None and gaps[worst] > 0:
+        parts.append(
+            f"its largest gap to the teacher is on `{worst}` examples ({tuned['category_accuracy'][worst]:.0%} vs "
+            f"{teacher['category_accuracy'][worst]:.0%})"
+        )
+    worse = [
+        f"{mode} in {rate:.0%} of answers (teacher {teacher['failure_rates'].get(mode, 0.0):.0%})"
+        for mode, rate in tuned["failure_rates"].items()
+        if rate > teacher["failure_rates"].get(mode, 0.0)
+    ]
+    if worse:
+        parts.append("it shows " + ", ".join(worse))
+    return ("Where it fails: " + "; ".join(parts) + ".") if parts else ""

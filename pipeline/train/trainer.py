@@ -1,0 +1,196 @@
+"""The student's trainer: TRL's SFTTrainer with a PEFT LoRA adapter (or QLoRA, or every weight), its
+precision and memory options chosen by device, and the KD trainer for `train.objective: kd`.
+
+Each chat example becomes a conversational prompt/completion pair: the prompt is every message
+before the last assistant turn, the completion is that turn. TRL then puts the loss on completion
+tokens only, end-of-turn/EOS token included, whatever the student's chat template (no
+`{% generation %}` markers needed), and padding is masked by position, so pad == EOS is harmless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.runs import PipelineError, log, read_jsonl
+from pipeline.tracking import trainer_report_to
+from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs, kd_trainer_class
+
+
+def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """Split a `{"messages": [...]}` row at its last assistant turn (teacher logprobs for KD kept)."""
+    messages = row.get("messages")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise PipelineError(f"training row {row.get('prompt_id', '?')}: messages must end with an assistant turn")
+    return {"prompt": messages[:-1], "completion": messages[-1:], **{k: row[k] for k in KD_COLUMNS if k in row}}
+
+
+def load_splits(config: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    """train.jsonl and val.jsonl as prompt/completion rows; for KD, with the teacher's logprobs attached
+    (one pass over the teacher outputs for both splits)."""
+    layout = config.layout
+    train, val = list(read_jsonl(layout.train_data)), list(read_jsonl(layout.val_data))
+    if config.train.objective == "kd" and train + val:
+        attach_teacher_logprobs(train + val, layout.teacher_outputs)  # in place
+    return [to_prompt_completion(row) for row in train], [to_prompt_completion(row) for row in val]
+
+
+def device_defaults(train: TrainConfig) -> dict[str, Any]:
+    """Precision and memory options chosen by device unless the config sets them.
+
+    On this 2-core CPU, TRL's GPU-minded defaults (bf16 + gradient checkpointing) made a 135M LoRA step
+    take 68 s instead of 4.5 s.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() and train.device != "cpu"
+    if train.device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device: cuda requested but no CUDA device is visible")
+    bf16 = train.bf16 if train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    checkpointing = train.gradient_checkpointing if train.gradient_checkpointing is not None else cuda
+    return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": checkpointing}
+
+
+def model_init_kwargs(train: TrainConfig) -> dict[str, Any]:
+    """Loading options for the student: 4-bit NF4 weights for QLoRA (bitsandbytes, CUDA only)."""
+    if train.method != "qlora":
+        return {}
+    import torch
+
+    if train.device == "cpu" or not torch.cuda.is_available():
+        raise PipelineError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PipelineError("train.method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # FSDP shards the 4-bit weights only when storage matches compute
+    )
+    return {"quantization_config": quantization, "dtype": compute}
+
+
+def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: dict[str, Any]):
+    """TRL's SFTConfig for a run: the train section, checkpoints for resuming (with a val split, validation at
+    each one and the best kept), completion-only loss, and the device's precision and memory options."""
+    from trl import SFTConfig
+
+    train = config.train
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=train.max_length,
+        warmup_steps=train.warmup_ratio,  # a value below 1 is a ratio of the total steps (transformers >= 5)
+        lr_scheduler_type=train.lr_scheduler_type,
+        logging_steps=train.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=train.save_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        completion_only_loss=True,
+        packing=train.packing,
+        packing_strategy="bfd",  # padding-free: position ids restart per example
+        model_init_kwargs=model_init_kwargs(train) or None,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=trainer_report_to(config),
+        run_name=f"{config.run_name}-train",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
+        **device,
+    )
+
+
+def build_trainer(
+    config: ExperimentConfig, model_path: str, train_rows: list[dict], val_rows: list[dict], output_dir: Path
+):
+    """The SFTTrainer for a run; separate from `run_train` so tests can inspect its batches."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    train = config.train
+    has_val = bool(val_rows)
+    callbacks = []
+    if train.early_stopping_patience is not None:
+        if not has_val:
+            raise PipelineError("train.early_stopping_patience: needs a val split (filter.val_fraction > 0)")
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    trainer_class, extra = SFTTrainer, {}
+    if train.objective == "kd":
+        if train.packing:
+            raise PipelineError("train.objective: kd needs one example per row; set train.packing=false")
+        trainer_class = kd_trainer_class()
+        extra = {"kd_alpha": train.kd_alpha, "kd_temperature": train.kd_temperature}
+    device = device_defaults(train)
+    if train.packing and device["use_cpu"]:
+        log(
+            "train: packing without FlashAttention (here: CPU) attends across the whole packed row; measured "
+            "0.42x the unpacked tokens/s on a 2-core CPU (scripts/bench_train.py). It pays off on GPUs."
+        )
+    lora = None
+    if train.method != "full":
+        lora = LoraConfig(
+            r=train.lora.r,
+            lora_alpha=train.lora.alpha,
+            lora_dropout=train.lora.dropout,
+            target_modules=train.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+    trainer = trainer_class(
+        model=model_path,
+        args=sft_args(config, output_dir, has_val, device),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(val_rows) if has_val else None,
+        peft_config=lora,
+        callbacks=callbacks,
+        **extra,
+    )
+    # First in line, so that the W&B callback logs what it adds.
+    trainer.callback_handler.callbacks.insert(0, throughput_callback())
+    return trainer
+
+
+def throughput_callback():
+    """Adds training tokens/s (since the previous log) and, on CUDA, peak GPU memory to every log entry."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class Throughput(TrainerCallback):
+        last: tuple[float, float] | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "num_tokens" not in logs:
+                return
+            now, tokens = time.perf_counter(), float(logs["num_tokens"])
+            added = {}
+            if self.last is not None and now > self.last[0] and tokens >= self.last[1]:
+                added["tokens_per_s"] = (tokens - self.last[1]) / (now - self.last[0])
+            self.last = (now, tokens)
+            if torch.cuda.is_available():
+                added["gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            logs.update(added)  # what the W&B callback, next in line, logs
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(added)  # the trainer copied `logs` there already
+
+    return Throughput()
