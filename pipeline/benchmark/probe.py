@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.tasks.base import NUMBER, find_numbers
+
 if TYPE_CHECKING:
     from pipeline.config import LmEvalConfig
 
 PROBE_PATH = Path(__file__).parent / "data" / "general_probe.jsonl"
 PROBE_SYSTEM = "You are a helpful assistant."
-
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 @dataclass(frozen=True)
@@ -58,14 +57,14 @@ def _words(text: str) -> str:
 
 
 def _numbers(text: str) -> set[float]:
-    return {float(n) for n in _NUMBER.findall(_THOUSANDS.sub("", text))}
+    return {float(n) for n in find_numbers(text)}
 
 
 def probe_correct(completion: str, question: ProbeQuestion) -> bool:
     """Whether an accepted answer appears as whole words in the completion (numeric answers compare as numbers)."""
     words, numbers = _words(completion), _numbers(completion)
     for answer in question.answers:
-        if _NUMBER.fullmatch(answer.strip()):
+        if NUMBER.fullmatch(answer.strip()):
             if float(answer) in numbers:
                 return True
         elif _words(answer).strip() and _words(answer) in words:

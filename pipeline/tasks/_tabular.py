@@ -6,9 +6,8 @@ import csv
 import json
 import random
 import re
-from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -24,6 +23,7 @@ class TabularParams(TaskParams):
     test_path: str | None = None  # a separate test file; otherwise `test_fraction` of `path` is held out
     test_fraction: float = Field(0.2, ge=0, lt=1)
     few_shot: int = Field(4, ge=0)  # train examples shown in the "full" prompt
+    instruction: str  # the system prompt of the "short" style, and the start of the "full" one
 
 
 def resolve(base_dir: Path, value: str) -> Path:
@@ -75,23 +75,32 @@ def normalize_answer(text: str) -> str:
 
 
 class TabularTask(Task):
-    """A task over a file of (input, target) rows; subclasses name the columns, prompts and scoring."""
+    """A task over a file of (input, target) rows; subclasses name the params that hold the two column names,
+    and give the full prompt's instruction and the scoring."""
 
     params: TabularParams
+    input_param: ClassVar[str]  # the params field naming the column that holds the user prompt
+    target_param: ClassVar[str]  # ... and the one holding the reference answer
 
     @property
-    @abstractmethod
     def input_column(self) -> str:
-        """Column holding the user prompt."""
+        return getattr(self.params, self.input_param)
 
     @property
-    @abstractmethod
     def target_column(self) -> str:
-        """Column holding the reference answer."""
+        return getattr(self.params, self.target_param)
 
-    @abstractmethod
+    def full_instruction(self) -> str:
+        """The "full" prompt's instruction, before its few-shot examples."""
+        return self.params.instruction
+
     def system_prompt(self, style: str) -> str:
-        """The system message of a prompt style."""
+        """The system message of a prompt style: the instruction alone ("short"), or the full instruction and
+        the few-shot examples ("full")."""
+        if style == "short":
+            return self.params.instruction
+        shots = self.few_shot_block()
+        return self.full_instruction() + (f"\n\nExamples:\n\n{shots}" if shots else "")
 
     def category(self, target: str) -> str:
         """Balance group of an example with this target."""

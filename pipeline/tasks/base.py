@@ -85,6 +85,16 @@ class Task(ABC):
         return []
 
 
+# A number not glued to a preceding word/number ("5-3" reads 5 and 3); thousands separators removed first.
+NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def find_numbers(text: str) -> list[str]:
+    """Every number in the text, in order, as written: negatives, decimals, and '1,234' read as 1234."""
+    return NUMBER.findall(_THOUSANDS.sub("", text))
+
+
 _PUNCTUATION = re.compile(r"[^\w\s.-]")
 _EDGE_DOTS_AND_DASHES = re.compile(r"(?<!\w)[.-]+|[.-]+(?!\w)")
 

@@ -24,14 +24,7 @@ class ClassificationTask(TabularTask):
     name = "classification"
     Params = ClassificationParams
     params: ClassificationParams
-
-    @property
-    def input_column(self) -> str:
-        return self.params.text_column
-
-    @property
-    def target_column(self) -> str:
-        return self.params.label_column
+    input_param, target_param = "text_column", "label_column"
 
     def category(self, target: str) -> str:
         return target
@@ -56,12 +49,8 @@ class ClassificationTask(TabularTask):
         train, test = self._splits
         return sorted({e.reference["target"] for e in train + test})
 
-    def system_prompt(self, style: str) -> str:
-        if style == "short":
-            return self.params.instruction
-        prompt = f"{self.params.instruction}\nAllowed labels: {', '.join(self.labels())}."
-        shots = self.few_shot_block()
-        return prompt + (f"\n\nExamples:\n\n{shots}" if shots else "")
+    def full_instruction(self) -> str:
+        return f"{self.params.instruction}\nAllowed labels: {', '.join(self.labels())}."
 
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         return {"label": normalize_answer(completion) == normalize_answer(example.reference["target"])}

@@ -6,18 +6,15 @@ import re
 from typing import Literal
 
 from pipeline.tasks._tabular import TabularParams, TabularTask, normalize_answer
-from pipeline.tasks.base import Example, TaskError
+from pipeline.tasks.base import Example, TaskError, find_numbers
 
-# A number not glued to a preceding word/number ("5-3" reads 5 and 3); thousands separators handled below.
-NUMBER = re.compile(r"(?:(?<![\w.])-)?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _ANSWER = re.compile(r"answer\s*(?:is)?\s*:", re.IGNORECASE)
 TOLERANCE = 1e-6
 
 
 def extract_number(text: str) -> float | None:
     """The last number in the text: negatives, decimals, and '1,234' read as 1234; None without any."""
-    found = NUMBER.findall(_THOUSANDS.sub("", text.replace("\u2212", "-")))
+    found = find_numbers(text.replace("\u2212", "-"))
     return float(found[-1]) if found else None
 
 
@@ -44,14 +41,7 @@ class ExactAnswerTask(TabularTask):
     name = "exact_answer"
     Params = ExactAnswerParams
     params: ExactAnswerParams
-
-    @property
-    def input_column(self) -> str:
-        return self.params.question_column
-
-    @property
-    def target_column(self) -> str:
-        return self.params.answer_column
+    input_param, target_param = "question_column", "answer_column"
 
     def validate(self, train: list[Example], test: list[Example]) -> None:
         """In number mode every reference answer must hold a number."""
@@ -63,12 +53,6 @@ class ExactAnswerTask(TabularTask):
                     f"task.params.answer_column: {self.params.answer_column!r} of {example.id} is not a number: "
                     f"{example.reference['target']!r} (set answer_type: string for text answers)"
                 )
-
-    def system_prompt(self, style: str) -> str:
-        if style == "short":
-            return self.params.instruction
-        shots = self.few_shot_block()
-        return self.params.instruction + (f"\n\nExamples:\n\n{shots}" if shots else "")
 
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         target = example.reference["target"]
