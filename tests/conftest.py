@@ -71,29 +71,40 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ping_pong_student(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    """The tiny model tuned with LoRA to answer "Ping <n>" with "Pong." and stop: (adapter, merged) folders."""
-    from transformers import AutoTokenizer
+def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
+    """A tiny model tuned with LoRA to answer "Ping <n>" with "Pong." and stop: (base, adapter, merged) folders.
+
+    The base is the tiny model with its output layer scaled 10x. Its greedy answers are the tiny model's (argmax
+    does not change with scale), but a LoRA adapter on the frozen layers can now make an answer confident: at
+    the default init and hidden size 128 every logit stays within ~2.5 of the others, the loss cannot fall
+    below ~8.3, and which token came first after "Pong." (EOS or `ong`) was noise that differed by machine."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import validate_config
     from pipeline.train.trainer import build_trainer, to_prompt_completion
 
     out = tmp_path_factory.mktemp("ping-pong")
+    base = build_tiny_model(out / "base", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(base, safe_serialization=True)
     rows = [
         {"messages": [{"role": "user", "content": f"Ping {i}"}, {"role": "assistant", "content": "Pong."}]}
         for i in range(8)
     ]
-    raw = tiny_config(out, tiny_model)
-    raw["train"].update({"max_steps": 60, "learning_rate": 2e-2, "per_device_train_batch_size": 8, "save_steps": 1000})
+    raw = tiny_config(out, base)
+    raw["train"].update({"max_steps": 100, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000})
     trainer = build_trainer(
-        validate_config(raw), str(tiny_model), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"
+        validate_config(raw), str(base), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"
     )
     trainer.train()
     adapter, merged = out / "adapter", out / "merged"
     trainer.model.save_pretrained(adapter)
     trainer.model.merge_and_unload().save_pretrained(merged)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(merged)
-    return adapter, merged
+    AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+    return base, adapter, merged
 
 
 def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:

@@ -99,15 +99,15 @@ def test_transformers_engine_cuts_at_stop_strings_and_refuses_logprobs(tiny_mode
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
-def test_unmerged_adapter_serves_what_the_merged_weights_serve(backend, tiny_model, ping_pong_student):
+def test_unmerged_adapter_serves_what_the_merged_weights_serve(backend, ping_pong_student):
     """Base + unmerged LoRA adapter (vLLM `enable_lora`) answers as the merged weights do, and unlike the base:
     the adapter is really applied."""
-    adapter, merged = ping_pong_student
+    base, adapter, merged = ping_pong_student
     prompts = [[{"role": "user", "content": f"Ping {i}"}] for i in (3, 11)]
     greedy = SamplingConfig(max_tokens=12)
     config = EngineConfig(backend=backend, max_model_len=512)
     answers = {}
-    for name, model, lora in (("merged", merged, None), ("lora", tiny_model, adapter), ("base", tiny_model, None)):
+    for name, model, lora in (("merged", merged, None), ("lora", base, adapter), ("base", base, None)):
         engine = load_engine(str(model), config, seed=0, adapter=str(lora) if lora else None)
         try:
             answers[name] = [g.completions[0].text for g in engine.generate(prompts, greedy, progress=False)]

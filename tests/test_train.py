@@ -154,16 +154,16 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     assert not checkpoints.exists()  # finished: checkpoints cleaned up, the adapter is the output
 
 
-def test_a_tuned_tiny_model_learns_to_stop(tiny_model, ping_pong_student):
+def test_a_tuned_tiny_model_learns_to_stop(ping_pong_student):
     """Overfit a few examples, merge, generate: the tuned model answers and ends with EOS before max_tokens,
     where the untuned random model runs to the limit. Catches EOS masked out of the loss (pad == EOS here)."""
     from pipeline.config import EngineConfig, SamplingConfig
     from pipeline.engines import load_engine
 
-    _, tuned = ping_pong_student
+    base, _, tuned = ping_pong_student
     prompts = [[{"role": "user", "content": "Ping 3"}], [{"role": "user", "content": "Ping 42"}]]
     greedy = SamplingConfig(max_tokens=20)
-    for model, expected in ((tiny_model, "length"), (tuned, "stop")):
+    for model, expected in ((base, "length"), (tuned, "stop")):
         engine = load_engine(str(model), EngineConfig(backend="transformers"), seed=0)
         finishes = {g.completions[0].finish_reason for g in engine.generate(prompts, greedy, progress=False)}
         assert finishes == {expected}, (model, finishes)
