@@ -10,5 +10,5 @@ bash scripts/01_generate.sh "$@"   # teacher answers the training prompts (vLLM 
 bash scripts/02_filter.sh "$@"     # keep clean, verified answers as chat JSONL; log every drop
 bash scripts/03_train.sh "$@"      # LoRA SFT of the student (TRL + PEFT)
 bash scripts/04_benchmark.sh "$@"  # teacher vs base vs tuned student: accuracy, latency, cost, forgetting
-RUN_DIR=$(.venv/bin/python -c "from pipeline.config import load_config; import sys; print(load_config(sys.argv[1], sys.argv[2:]).run_dir)" "$CONFIG" "$@")
-echo "Report: $RUN_DIR/benchmark/report.md"
+REPORT=$(.venv/bin/python -c "from pipeline.config import load_config; import sys; print(load_config(sys.argv[1], sys.argv[2:]).layout.report_md)" "$CONFIG" "$@")
+echo "Report: $REPORT"

@@ -125,9 +125,10 @@ def _serving_note(report: dict[str, Any]) -> str:
     )
 
 
-def write_report(report: dict[str, Any], out_dir: Path, rules: VerdictConfig | None = None) -> list[Path]:
-    """Write report.md (the verdict by `rules`, default `benchmark.verdict`'s) and its plots; return the paths."""
-    plots = _plots(report, out_dir)
+def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None = None) -> list[Path]:
+    """Write report.md to `path` (the verdict by `rules`, default `benchmark.verdict`'s) and its plots beside it;
+    return the paths written."""
+    plots = _plots(report, path.parent)
     tuned = report["systems"][names.STUDENT_TUNED]
     basis = tuned.get("cost_basis", "the offline engine's batched throughput")
     lines = [
@@ -148,7 +149,6 @@ def write_report(report: dict[str, Any], out_dir: Path, rules: VerdictConfig | N
     ]
     lines += _break_even_section(report.get("break_even")) + _forgetting_section(report.get("forgetting", {}))
     lines += [f"![{p.stem}]({p.name})" for p in plots]
-    path = out_dir / "report.md"  # RunLayout.report_md of the run this report belongs to
     write_text(path, "\n".join(lines) + "\n")
     return [path, *plots]
 

@@ -80,7 +80,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
 
         write_jsonl(layout.records, records)
         write_json(layout.report_json, report)
-        outputs = [layout.report_json, layout.records, *write_report(report, stage.dir, config.benchmark.verdict)]
+        rendered = write_report(report, layout.report_md, config.benchmark.verdict)  # report.md and its plots
+        outputs = [layout.report_json, layout.records, *rendered]
         floats = {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()}
         stage.finish(
             outputs,
