@@ -319,8 +319,25 @@ class TrainConfig(_Strict):
     lr_scheduler_type: str = "cosine"
     logging_steps: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool | None = None  # None: chosen by device (on for CUDA with bf16 support, off on CPU)
-    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (68 s vs 4.5 s a step here)
+    # None: chosen by device (on for CUDA with bf16 support, off on CPU). On CUDA with LoRA/QLoRA the frozen base
+    # weights are then loaded in bf16 and the adapter kept in fp32, under autocast: what a hand-written loop does.
+    bf16: bool | None = None
+    # Recompute activations in the backward pass: less memory, ~40% slower on a GPU and 15x on a 2-core CPU. Off;
+    # a CUDA out-of-memory error names this key (and the batch size) as the fix.
+    gradient_checkpointing: bool = False
+    # None: "sdpa", or "varlen" when packing (pipeline/train/attention.py: each packed example attends to itself,
+    # with PyTorch's FlashAttention varlen kernel on CUDA; never a mask over the whole packed row). Also "eager",
+    # "flash_attention_2"/"flash_attention_3" (the flash-attn package), or a kernels-hub id such as
+    # "kernels-community/flash-attn2" (the kernels package).
+    attn_implementation: str | None = None
+    # TRL's per-step mean token accuracy and entropy in the logs: an extra pass over the vocabulary every step
+    # (pipeline/train/trainer.py, sft_trainer_class). Off: the loss alone.
+    token_metrics: bool = False
+    # CUDA: TRL's fused LM head (log-probabilities of the trained tokens in tiles, never the batch x length x vocab
+    # logits: less memory) or, when false, the model's own logits and cross-entropy. Elsewhere always the latter.
+    fused_lm_head: bool = True
+    use_liger_kernel: bool = False  # Liger's fused Triton kernels (liger-kernel package; CUDA)
+    torch_compile: bool = False  # torch.compile the model (first steps pay the compilation)
     merge: bool = True  # also save merged weights that vLLM serves directly
     # Checkpoints every `save_steps` steps (the last `save_total_limit` kept): a killed training resumes from
     # the newest. With a val split, validation loss is computed at each checkpoint and the best one is kept
@@ -331,6 +348,14 @@ class TrainConfig(_Strict):
     # Scheduled runs: retrain only when at least this fraction of training examples was added or removed
     # since the adapter was trained (0: on any change). A changed base model or train config always retrains.
     retrain_min_change: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention(cls, value: str | None) -> str | None:
+        known = ("sdpa", "eager", "varlen", "flash_attention_2", "flash_attention_3")
+        if value is None or value in known or "/" in value:
+            return value
+        raise ValueError(f"use one of {', '.join(known)} or a kernels-hub id such as kernels-community/flash-attn2")
 
 
 class HardwareConfig(_Strict):

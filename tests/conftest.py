@@ -26,6 +26,18 @@ QWEN_STYLE_TEMPLATE = (
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU: skipped, with the reason, where there is none (CI, this CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
@@ -70,21 +82,20 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
 
 
-@pytest.fixture(scope="session")
-def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
+def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Path]:
     """A tiny model tuned with LoRA to answer "Ping <n>" with "Pong." and stop: (base, adapter, merged) folders.
 
     The base is the tiny model with its output layer scaled 10x. Its greedy answers are the tiny model's (argmax
     does not change with scale), but a LoRA adapter on the frozen layers can now make an answer confident: at
     the default init and hidden size 128 every logit stays within ~2.5 of the others, the loss cannot fall
-    below ~8.3, and which token came first after "Pong." (EOS or `ong`) was noise that differed by machine."""
+    below ~8.3, and which token came first after "Pong." (EOS or `ong`) was noise that differed by machine and
+    by precision (bf16 on an H200 answered `ongong...`). `train` overrides the train section (e.g. bf16)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.config import validate_config
     from pipeline.train.trainer import build_trainer, to_prompt_completion
 
-    out = tmp_path_factory.mktemp("ping-pong")
     base = build_tiny_model(out / "base", tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base)
     with torch.no_grad():
@@ -95,7 +106,9 @@ def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
         for i in range(8)
     ]
     raw = tiny_config(out, base)
-    raw["train"].update({"max_steps": 100, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000})
+    raw["train"].update(
+        {"max_steps": 100, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000, **train}
+    )
     trainer = build_trainer(
         validate_config(raw), str(base), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"
     )
@@ -105,6 +118,12 @@ def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
     trainer.model.merge_and_unload().save_pretrained(merged)
     AutoTokenizer.from_pretrained(base).save_pretrained(merged)
     return base, adapter, merged
+
+
+@pytest.fixture(scope="session")
+def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
+    """The ping-pong student at the device's default precision (fp32 on CPU, bf16 on CUDA)."""
+    return train_ping_pong(tmp_path_factory.mktemp("ping-pong"), tokenizer)
 
 
 def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.train.kd import check_same_tokenizer
-from pipeline.train.trainer import build_trainer, load_splits, model_init_kwargs
+from pipeline.train.trainer import build_trainer, load_splits, model_init_kwargs, throughput_metrics
 
 
 def train_stage(config: ExperimentConfig) -> Stage:
@@ -52,7 +52,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         trainer = build_trainer(config, model_path, train_rows, val_rows, layout.checkpoints)
         main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
         resume = _last_checkpoint(trainer, stage, force)
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = _train(trainer, config.train, resume)
         if val_rows:
             trainer.evaluate()  # the final model's val loss, in the log history
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -77,6 +77,21 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {outputs[0]}"
     )
     return stage.dir
+
+
+def _train(trainer: Any, train: TrainConfig, resume: str | None) -> Any:
+    """`trainer.train()`, a CUDA out-of-memory error turned into the keys that fix it."""
+    import torch
+
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError:
+        fix = "set train.gradient_checkpointing=true, or " if not train.gradient_checkpointing else ""
+        raise PipelineError(
+            f"train: out of GPU memory at per_device_train_batch_size={train.per_device_train_batch_size}, "
+            f"max_length={train.max_length}; {fix}lower train.per_device_train_batch_size (raise "
+            "train.gradient_accumulation_steps to keep the batch)"
+        ) from None
 
 
 def _last_checkpoint(trainer: Any, stage: Stage, force: bool) -> str | None:
@@ -142,6 +157,7 @@ def _metrics(
         "val_examples": val_examples,
         "steps": result.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        **throughput_metrics(trainer, result.metrics.get("train_runtime", 0.0), config.train.method == "full"),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.runs import PipelineError, log, read_jsonl
+from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tracking import trainer_report_to
+from pipeline.train.attention import register as register_varlen
 from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs, kd_trainer_class
 
 
@@ -40,7 +41,7 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
     """Precision and memory options chosen by device unless the config sets them.
 
     On this 2-core CPU, TRL's GPU-minded defaults (bf16 + gradient checkpointing) made a 135M LoRA step
-    take 68 s instead of 4.5 s.
+    take 68 s instead of 4.5 s; on an H200, checkpointing cost ~40% (bench_train.py).
     """
     import torch
 
@@ -48,16 +49,39 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
     if train.device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device: cuda requested but no CUDA device is visible")
     bf16 = train.bf16 if train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-    checkpointing = train.gradient_checkpointing if train.gradient_checkpointing is not None else cuda
-    return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": checkpointing}
+    return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": train.gradient_checkpointing}
 
 
-def model_init_kwargs(train: TrainConfig) -> dict[str, Any]:
-    """Loading options for the student: 4-bit NF4 weights for QLoRA (bitsandbytes, CUDA only)."""
-    if train.method != "qlora":
-        return {}
+def attention_implementation(train: TrainConfig) -> str:
+    """The attention kernel: `train.attn_implementation`, else varlen for packed rows and sdpa otherwise; a
+    missing package or a packed row through a dense mask is a one-line error."""
+    import importlib.util
+
+    name = train.attn_implementation or ("varlen" if train.packing else "sdpa")
+    needs = "flash_attn" if name.startswith("flash_attention") else "kernels" if "/" in name else None
+    if needs and importlib.util.find_spec(needs) is None:
+        package = needs.replace("_", "-")
+        raise PipelineError(f"train.attn_implementation: {name} needs the {package} package (pip install {package})")
+    if train.packing and name in ("sdpa", "eager"):
+        raise PipelineError(
+            f"train.packing: attn_implementation {name} would attend through one mask over the whole packed row "
+            "(batch x max_length squared; 13.8 GiB for 16k tokens); leave train.attn_implementation unset (varlen)"
+        )
+    if name == "varlen":
+        register_varlen()
+    return name
+
+
+def model_init_kwargs(train: TrainConfig, device: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Loading options for the student: the attention kernel; the frozen base in bf16 for a bf16 LoRA run (the
+    adapter stays fp32: PEFT upcasts it); 4-bit NF4 weights for QLoRA (bitsandbytes, CUDA only)."""
     import torch
 
+    kwargs: dict[str, Any] = {"attn_implementation": attention_implementation(train)}
+    if train.method == "lora" and device and device["bf16"]:
+        kwargs["dtype"] = torch.bfloat16
+    if train.method != "qlora":
+        return kwargs
     if train.device == "cpu" or not torch.cuda.is_available():
         raise PipelineError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU")
     try:
@@ -74,7 +98,16 @@ def model_init_kwargs(train: TrainConfig) -> dict[str, Any]:
         bnb_4bit_compute_dtype=compute,
         bnb_4bit_quant_storage=compute,  # FSDP shards the 4-bit weights only when storage matches compute
     )
-    return {"quantization_config": quantization, "dtype": compute}
+    return {**kwargs, "quantization_config": quantization, "dtype": compute}
+
+
+def fast_path_options(train: TrainConfig) -> dict[str, Any]:
+    """Liger kernels and torch.compile, each a config key; a missing package is a one-line error."""
+    import importlib.util
+
+    if train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise PipelineError("train.use_liger_kernel: needs the liger-kernel package (pip install liger-kernel)")
+    return {"use_liger_kernel": train.use_liger_kernel, "torch_compile": train.torch_compile}
 
 
 def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: dict[str, Any]):
@@ -106,13 +139,14 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         completion_only_loss=True,
         packing=train.packing,
         packing_strategy="bfd",  # padding-free: position ids restart per example
-        model_init_kwargs=model_init_kwargs(train) or None,
+        model_init_kwargs=model_init_kwargs(train, device),
         seed=config.seed,
         data_seed=config.seed,
         report_to=trainer_report_to(config),
         run_name=f"{config.run_name}-train",
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
+        **fast_path_options(train),
         **device,
     )
 
@@ -123,7 +157,6 @@ def build_trainer(
     """The SFTTrainer for a run; separate from `run_train` so tests can inspect its batches."""
     from datasets import Dataset
     from peft import LoraConfig
-    from trl import SFTTrainer
 
     train = config.train
     has_val = bool(val_rows)
@@ -134,18 +167,14 @@ def build_trainer(
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer_class, extra = SFTTrainer, {}
+    trainer_class = sft_trainer_class()
+    extra: dict[str, Any] = {"token_metrics": train.token_metrics, "fused_lm_head": train.fused_lm_head}
     if train.objective == "kd":
         if train.packing:
             raise PipelineError("train.objective: kd needs one example per row; set train.packing=false")
         trainer_class = kd_trainer_class()
         extra = {"kd_alpha": train.kd_alpha, "kd_temperature": train.kd_temperature}
     device = device_defaults(train)
-    if train.packing and device["use_cpu"]:
-        log(
-            "train: packing without FlashAttention (here: CPU) attends across the whole packed row; measured "
-            "0.42x the unpacked tokens/s on a 2-core CPU (scripts/bench_train.py). It pays off on GPUs."
-        )
     lora = None
     if train.method != "full":
         lora = LoraConfig(
@@ -167,6 +196,74 @@ def build_trainer(
     # First in line, so that the W&B callback logs what it adds.
     trainer.callback_handler.callbacks.insert(0, throughput_callback())
     return trainer
+
+
+def sft_trainer_class():
+    """TRL's SFTTrainer without its per-step token metrics, unless `train.token_metrics` asks for them.
+
+    TRL scores every step's tokens through a fused LM head that also computes the entropy and top-1 accuracy over
+    the vocabulary. Without them: on CUDA the same fused head computes only the log-probabilities of the trained
+    tokens (no (batch x length x vocab) logits); elsewhere, where TRL's head would run in plain torch over every
+    position twice, the model's own cross-entropy, as a hand-written loop computes it. cProfile of 3 steps of
+    the 135M student on this CPU: TRL's head took 8.9 of 30 s."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    class LeanSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, token_metrics: bool = False, fused_lm_head: bool = True, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.token_metrics = token_metrics
+            self.fused_head = fused_lm_head and self.args.device.type == "cuda"
+            if self.fused_head and not token_metrics:
+                base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+                add_fused_lm_head(base, outputs=("log_probs",))  # wraps TRL's: the same head, fewer outputs
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.token_metrics:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            if self.fused_head:
+                outputs = model(**inputs, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+                loss = outputs.loss
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # as TRL: DDP averages gradients across ranks
+            else:
+                loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self._total_train_tokens += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
+            self._metrics["train" if model.training else "eval"]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return LeanSFTTrainer
+
+
+def model_parameters(model: Any) -> int:
+    """Parameters of the model a token goes through (4-bit weights counted unpacked; LoRA's included)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return int(model.get_nb_trainable_parameters()[1])
+    return sum(p.numel() for p in model.parameters())
+
+
+def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, Any]:
+    """Training tokens (prompt and completion, padding excluded) per second and, on a CUDA device the datasheet
+    table knows, model FLOPs utilisation against its dense bf16 peak (pipeline/hardware.py)."""
+    from pipeline.hardware import cuda_accelerator, mfu
+
+    counts = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
+    tokens = int(counts[-1]) if counts else 0
+    per_s = tokens / runtime_s if runtime_s > 0 else 0.0
+    metrics: dict[str, Any] = {"train_tokens": tokens, "train_tokens_per_s": round(per_s, 1)}
+    cuda = cuda_accelerator() if not trainer.args.use_cpu else None
+    if cuda:
+        name, accelerator = cuda
+        metrics["accelerator"] = name
+        if accelerator:
+            share = mfu(per_s * trainer.args.world_size, model_parameters(trainer.model), full, accelerator.peak_tflops)
+            metrics["peak_tflops"] = accelerator.peak_tflops
+            metrics["mfu"] = round(share / trainer.args.world_size, 4)
+    return metrics
 
 
 def throughput_callback():

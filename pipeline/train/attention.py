@@ -1,0 +1,127 @@
+"""`attn_implementation="varlen"`: attention for padding-free packed rows that never builds a (T x T) mask.
+
+A packed row is one flat sequence of several examples with position ids restarting at each; TRL's collator also
+passes the examples' boundaries (`cu_seq_lens_q/k`, `max_length_q/k`). Through `sdpa`, transformers turns them into
+a dense block-diagonal mask over the whole row: on an H200, a 16k-token row took a 13.8 GiB mask and ran out of
+memory. Here each example attends only to itself:
+- on CUDA in bf16/fp16, PyTorch's own FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`,
+  torch >= 2.9), so no extra package is needed;
+- elsewhere (CPU, fp32), one causal `scaled_dot_product_attention` per example: O(sum of L_i^2), not O(T^2).
+Boundaries missing, they are read from position ids that restart at 0; rows with none (a padded batch,
+generation) take plain `sdpa`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+from typing import Any
+
+NAME = "varlen"
+
+
+def register() -> None:
+    """Make `attn_implementation="varlen"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(NAME, varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)  # None or the 2D padding mask: never T x T
+
+
+def varlen_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Any = None,
+    cu_seq_lens_k: Any = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers' attention interface: query (B, Hq, T, D), key/value (B, Hkv, T, D); returns (B, T, Hq, D)."""
+    import torch
+
+    if cu_seq_lens_q is None and query.shape[0] == 1 and attention_mask is None:
+        cu_seq_lens_q, max_length_q = _bounds_from_positions(kwargs.get("position_ids"), query.shape[2])
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return _dense(module, query, key, value, attention_mask, dropout, scaling)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    bounds = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _cuda_kernel() is not None:
+        out = _cuda_kernel()(q, k, v, bounds, bounds, int(max_length_q), int(max_length_q), scaling)
+    else:
+        edges = bounds.tolist()
+        out = torch.cat([_causal(q[a:b], k[a:b], v[a:b], scaling) for a, b in zip(edges, edges[1:], strict=False)])
+    return out.unsqueeze(0), None
+
+
+def _bounds_from_positions(position_ids: Any, length: int) -> tuple[Any, int | None]:
+    """Examples' boundaries from position ids that restart at 0 (a packed row given without them)."""
+    import torch
+
+    if position_ids is None:
+        return None, None
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None, None  # one sequence (or a continuation, as in generation): plain causal attention
+    bounds = torch.cat([starts, starts.new_tensor([length])])
+    return bounds, int(bounds.diff().max())
+
+
+def _causal(q: Any, k: Any, v: Any, scaling: float | None) -> Any:
+    """One example, (L, H, D) in and out, GQA by repeating key/value heads."""
+    import torch.nn.functional as F
+
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, L, D)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1)
+
+
+def _repeat_kv(t: Any, heads: int) -> Any:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _dense(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float, scaling: float | None):
+    """An ordinary batch: transformers' sdpa with a 4D mask built from the 2D padding mask (or none: causal)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        q_len, kv_len = query.shape[2], attention_mask.shape[-1]
+        causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+
+
+@cache
+def _cuda_kernel():
+    """PyTorch's varlen FlashAttention with a causal mask, whatever this torch version calls the options
+    (`is_causal` in 2.9, `window_size=(-1, 0)` from 2.10; `enable_gqa` from 2.12, else heads repeated)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+        extra = dict(causal)
+        if "scale" in params:
+            extra["scale"] = scaling
+        if gqa and k.shape[1] != q.shape[1]:
+            extra["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+    return run
+
+
+def cuda_kernel_available() -> bool:
+    return _cuda_kernel() is not None
