@@ -2,13 +2,16 @@
 
     .venv/bin/python scripts/bench_train.py [--config configs/smollm2_support.yaml] [--steps 8] [KEY=VALUE ...]
 
-Both train the config's student with the same LoRA settings, learning rate and batches:
-- "plain": the same model and LoRA adapter through `peft.get_peft_model`, AdamW, and a loop of forward,
-  backward, optimizer step over the first `--steps` batches the trainer's dataloader yields (run first);
-- "ours": `build_trainer` (TRL SFTTrainer, as the train stage builds it) and `trainer.train()` for
-  `--steps` steps, timed around `train()` (model loading and tokenisation excluded, as for the plain loop).
-Throughput is real (non-padding) training tokens per second; the ratio ours / plain is printed. Then the
-same with `train.packing=true`: real tokens per step rise, as there is no padding; both throughputs shown.
+Both train the config's student with the same LoRA settings, learning rate, precision and batches:
+- "plain": the model and LoRA adapter through `peft.get_peft_model` (frozen weights in bf16 and the adapter in fp32
+  under bf16 autocast when our stage trains in bf16, fp32 otherwise), AdamW, and a loop of forward, backward,
+  optimizer step over the batches the trainer's dataloader yields, moved to the device (run first);
+- "ours": `build_trainer` (TRL SFTTrainer, as the train stage builds it) and `trainer.train()`.
+The first `--warmup` steps of each are not timed (CUDA context, kernel selection); the clock stops at the last
+step's end (ours' final checkpoint save excluded). Throughput is real (non-padding) training tokens per second;
+the ratio ours / plain is printed. Then the same with `train.packing=true`: padding-free rows, passed to the plain
+loop as the model needs them (position ids and the examples' boundaries, no mask). On CUDA the model FLOPs
+utilisation is printed against the device's datasheet peak (pipeline/hardware.py), or `--peak-tflops`.
 Data: the run's `filter/train.jsonl` if it exists, else the task's train prompts with canned replies.
 """
 
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,23 +63,45 @@ def real_tokens(batch) -> int:
     return int(batch["input_ids"].numel())
 
 
-def ours(trainer) -> tuple[int, float]:
-    """`trainer.train()` as the stage runs it; tokens as TRL counts them (attention-mask ones)."""
-    started = time.perf_counter()
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_clock():
+    """A trainer callback that stamps the end of every step (after a device sync)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            synchronize()
+            self.stamps.append(time.perf_counter())
+
+    return Clock()
+
+
+def ours(trainer, tokens: list[int], warmup: int) -> tuple[int, float]:
+    """`trainer.train()` as the stage runs it, timed from the end of step `warmup` to the end of the last step."""
+    clock = step_clock()
+    trainer.add_callback(clock)
     trainer.train()
-    seconds = time.perf_counter() - started
-    tokens = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
-    return int(tokens[-1]), seconds
+    return sum(tokens[warmup:]), clock.stamps[-1] - clock.stamps[warmup - 1]
 
 
-def plain(config, model_path: str, batches, dtype) -> tuple[int, float]:
+def plain(config, model_path: str, batches, device, bf16: bool, attention: str, warmup: int) -> tuple[int, float]:
     """The loop a user would write by hand: PEFT model, AdamW, forward/backward/step."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     lora = config.train.lora
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attention).to(device)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -87,14 +114,93 @@ def plain(config, model_path: str, batches, dtype) -> tuple[int, float]:
     )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate)
-    started = time.perf_counter()
-    for batch in batches:
-        loss = model(**batch).loss
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    started = 0.0
+    for step, batch in enumerate(batches):
+        if step == warmup:
+            synchronize()
+            started = time.perf_counter()
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        with autocast:
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - started
-    return sum(real_tokens(b) for b in batches), seconds
+    synchronize()
+    return sum(real_tokens(b) for b in batches[warmup:]), time.perf_counter() - started
+
+
+def profile_steps(trainer, steps: int = 2) -> None:
+    """torch.profiler over a few of our steps: the operators that took the time, device time first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    trainer.args.max_steps = steps
+    with profile(activities=activities) as prof:
+        trainer.train()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
+
+
+def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> dict:
+    """One side-by-side measurement, unpacked or packed; prints three lines and returns the figures."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.hardware import mfu
+    from pipeline.models import resolve_model
+    from pipeline.train.trainer import attention_implementation, build_trainer, model_parameters
+
+    count = (args.packed_steps or args.steps) if packing else args.steps
+    overrides = [*base, f"train.packing={str(packing).lower()}", f"train.max_steps={count}"]
+    config = load_config(args.config, [*overrides, f"train.logging_steps={count}"])
+    model_path = resolve_model(config.student.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(config, model_path, rows, [], Path(tmp) / "out")
+        batches = list(itertools.islice(trainer.get_train_dataloader(), count))
+        device, bf16 = trainer.args.device, trainer.args.bf16
+        attention = attention_implementation(config.train)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        plain_tokens, plain_seconds = plain(config, model_path, batches, device, bf16, attention, args.warmup)
+        plain_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        tokens, seconds = ours(trainer, [real_tokens(b) for b in batches], args.warmup)
+        memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        if args.profile and not packing:
+            profile_steps(trainer)
+    name = "packed  " if packing else "unpacked"
+    timed = count - args.warmup
+    result = {
+        "packing": packing,
+        "ours_tok_s": tokens / seconds,
+        "plain_tok_s": plain_tokens / plain_seconds,
+        "tokens_per_step": tokens / timed,
+        "ratio": (tokens / seconds) / (plain_tokens / plain_seconds),
+        "attention": attention,
+        "bf16": bf16,
+        "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        "peak_memory_gib": {"ours": memory, "plain": plain_memory},
+    }
+    print(
+        f"{name} ours : {tokens} real tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s "
+        f"({tokens / timed:.0f} real tokens/step, {timed} timed steps; attention {attention}, bf16 {bf16})"
+    )
+    print(f"{name} plain: {plain_tokens} real tokens in {plain_seconds:.2f} s = {result['plain_tok_s']:.0f} tok/s")
+    if memory is not None:
+        print(f"{name} peak GPU memory: ours {memory:.1f} GiB, plain {plain_memory:.1f} GiB")
+    print(f"{name} ratio ours/plain = {result['ratio']:.3f}")
+    if peak:
+        full = config.train.method == "full"
+        result["mfu"] = mfu(result["ours_tok_s"], model_parameters(trainer.model), full, peak)
+        result["plain_mfu"] = mfu(result["plain_tok_s"], model_parameters(trainer.model), full, peak)
+        print(
+            f"{name} model FLOPs utilisation: {result['mfu']:.1%} of {peak:g} TFLOP/s (plain {result['plain_mfu']:.1%})"
+        )
+    return result
 
 
 def main() -> int:
@@ -102,58 +208,37 @@ def main() -> int:
     parser.add_argument("--config", default="configs/smollm2_support.yaml")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--packed-steps", type=int, default=None, help="steps for the packed run (default --steps)")
-    parser.add_argument(
-        "--peak-tflops", type=float, help="the accelerator's peak (e.g. 989 for an H100 in bf16): print MFU too"
-    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each side (at least 1)")
+    parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak (default: its datasheet on CUDA)")
+    parser.add_argument("--only", choices=("unpacked", "packed"), help="measure one of the two")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of two of our unpacked steps")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps <= args.warmup or (args.packed_steps or args.steps) <= args.warmup:
+        parser.error("--warmup must be at least 1, and --steps and --packed-steps must exceed it")
 
     from pipeline.config import load_config
-    from pipeline.models import resolve_model
-    from pipeline.train.trainer import build_trainer
+    from pipeline.hardware import cuda_accelerator
 
-    steps = f"train.max_steps={args.steps}"
-    base = [
-        *args.overrides,
-        "tracking.wandb=false",
-        steps,
-        "train.save_steps=100000",
-        f"train.logging_steps={args.steps}",
-    ]
+    base = [*args.overrides, "tracking.wandb=false", "train.save_steps=100000"]
     config = load_config(args.config, base)
-    model_path = resolve_model(config.student.model)
+    cuda = cuda_accelerator()
+    peak = args.peak_tflops or (cuda[1].peak_tflops if cuda and cuda[1] else None)
+    print(f"device: {cuda[0] if cuda else 'cpu'}; model {config.student.model}")
     batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
-    rows = training_rows(config, args.steps * batch * 16)  # enough for --steps packed steps
+    steps = max(args.steps, args.packed_steps or 0)
+    rows = training_rows(config, steps * batch * 16)  # enough for the packed steps
 
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for packing in (False, True):
-            count = (args.packed_steps or args.steps) if packing else args.steps
-            overrides = [*base, f"train.packing={str(packing).lower()}", f"train.max_steps={count}"]
-            packed_config = load_config(args.config, [*overrides, f"train.logging_steps={count}"])
-            trainer = build_trainer(packed_config, model_path, rows, [], Path(tmp) / f"out-{packing}")
-            batches = list(itertools.islice(trainer.get_train_dataloader(), count))
-            dtype = next(trainer.model.parameters()).dtype
-            plain_tokens, plain_seconds = plain(packed_config, model_path, batches, dtype)
-            tokens, seconds = ours(trainer)
-            results[packing] = (tokens / seconds, plain_tokens / plain_seconds, tokens / len(batches))
-            name = "packed  " if packing else "unpacked"
-            print(
-                f"{name} ours : {tokens} real tokens in {seconds:.1f} s = {tokens / seconds:.0f} tok/s "
-                f"({tokens / len(batches):.0f} real tokens/step, {len(batches)} steps)"
-            )
-            plain_rate = plain_tokens / plain_seconds
-            print(f"{name} plain: {plain_tokens} real tokens in {plain_seconds:.1f} s = {plain_rate:.0f} tok/s")
-            print(f"{name} ratio ours/plain = {results[packing][0] / results[packing][1]:.3f}")
-            if args.peak_tflops:
-                # Per trained token: forward 2N FLOPs, backward 2N (activation gradients) + 2N more when every
-                # weight gets a gradient (full fine-tuning); LoRA's own matrices are negligible.
-                params = sum(p.numel() for p in trainer.model.parameters())
-                per_token = (6 if packed_config.train.method == "full" else 4) * params
-                mfu = tokens / seconds * per_token / (args.peak_tflops * 1e12)
-                print(f"{name} model FLOPs utilisation: {mfu:.1%} of {args.peak_tflops:g} TFLOP/s")
-    gain = results[True][2] / results[False][2]
-    print(f"packing: {gain:.2f}x real tokens per step, ours {results[True][0] / results[False][0]:.2f}x tokens/s")
+    modes = [m == "packed" for m in ("unpacked", "packed") if args.only in (None, m)]
+    results = {("packed" if p else "unpacked"): measure(args, base, rows, p, peak) for p in modes}
+    if len(results) == 2:
+        gain = results["packed"]["tokens_per_step"] / results["unpacked"]["tokens_per_step"]
+        speed = results["packed"]["ours_tok_s"] / results["unpacked"]["ours_tok_s"]
+        print(f"packing: {gain:.2f}x real tokens per step, ours {speed:.2f}x tokens/s")
+    if args.json:
+        summary = {"device": cuda[0] if cuda else "cpu", "model": config.student.model, **results}
+        args.json.write_text(json.dumps(summary, indent=2))
     return 0
 
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU check: on one CUDA GPU, in about 8 minutes, with or without vLLM (then the transformers engine).
+#
+#   bash scripts/gpu_check.sh                     # Qwen2.5-0.5B / 1.5B from the hub
+#   M05=/tmp/models/m05 M15=/tmp/models/m15 bash scripts/gpu_check.sh   # local folders (e.g. random-weight stand-ins)
+#
+# 1. the tests marked `cuda` and the train/KD tests (not integration), on the GPU;
+# 2. scripts/bench_train.py on a 0.5B- and a 1.5B-shaped student: ours / plain PyTorch+PEFT loop, unpacked and
+#    packed, with model FLOPs utilisation against the device's datasheet peak;
+# 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student) end to end;
+# 4. what two of the stage's options cost on the 0.5B shape, unpacked: TRL's per-step token metrics
+#    (train.token_metrics) and gradient checkpointing, each against the plain loop.
+# Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
+# time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+M05=${M05:-Qwen/Qwen2.5-0.5B-Instruct}
+M15=${M15:-Qwen/Qwen2.5-1.5B-Instruct}
+OUT_DIR=${OUT_DIR:-gpu_check_out}
+PYTEST_ARGS=${PYTEST_ARGS:-}   # e.g. "-p tok_plugin" on a machine without the bundled model's package
+mkdir -p "$OUT_DIR"
+export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
+declare -A status seconds
+
+step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log, record status and time
+  local name=$1 limit=$2; shift 2
+  local started=$SECONDS
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  seconds[$name]=$((SECONDS - started))
+  if [ $rc -eq 0 ]; then status[$name]=ok; elif [ $rc -eq 124 ]; then status[$name]="timed out"; else status[$name]="failed ($rc)"; fi
+  echo "   ${status[$name]} in ${seconds[$name]} s"; grep -E "passed|failed|ratio|utilisation|memory|Error" "$OUT_DIR/$name.log" | tail -12
+}
+
+$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
+
+step tests 180 $PY -m pytest -q -x $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
+bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
+  local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
+  step "$name" 150 $PY scripts/bench_train.py --steps 12 --packed-steps 8 --warmup 2 "${options[@]}" \
+    --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
+}
+bench bench_05b --profile -- "student.model=$M05"
+bench bench_15b -- "student.model=$M15"
+step pipeline 240 $PY -m pipeline.cli run --config configs/gpu_check.yaml --force "runs_dir=$OUT_DIR/runs" \
+  "teacher.model=$M05" "student.model=$M05"
+bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
+bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
+
+$PY - "$OUT_DIR" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name in ("bench_05b", "bench_15b", "token_metrics", "checkpointing"):
+    path = out / f"{name}.json"
+    if not path.is_file():
+        print(f"| {name} | (no result: see {name}.log) |"); continue
+    data = json.loads(path.read_text())
+    for mode in ("unpacked", "packed"):
+        r = data.get(mode)
+        if r:
+            mem = r["peak_memory_gib"]
+            mems = f"{mem['ours']:.1f} / {mem['plain']:.1f}" if mem["ours"] is not None else "-"
+            label = Path(data["model"]).name + ("" if name.startswith("bench") else f" ({name})")
+            print(f"| {label} | {mode} | {r['ours_tok_s']:,.0f} | {r['plain_tok_s']:,.0f} | "
+                  f"{r['ratio']:.2f} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']} | {mems} |")
+metrics = next((out / "runs").glob("*/train/train_metrics.json"), None)
+if metrics:
+    m = json.loads(metrics.read_text())
+    print(f"\nwhole pipeline, QLoRA train stage: {m['steps']} steps, {m.get('train_tokens_per_s')} tok/s, "
+          f"MFU {m.get('mfu')}, on {m.get('accelerator')}")
+PY
+echo
+failed=0
+for name in tests bench_05b bench_15b pipeline token_metrics checkpointing; do
+  printf '%-10s %-12s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
+  [ "${status[$name]}" = ok ] || failed=1
+done
+exit $failed
