@@ -149,7 +149,7 @@ def test_train_benchmark_script_prints_both_ratios(tmp_path):
     An empty runs_dir makes it build its rows from the task, as on a fresh clone with no demo run yet."""
     result = run_python(
         "bench_train.py",
-        *("--steps", "1", "--peak-tflops", "1"),
+        *("--steps", "2", "--warmup", "1", "--peak-tflops", "1"),
         *("train.max_length=64", "train.per_device_train_batch_size=2", f"runs_dir={tmp_path}"),
     )
     assert result.returncode == 0, result.stderr[-2000:]
