@@ -144,7 +144,7 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         data_seed=config.seed,
         report_to=trainer_report_to(config),
         run_name=f"{config.run_name}-train",
-        dataloader_num_workers=0,
+        dataloader_num_workers=train.dataloader_workers,
         ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
         **fast_path_options(train),
         **device,
