@@ -188,6 +188,24 @@ def test_a_tuned_tiny_model_learns_to_stop(request, precision):
     assert answer.text == "Pong." and answer.output_tokens < 20
 
 
+def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_path, tiny_model):
+    """3 steps with logging_steps 5: the first and the last step's losses are logged all the same (a real data
+    set that left 2 examples ran 3 steps and recorded `loss None -> None`)."""
+    import json
+
+    from pipeline.train import run_train
+
+    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False})
+    raw["train"].update({"max_steps": 3, "logging_steps": 5})
+    config = validate_config(raw)
+    write_filtered(config, ROWS)
+    run_train(config)
+    metrics = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())
+    assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 3]
+    assert metrics["first_loss"] is not None and metrics["last_loss"] is not None
+    assert metrics["first_loss"] != metrics["last_loss"]
+
+
 def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path, tiny_model):
     """The precision path of the CUDA defaults: frozen weights loaded in bf16 (half the memory traffic of fp32
     weights cast under autocast every step), trainable LoRA weights and their optimizer state in fp32."""

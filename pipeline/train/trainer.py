@@ -128,6 +128,7 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         warmup_steps=train.warmup_ratio,  # a value below 1 is a ratio of the total steps (transformers >= 5)
         lr_scheduler_type=train.lr_scheduler_type,
         logging_steps=train.logging_steps,
+        logging_first_step=True,  # and the last (log_the_last_step_callback): first and last loss for any length
         eval_strategy="steps" if has_val else "no",
         eval_steps=train.save_steps,
         save_strategy="steps",
@@ -195,6 +196,7 @@ def build_trainer(
     )
     # First in line, so that the W&B callback logs what it adds.
     trainer.callback_handler.callbacks.insert(0, throughput_callback())
+    trainer.add_callback(log_the_last_step_callback())
     return trainer
 
 
@@ -264,6 +266,19 @@ def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, 
             metrics["peak_tflops"] = accelerator.peak_tflops
             metrics["mfu"] = round(share / trainer.args.world_size, 4)
     return metrics
+
+
+def log_the_last_step_callback():
+    """Logs the last step's loss whatever `logging_steps` is (with `logging_first_step`, the first one too): a run
+    shorter than `logging_steps` used to record no loss at all (`loss None -> None`)."""
+    from transformers import TrainerCallback
+
+    class LogTheLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogTheLastStep()
 
 
 def throughput_callback():
