@@ -146,6 +146,7 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
             "truncated": {"enabled": False},
             "near_dedup": {"enabled": False},
             "val_fraction": 0.25,
+            "min_train_examples": 0,  # a dozen prompts: the guard's own tests set it
         },
         "train": {
             "max_steps": 4,

@@ -186,6 +186,33 @@ def test_filter_with_nothing_surviving_is_an_error(tmp_path, tiny_model):
     assert not list((config.run_dir / "filter").glob("*.jsonl"))  # nothing half-written
 
 
+def test_too_few_kept_examples_stop_with_the_filter_and_the_key_to_fix(tmp_path, tiny_model, capsys):
+    """Most answers cut at max_tokens: the filter stage stops (exit 2 from the CLI) naming the count, the filter
+    that dropped the most and the key that fixes it, and writes nothing; min_train_examples=0 lets it through."""
+    import yaml
+
+    from pipeline.cli import main
+
+    config = strict_config(tmp_path, tiny_model, **{"filter.min_train_examples": 4})
+    rows = [teacher_row(i, ["even" if i % 2 == 0 else "odd", "cut"], ["stop", "length"]) for i in range(3)]
+    rows += [teacher_row(i, ["cut", "cut"], ["length", "length"]) for i in range(3, 8)]
+    write_teacher_outputs(config, rows)
+    with pytest.raises(PipelineError) as error:
+        run_filter(config)
+    message = str(error.value)
+    assert message.startswith("filter: kept 3 training examples of 16 teacher samples, under filter.min_train")
+    assert "truncated dropped the most (13): answers were cut at the token limit: raise teacher.sampling." in message
+    assert "\n" not in message and not list((config.run_dir / "filter").glob("*.jsonl"))
+
+    raw = yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
+    config_file = tmp_path / "guard.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    assert main(["filter", "--config", str(config_file)]) == 2
+    assert "filter: kept 3 training examples" in capsys.readouterr().err
+    assert main(["filter", "--config", str(config_file), "filter.min_train_examples=0"]) == 0
+    assert len((config.run_dir / "filter" / "train.jsonl").read_text().splitlines()) == 3
+
+
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):
     """Every filter off, decontamination included: the test split's prompts are still dropped."""
     from pipeline.tasks import build_task

@@ -70,8 +70,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 progress.update(len(chunk))
             progress.close()
             writer.flush_judge()
-            if not tally.train:
-                raise PipelineError(f"filter: no teacher sample survived ({dict(tally.dropped)})")
+            check_enough_kept(config, tally)
             if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
                 raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
@@ -95,6 +94,34 @@ def in_val(prompt_id: str, seed: int, fraction: float) -> bool:
     """Deterministic split by prompt id, so every sample of one prompt lands on the same side."""
     digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+# What to change when a filter drops most of the teacher's samples.
+DROP_FIXES = {
+    "truncated": "answers were cut at the token limit: raise teacher.sampling.max_tokens or set teacher.sampling.stop",
+    "empty": "the teacher answered nothing: check teacher.sampling.stop and the chat template",
+    "correctness": "the teacher's answers fail the task's checks: the teacher does not do this task with this "
+    "prompt (a stronger teacher.model, a better prompt), or the answer is read wrongly (task.params)",
+    "agreement": "the teacher's samples disagree: a stronger teacher.model, or a lower filter.agreement.min_agreement",
+}
+
+
+def check_enough_kept(config: ExperimentConfig, tally: Tally) -> None:
+    """The guard after filtering: too few kept training examples stop the run, in one line that says why."""
+    need = config.filter.min_train_examples
+    if tally.train >= max(need, 1):
+        return
+    top = tally.dropped.most_common(1)
+    cause = "nothing was dropped"
+    if top:
+        name, count = top[0]
+        cause = f"{name} dropped the most ({count}): {DROP_FIXES.get(name, f'see filter.{name}')}"
+    if not tally.train:
+        raise PipelineError(f"filter: no teacher sample survived of {tally.samples_in}; {cause}")
+    raise PipelineError(
+        f"filter: kept {tally.train} training examples of {tally.samples_in} teacher samples, under "
+        f"filter.min_train_examples={need}; {cause}; filter.min_train_examples=0 trains on them anyway"
+    )
 
 
 class DatasetWriter:
