@@ -72,7 +72,9 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         shutil.rmtree(layout.checkpoints, ignore_errors=True)  # done: the adapter is the output
         outputs += [layout.train_metrics, layout.data_keys]
         # The trainer's W&B run (opened for TRL's callback) gets the manifest's student Artifact, and closes.
-        stage.finish(outputs, metrics, artifact=layout.student_artifact)
+        speed = ("train_runtime_s", "train_tokens_per_s", "mfu", "peak_tflops", "first_loss", "last_loss")
+        summary = {key: metrics[key] for key in speed if metrics.get(key) is not None}
+        stage.finish(outputs, metrics, summary=summary, artifact=layout.student_artifact)
     log(
         f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {outputs[0]}"
     )
