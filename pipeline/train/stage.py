@@ -149,6 +149,7 @@ def _metrics(
 ) -> dict[str, Any]:
     """What the manifest and train_metrics.json say about the training."""
     best = trainer.state.best_model_checkpoint
+    runtime = result.metrics.get("train_runtime", 0.0)
     return {
         "method": config.train.method,
         "objective": config.train.objective,
@@ -158,8 +159,8 @@ def _metrics(
         "train_examples": train_examples,
         "val_examples": val_examples,
         "steps": result.global_step,
-        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
-        **throughput_metrics(trainer, result.metrics.get("train_runtime", 0.0), config.train.method == "full"),
+        "train_runtime_s": round(runtime, 2),
+        **throughput_metrics(trainer, runtime, config.train.method == "full"),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],

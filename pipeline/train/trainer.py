@@ -208,6 +208,7 @@ def sft_trainer_class():
     tokens (no (batch x length x vocab) logits); elsewhere, where TRL's head would run in plain torch over every
     position twice, the model's own cross-entropy, as a hand-written loop computes it. cProfile of 3 steps of
     the 135M student on this CPU: TRL's head took 8.9 of 30 s."""
+    import torch
     from transformers import Trainer
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -232,9 +233,10 @@ def sft_trainer_class():
                     loss = loss * self.accelerator.num_processes  # as TRL: DDP averages gradients across ranks
             else:
                 loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-            if model.training:
-                mask = inputs.get("attention_mask")
-                self._total_train_tokens += int(mask.sum()) if mask is not None else inputs["position_ids"].size(1)
+            if model.training:  # as TRL counts them: real tokens of every rank (padding-free rows have no padding)
+                mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+                local = mask.sum() if mask is not None else torch.tensor(positions.size(1), device=positions.device)
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(local).sum())
             self._metrics["train" if model.training else "eval"]["num_tokens"] = [self._total_train_tokens]
             return (loss, outputs) if return_outputs else loss
 
@@ -250,7 +252,8 @@ def model_parameters(model: Any) -> int:
 
 def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, Any]:
     """Training tokens (prompt and completion, padding excluded) per second and, on a CUDA device the datasheet
-    table knows, model FLOPs utilisation against its dense bf16 peak (pipeline/hardware.py)."""
+    table knows, model FLOPs utilisation of each GPU against its dense bf16 peak (pipeline/hardware.py). The token
+    count is every rank's (TRL gathers it), so a GPU's share is 1/world_size of it."""
     from pipeline.hardware import cuda_accelerator, mfu
 
     counts = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
@@ -262,9 +265,9 @@ def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, 
         name, accelerator = cuda
         metrics["accelerator"] = name
         if accelerator:
-            share = mfu(per_s * trainer.args.world_size, model_parameters(trainer.model), full, accelerator.peak_tflops)
+            per_gpu = per_s / trainer.args.world_size
             metrics["peak_tflops"] = accelerator.peak_tflops
-            metrics["mfu"] = round(share / trainer.args.world_size, 4)
+            metrics["mfu"] = round(mfu(per_gpu, model_parameters(trainer.model), full, accelerator.peak_tflops), 4)
     return metrics
 
 
