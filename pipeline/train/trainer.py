@@ -55,13 +55,10 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
 def attention_implementation(train: TrainConfig) -> str:
     """The attention kernel: `train.attn_implementation`, else varlen for packed rows and sdpa otherwise; a
     missing package or a packed row through a dense mask is a one-line error."""
-    import importlib.util
-
     name = train.attn_implementation or ("varlen" if train.packing else "sdpa")
     needs = "flash_attn" if name.startswith("flash_attention") else "kernels" if "/" in name else None
-    if needs and importlib.util.find_spec(needs) is None:
-        package = needs.replace("_", "-")
-        raise PipelineError(f"train.attn_implementation: {name} needs the {package} package (pip install {package})")
+    if needs:
+        require(needs, f"train.attn_implementation: {name}")
     if train.packing and name in ("sdpa", "eager"):
         raise PipelineError(
             f"train.packing: attn_implementation {name} would attend through one mask over the whole packed row "
@@ -101,12 +98,19 @@ def model_init_kwargs(train: TrainConfig, device: dict[str, Any] | None = None) 
     return {**kwargs, "quantization_config": quantization, "dtype": compute}
 
 
-def fast_path_options(train: TrainConfig) -> dict[str, Any]:
-    """Liger kernels and torch.compile, each a config key; a missing package is a one-line error."""
+def require(module: str, what: str) -> None:
+    """A one-line error naming the key (`what`) when an optional package is not installed."""
     import importlib.util
 
-    if train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        raise PipelineError("train.use_liger_kernel: needs the liger-kernel package (pip install liger-kernel)")
+    if importlib.util.find_spec(module) is None:
+        package = module.replace("_", "-")
+        raise PipelineError(f"{what} needs the {package} package (pip install {package})")
+
+
+def fast_path_options(train: TrainConfig) -> dict[str, Any]:
+    """Liger kernels and torch.compile, each a config key; a missing package is a one-line error."""
+    if train.use_liger_kernel:
+        require("liger_kernel", "train.use_liger_kernel:")
     return {"use_liger_kernel": train.use_liger_kernel, "torch_compile": train.torch_compile}
 
 
