@@ -83,12 +83,34 @@ class SamplingConfig(_Strict):
     logprobs: int | None = Field(None, ge=1, le=20)
     # Structured output: every completion is valid JSON for this schema (vLLM structured outputs).
     json_schema: dict[str, Any] | None = None
+    # Constrained answers: every completion is exactly one of these strings (vLLM structured outputs'
+    # `choice`; allowed tokens on the transformers engine). Usually set by the task (a label set), not by hand.
+    choices: list[str] | None = None
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.SamplingParams keyword
 
     @field_validator("json_schema")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return _check_json_schema(value)
+
+    @field_validator("choices")
+    @classmethod
+    def _valid_choices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(c.strip() for c in value)):
+            raise ValueError("needs at least one choice, and no empty one")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a choice is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> SamplingConfig:
+        if self.choices is not None and self.json_schema is not None:
+            raise ValueError("choices and json_schema: set one constraint, not both")
+        return self
+
+    def constrained_to(self, choices: list[str] | None) -> SamplingConfig:
+        """This sampling with answers constrained to `choices` (unchanged when None)."""
+        return self if choices is None else self.model_copy(update={"choices": list(choices)})
 
 
 class TaskConfig(_Strict):
@@ -445,6 +467,10 @@ class BenchmarkConfig(_Strict):
     load_test: LoadTestConfig = Field(default_factory=LoadTestConfig)
     latency_requests: int = Field(16, ge=1)  # offline engine: requests timed one at a time per system
     max_test_examples: int | None = Field(None, ge=1)
+    # Constrain every system's task answers to the task's answer set (a label task's labels), as the teacher's
+    # were at generate time. Off by default: the benchmark then measures whether a student answers with a valid
+    # label by itself (the report counts invalid labels per system). The forgetting probe is never constrained.
+    constrained: bool = False
     # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
     # are computed from these and measured throughput and wall times.
     hardware_profiles: dict[str, HardwareConfig] = Field(

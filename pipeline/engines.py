@@ -188,10 +188,10 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         structured = None
-        if sampling.json_schema is not None:
+        if sampling.json_schema is not None or sampling.choices is not None:
             from vllm.sampling_params import StructuredOutputsParams
 
-            structured = StructuredOutputsParams(json=sampling.json_schema)
+            structured = StructuredOutputsParams(json=sampling.json_schema, choice=sampling.choices)
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -318,6 +318,7 @@ class TransformersEngine(Engine):
             raise PipelineError(f"sampling.{unsupported[0]}: not supported by the transformers backend; use vllm")
         torch.manual_seed(sampling.seed if sampling.seed is not None else self.seed)
         eos_ids = self._eos_ids()
+        allowed = self._choice_constraint(sampling.choices, eos_ids) if sampling.choices else None
         results: list[Generation] = []
         batches = range(0, len(conversations), self.config.batch_size)
         for start in tqdm(batches, desc="generate (transformers)", unit="batch", disable=not progress):
@@ -338,6 +339,7 @@ class TransformersEngine(Engine):
                     eos_token_id=eos_ids,
                     stop_strings=sampling.stop or None,
                     tokenizer=self.tokenizer if sampling.stop else None,
+                    prefix_allowed_tokens_fn=allowed(enc["input_ids"].shape[1]) if allowed else None,
                 )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             for i in range(len(batch)):
@@ -357,6 +359,27 @@ class TransformersEngine(Engine):
                     completions.append(Completion(text, finish, len(kept) + (stop_at is not None)))
                 results.append(Generation(completions, prompt_tokens))
         return results
+
+    def _choice_constraint(self, choices: list[str], eos_ids: list[int]) -> Any:
+        """Allowed next tokens for answers that must be one of `choices`: a trie of each choice's tokens,
+        ended by EOS. Returns a factory taking the prompt length (left-padded, the same for a whole batch)
+        and giving `generate`'s `prefix_allowed_tokens_fn`."""
+        end = eos_ids[0]
+        trie: dict[tuple[int, ...], set[int]] = {}
+        for choice in choices:
+            ids = tuple(self.tokenizer.encode(choice, add_special_tokens=False))
+            for k in range(len(ids) + 1):
+                trie.setdefault(ids[:k], set()).add(ids[k] if k < len(ids) else end)
+        table = {prefix: sorted(tokens) for prefix, tokens in trie.items()}
+
+        def for_prompt(prompt_length: int) -> Any:
+            def allowed(_row: int, ids: Any) -> list[int]:
+                # A finished row (past EOS, then padding) is no prefix: EOS keeps it finished.
+                return table.get(tuple(ids[prompt_length:].tolist()), [end])
+
+            return allowed
+
+        return for_prompt
 
     def _eos_ids(self) -> list[int]:
         ids = self.lm.generation_config.eos_token_id
@@ -478,6 +501,9 @@ class OpenAIEngine(Engine):
                     "type": "json_schema",
                     "json_schema": {"name": "output", "schema": sampling.json_schema},
                 }
+            extra_body = dict(sampling.extra)
+            if sampling.choices is not None:  # vLLM's server; the OpenAI API has no equivalent
+                extra_body["structured_outputs"] = {"choice": sampling.choices}
             response = await client.chat.completions.create(
                 model=self.model,
                 messages=conversation,
@@ -486,7 +512,7 @@ class OpenAIEngine(Engine):
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 seed=seed,
-                extra_body=sampling.extra or None,  # server-specific parameters (e.g. vLLM's top_k)
+                extra_body=extra_body or None,  # server-specific parameters (e.g. vLLM's top_k)
                 **options,
             )
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:

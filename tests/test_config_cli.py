@@ -43,6 +43,12 @@ def _minimal(**extra):
         (_minimal(train={"lr": 1e-4}), "train.lr: unknown key"),
         ({"run_name": "x", "task": {"name": "support"}, "student": {"model": "m"}}, "teacher: Field required"),
         (_minimal(teacher={"model": "m", "sampling": {"temperature": -1}}), "teacher.sampling.temperature"),
+        (_minimal(teacher={"model": "m", "sampling": {"choices": []}}), "teacher.sampling.choices: Value error, needs"),
+        (_minimal(benchmark={"sampling": {"choices": ["a", "a"]}}), "benchmark.sampling.choices: Value error, a"),
+        (
+            _minimal(teacher={"model": "m", "sampling": {"choices": ["a"], "json_schema": {"type": "object"}}}),
+            "teacher.sampling: Value error, choices and json_schema",
+        ),
     ],
 )
 def test_bad_config_errors_name_the_key(raw, message):

@@ -16,6 +16,17 @@ CONVERSATIONS = [
 ]
 
 
+# Labels where one is a prefix of another and one spans several tokens: a constraint must allow both.
+LABELS = ["pos", "positive", "very negative indeed"]
+
+
+def assert_every_answer_is_a_label(generations) -> None:
+    """Constrained decoding on a random model: whatever the weights say, each answer is exactly a label."""
+    texts = [c.text.strip() for g in generations for c in g.completions]
+    assert len(texts) == 3 * len(CONVERSATIONS) and set(texts) <= set(LABELS), texts
+    assert all(c.finish_reason == "stop" for g in generations for c in g.completions)
+
+
 @pytest.mark.integration
 def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
     engine = load_engine(str(tiny_model), EngineConfig(backend="vllm", max_model_len=512), seed=0)
@@ -33,6 +44,7 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         )
         too_long = [{"role": "user", "content": "word " * 2000}]
         mixed = engine.generate([CONVERSATIONS[0], too_long, CONVERSATIONS[1]], greedy, progress=False)
+        labelled = engine.generate(CONVERSATIONS, SamplingConfig(n=3, temperature=1.0, choices=LABELS), progress=False)
     finally:
         engine.close()
     assert len(first) == len(CONVERSATIONS)
@@ -56,6 +68,7 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
             assert isinstance(json.loads(completion.text)["id"], int)
         else:
             assert completion.text.lstrip().startswith("{")
+    assert_every_answer_is_a_label(labelled)
     # A prompt that cannot fit is reported on its own; the others in its batch are still answered.
     assert mixed[1].error and "does not fit max_model_len 512" in mixed[1].error and not mixed[1].completions
     assert [g.completions[0].text for g in (mixed[0], mixed[2])] == [g.completions[0].text for g in first[:2]]
@@ -75,6 +88,14 @@ def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model):
     batched = engine.generate(CONVERSATIONS, greedy, progress=False)[3].completions[0].text
     alone = engine.generate([CONVERSATIONS[3]], greedy, progress=False)[0].completions[0].text
     assert batched == alone
+
+
+def test_transformers_engine_constrains_answers_to_the_choices(tiny_model):
+    engine = load_engine(str(tiny_model), EngineConfig(backend="transformers", batch_size=2), seed=0)
+    sampled = engine.generate(CONVERSATIONS, SamplingConfig(n=3, temperature=1.0, seed=1, choices=LABELS), False)
+    assert_every_answer_is_a_label(sampled)
+    free = engine.generate(CONVERSATIONS, SamplingConfig(n=3, temperature=1.0, seed=1, max_tokens=8), False)
+    assert not {c.text.strip() for g in free for c in g.completions} <= set(LABELS)  # the constraint did it
 
 
 def test_more_gpus_than_present_is_a_one_line_error():

@@ -104,6 +104,9 @@ def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tm
 
     first = {row["prompt_id"]: row for row in read_jsonl(run_generate(config))}
     assert run_generate(config) and len(first) == 8  # unchanged data: skipped
+    # A label task's teacher is constrained to the labels (task.params.constrained, on by default).
+    assert {c["text"].strip() for row in first.values() for c in row["completions"]} <= {"a", "b"}
+    assert all(row["sampling"]["choices"] == ["a", "b"] for row in first.values())
 
     write_rows(train_csv, 4, start=8)  # tonight's new tickets
     output = run_generate(config)

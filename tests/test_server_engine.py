@@ -59,7 +59,10 @@ def test_server_backend_against_real_vllm_serve(vllm_server, monkeypatch):
     sampled = engine.generate(CONVERSATIONS[:2], SamplingConfig(n=3, temperature=1.0, max_tokens=8), progress=False)
     too_long = [{"role": "user", "content": "word " * 2000}]
     mixed = engine.generate([too_long, CONVERSATIONS[0]], greedy, progress=False)
+    labels = ["pos", "positive", "very negative indeed"]
+    labelled = engine.generate(CONVERSATIONS, SamplingConfig(n=2, temperature=1.0, choices=labels), progress=False)
 
+    assert {c.text.strip() for g in labelled for c in g.completions} <= set(labels)  # structured_outputs.choice
     assert [g.completions[0].text for g in first] == [g.completions[0].text for g in again]  # order and greedy
     for gen in first:
         assert gen.prompt_tokens > 10 and gen.extra["usage"]["prompt_tokens"] == gen.prompt_tokens

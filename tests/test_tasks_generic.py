@@ -103,6 +103,36 @@ def test_classification_given_labels_are_listed_and_leaks_detect_bare_labels(tmp
     assert task.leaks("Neutral.") and not task.leaks("The capital of France is Paris.")
 
 
+def test_classification_constrains_answers_and_names_invalid_labels(tmp_path):
+    write_csv(tmp_path / "d.csv", ROWS)
+    task = classification(tmp_path, labels=["positive", "negative", "neutral"])
+    example = task.split("test")[0]
+    assert task.answer_choices() == ["positive", "negative", "neutral"]
+    assert classification(tmp_path, constrained=False).answer_choices() is None
+    assert task.failure_modes("Neutral.", example) == {"invalid_label": False}
+    assert task.failure_modes("Here's a step-by-step solution", example) == {"invalid_label": True}
+    assert task.failure_modes("posit", example) == {"invalid_label": True}  # cut at max_tokens
+
+
+def test_benchmark_constrains_every_system_only_when_asked(tmp_path):
+    """The teacher is constrained at generate time; at benchmark time all systems are, or none."""
+    from pipeline.benchmark.evaluate import task_sampling
+    from pipeline.config import validate_config
+
+    write_csv(tmp_path / "d.csv", ROWS)
+    raw = {
+        "run_name": "x",
+        "task": {"name": "classification", "params": {"path": str(tmp_path / "d.csv")}},
+        "teacher": {"model": "m"},
+        "student": {"model": "m"},
+    }
+    task = build_task("classification", raw["task"]["params"], seed=0, base_dir=tmp_path)
+    assert task_sampling(validate_config(raw), task).choices is None
+    raw["benchmark"] = {"constrained": True, "sampling": {"max_tokens": 7}}
+    constrained = task_sampling(validate_config(raw), task)
+    assert constrained.choices == ["negative", "positive"] and constrained.max_tokens == 7
+
+
 @pytest.mark.parametrize(
     ("params", "files", "message"),
     [

@@ -13,7 +13,7 @@ from pipeline import names
 from pipeline.benchmark.probe import load_probe, probe_correct, probe_messages, summarize_probe
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.engines import Engine, Generation, timed_single_requests
 from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tasks import Example, Task
@@ -26,14 +26,15 @@ def evaluate_system(
     """Accuracy and throughput from one batched run; latency from requests run one at a time, warm (shared
     prompt prefixes may come from the engine's cache) and cold (cache cleared before each request)."""
     bench = config.benchmark
+    sampling = task_sampling(config, task)
     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
     start = time.perf_counter()
-    generations = engine.generate(conversations, bench.sampling)
+    generations = engine.generate(conversations, sampling)
     wall = time.perf_counter() - start
     records = [_task_record(system, task, ex, gen) for ex, gen in zip(examples, generations, strict=True)]
     latencies: dict[str, list[float]] = {}
     for kind, cold in (("latency", False), ("latency_cold", True)):
-        timed = timed_single_requests(engine, conversations[: bench.latency_requests], bench.sampling, cold=cold)
+        timed = timed_single_requests(engine, conversations[: bench.latency_requests], sampling, cold=cold)
         latencies[kind] = [g.latency_s for g in timed]
         for ex, gen in zip(examples, timed, strict=False):
             records.append(
@@ -48,6 +49,13 @@ def evaluate_system(
             )
     task_records = [r for r in records if r["kind"] == "task"]
     return _system_metrics(system, task_records, latencies, wall), records
+
+
+def task_sampling(config: ExperimentConfig, task: Task) -> SamplingConfig:
+    """How every system answers the task: `benchmark.sampling`, constrained to the task's answer set when
+    `benchmark.constrained` is set."""
+    choices = task.answer_choices() if config.benchmark.constrained else None
+    return config.benchmark.sampling.constrained_to(choices)
 
 
 def _task_record(system: System, task: Task, example: Example, generation: Generation) -> dict[str, Any]:

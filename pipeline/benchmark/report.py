@@ -93,7 +93,8 @@ def _failures_table(report: dict[str, Any]) -> list[str]:
     lines = [
         "",
         "Where each system fails: accuracy per example category (n) and the share of answers showing each "
-        "failure mode (`truncated`: cut off at max_tokens, never stopped).",
+        "failure mode (`truncated`: cut off at max_tokens, never stopped; `invalid_label`: none of the task's "
+        "labels).",
         "",
         "| system | " + " | ".join(f"{c} (n={sizes.get(c, 0)})" for c in categories) + " | " + " | ".join(modes) + " |",
         "|---|" + "---|" * (len(categories) + len(modes)),
@@ -125,6 +126,16 @@ def _serving_note(report: dict[str, Any]) -> str:
     )
 
 
+def _constraint_note(report: dict[str, Any]) -> str:
+    choices = report.get("answer_choices")
+    if not choices:
+        return ""
+    return (
+        f" Every system's answers were constrained to the task's {len(choices)} labels (`benchmark.constrained`), "
+        "so none can answer with an invalid label."
+    )
+
+
 def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None = None) -> list[Path]:
     """Write report.md to `path` (the verdict by `rules`, default `benchmark.verdict`'s) and its plots beside it;
     return the paths written."""
@@ -142,7 +153,8 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         "(shared prompt prefixes served from vLLM's prefix cache, as on a busy server) and cold (cache cleared "
         "before each request). The prompt's share of request time is time to first token over end-to-end "
         "time through the server at the lowest concurrency: the part of a request's serving time its prompt takes. "
-        + _serving_note(report),
+        + _serving_note(report)
+        + _constraint_note(report),
         "",
         *_table(report),
         "",

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.benchmark.evaluate import task_sampling
 from pipeline.benchmark.stats import percentile
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
 from pipeline.engines import adapter_rank, has_cuda, prepare_vllm_cpu_env, vllm_dtype_and_eager
@@ -136,6 +137,7 @@ async def _one_request(client: Any, model: str, conversation: Conversation, samp
         top_p=sampling.top_p,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"structured_outputs": {"choice": sampling.choices}} if sampling.choices else None,
     )
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -214,6 +216,7 @@ def run_load_tests(
     """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
     adapters served beside it. Returns per-system level summaries and the per-request records."""
     bench = config.benchmark
+    sampling = task_sampling(config, task)
     by_model: dict[str, list[System]] = {}
     for system in systems:
         by_model.setdefault(system.model, []).append(system)
@@ -226,7 +229,7 @@ def run_load_tests(
         with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
             for system in group:
                 conversations = [task.messages(ex, system.prompt_style) for ex in examples]
-                rows = load_test(url, served[system.name], conversations, bench.sampling, bench.load_test)
+                rows = load_test(url, served[system.name], conversations, sampling, bench.load_test)
                 records += [{"system": system.name, "kind": "load", **row} for row in rows]
                 levels = sorted({row["concurrency"] for row in rows})
                 summaries[system.name] = {

@@ -23,6 +23,7 @@ from pipeline.benchmark.evaluate import (
     comparisons,
     evaluate_system,
     run_probe,
+    task_sampling,
 )
 from pipeline.benchmark.probe import run_lm_eval
 from pipeline.benchmark.report import write_report
@@ -77,6 +78,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
                 results[name]["load"] = levels
         add_costs(config, results)
         report = _report(config, systems, len(examples), results, forgetting, records)
+        report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
 
         write_jsonl(layout.records, records)
         write_json(layout.report_json, report)

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, resolved_dict
+from pipeline.config import ExperimentConfig, SamplingConfig, resolved_dict
 from pipeline.engines import Completion, Generation, load_engine, model_for
 from pipeline.layout import TEACHER_OUTPUTS, RunLayout, partial_file
 from pipeline.runs import PipelineError, Stage, json_line, log, parse_json_object
@@ -190,6 +190,7 @@ def _answer(
     """The teacher answers `todo` chunk by chunk; each finished chunk is appended to `partial`, flushed and
     fsynced. Returns the output tokens generated and the timing metrics."""
     teacher = config.teacher
+    sampling = teacher.sampling.constrained_to(task.answer_choices())  # a label task: labels only
     engine = load_engine(model, teacher.engine, config.seed)
     started = time.perf_counter()
     new_tokens = 0
@@ -199,13 +200,13 @@ def _answer(
             for start in range(0, len(todo), teacher.chunk_size):
                 chunk = todo[start : start + teacher.chunk_size]
                 conversations = [task.messages(ex, teacher.prompt_style) for ex in chunk]
-                generations = engine.generate(conversations, teacher.sampling, progress=False)
+                generations = engine.generate(conversations, sampling, progress=False)
                 for ex, conversation, generation in zip(chunk, conversations, generations, strict=True):
                     if generation.error and teacher.on_prompt_error == "fail":
                         raise PipelineError(
                             f"generate: prompt {ex.id}: {generation.error} (teacher.on_prompt_error=skip skips it)"
                         )
-                    fh.write(json_line(_row(config, ex, conversation, generation)))
+                    fh.write(json_line(_row(config, sampling, ex, conversation, generation)))
                     new_tokens += generation.output_tokens
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -273,7 +274,9 @@ def row_output_tokens(row: dict[str, Any]) -> int:
     return reported if reported is not None else sum(c["output_tokens"] or 0 for c in row["completions"])
 
 
-def _row(config: ExperimentConfig, ex: Example, conv: list[dict[str, str]], gen: Generation) -> dict[str, Any]:
+def _row(
+    config: ExperimentConfig, sampling: SamplingConfig, ex: Example, conv: list[dict[str, str]], gen: Generation
+) -> dict[str, Any]:
     row = {
         "prompt_id": ex.id,
         "category": ex.category,
@@ -283,7 +286,7 @@ def _row(config: ExperimentConfig, ex: Example, conv: list[dict[str, str]], gen:
         "completions": [_completion(c) for c in gen.completions],
         "prompt_tokens": gen.prompt_tokens,
         "teacher": config.teacher.model,
-        "sampling": config.teacher.sampling.model_dump(),
+        "sampling": sampling.model_dump(),
     }
     if "usage" in gen.extra:
         row["usage"] = gen.extra["usage"]  # what the server reported, for cost accounting

@@ -71,6 +71,12 @@ class Task(ABC):
         the background note's "hallucinated fluency", fluent in form and wrong in fact. None by default."""
         return {}
 
+    def answer_choices(self) -> list[str] | None:
+        """The closed set every answer must be one of (a label task's labels), for constrained decoding; None:
+        free text. The teacher is constrained to it at generate time, every system at benchmark time when
+        `benchmark.constrained` is set."""
+        return None
+
     def vote_key(self, completion: str) -> str:
         """What samples of one prompt must share to count as agreeing (majority vote without a reference)."""
         return normalize_text(completion)

@@ -16,6 +16,9 @@ class ClassificationParams(TabularParams):
     label_column: str = "label"
     labels: list[str] | None = None  # allowed labels; inferred (sorted, unique) from the data when absent
     instruction: str = "Classify the text. Answer with one label only."
+    # The teacher answers through constrained decoding to the label set: it cannot answer conversationally,
+    # run past max_tokens or invent a label. False: it answers freely and the filters drop what is not a label.
+    constrained: bool = True
 
 
 class ClassificationTask(TabularTask):
@@ -52,9 +55,19 @@ class ClassificationTask(TabularTask):
     def full_instruction(self) -> str:
         return f"{self.params.instruction}\nAllowed labels: {', '.join(self.labels())}."
 
+    def answer_choices(self) -> list[str] | None:
+        return self.labels() if self.params.constrained else None
+
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         return {"label": normalize_answer(completion) == normalize_answer(example.reference["target"])}
 
+    def failure_modes(self, completion: str, example: Example) -> dict[str, bool]:
+        """`invalid_label`: the answer is none of the labels (a sentence, a truncated or an invented label)."""
+        return {"invalid_label": not self._is_label(completion)}
+
+    def _is_label(self, completion: str) -> bool:
+        return normalize_answer(completion) in {normalize_answer(label) for label in self.labels()}
+
     def leaks(self, completion: str) -> bool:
         """A general question answered with a bare label of this task."""
-        return normalize_answer(completion) in {normalize_answer(label) for label in self.labels()}
+        return self._is_label(completion)
