@@ -156,3 +156,21 @@ def test_train_benchmark_script_prints_both_ratios(tmp_path):
     for name in ("unpacked", "packed  "):
         assert f"{name} ratio ours/plain = " in result.stdout and f"{name} model FLOPs utilisation" in result.stdout
     assert "packing: " in result.stdout
+
+
+@pytest.mark.integration
+def test_constrained_benchmark_script_prints_free_and_constrained_rows(tmp_path):
+    """bench_constrained.py on the bundled teacher, transformers engine, 4 prompts per data set: with the
+    constraint no answer is an invalid label, whatever the free answers were."""
+    out = tmp_path / "rows.json"
+    result = run_python("bench_constrained.py", "--backend", "transformers", "--limit", "4", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["data"], r["constrained"]) for r in rows] == [
+        ("sentiment example", False),
+        ("sentiment example", True),
+        ("synthetic 30 labels", False),
+        ("synthetic 30 labels", True),
+    ]
+    assert all(r["n"] == 4 and r["invalid_labels"] == 0 and r["truncated"] == 0 for r in rows if r["constrained"])
+    assert "| sentiment example | 2 | constrained | 4 |" in result.stdout
