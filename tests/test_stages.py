@@ -13,6 +13,7 @@ from pipeline.engines import Completion, Generation
 from pipeline.filter import run_filter
 from pipeline.generate import run_generate
 from pipeline.runs import PipelineError, read_jsonl
+from pipeline.tasks import build_task
 from tests.conftest import tiny_config
 
 PLUGIN = {"name": "tests.plugin_task:ParityTask", "params": {"num_train": 12, "num_test": 4}}
@@ -138,6 +139,9 @@ def test_filter_drops_with_reasons_and_counts_add_up(tmp_path, tiny_model):
     assert train[1]["sample_index"] == 1  # the teacher's sample index, not the position among kept ones
     assert train[1]["scores"]["rules"] == {"answer": True} and train[1]["scores"]["agreement"] == 0.5
     assert report["categories_in"] == {"even": 2, "odd": 1} and report["categories_kept"] == {"even": 1, "odd": 1}
+    # The teacher's verified rate, by the task's scorer before any filter (a truncated right answer counts).
+    assert (report["teacher_verified"], report["teacher_verified_rate_by_category"]) == (4, {"even": 0.6, "odd": 0.5})
+    assert "| even | 2 | 1 | 60.0% |" in (out / "DATASET.md").read_text()
     card = (out / "DATASET.md").read_text()
     assert "| correctness | 5 | 2 | 3 |" in card and "### truncated (1 dropped)" in card
     assert (out / "response_lengths.png").stat().st_size > 1000
@@ -202,6 +206,7 @@ def test_too_few_kept_examples_stop_with_the_filter_and_the_key_to_fix(tmp_path,
     message = str(error.value)
     assert message.startswith("filter: kept 3 training examples of 16 teacher samples, under filter.min_train")
     assert "truncated dropped the most (13): answers were cut at the token limit: raise teacher.sampling." in message
+    assert "the teacher's answers pass the task's scorer in 3 of 16;" in message
     assert "\n" not in message and not list((config.run_dir / "filter").glob("*.jsonl"))
 
     raw = yaml.safe_load(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
@@ -211,6 +216,35 @@ def test_too_few_kept_examples_stop_with_the_filter_and_the_key_to_fix(tmp_path,
     assert "filter: kept 3 training examples" in capsys.readouterr().err
     assert main(["filter", "--config", str(config_file), "filter.min_train_examples=0"]) == 0
     assert len((config.run_dir / "filter" / "train.jsonl").read_text().splitlines()) == 3
+
+
+def test_guard_names_the_extraction_as_a_suspect_when_answers_rarely_match(tmp_path, tiny_model):
+    """exact_answer: the teacher's answers hold the right number, but not last, so the extraction reads another:
+    the guard names answer_type and the column beside the teacher, with what it read on one answer."""
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(40)))
+    raw = tiny_config(tmp_path, tiny_model, **{"filter.correctness": {"enabled": True}, "filter.min_train_examples": 8})
+    raw["task"] = {"name": "exact_answer", "params": {"path": str(data), "test_fraction": 0.25}}
+    config = validate_config(raw)
+    task = build_task("exact_answer", raw["task"]["params"], config.seed, config.base_dir)
+    rows = [
+        {
+            "prompt_id": ex.id,
+            "user": ex.user,
+            "reference": ex.reference,
+            "teacher": "t",
+            "completions": [{"text": f"{ex.reference['target'][5:]}, checked 1000 times", "finish_reason": "stop"}],
+        }
+        for ex in task.split("train")
+    ]
+    write_teacher_outputs(config, rows)
+    with pytest.raises(PipelineError) as error:
+        run_filter(config)
+    message = str(error.value)
+    assert "correctness dropped the most (30)" in message and "pass the task's scorer in 0 of 30" in message
+    assert "or the extraction is wrong: task.params.answer_type=number reads the last number of each answer" in message
+    assert "task.params.answer_column='answer'" in message and ": answer (read 1000, reference " in message
+    assert "\n" not in message
 
 
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):

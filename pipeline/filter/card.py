@@ -26,6 +26,8 @@ class Tally:
         self.dropped: Counter[str] = Counter()
         self.categories_in: Counter[str] = Counter()
         self.categories_kept: Counter[str] = Counter()
+        self.samples_by_category: Counter[str] = Counter()
+        self.verified_by_category: Counter[str] = Counter()  # samples the task's scorer passes
         self.lengths_in: Counter[int] = Counter()
         self.lengths_kept: Counter[int] = Counter()
         self.drop_examples: dict[str, list[dict[str, Any]]] = {}
@@ -38,6 +40,8 @@ class Tally:
         self.samples_in += len(row.samples)
         self.categories_in[row.example.category] += 1
         self.prompt_errors += row.error is not None
+        self.samples_by_category[row.example.category] += len(row.samples)
+        self.verified_by_category[row.example.category] += row.verified
         for sample in row.samples:
             self.lengths_in[sample.length] += 1
 
@@ -55,6 +59,17 @@ class Tally:
             remaining -= dropped
         return rows
 
+    def verified_rates(self) -> dict[str, float | None]:
+        """Per category, the share of the teacher's samples that pass the task's scorer (None: no samples)."""
+        return {
+            category: (self.verified_by_category[category] / n if n else None)
+            for category, n in sorted(self.samples_by_category.items())
+        }
+
+    @property
+    def verified(self) -> int:
+        return sum(self.verified_by_category.values())
+
     def report(self, length_unit: str) -> dict[str, Any]:
         return {
             "prompts_in": self.prompts_in,
@@ -68,6 +83,10 @@ class Tally:
             "dropped": {name: self.dropped[name] for name in self.flow if self.dropped.get(name)},
             "categories_in": dict(sorted(self.categories_in.items())),
             "categories_kept": dict(sorted(self.categories_kept.items())),
+            # The teacher's accuracy on the training prompts, by the task's own scorer, before any filter.
+            "teacher_verified": self.verified,
+            "teacher_verified_rate": self.verified / self.samples_in if self.samples_in else None,
+            "teacher_verified_rate_by_category": self.verified_rates(),
             "length_unit": length_unit,
             "response_length_in": _summary(self.lengths_in),
             "response_length_kept": _summary(self.lengths_kept),
@@ -109,16 +128,24 @@ def write_dataset_card(config: ExperimentConfig, report: dict[str, Any], tally: 
         lines += [f"Malformed input lines skipped: {', '.join(map(str, report['malformed_lines']))}.", ""]
     lines += ["## Filters, in the order they ran", "", "| filter | in | dropped | out |", "|---|---:|---:|---:|"]
     lines += [f"| {r['filter']} | {r['in']} | {r['dropped']} | {r['out']} |" for r in report["filters"]]
+    rate = report["teacher_verified_rate"]
+    overall = ""
+    if rate is not None:
+        overall = f" ({report['teacher_verified']} of {report['samples_in']}, {rate:.1%} overall)"
     lines += [
         "",
-        "## Balance by category (prompts in, samples kept)",
+        "## Balance by category, and the teacher's verified rate",
         "",
-        "| category | in | kept |",
-        "|---|---:|---:|",
+        f"Verified: the share of the teacher's samples that pass the task's own scorer, before any filter{overall}.",
+        "",
+        "| category | prompts in | samples kept | teacher verified |",
+        "|---|---:|---:|---:|",
     ]
+    rates = report["teacher_verified_rate_by_category"]
     for category in sorted(set(report["categories_in"]) | set(report["categories_kept"])):
         kept = report["categories_kept"].get(category, 0)
-        lines.append(f"| {category or '(none)'} | {report['categories_in'].get(category, 0)} | {kept} |")
+        verified = "-" if rates.get(category) is None else f"{rates[category]:.1%}"
+        lines.append(f"| {category or '(none)'} | {report['categories_in'].get(category, 0)} | {kept} | {verified} |")
     unit = report["length_unit"]
     lines += ["", f"## Response length ({unit})", "", f"![response lengths]({histogram.name})", ""]
     for label, key in (("all samples", "response_length_in"), ("kept", "response_length_kept")):

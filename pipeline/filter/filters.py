@@ -151,7 +151,10 @@ class SampleFilters:
         rules = self.task.score(sample.text, example)
         sample.scores["rules"] = rules
         failed = [rule for rule, ok in rules.items() if not ok]
-        return ",".join(failed) if failed else None
+        if not failed:
+            return None
+        read = self.task.read_answer(sample.text, example)
+        return ",".join(failed) + (f" ({read})" if read else "")
 
 
 def vote(

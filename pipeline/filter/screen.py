@@ -72,6 +72,7 @@ class Screened:
     student_messages: list[dict[str, str]]
     teacher: str | None
     error: str | None = None  # the teacher could not answer this prompt (no samples)
+    verified: int = 0  # samples the task's scorer passes, whatever the filters did with them
 
 
 class Screener:
@@ -135,6 +136,9 @@ class Screener:
                 screened.dropped.append((sample, *failed))
             else:
                 passing.append(sample)
+        # The teacher's verified rate: every sample scored, truncated ones too (the correctness filter's
+        # result is reused where it ran).
+        screened.verified = sum(all(self._rules(sample, example).values()) for sample in samples)
         if "agreement" in self.active:
             passing, losers = vote(task, config.filter, passing, len(samples))
             screened.dropped += [(sample, "agreement", detail) for sample, detail in losers]
@@ -142,6 +146,10 @@ class Screener:
             self.dataset_filters.prepare(example, sample)
         screened.survivors = passing
         return screened
+
+    def _rules(self, sample: Sample, example: Example) -> dict[str, bool]:
+        rules = sample.scores.get("rules")
+        return rules if rules is not None else self.task.score(sample.text, example)
 
 
 _worker_screener: Screener | None = None

@@ -70,7 +70,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 progress.update(len(chunk))
             progress.close()
             writer.flush_judge()
-            check_enough_kept(config, tally)
+            check_enough_kept(config, tally, task)
             if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
                 raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
@@ -96,18 +96,23 @@ def in_val(prompt_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+# A teacher verified on at most this share of its samples "rarely" gets it right: its answers, or how they are read.
+RARELY = 0.1
+
 # What to change when a filter drops most of the teacher's samples.
 DROP_FIXES = {
     "truncated": "answers were cut at the token limit: raise teacher.sampling.max_tokens or set teacher.sampling.stop",
     "empty": "the teacher answered nothing: check teacher.sampling.stop and the chat template",
     "correctness": "the teacher's answers fail the task's checks: the teacher does not do this task with this "
-    "prompt (a stronger teacher.model, a better prompt), or the answer is read wrongly (task.params)",
+    "prompt (a stronger teacher.model, a better prompt, or n samples with filter.agreement.min_agreement)",
     "agreement": "the teacher's samples disagree: a stronger teacher.model, or a lower filter.agreement.min_agreement",
 }
 
 
-def check_enough_kept(config: ExperimentConfig, tally: Tally) -> None:
-    """The guard after filtering: too few kept training examples stop the run, in one line that says why."""
+def check_enough_kept(config: ExperimentConfig, tally: Tally, task: Task) -> None:
+    """The guard after filtering: too few kept training examples stop the run, in one line that says why: the
+    count, the teacher's verified rate, the filter that dropped the most and the key that fixes it; when the
+    teacher's answers rarely pass the task's scorer, how they are read is named as a suspect beside it."""
     need = config.filter.min_train_examples
     if tally.train >= max(need, 1):
         return
@@ -116,11 +121,17 @@ def check_enough_kept(config: ExperimentConfig, tally: Tally) -> None:
     if top:
         name, count = top[0]
         cause = f"{name} dropped the most ({count}): {DROP_FIXES.get(name, f'see filter.{name}')}"
+    verified = f"the teacher's answers pass the task's scorer in {tally.verified} of {tally.samples_in}"
+    reading = task.answer_reading()
+    if reading and tally.verified <= RARELY * tally.samples_in:
+        example = next(iter(tally.drop_examples.get("correctness", [])), None)
+        seen = f", e.g. {example['prompt_id']}: {example['detail']}" if example else ""
+        verified += f" (or the extraction is wrong: {reading}{seen})"
     if not tally.train:
-        raise PipelineError(f"filter: no teacher sample survived of {tally.samples_in}; {cause}")
+        raise PipelineError(f"filter: no teacher sample survived of {tally.samples_in}; {cause}; {verified}")
     raise PipelineError(
         f"filter: kept {tally.train} training examples of {tally.samples_in} teacher samples, under "
-        f"filter.min_train_examples={need}; {cause}; filter.min_train_examples=0 trains on them anyway"
+        f"filter.min_train_examples={need}; {cause}; {verified}; filter.min_train_examples=0 trains on them anyway"
     )
 
 

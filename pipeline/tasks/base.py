@@ -71,6 +71,17 @@ class Task(ABC):
         the background note's "hallucinated fluency", fluent in form and wrong in fact. None by default."""
         return {}
 
+    def read_answer(self, completion: str, example: Example) -> str | None:
+        """What the scorer read from `completion` and what it expected ("read 42, reference 18"), shown with
+        each answer the correctness filter drops; None where the scorer reads nothing simple."""
+        return None
+
+    def answer_reading(self) -> str | None:
+        """How answers are read for scoring, naming the keys that set it. When the teacher's answers rarely
+        pass, the filter's guard names this as a suspect beside the teacher: an extraction that reads the wrong
+        thing looks exactly like a teacher that cannot do the task."""
+        return None
+
     def answer_choices(self) -> list[str] | None:
         """The closed set every answer must be one of (a label task's labels), for constrained decoding; None:
         free text. The teacher is constrained to it at generate time, every system at benchmark time when

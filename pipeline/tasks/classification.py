@@ -61,6 +61,16 @@ class ClassificationTask(TabularTask):
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         return {"label": normalize_answer(completion) == normalize_answer(example.reference["target"])}
 
+    def read_answer(self, completion: str, example: Example) -> str | None:
+        target = normalize_answer(example.reference["target"])
+        return f"read {normalize_answer(completion)[:40]!r}, reference {target!r}"
+
+    def answer_reading(self) -> str | None:
+        return (
+            f"the whole answer is compared with column task.params.label_column={self.params.label_column!r} "
+            "after normalisation"
+        )
+
     def failure_modes(self, completion: str, example: Example) -> dict[str, bool]:
         """`invalid_label`: the answer is none of the labels (a sentence, a truncated or an invented label)."""
         return {"invalid_label": not self._is_label(completion)}

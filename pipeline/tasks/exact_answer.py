@@ -54,6 +54,24 @@ class ExactAnswerTask(TabularTask):
                     f"{example.reference['target']!r} (set answer_type: string for text answers)"
                 )
 
+    def read_answer(self, completion: str, example: Example) -> str | None:
+        target = example.reference["target"]
+        if self.params.answer_type == "number":
+            got, want = extract_number(completion), extract_number(target)
+            return f"read {'no number' if got is None else f'{got:g}'}, reference {want:g}"
+        return f"read {extract_string(completion)!r}, reference {normalize_answer(target)!r}"
+
+    def answer_reading(self) -> str | None:
+        how = (
+            "the last number of each answer"
+            if self.params.answer_type == "number"
+            else "the first line after the last 'answer:'"
+        )
+        return (
+            f"task.params.answer_type={self.params.answer_type} reads {how}, compared with column "
+            f"task.params.answer_column={self.params.answer_column!r}"
+        )
+
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         target = example.reference["target"]
         if self.params.answer_type == "number":
