@@ -453,6 +453,9 @@ class VerdictConfig(_Strict):
     max_probe_accuracy_drop: float | None = Field(0.05, ge=0)
     max_leakage_increase: float | None = Field(0.10, ge=0)
     min_kept_of_teacher: float = Field(0.9, ge=0)  # "worth it" needs this share of the teacher's accuracy
+    # A teacher at or below this accuracy on the test split has nothing to teach (1 of 60 is 1.7%): the verdict
+    # leads with it, and no share of its accuracy or break-even against it is stated (a ratio over ~0 is noise).
+    min_teacher_accuracy: float = Field(0.05, ge=0, lt=1)
     significance: float = Field(0.05, gt=0, lt=1)  # a paired McNemar p-value below this is a real difference
 
 

@@ -186,3 +186,76 @@ def test_verdict_reports_other_tuned_variants():
     )
     del numbers["systems"]["student_tuned_retrieved"]
     assert "retrieved" not in verdict(numbers)
+
+
+def degenerate(teacher: float, tuned: float, prompted: float, n: int, p_vs_prompted: float | None = 1.0) -> dict:
+    """A report of a run whose teacher could not do the task (the two outside data sets of issue 17)."""
+    numbers = report(tuned, -0.05, 0.0, prompted_accuracy=prompted, p_vs_prompted=p_vs_prompted, p_vs_base=0.5)
+    numbers["systems"]["teacher"]["accuracy"] = teacher
+    numbers["systems"]["student_base"]["accuracy"] = 0.0
+    numbers["test_examples"] = n
+    numbers["filter"] = {
+        "samples_in": 240,
+        "samples_kept": 3,
+        "train": 3,
+        "dropped": {"truncated": 100, "correctness": 136, "agreement": 1},
+        "teacher_verified": 4,
+        "teacher_verified_rate": 4 / 240,
+    }
+    numbers["comparisons"]["kept_of_teacher"] = {"ratio": tuned / teacher if teacher else None, "ci95": [0.0, 4.77]}
+    return numbers
+
+
+def test_a_teacher_near_zero_leads_the_verdict_with_the_cause_and_states_no_share_or_saving():
+    from pipeline.benchmark.costs import why_no_break_even
+    from pipeline.config import VerdictConfig
+
+    # The math data set: the teacher right on 1 of 60, the tuned student on 2 of 60.
+    text = verdict(degenerate(teacher=1 / 60, tuned=2 / 60, prompted=0.0, n=60))
+    assert text.startswith(
+        "There was nothing to distill: the teacher scores 1.7% (1 of 60) on the held-out test examples, and the "
+        "filter kept 3 of its 240 training answers (dropped: correctness 136, truncated 100, agreement 1); 4 of them "
+        "passed the task's scorer."
+    )
+    assert "too low to state a share of it" in text and "keeps" not in text and "477%" not in text
+    assert "Serving it costs" not in text and "x the cost of prompting" not in text
+    assert text.endswith("Verdict: not worth it — " + text.split("Verdict: not worth it — ")[1])
+    assert "the teacher cannot do this task as configured, so there was nothing to distill" in text
+    # 3 of 60 (5%) is still "near zero" by the default rule; 4 of 60 is not, and a share is stated again.
+    assert "nothing to distill" in verdict(degenerate(teacher=3 / 60, tuned=2 / 60, prompted=0.0, n=60))
+    assert "keeps 50% of it" in verdict(degenerate(teacher=4 / 60, tuned=2 / 60, prompted=0.0, n=60))
+
+    # No break-even is computed against a teacher with nothing to teach, against prompting when every system
+    # scores zero, or where the tuned student is worse than prompting; it is where it is as good or better.
+    rules = VerdictConfig()
+    zeros = {name: {"accuracy": 0.0} for name in ("teacher", "student_tuned", "student_prompted")}
+    assert "nothing to distill" in why_no_break_even(zeros, "teacher", rules)
+    assert "nothing to distill" in why_no_break_even(zeros, "student_prompted", rules)
+    zeros["teacher"]["accuracy"] = 0.9
+    assert why_no_break_even(zeros, "student_prompted", rules) == "the tuned student scores 0%"
+    worse = {"teacher": {"accuracy": 0.8}, "student_tuned": {"accuracy": 0.2}, "student_prompted": {"accuracy": 0.5}}
+    assert "less accurate (20.0% vs 50.0%)" in why_no_break_even(worse, "student_prompted", rules, p_value=0.001)
+    assert why_no_break_even(worse, "student_prompted", rules, p_value=0.4) is None  # within noise: as good
+    assert why_no_break_even(worse, "teacher", rules) is None  # the price of replacing a teacher that works
+
+
+def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):
+    from pipeline.benchmark.report import _break_even_section
+
+    numbers = degenerate(teacher=0.0, tuned=0.0, prompted=0.0, n=200)  # the 77-intent data set: all at 0%
+    skipped = {"saving_per_1k_requests_usd": 0.02, "requests": None, "days": None}
+    numbers["break_even"] = {
+        "one_off_usd": 0.05,
+        "one_off_wall_s": {"generate": 600.0, "train": 60.0},
+        "pipeline_hardware": "cpu-2core",
+        "requests_per_day": 10000,
+        **skipped,
+        "skipped": "the teacher scores 0.0%: there was nothing to distill",
+        "vs_prompted": {**skipped, "skipped": "the tuned student scores 0%"},
+    }
+    text = verdict(numbers)
+    assert "no break-even against the teacher is stated: the teacher scores 0.0%" in text
+    assert "none against prompting: the tuned student scores 0%" in text and "pays back" not in text
+    table = "\n".join(_break_even_section(numbers["break_even"]))
+    assert "| teacher | $0.0200 | not computed: the teacher scores 0.0%: there was nothing to distill | - |" in table
+    assert "| student_prompted | $0.0200 | not computed: the tuned student scores 0% | - |" in table

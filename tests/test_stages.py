@@ -518,6 +518,8 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     assert all(0 <= t["p_value"] <= 1 for t in tests.values())
     even = report["break_even"]
     assert even["one_off_wall_s"]["train"] > 0 and even["one_off_usd"] > 0
+    filtered = json.loads(config.layout.filter_report.read_text())  # for a verdict that must say why
+    assert report["filter"]["teacher_verified"] == filtered["teacher_verified"] and report["filter"]["samples_in"]
     costs = {name: metrics["cost_per_1k_requests"] for name, metrics in report["systems"].items()}
     prompted_saving = costs["student_prompted"] - costs["student_tuned"]
     assert even["vs_prompted"]["saving_per_1k_requests_usd"] == pytest.approx(prompted_saving)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import names
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, VerdictConfig
 from pipeline.layout import read_manifest
 
 
@@ -41,9 +41,32 @@ def add_costs(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> N
         metrics.update({"hardware": hardware, "usd_per_hour": usd_per_hour, "cost_basis": basis})
 
 
-def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def why_no_break_even(
+    results: dict[str, dict[str, Any]], baseline: str, rules: VerdictConfig, p_value: float | None = None
+) -> str | None:
+    """Why a saving of the tuned student over `baseline` means nothing, or None when it does. Against the teacher
+    it is the price of replacing it, so the teacher must have had something to teach (for any baseline); against
+    prompting, the tuned student must answer at least as well (not worse by the paired test `p_value`, as the
+    verdict judges it). A cheaper answer that is never right saves nothing."""
+    tuned = results[names.STUDENT_TUNED]["accuracy"]
+    other = results[baseline]["accuracy"]
+    teacher = results[names.TEACHER]["accuracy"]
+    if teacher <= rules.min_teacher_accuracy:  # whatever the students score then is noise
+        return f"the teacher scores {teacher:.1%}: there was nothing to distill"
+    if tuned == 0:
+        return "the tuned student scores 0%"
+    worse = tuned < other and (p_value is None or p_value < rules.significance)
+    if baseline != names.TEACHER and worse:
+        return f"the tuned student is less accurate ({tuned:.1%} vs {other:.1%})"
+    return None
+
+
+def break_even(
+    config: ExperimentConfig, results: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
-    one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving."""
+    one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving. `tests`: the
+    paired tests of the tuned student against each system (comparisons' `student_tuned_vs`)."""
     bench = config.benchmark
     walls = {}
     for stage in ("generate", "train"):
@@ -55,11 +78,14 @@ def break_even(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> 
     def against(baseline: str) -> dict[str, Any]:
         tuned = results[names.STUDENT_TUNED]["cost_per_1k_requests"]
         saving = (results[baseline]["cost_per_1k_requests"] - tuned) / 1000
-        requests = one_off / saving if saving > 0 else None
+        p_value = (tests or {}).get(baseline, {}).get("p_value")
+        skipped = why_no_break_even(results, baseline, bench.verdict, p_value)
+        requests = one_off / saving if saving > 0 and skipped is None else None
         return {
             "saving_per_1k_requests_usd": saving * 1000,
             "requests": requests,
             "days": requests / bench.requests_per_day if requests is not None else None,
+            "skipped": skipped,
         }
 
     even = {

@@ -180,11 +180,13 @@ def _break_even_section(even: dict[str, Any] | None) -> list[str]:
     baselines = {names.TEACHER: even, names.STUDENT_PROMPTED: even.get("vs_prompted")}
     for name, row in baselines.items():
         if row:
-            never = row["requests"] is None
-            lines.append(
-                f"| {name} | ${row['saving_per_1k_requests_usd']:.4f} | "
-                + ("never (no saving) | - |" if never else f"{row['requests']:,.0f} | {row['days']:.2f} |")
-            )
+            if row.get("skipped"):
+                after = f"not computed: {row['skipped']} | - |"
+            elif row["requests"] is None:
+                after = "never (no saving) | - |"
+            else:
+                after = f"{row['requests']:,.0f} | {row['days']:.2f} |"
+            lines.append(f"| {name} | ${row['saving_per_1k_requests_usd']:.4f} | {after}")
     return lines + ["", f"Days at {even['requests_per_day']:,.0f} requests/day (`benchmark.requests_per_day`).", ""]
 
 

@@ -12,6 +12,7 @@ verdict.py). Per-request records are kept in `records.jsonl`, so every number in
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         add_costs(config, results)
         report = _report(config, systems, len(examples), results, forgetting, records)
         report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
+        report["filter"] = _filter_summary(config)
 
         write_jsonl(layout.records, records)
         write_json(layout.report_json, report)
@@ -121,6 +123,17 @@ def _evaluate_offline(
     return results, forgetting, records
 
 
+def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
+    """What the filter made of the teacher's training answers, for a verdict that must say why a teacher
+    failed; None where the filter did not run here (a benchmark of an outside dataset)."""
+    path = config.layout.filter_report
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate")
+    return {key: report.get(key) for key in keys}
+
+
 def _report(
     config: ExperimentConfig,
     systems: list[System],
@@ -130,6 +143,7 @@ def _report(
     records: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """report.json: every system's numbers, the paired comparisons, latency CDFs, break-even and forgetting."""
+    paired = comparisons(results, records, config.seed)
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "run_name": config.run_name,
@@ -137,7 +151,7 @@ def _report(
         "test_examples": test_examples,
         "hardware_profiles": {k: v.usd_per_hour for k, v in config.benchmark.hardware_profiles.items()},
         "systems": {s.name: results[s.name] for s in systems},
-        "comparisons": comparisons(results, records, config.seed),
+        "comparisons": paired,
         "latency_cdf": {
             name: {
                 str(level): sorted(r["e2e_s"] for r in records if r["system"] == name and r.get("concurrency") == level)
@@ -146,7 +160,7 @@ def _report(
             for name in results
             if "load" in results[name]
         },
-        "break_even": break_even(config, results),
+        "break_even": break_even(config, results, paired["student_tuned_vs"]),
         "forgetting": forgetting,
     }
     if names.STUDENT_TUNED in forgetting and names.STUDENT_BASE in forgetting:

@@ -67,7 +67,9 @@ class _Facts:
         self.gain = self.tuned["accuracy"] - self.base["accuracy"]
         self.p_base = self.tests.get(names.STUDENT_BASE, {}).get("p_value")
         teacher_accuracy = self.teacher["accuracy"]
-        self.kept = self.tuned["accuracy"] / teacher_accuracy if teacher_accuracy > 0 else float("nan")
+        # A teacher at ~0 has nothing to teach; a share of its accuracy would be noise (200%, CI 0-477%).
+        self.teacher_fails = teacher_accuracy <= rules.min_teacher_accuracy
+        self.kept = self.tuned["accuracy"] / teacher_accuracy if not self.teacher_fails else float("nan")
         self.cost_ratio = cost(self.tuned) / cost(self.teacher)
         self.latency_ratio = latency_p50(self.tuned) / latency_p50(self.teacher)
         self.unit = "per 1k requests" if "cost_per_1k_requests" in self.tuned else "per 1M output tokens"
@@ -82,27 +84,40 @@ class _Facts:
 
 
 def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
-    """The measured sentences, before the conclusion: accuracy, prompting, cost, failures, forgetting, payback."""
+    """The measured sentences, before the conclusion: the cause when the teacher failed, then accuracy,
+    prompting, cost, failures, forgetting, payback."""
     significance = f", paired McNemar p = {facts.p_base:.3g}" if facts.p_base is not None else ""
     kept_ci = report.get("comparisons", {}).get("kept_of_teacher", {}).get("ci95")
     kept = facts.kept
-    keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}" if kept == kept else "none to keep"
-    parts = [
+    if facts.teacher_fails:
+        keeps = "too low to state a share of it"
+    else:
+        keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}"
+    parts = [_nothing_to_distill(report, facts)] if facts.teacher_fails else []
+    parts.append(
         f"Fine-tuning moved the student's accuracy from {facts.base['accuracy']:.1%} to {facts.tuned['accuracy']:.1%} "
         f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher['accuracy']:.1%}, {keeps}."
-    ]
+    )
     if facts.prompted:
+        # A cost ratio is a saving only where the tuned student answers at least as well (costs.why_no_break_even).
+        comparable = facts.versus_prompted != "worse" and facts.tuned["accuracy"] > 0 and not facts.teacher_fails
         parts.append(
             f"Prompting the untuned student with the teacher's full prompt instead scores "
             f"{facts.prompted['accuracy']:.1%}"
             + (f" (p = {facts.p_prompted:.3g} against the tuned student)" if facts.p_prompted is not None else "")
-            + f" and costs ${cost(facts.prompted):.4f} {facts.unit}, so the tuned student serves at "
-            f"{facts.prompted_cost_ratio:.2f}x the cost of prompting."
+            + f" and costs ${cost(facts.prompted):.4f} {facts.unit}"
+            + (
+                f", so the tuned student serves at {facts.prompted_cost_ratio:.2f}x the cost of prompting."
+                if comparable
+                else "."
+            )
         )
-    parts.append(
-        f"Serving it costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
-        f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the teacher's."
-    )
+    if not facts.teacher_fails:  # a cost ratio to a teacher that cannot do the task is no saving
+        parts.append(
+            f"Serving it costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
+            f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the "
+            "teacher's."
+        )
     failing = _where_it_fails(report)
     if failing:
         parts.append(failing)
@@ -118,18 +133,39 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
 
 
 def _spent(even: dict[str, Any]) -> str:
-    """What distilling cost, and when it pays back against the teacher and against prompting."""
+    """What distilling cost, and when it pays back against the teacher and against prompting (no payback is
+    stated where the saving means nothing: see costs.why_no_break_even)."""
     vs_prompted = even.get("vs_prompted")
     spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
-    if even["requests"] is None:
+    if even.get("skipped"):
+        spent += f"; no break-even against the teacher is stated: {even['skipped']}"
+    elif even["requests"] is None:
         spent += " and never pays back against the teacher: the tuned student is not cheaper per request"
     else:
         spent += f", paid back against the teacher after {_payback(even, even['requests_per_day'])}"
-    if vs_prompted and vs_prompted["requests"] is not None:
+    if vs_prompted and vs_prompted.get("skipped"):
+        spent += f"; none against prompting: {vs_prompted['skipped']}"
+    elif vs_prompted and vs_prompted["requests"] is not None:
         spent += f" and against prompting after {_payback(vs_prompted)}"
     elif vs_prompted:
         spent += "; against prompting it never pays back"
     return spent + "."
+
+
+def _nothing_to_distill(report: dict[str, Any], facts: _Facts) -> str:
+    """The verdict's first sentence when the teacher failed: that, and why, from the filter's counts."""
+    n = report.get("test_examples")
+    accuracy = facts.teacher["accuracy"]
+    count = f" ({round(accuracy * n)} of {n})" if n else ""
+    sentence = f"There was nothing to distill: the teacher scores {accuracy:.1%}{count} on the held-out test examples"
+    kept = report.get("filter")
+    if kept and kept.get("samples_in"):
+        dropped = ", ".join(f"{name} {count}" for name, count in sorted(kept["dropped"].items(), key=lambda i: -i[1]))
+        sentence += f", and the filter kept {kept['samples_kept']} of its {kept['samples_in']} training answers"
+        sentence += f" (dropped: {dropped})" if dropped else ""
+        if kept.get("teacher_verified") is not None:
+            sentence += f"; {kept['teacher_verified']} of them passed the task's scorer"
+    return sentence + "."
 
 
 def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> str:
@@ -139,6 +175,12 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     forgot = bool(regressions(facts.change, rules))
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
     cheaper_than_prompting = facts.prompted_cost_ratio < 1
+    if facts.teacher_fails:
+        return (
+            "Verdict: not worth it — the teacher cannot do this task as configured, so there was nothing to distill; "
+            "fix the teacher first (a stronger teacher.model, the prompt, teacher.sampling.max_tokens or stop, or "
+            "how answers are read), then rerun."
+        )
     if not significant:
         return "Verdict: not worth it — fine-tuning did not measurably beat the untuned student."
     if facts.versus_prompted == "worse":
