@@ -390,7 +390,26 @@ class TrainConfig(_Strict):
 
 
 class HardwareConfig(_Strict):
+    """A machine a system may run on: its price, and its limits for the roofline shares (None: unknown, or for a
+    CPU profile measured on this machine at benchmark time)."""
+
     usd_per_hour: float = Field(gt=0)
+    peak_tflops: float | None = Field(None, gt=0)  # dense bf16 (fp32 for a measured CPU)
+    memory_gbps: float | None = Field(None, gt=0)
+
+
+def _default_hardware_profiles() -> dict[str, HardwareConfig]:
+    """The datasheet table (pipeline/hardware.py) with its indicative prices, this kind of CPU, and the profile
+    an unknown GPU falls back to."""
+    from pipeline import hardware
+
+    profiles = {
+        a.name: HardwareConfig(usd_per_hour=a.usd_per_hour, peak_tflops=a.peak_tflops, memory_gbps=a.memory_gbps)
+        for _, a in hardware.ACCELERATORS
+    }
+    profiles[hardware.UNKNOWN_GPU] = HardwareConfig(usd_per_hour=hardware.UNKNOWN_GPU_USD_PER_HOUR)
+    profiles[hardware.cpu_profile_name(2)] = HardwareConfig(usd_per_hour=2 * hardware.CPU_USD_PER_CORE_HOUR)
+    return profiles
 
 
 class SystemConfig(_Strict):
@@ -476,15 +495,19 @@ class BenchmarkConfig(_Strict):
     constrained: bool = False
     # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
     # are computed from these and measured throughput and wall times.
-    hardware_profiles: dict[str, HardwareConfig] = Field(
-        default_factory=lambda: {
-            "h100": HardwareConfig(usd_per_hour=3.00),
-            "a10g": HardwareConfig(usd_per_hour=1.01),
-            "cpu-2core": HardwareConfig(usd_per_hour=0.10),
-        }
-    )
-    serving_hardware: str = "cpu-2core"  # where systems are priced unless they name their own
-    pipeline_hardware: str = "cpu-2core"  # where generate + train ran: the one-off cost of distillation
+    # Profiles you give are added to the defaults (pipeline/hardware.py: h200, h100, h100-pcie, a100-80gb,
+    # a100-40gb, l40s, l4, a10g, cpu-2core, unknown-gpu), replacing one of the same name.
+    hardware_profiles: dict[str, HardwareConfig] = Field(default_factory=_default_hardware_profiles)
+    # Where systems are priced unless they name their own, and where generate + train ran (the one-off cost of
+    # distillation). None: the machine the benchmark runs on, detected (a CUDA device name, else cpu-<n>core).
+    serving_hardware: str | None = None
+    pipeline_hardware: str | None = None
+
+    @field_validator("hardware_profiles")
+    @classmethod
+    def _on_top_of_defaults(cls, value: dict[str, HardwareConfig]) -> dict[str, HardwareConfig]:
+        return {**_default_hardware_profiles(), **value}
+
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
@@ -501,14 +524,14 @@ class BenchmarkConfig(_Strict):
             raise ValueError(
                 f"systems: {', '.join(missing)} missing (the verdict compares {', '.join(REQUIRED_SYSTEMS)})"
             )
-        for key in (self.serving_hardware, self.pipeline_hardware, *(s.hardware for s in self.systems if s.hardware)):
-            if key not in self.hardware_profiles:
-                raise ValueError(f"hardware {key!r} is not in hardware_profiles ({', '.join(self.hardware_profiles)})")
+        named = {"serving_hardware": self.serving_hardware, "pipeline_hardware": self.pipeline_hardware}
+        named |= {f"systems.{s.name}.hardware": s.hardware for s in self.systems}
+        for key, profile in named.items():
+            if profile is not None and profile not in self.hardware_profiles:
+                raise ValueError(
+                    f"{key}: {profile!r} is not in hardware_profiles ({', '.join(self.hardware_profiles)})"
+                )
         return self
-
-    def hardware_for(self, system: SystemConfig) -> tuple[str, float]:
-        key = system.hardware or self.serving_hardware
-        return key, self.hardware_profiles[key].usd_per_hour
 
 
 class PromoteConfig(_Strict):

@@ -1,5 +1,9 @@
-"""What the accelerator can do at most: its dense bf16 peak and memory bandwidth, from the vendor's datasheet,
-keyed by the name CUDA reports. One table for training MFU (and for the benchmark's hardware profiles).
+"""What the machine can do at most, and what its hour costs: one table for training MFU and for the benchmark's
+hardware profiles (prices, roofline shares), plus detection of the machine a run is on and a CPU probe.
+
+GPU limits are the dense bf16 peak and the memory bandwidth from the vendor's datasheet, keyed by the name CUDA
+reports; a CPU's are measured (`probe_cpu`: fp32 matmul and a memory copy), since no datasheet describes the
+slice of a machine a job gets.
 
 Figures are dense (no structured sparsity), SXM parts unless the name says PCIe; sources:
 - H100 SXM / PCIe: NVIDIA H100 Tensor Core GPU datasheet (bf16 989 / 756 TFLOP/s, 3.35 / 2.0 TB/s).
@@ -7,32 +11,44 @@ Figures are dense (no structured sparsity), SXM parts unless the name says PCIe;
 - A100 80GB / 40GB: NVIDIA A100 datasheet (bf16 312 TFLOP/s; 2.039 / 1.555 TB/s).
 - L4 / L40S: NVIDIA L4 and L40S datasheets (bf16 242 / 733 TFLOP/s with sparsity, so 121 / 362 dense; 300 / 864 GB/s).
 - A10G (AWS g5): NVIDIA publishes no A10G sheet; the A10 datasheet's figures (bf16 125 TFLOP/s dense, 600 GB/s).
+Prices are indicative on-demand $/hour for one GPU (cloud list prices, late 2026): set your own in
+`benchmark.hardware_profiles`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
 class Accelerator:
-    name: str
+    name: str  # also its profile's key in benchmark.hardware_profiles
     peak_tflops: float  # dense bf16 tensor-core peak
     memory_gbps: float  # memory bandwidth, GB/s
+    usd_per_hour: float = 0.0  # indicative on-demand price of one
 
 
 # Matched in order against the lower-cased CUDA device name (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"):
 # every word of the key must occur in it, the more specific keys first.
 ACCELERATORS: tuple[tuple[str, Accelerator], ...] = (
-    ("h200", Accelerator("h200", 989.0, 4800.0)),
-    ("h100 pcie", Accelerator("h100-pcie", 756.0, 2000.0)),
-    ("h100", Accelerator("h100-sxm", 989.0, 3350.0)),
-    ("a100 40gb", Accelerator("a100-40gb", 312.0, 1555.0)),
-    ("a100", Accelerator("a100-80gb", 312.0, 2039.0)),
-    ("l40s", Accelerator("l40s", 362.0, 864.0)),
-    ("l4", Accelerator("l4", 121.0, 300.0)),
-    ("a10g", Accelerator("a10g", 125.0, 600.0)),
+    ("h200", Accelerator("h200", 989.0, 4800.0, 3.50)),
+    ("h100 pcie", Accelerator("h100-pcie", 756.0, 2000.0, 2.50)),
+    ("h100", Accelerator("h100", 989.0, 3350.0, 3.00)),  # SXM
+    ("a100 40gb", Accelerator("a100-40gb", 312.0, 1555.0, 1.30)),
+    ("a100", Accelerator("a100-80gb", 312.0, 2039.0, 1.80)),
+    ("l40s", Accelerator("l40s", 362.0, 864.0, 1.20)),
+    ("l4", Accelerator("l4", 121.0, 300.0, 0.70)),
+    ("a10g", Accelerator("a10g", 125.0, 600.0, 1.01)),
 )
+UNKNOWN_GPU = "unknown-gpu"  # a GPU the table lacks: priced as a placeholder, no limits, and the user is told
+UNKNOWN_GPU_USD_PER_HOUR = 2.00
+CPU_USD_PER_CORE_HOUR = 0.05  # cpu-2core: $0.10/hour
+
+
+def cpu_profile_name(cores: int) -> str:
+    return f"cpu-{cores}core"
 
 
 def accelerator_for(device_name: str) -> Accelerator | None:
@@ -63,3 +79,52 @@ def train_flops_per_token(parameters: int, full: bool) -> float:
 def mfu(tokens_per_s: float, parameters: int, full: bool, peak_tflops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the accelerator's dense peak."""
     return tokens_per_s * train_flops_per_token(parameters, full) / (peak_tflops * 1e12)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The machine this process runs on: what it is called, how many devices, and its profile's key."""
+
+    device: str  # "NVIDIA H100 80GB HBM3", or "CPU (2 cores)"
+    count: int  # GPUs, or CPU cores
+    profile: str  # a key of benchmark.hardware_profiles: the table's name, unknown-gpu, or cpu-<n>core
+    gpu: bool
+
+
+def detect_machine() -> Machine:
+    """CUDA device name and count when there is a GPU, else the CPU cores this process may use."""
+    cuda = cuda_accelerator()
+    if cuda is not None:
+        import torch
+
+        name, accelerator = cuda
+        return Machine(name, torch.cuda.device_count(), accelerator.name if accelerator else UNKNOWN_GPU, True)
+    cores = len(os.sched_getaffinity(0))
+    return Machine(f"CPU ({cores} cores)", cores, cpu_profile_name(cores), False)
+
+
+@cache
+def probe_cpu() -> tuple[float, float]:
+    """(peak TFLOP/s, memory GB/s) of this CPU as a job sees it, measured in about a second: the best of a few
+    fp32 matmuls (the engines run fp32 on CPU) and of copies of an array far larger than the caches."""
+    import time
+
+    import torch
+
+    def best(run, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, allocator
+    tflops = 2 * n**3 / best(lambda: a @ b) / 1e12
+    source = torch.empty(64 * 2**20 // 4)  # 64 MiB of fp32
+    target = torch.empty_like(source)
+    target.copy_(source)
+    gbps = 2 * source.numel() * 4 / best(lambda: target.copy_(source)) / 1e9  # read + write
+    return round(tflops, 4), round(gbps, 1)

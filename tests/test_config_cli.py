@@ -32,6 +32,13 @@ def test_at_least_the_embedded_default_and_a_gpu_config_ship():
     assert "smollm2_support.yaml" in names and "qwen7b_to_qwen0.5b.yaml" in names
 
 
+SYSTEMS_ON_X = [
+    {"name": "teacher", "model": "teacher", "prompt_style": "full", "hardware": "x"},
+    {"name": "student_base", "model": "student", "prompt_style": "short"},
+    {"name": "student_tuned", "model": "tuned", "prompt_style": "short"},
+]
+
+
 def _minimal(**extra):
     return {"run_name": "x", "task": {"name": "support"}, "teacher": {"model": "m"}, "student": {"model": "m"}, **extra}
 
@@ -44,6 +51,20 @@ def _minimal(**extra):
         ({"run_name": "x", "task": {"name": "support"}, "student": {"model": "m"}}, "teacher: Field required"),
         (_minimal(teacher={"model": "m", "sampling": {"temperature": -1}}), "teacher.sampling.temperature"),
         (_minimal(teacher={"model": "m", "sampling": {"choices": []}}), "teacher.sampling.choices: Value error, needs"),
+        (_minimal(benchmark={"hardware_profiles": {"mine": {}}}), "benchmark.hardware_profiles.mine.usd_per_hour: Fi"),
+        (
+            _minimal(benchmark={"hardware_profiles": {"mine": {"usd_per_hour": 1, "memory_gbps": 0}}}),
+            "benchmark.hardware_profiles.mine.memory_gbps: Input should be greater than 0",
+        ),
+        (
+            _minimal(benchmark={"hardware_profiles": {"h100": {"usd_per_hour": 2, "peak_tflops": -1}}}),
+            "benchmark.hardware_profiles.h100.peak_tflops: Input should be greater than 0",
+        ),
+        (_minimal(benchmark={"serving_hardware": "tpu"}), "benchmark: Value error, serving_hardware: 'tpu' is not in"),
+        (
+            _minimal(benchmark={"systems": SYSTEMS_ON_X}),
+            "benchmark: Value error, systems.teacher.hardware: 'x' is not in hardware_profiles",
+        ),
         (_minimal(benchmark={"sampling": {"choices": ["a", "a"]}}), "benchmark.sampling.choices: Value error, a"),
         (
             _minimal(teacher={"model": "m", "sampling": {"choices": ["a"], "json_schema": {"type": "object"}}}),

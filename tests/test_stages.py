@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -478,6 +479,9 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     run_pipeline(config)
     report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
     records = list(read_jsonl(config.run_dir / "benchmark" / "records.jsonl"))
+    cores = len(os.sched_getaffinity(0))
+    assert report["hardware"]["detected_profile"] == f"cpu-{cores}core" == report["hardware"]["serving_hardware"]
+    assert report["hardware"]["serving_source"] == "detected" and report["engine"] == "transformers"
     assert report["schema_version"] == 2
     assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
     for name, metrics in report["systems"].items():
@@ -508,11 +512,15 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
             assert summary["requests_per_s"] == pytest.approx(len(load) / wall)
             prefill_share = sum(r["ttft_s"] for r in load) / sum(r["e2e_s"] for r in load)
             assert summary["prompt_time_share"] == pytest.approx(prefill_share)
-        # Priced at the highest level's throughput on cpu-2core ($0.10/hour).
+        # Priced at the highest level's throughput on this machine's detected CPU profile ($0.05 a core-hour).
         assert metrics["cost_basis"] == "vllm serve at concurrency 3"
+        assert metrics["hardware"] == report["hardware"]["detected_profile"] and metrics["usd_per_hour"] == 0.05 * cores
         assert metrics["cost_per_1k_requests"] == pytest.approx(
-            0.10 / 3600 / metrics["load"]["3"]["requests_per_s"] * 1000
+            metrics["usd_per_hour"] / 3600 / metrics["load"]["3"]["requests_per_s"] * 1000
         )
+        # Its distance to this CPU's measured bandwidth ceiling, from the server's time per output token.
+        assert 0 < metrics["decode_roofline_share"] < 1 and metrics["decode_basis"].startswith("vllm serve")
+        assert metrics["decode_tokens_per_s"] == pytest.approx(1 / metrics["load"]["1"]["tpot_p50_s"])
     tests = report["comparisons"]["student_tuned_vs"]
     assert set(tests) == {"teacher", "student_base", "student_prompted"}
     assert all(0 <= t["p_value"] <= 1 for t in tests.values())
@@ -526,6 +534,11 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     assert sorted(report["latency_cdf"]["teacher"]["1"]) == report["latency_cdf"]["teacher"]["1"]
     markdown = (config.run_dir / "benchmark" / "report.md").read_text()
     assert "Under load through `vllm serve`" in markdown and "## Break-even" in markdown
+    assert (
+        f"Ran on CPU ({cores} cores). Systems and the one-off generate + train are priced on `cpu-{cores}core`"
+        in markdown
+    )
+    assert "measured here" in markdown and "the transformers engine, which has no prefix cache" in markdown
     assert "| student_prompted | $" in markdown  # break-even against prompting, as well as against the teacher
     for plot in ("accuracy_vs_cost", "latency_cdf", "throughput_vs_concurrency"):
         assert (config.run_dir / "benchmark" / f"{plot}.png").stat().st_size > 1000

@@ -3,11 +3,14 @@ throughput, and when distilling pays for itself (break-even)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline import names
-from pipeline.config import ExperimentConfig, VerdictConfig
+from pipeline.config import ExperimentConfig, HardwareConfig, SystemConfig, VerdictConfig
+from pipeline.hardware import CPU_USD_PER_CORE_HOUR, UNKNOWN_GPU, Machine, detect_machine, probe_cpu
 from pipeline.layout import read_manifest
+from pipeline.runs import log
 
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
@@ -24,21 +27,84 @@ def serving_costs(usd_per_hour: float, throughput: dict[str, float]) -> dict[str
     }
 
 
-def add_costs(config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> None:
+@dataclass
+class Hardware:
+    """The profiles a benchmark prices and judges systems by: which one serves, which one ran generate + train,
+    whether each was configured or detected, and the machine detected."""
+
+    machine: Machine
+    profiles: dict[str, HardwareConfig]  # the configured ones, this CPU's limits measured
+    serving: str
+    pipeline: str
+    serving_source: str  # "configured" or "detected"
+    pipeline_source: str
+
+    def for_system(self, system: SystemConfig) -> tuple[str, HardwareConfig]:
+        key = system.hardware or self.serving
+        return key, self.profiles[key]
+
+    def record(self) -> dict[str, Any]:
+        """report.json's `hardware`."""
+        return {
+            "device": self.machine.device,
+            "count": self.machine.count,
+            "detected_profile": self.machine.profile,
+            "serving_hardware": self.serving,
+            "serving_source": self.serving_source,
+            "pipeline_hardware": self.pipeline,
+            "pipeline_source": self.pipeline_source,
+            "profiles": {name: profile.model_dump() for name, profile in self.profiles.items()},
+        }
+
+
+def resolve_hardware(config: ExperimentConfig, machine: Machine | None = None) -> Hardware:
+    """Pick the serving and pipeline profiles: the configured ones, else this machine's (detected). A CPU
+    profile for this machine's core count gets limits measured here when it has none (and a per-core price
+    when it is not declared). An unknown GPU is priced as `unknown-gpu`, and one log line says which keys to
+    set."""
+    bench = config.benchmark
+    machine = machine or detect_machine()
+    profiles = dict(bench.hardware_profiles)
+    if not machine.gpu:
+        own = profiles.get(machine.profile) or HardwareConfig(usd_per_hour=machine.count * CPU_USD_PER_CORE_HOUR)
+        if own.peak_tflops is None or own.memory_gbps is None:
+            tflops, gbps = probe_cpu()
+            own = own.model_copy(
+                update={"peak_tflops": own.peak_tflops or tflops, "memory_gbps": own.memory_gbps or gbps}
+            )
+        profiles[machine.profile] = own
+    elif machine.profile == UNKNOWN_GPU and None in (bench.serving_hardware, bench.pipeline_hardware):
+        log(
+            f"benchmark: GPU {machine.device!r} has no hardware profile: priced as {UNKNOWN_GPU} "
+            f"(${profiles[UNKNOWN_GPU].usd_per_hour:.2f}/hour, no limits); set benchmark.serving_hardware and "
+            "benchmark.pipeline_hardware to a profile of benchmark.hardware_profiles (add one with your price)"
+        )
+    return Hardware(
+        machine,
+        profiles,
+        bench.serving_hardware or machine.profile,
+        bench.pipeline_hardware or machine.profile,
+        "configured" if bench.serving_hardware else "detected",
+        "configured" if bench.pipeline_hardware else "detected",
+    )
+
+
+def add_costs(hardware: Hardware, config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> None:
     """$ per 1M input/output tokens and per 1k requests for each system, from the server's throughput at the
     cost concurrency (or, without a load test, the offline batched run)."""
     bench = config.benchmark
     level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
     for declared in bench.systems:
         metrics = results[declared.name]
-        hardware, usd_per_hour = bench.hardware_for(declared)
+        name, profile = hardware.for_system(declared)
+        usd_per_hour = profile.usd_per_hour
         load = metrics.get("load", {})
         if level in load:
             throughput, basis = load[level], f"vllm serve at concurrency {level}"
         else:
             throughput, basis = metrics["offline"], "offline engine, batched"
         metrics.update(serving_costs(usd_per_hour, throughput))
-        metrics.update({"hardware": hardware, "usd_per_hour": usd_per_hour, "cost_basis": basis})
+        metrics.update({"hardware": name, "usd_per_hour": usd_per_hour, "cost_basis": basis})
 
 
 def why_no_break_even(
@@ -62,7 +128,10 @@ def why_no_break_even(
 
 
 def break_even(
-    config: ExperimentConfig, results: dict[str, dict[str, Any]], tests: dict[str, dict[str, Any]] | None = None
+    config: ExperimentConfig,
+    hardware: Hardware,
+    results: dict[str, dict[str, Any]],
+    tests: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
     one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving. `tests`: the
@@ -72,7 +141,7 @@ def break_even(
     for stage in ("generate", "train"):
         manifest = read_manifest(config.layout.stage_dir(stage))
         walls[stage] = manifest["wall_s"] if manifest else 0.0
-    usd_per_hour = bench.hardware_profiles[bench.pipeline_hardware].usd_per_hour
+    usd_per_hour = hardware.profiles[hardware.pipeline].usd_per_hour
     one_off = sum(walls.values()) / 3600 * usd_per_hour
 
     def against(baseline: str) -> dict[str, Any]:
@@ -91,7 +160,7 @@ def break_even(
     even = {
         "one_off_usd": one_off,
         "one_off_wall_s": walls,
-        "pipeline_hardware": bench.pipeline_hardware,
+        "pipeline_hardware": hardware.pipeline,
         **against(names.TEACHER),
         "requests_per_day": bench.requests_per_day,
     }

@@ -33,9 +33,12 @@ def evaluate_system(
     wall = time.perf_counter() - start
     records = [_task_record(system, task, ex, gen) for ex, gen in zip(examples, generations, strict=True)]
     latencies: dict[str, list[float]] = {}
+    single_tokens = 0  # output tokens of the warm single requests: their decode speed, prefill included
     for kind, cold in (("latency", False), ("latency_cold", True)):
         timed = timed_single_requests(engine, conversations[: bench.latency_requests], sampling, cold=cold)
         latencies[kind] = [g.latency_s for g in timed]
+        if not cold:
+            single_tokens = sum(g.completions[0].output_tokens or 0 for g in timed)
         for ex, gen in zip(examples, timed, strict=False):
             records.append(
                 {
@@ -48,7 +51,9 @@ def evaluate_system(
                 }
             )
     task_records = [r for r in records if r["kind"] == "task"]
-    return _system_metrics(system, task_records, latencies, wall), records
+    metrics = _system_metrics(system, task_records, latencies, wall)
+    metrics["single_request_output_tokens_per_s"] = single_tokens / sum(latencies["latency"])
+    return metrics, records
 
 
 def task_sampling(config: ExperimentConfig, task: Task) -> SamplingConfig:

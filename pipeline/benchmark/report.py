@@ -22,16 +22,17 @@ def _ci(values: list[float] | None) -> str:
 def _table(report: dict[str, Any]) -> list[str]:
     lines = [
         "| system | prompt | accuracy [95% CI] | mean prompt tok | prompt share of request time "
-        "| offline p50 warm / cold (s) | offline output tok/s "
+        "| offline p50 warm / cold (s) | offline output tok/s | decode roofline share "
         "| hardware | $ / 1M input tok | $ / 1M output tok | $ / 1k requests |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["systems"].items():
+        share = m.get("decode_roofline_share")
         lines.append(
             f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f}{_ci(m.get('accuracy_ci95'))} "
             f"| {m['mean_prompt_tokens']:.0f} | {_prompt_share(m)} "
             f"| {m['latency_p50_s']:.2f} / {m.get('latency_cold_p50_s', float('nan')):.2f} "
-            f"| {m['output_tokens_per_s']:.1f} | {m.get('hardware', '')} "
+            f"| {m['output_tokens_per_s']:.1f} | {'-' if share is None else f'{share:.1%}'} | {m.get('hardware', '')} "
             f"| {m.get('cost_per_1m_input_tokens', float('nan')):.3f} | {m['cost_per_1m_output_tokens']:.3f} "
             f"| {m.get('cost_per_1k_requests', float('nan')):.4f} |"
         )
@@ -126,6 +127,72 @@ def _serving_note(report: dict[str, Any]) -> str:
     )
 
 
+ENGINE_NAMES = {
+    "vllm": "vLLM's offline engine",
+    "transformers": "the transformers engine",
+    "openai": "the OpenAI-compatible server",
+}
+
+
+def _latency_note(engine: str) -> str:
+    """What warm and cold latency mean on the engine that ran: only vLLM's cache is known and cleared here."""
+    name = ENGINE_NAMES.get(engine, engine)
+    if engine == "vllm":
+        return (
+            f"offline latency from requests run one at a time on {name}, warm (shared prompt prefixes served "
+            "from vLLM's prefix cache, as on a busy server) and cold (the cache cleared before each request)."
+        )
+    if engine == "transformers":
+        return (
+            f"offline latency from requests run one at a time on {name}, which has no prefix cache: every "
+            "request computes its whole prompt, so warm and cold are the same work measured twice."
+        )
+    return (
+        f"offline latency from requests run one at a time through {name}, end to end over the network; whether "
+        "the server caches prompt prefixes is its own business, so warm and cold cannot be told apart here."
+    )
+
+
+def _hardware_note(report: dict[str, Any]) -> str:
+    """One sentence: the machine detected, and the profiles used and how they were chosen."""
+    hardware = report.get("hardware")
+    if not hardware:
+        return ""
+    profiles = hardware["profiles"]
+
+    def said(key: str, source: str) -> str:
+        profile = profiles.get(key, {})
+        limits = []
+        if profile.get("memory_gbps"):
+            limits.append(f"{profile['memory_gbps']:,.0f} GB/s")
+        if profile.get("peak_tflops"):
+            limits.append(f"{profile['peak_tflops']:g} TFLOP/s")
+        measured = " measured here" if source == "detected" and key.startswith("cpu-") else ""
+        shown = f", {', '.join(limits)}{measured}" if limits else ", limits unknown"
+        return f"`{key}` ({source}; ${profile.get('usd_per_hour', float('nan')):.2f}/hour{shown})"
+
+    serving = said(hardware["serving_hardware"], hardware["serving_source"])
+    if hardware["pipeline_hardware"] == hardware["serving_hardware"]:
+        where = f"Systems and the one-off generate + train are priced on {serving}"
+    else:
+        pipeline = said(hardware["pipeline_hardware"], hardware["pipeline_source"])
+        where = f"Systems are priced on {serving}, generate + train on {pipeline}"
+    return f"Ran on {hardware['device']}. {where}. "
+
+
+def _roofline_note(report: dict[str, Any]) -> str:
+    tuned = report["systems"][names.STUDENT_TUNED]
+    if "decode_roofline_share" not in tuned:
+        return ""
+    return (
+        "The decode roofline share is a system's decode speed for one request ("
+        + tuned["decode_basis"]
+        + ") over its hardware's ceiling, memory bandwidth over the bytes of its weights "
+        f"(the tuned student: {tuned['decode_tokens_per_s']:.1f} of {tuned['decode_ceiling_tokens_per_s']:,.0f} "
+        f"tok/s, {tuned['weight_bytes'] / 1e6:,.0f} MB of {tuned['weight_dtype']} weights). "
+    )
+
+
 def _constraint_note(report: dict[str, Any]) -> str:
     choices = report.get("answer_choices")
     if not choices:
@@ -148,11 +215,13 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         verdict(report, rules),
         "",
         f"Task `{report['task']}`, {report['test_examples']} held-out test examples, report schema "
-        f"{report.get('schema_version', 1)}. Serving cost from each system's hardware $/hour and its measured "
-        f"throughput ({basis}); offline latency from requests run one at a time on the offline engine, warm "
-        "(shared prompt prefixes served from vLLM's prefix cache, as on a busy server) and cold (cache cleared "
-        "before each request). The prompt's share of request time is time to first token over end-to-end "
+        f"{report.get('schema_version', 1)}. "
+        + _hardware_note(report)
+        + f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
+        + _latency_note(report.get("engine", "vllm"))
+        + " The prompt's share of request time is time to first token over end-to-end "
         "time through the server at the lowest concurrency: the part of a request's serving time its prompt takes. "
+        + _roofline_note(report)
         + _serving_note(report)
         + _constraint_note(report),
         "",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import names
-from pipeline.benchmark.costs import add_costs, break_even
+from pipeline.benchmark.costs import Hardware, add_costs, break_even, resolve_hardware
 from pipeline.benchmark.evaluate import (
     check_adapter_applied,
     check_no_test_leak,
@@ -28,6 +28,7 @@ from pipeline.benchmark.evaluate import (
 )
 from pipeline.benchmark.probe import run_lm_eval
 from pipeline.benchmark.report import write_report
+from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
 from pipeline.benchmark.systems import System, systems_for, tuned_student_dir
 from pipeline.benchmark.verdict import latency_p50
@@ -77,8 +78,10 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             records += load_records
             for name, levels in summaries.items():
                 results[name]["load"] = levels
-        add_costs(config, results)
-        report = _report(config, systems, len(examples), results, forgetting, records)
+        hardware = resolve_hardware(config)
+        add_costs(hardware, config, results)
+        add_roofline_shares(hardware, config, systems, results)
+        report = _report(config, hardware, systems, len(examples), results, forgetting, records)
         report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
         report["filter"] = _filter_summary(config)
 
@@ -136,6 +139,7 @@ def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
 
 def _report(
     config: ExperimentConfig,
+    hardware: Hardware,
     systems: list[System],
     test_examples: int,
     results: dict[str, dict[str, Any]],
@@ -149,7 +153,9 @@ def _report(
         "run_name": config.run_name,
         "task": config.task.name,
         "test_examples": test_examples,
-        "hardware_profiles": {k: v.usd_per_hour for k, v in config.benchmark.hardware_profiles.items()},
+        "hardware_profiles": {k: v.usd_per_hour for k, v in hardware.profiles.items()},
+        "hardware": hardware.record(),
+        "engine": config.benchmark.engine.backend,
         "systems": {s.name: results[s.name] for s in systems},
         "comparisons": paired,
         "latency_cdf": {
@@ -160,7 +166,7 @@ def _report(
             for name in results
             if "load" in results[name]
         },
-        "break_even": break_even(config, results, paired["student_tuned_vs"]),
+        "break_even": break_even(config, hardware, results, paired["student_tuned_vs"]),
         "forgetting": forgetting,
     }
     if names.STUDENT_TUNED in forgetting and names.STUDENT_BASE in forgetting:

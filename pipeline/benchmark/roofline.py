@@ -1,0 +1,105 @@
+"""How close each system comes to what its hardware can do (the roofline).
+
+A decoder answering one request at a time reads every weight once per output token, so its ceiling is the
+memory bandwidth over the bytes of its weights (Qwen2.5-0.5B in bf16 on an H100 at 3.35 TB/s: ~3,400 tok/s).
+`decode_roofline_share` is the measured per-request decode speed over that ceiling. A batched run is bound by
+compute instead: `batched_compute_share` is its achieved forward FLOP/s (2 per parameter per token, prompt and
+output) over the profile's peak. Limits come from the hardware profile (pipeline/hardware.py, or measured on a
+CPU), the weights from the model's safetensors headers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.benchmark.costs import Hardware
+from pipeline.benchmark.systems import System
+from pipeline.config import EngineConfig, ExperimentConfig
+from pipeline.engines import vllm_dtype_and_eager
+from pipeline.names import latency_key
+
+DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def model_folder(model: str) -> Path | None:
+    """The local folder of a model path or a cached HF id; None when there is none here."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def parameter_count(folder: Path) -> int | None:
+    """Parameters in the folder's safetensors files, from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
+                count = 1
+                for dim in weights.get_slice(key).get_shape():
+                    count *= dim
+                total += count
+    return total
+
+
+def serving_dtype(engine: EngineConfig, folder: Path, on_gpu: bool) -> str | None:
+    """The dtype the benchmark engine holds the weights in: its setting, else the engine's default here (fp32
+    on a CPU), else the checkpoint's own."""
+    if engine.backend == "vllm":
+        dtype = vllm_dtype_and_eager(engine, on_gpu)[0]
+    elif engine.backend == "transformers" and not on_gpu and engine.dtype in ("auto", "float32"):
+        dtype = "float32"
+    else:
+        dtype = engine.dtype
+    if dtype == "auto":
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def add_roofline_shares(
+    hardware: Hardware, config: ExperimentConfig, systems: list[System], results: dict[str, dict[str, Any]]
+) -> None:
+    """Each system's decode speed against its bandwidth ceiling, and its batched run against the compute peak,
+    where the profile has the limit and the weights are readable here."""
+    declared = {s.name: s for s in config.benchmark.systems}
+    for system in systems:
+        metrics = results[system.name]
+        folder = model_folder(system.model)
+        parameters = parameter_count(folder) if folder else None
+        if not parameters:
+            continue
+        dtype = serving_dtype(config.benchmark.engine, folder, hardware.machine.gpu)
+        _, profile = hardware.for_system(declared[system.name])
+        weight_bytes = parameters * DTYPE_BYTES.get(dtype or "", 0)
+        metrics.update({"parameters": parameters, "weight_dtype": dtype, "weight_bytes": weight_bytes})
+        lowest = metrics.get("load", {}).get("1", {})
+        tpot = lowest.get(latency_key("tpot", 50))
+        if tpot:
+            decode, basis = 1 / tpot, "vllm serve at concurrency 1, time per output token"
+        else:
+            decode, basis = metrics["single_request_output_tokens_per_s"], "offline, one request at a time"
+        if profile.memory_gbps and weight_bytes:
+            ceiling = profile.memory_gbps * 1e9 / weight_bytes
+            metrics.update(
+                {
+                    "decode_tokens_per_s": decode,
+                    "decode_basis": basis,
+                    "decode_ceiling_tokens_per_s": ceiling,
+                    "decode_roofline_share": decode / ceiling,
+                }
+            )
+        if profile.peak_tflops:
+            offline = metrics["offline"]
+            flops = 2 * parameters * (offline["prompt_tokens_per_s"] + offline["output_tokens_per_s"])
+            metrics["batched_compute_share"] = flops / (profile.peak_tflops * 1e12)

@@ -1,0 +1,127 @@
+"""Every run priced and judged on the machine it ran on: profiles, detection, roofline shares, engine wording.
+
+No GPU exists here: the CUDA device is faked by its name (pipeline.hardware.cuda_accelerator), as torch reports it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import hardware
+from pipeline.benchmark.costs import add_costs, resolve_hardware
+from pipeline.benchmark.report import _hardware_note, _latency_note
+from pipeline.config import validate_config
+
+
+def config(**benchmark):
+    raw = {"run_name": "x", "task": {"name": "support"}, "teacher": {"model": "m"}, "student": {"model": "m"}}
+    return validate_config({**raw, "benchmark": benchmark})
+
+
+def fake_gpu(monkeypatch, name: str, count: int = 1) -> None:
+    import torch
+
+    monkeypatch.setattr(hardware, "cuda_accelerator", lambda: (name, hardware.accelerator_for(name)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def results(requests_per_s: float = 2.0) -> dict:
+    offline = {"requests_per_s": requests_per_s, "output_tokens_per_s": 100.0, "prompt_tokens_per_s": 400.0}
+    names = ("teacher", "student_base", "student_prompted", "student_tuned")
+    return {name: {"offline": dict(offline)} for name in names}
+
+
+def test_an_h100_is_detected_priced_and_said(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", count=8)
+    chosen = resolve_hardware(config())
+    assert (chosen.serving, chosen.pipeline, chosen.serving_source) == ("h100", "h100", "detected")
+    assert (chosen.machine.device, chosen.machine.count) == ("NVIDIA H100 80GB HBM3", 8)
+    measured = results()
+    add_costs(chosen, config(), measured)
+    tuned = measured["student_tuned"]
+    assert (tuned["hardware"], tuned["usd_per_hour"]) == ("h100", 3.00)
+    assert tuned["cost_per_1k_requests"] == pytest.approx(3.00 / 3600 / 2.0 * 1000)  # $/hour over requests/s
+    sentence = _hardware_note({"hardware": chosen.record()})
+    assert sentence == (
+        "Ran on NVIDIA H100 80GB HBM3. Systems and the one-off generate + train are priced on `h100` "
+        "(detected; $3.00/hour, 3,350 GB/s, 989 TFLOP/s). "
+    )
+    # A configured profile wins over detection, and the report says which was which.
+    chosen = resolve_hardware(config(serving_hardware="a10g"))
+    assert (chosen.serving, chosen.serving_source, chosen.pipeline, chosen.pipeline_source) == (
+        "a10g",
+        "configured",
+        "h100",
+        "detected",
+    )
+    assert "Systems are priced on `a10g` (configured; $1.01/hour" in _hardware_note({"hardware": chosen.record()})
+
+
+def test_an_unknown_gpu_gets_the_unknown_profile_and_one_line_naming_the_keys(monkeypatch, capsys):
+    fake_gpu(monkeypatch, "NVIDIA GeForce RTX 4090")
+    chosen = resolve_hardware(config())
+    assert chosen.serving == chosen.pipeline == hardware.UNKNOWN_GPU
+    assert chosen.profiles[hardware.UNKNOWN_GPU].memory_gbps is None  # no roofline share without a limit
+    logged = [line for line in capsys.readouterr().err.splitlines() if "no hardware profile" in line]
+    assert len(logged) == 1 and "'NVIDIA GeForce RTX 4090'" in logged[0]
+    assert "set benchmark.serving_hardware and benchmark.pipeline_hardware" in logged[0]
+    assert "limits unknown" in _hardware_note({"hardware": chosen.record()})
+    resolve_hardware(config(serving_hardware="h100", pipeline_hardware="h100"))  # both set: nothing to say
+    assert "no hardware profile" not in capsys.readouterr().err
+
+
+def test_this_cpu_is_measured_and_keeps_the_cpu_2core_price(monkeypatch):
+    monkeypatch.setattr(hardware, "cuda_accelerator", lambda: None)
+    machine = hardware.Machine("CPU (2 cores)", 2, "cpu-2core", gpu=False)
+    chosen = resolve_hardware(config(), machine)
+    profile = chosen.profiles["cpu-2core"]
+    assert profile.usd_per_hour == 0.10 and profile.memory_gbps > 0.5 and profile.peak_tflops > 1e-4
+    sixteen = resolve_hardware(config(), hardware.Machine("CPU (16 cores)", 16, "cpu-16core", gpu=False))
+    assert sixteen.serving == "cpu-16core" and sixteen.profiles["cpu-16core"].usd_per_hour == pytest.approx(0.80)
+    # A CPU profile the user gave limits keeps them: a measurement does not overwrite a setting.
+    given = config(hardware_profiles={"cpu-2core": {"usd_per_hour": 0.2, "memory_gbps": 5.0}})
+    assert resolve_hardware(given, machine).profiles["cpu-2core"].memory_gbps == 5.0
+    assert "measured here" in _hardware_note({"hardware": chosen.record()})
+
+
+@pytest.mark.parametrize(
+    ("engine", "said", "not_said"),
+    [
+        ("vllm", "served from vLLM's prefix cache", "no prefix cache"),
+        ("transformers", "which has no prefix cache", "vLLM's prefix cache"),
+        ("openai", "whether the server caches prompt prefixes is its own business", "vLLM's prefix cache"),
+    ],
+)
+def test_latency_wording_follows_the_engine_that_ran(engine, said, not_said):
+    text = _latency_note(engine)
+    assert said in text and not_said not in text
+
+
+def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path):
+    """A 1,000-parameter fp32 checkpoint on a 4 GB/s machine: the ceiling is 4e9 / 4,000 B = 1e6 tok/s."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.benchmark.roofline import add_roofline_shares, parameter_count
+    from pipeline.benchmark.systems import System
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"a": torch.zeros(10, 50), "b": torch.zeros(500)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert parameter_count(folder) == 1000
+    cfg = config(
+        engine={"backend": "transformers"},
+        hardware_profiles={"box": {"usd_per_hour": 1, "memory_gbps": 4.0, "peak_tflops": 1.0}},
+        serving_hardware="box",
+    )
+    chosen = resolve_hardware(cfg, hardware.Machine("CPU (2 cores)", 2, "cpu-2core", gpu=False))
+    measured = {"student_tuned": {**results()["student_tuned"], "single_request_output_tokens_per_s": 50_000.0}}
+    add_roofline_shares(chosen, cfg, [System("student_tuned", str(folder), "short", True)], measured)
+    tuned = measured["student_tuned"]
+    assert (tuned["weight_dtype"], tuned["weight_bytes"]) == ("float32", 4000)  # the CPU engine holds fp32
+    assert tuned["decode_roofline_share"] == pytest.approx(0.05)
+    assert tuned["batched_compute_share"] == pytest.approx(2 * 1000 * 500 / 1e12)
+    tuned["load"] = {"1": {"tpot_p50_s": 1e-5}}  # through the server: time per output token wins
+    add_roofline_shares(chosen, cfg, [System("student_tuned", str(folder), "short", True)], measured)
+    assert tuned["decode_roofline_share"] == pytest.approx(0.1) and tuned["decode_basis"].startswith("vllm serve")
