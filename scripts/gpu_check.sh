@@ -7,7 +7,8 @@
 # 1. the tests marked `cuda` and the train/KD tests (not integration), on the GPU;
 # 2. scripts/bench_train.py on a 0.5B- and a 1.5B-shaped student: ours / plain PyTorch+PEFT loop, unpacked and
 #    packed, with model FLOPs utilisation against the device's datasheet peak;
-# 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student) end to end;
+# 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student) end to end, its benchmark on
+#    the detected GPU profile with each system's decode roofline share;
 # 4. what two of the stage's options cost on the 0.5B shape, unpacked: TRL's per-step token metrics
 #    (train.token_metrics) and gradient checkpointing, unpacked; two collating workers (train.dataloader_workers),
 #    torch.compile and Liger kernels (when installed), packed; each against the plain loop.
@@ -81,6 +82,16 @@ if metrics:
     m = json.loads(metrics.read_text())
     print(f"\nwhole pipeline, QLoRA train stage: {m['steps']} steps, {m.get('train_tokens_per_s')} tok/s, "
           f"MFU {m.get('mfu')}, on {m.get('accelerator')}")
+report = next((out / "runs").glob("*/benchmark/report.json"), None)
+if report:  # the detected hardware profile and each system's distance to its limits
+    r = json.loads(report.read_text())
+    hw = r["hardware"]
+    print(f"benchmark on {hw['device']} x{hw['count']}: profile {hw['serving_hardware']} ({hw['serving_source']}), "
+          f"{hw['profiles'][hw['serving_hardware']]}")
+    for name, m in r["systems"].items():
+        print(f"  {name}: decode {m.get('decode_tokens_per_s', 0):.1f} of {m.get('decode_ceiling_tokens_per_s', 0):,.0f} "
+              f"tok/s = {m.get('decode_roofline_share', 0):.2%} of the roofline ({m.get('decode_basis')}), "
+              f"batched {m.get('batched_compute_share', 0):.3%} of peak, ${m.get('cost_per_1k_requests', 0):.4f}/1k")
 PY
 echo
 failed=0
