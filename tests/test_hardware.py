@@ -55,6 +55,8 @@ def test_an_h100_is_detected_priced_and_said(monkeypatch):
         "detected",
     )
     assert "Systems are priced on `a10g` (configured; $1.01/hour" in _hardware_note({"hardware": chosen.record()})
+    mixed = {"hardware": chosen.record(), "systems": {"teacher": {"hardware": "h200"}, "student": {"hardware": "a10g"}}}
+    assert "(systems that name their own `hardware` on theirs: `h200`)" in _hardware_note(mixed)
 
 
 def test_an_unknown_gpu_gets_the_unknown_profile_and_one_line_naming_the_keys(monkeypatch, capsys):

@@ -177,6 +177,12 @@ def _hardware_note(report: dict[str, Any]) -> str:
     else:
         pipeline = said(hardware["pipeline_hardware"], hardware["pipeline_source"])
         where = f"Systems are priced on {serving}, generate + train on {pipeline}"
+    own = sorted(
+        {m["hardware"] for m in report.get("systems", {}).values() if m.get("hardware")}
+        - {hardware["serving_hardware"]}
+    )
+    if own:
+        where += f" (systems that name their own `hardware` on theirs: {', '.join(f'`{k}`' for k in own)})"
     return f"Ran on {hardware['device']}. {where}. "
 
 
