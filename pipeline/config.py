@@ -418,18 +418,21 @@ class SystemConfig(_Strict):
     name: str
     # "teacher", "student" (untuned), "tuned" (the trained student; pipeline/names.py), or any model folder / HF id.
     model: str
-    prompt_style: str
+    # None: the prompt its model is trained or configured with. The teacher and student_prompted get
+    # teacher.prompt_style; every other system student.prompt_style, the one setting for the prompt the tuned
+    # student trains on and is served with (student_tuned may not differ from it).
+    prompt_style: str | None = None
     probe: bool = False  # ask the general forgetting probe (base capabilities)
     hardware: str | None = None  # a key of benchmark.hardware_profiles; None: benchmark.serving_hardware
 
 
 def _default_systems() -> list[SystemConfig]:
     return [
-        SystemConfig(name=names.TEACHER, model=names.TEACHER_MODEL, prompt_style="full"),
-        SystemConfig(name=names.STUDENT_BASE, model=names.STUDENT_MODEL, prompt_style="short", probe=True),
+        SystemConfig(name=names.TEACHER, model=names.TEACHER_MODEL),
+        SystemConfig(name=names.STUDENT_BASE, model=names.STUDENT_MODEL, probe=True),
         # "Try prompting first": the untuned student given the teacher's whole prompt.
-        SystemConfig(name=names.STUDENT_PROMPTED, model=names.STUDENT_MODEL, prompt_style="full"),
-        SystemConfig(name=names.STUDENT_TUNED, model=names.TUNED_MODEL, prompt_style="short", probe=True),
+        SystemConfig(name=names.STUDENT_PROMPTED, model=names.STUDENT_MODEL),
+        SystemConfig(name=names.STUDENT_TUNED, model=names.TUNED_MODEL, probe=True),
     ]
 
 
@@ -576,6 +579,21 @@ class ExperimentConfig(_Strict):
         if not value or "/" in value or value.startswith("."):
             raise ValueError("must be a plain folder name")
         return value
+
+    @model_validator(mode="after")
+    def _system_prompts(self) -> ExperimentConfig:
+        """Fill each benchmark system's prompt style; the tuned student is served the prompt it trained on."""
+        for system in self.benchmark.systems:
+            if system.prompt_style is None:
+                by_teacher = system.model == names.TEACHER_MODEL or system.name == names.STUDENT_PROMPTED
+                system.prompt_style = self.teacher.prompt_style if by_teacher else self.student.prompt_style
+            elif system.name == names.STUDENT_TUNED and system.prompt_style != self.student.prompt_style:
+                raise ValueError(
+                    f"benchmark.systems.{names.STUDENT_TUNED}.prompt_style: {system.prompt_style!r} is not "
+                    f"student.prompt_style {self.student.prompt_style!r}, the prompt it trains on; leave it unset, "
+                    "or declare another system (model: tuned) to serve it another prompt"
+                )
+        return self
 
     @property
     def base_dir(self) -> Path:

@@ -186,3 +186,18 @@ def test_json_logs_for_log_systems(tmp_path, capsys, monkeypatch):
     log("filter: 3/4 samples kept")
     record = json.loads(capsys.readouterr().err)
     assert record["stage"] == "filter" and record["message"] == "filter: 3/4 samples kept" and record["time"]
+
+
+def test_the_tuned_student_is_served_the_prompt_it_trains_on():
+    """student.prompt_style is the one setting for the prompt of training and of serving the tuned student."""
+    systems = {s.name: s.prompt_style for s in validate_config(_minimal()).benchmark.systems}
+    assert systems == {"teacher": "full", "student_base": "short", "student_prompted": "full", "student_tuned": "short"}
+    retrieved = validate_config(_minimal(student={"model": "m", "prompt_style": "retrieved"}))
+    assert {s.name: s.prompt_style for s in retrieved.benchmark.systems}["student_tuned"] == "retrieved"
+    mismatch = [*SYSTEMS_ON_X[:2], {"name": "student_tuned", "model": "tuned", "prompt_style": "full"}]
+    mismatch[0] = {**mismatch[0], "hardware": None}
+    with pytest.raises(ConfigError, match=r"benchmark\.systems\.student_tuned\.prompt_style: 'full' is not student"):
+        validate_config(_minimal(benchmark={"systems": mismatch}))
+    # Another system may serve the tuned student another prompt: the two recipes side by side.
+    other = [*mismatch[:2], {"name": "student_tuned", "model": "tuned"}, {**mismatch[2], "name": "tuned_full"}]
+    assert validate_config(_minimal(benchmark={"systems": other})).benchmark.systems[3].prompt_style == "full"
