@@ -322,6 +322,26 @@ class LoraConfig(_Strict):
     target_modules: list[str] | str = "all-linear"
 
 
+class ReplayConfig(_Strict):
+    """General chat examples mixed into the training data, against forgetting: `fraction` of the training mix.
+
+    Rows come from `dataset` (a JSONL/JSON file of `{"messages": [...]}` chats, or a Hugging Face dataset id),
+    read with `datasets`; each is screened like a teacher row's answer (empty, duplicate) and dropped when its
+    user turn is a benchmark test prompt or a probe question, or shares an n-gram with one (always, whatever
+    filter.decontaminate says)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1)  # share of the training examples that are replay rows; 0: off
+    dataset: str | None = None
+    split: str = "train"
+    messages_column: str = "messages"
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> ReplayConfig:
+        if self.fraction > 0 and not self.dataset:
+            raise ValueError("dataset: replay needs a dataset of chats (a JSONL file or a Hugging Face id)")
+        return self
+
+
 class TrainConfig(_Strict):
     # lora: a LoRA adapter on the full-precision student; qlora: the same on 4-bit NF4 weights (bitsandbytes,
     # CUDA only); full: every weight trained (no adapter; the saved model is the tuned student).
@@ -379,6 +399,13 @@ class TrainConfig(_Strict):
     # Scheduled runs: retrain only when at least this fraction of training examples was added or removed
     # since the adapter was trained (0: on any change). A changed base model or train config always retrains.
     retrain_min_change: float = Field(0.0, ge=0, le=1)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+
+    @model_validator(mode="after")
+    def _replay_with_sft(self) -> TrainConfig:
+        if self.replay.fraction > 0 and self.objective == "kd":
+            raise ValueError("replay: replay rows have no teacher logprobs; use objective sft with replay")
+        return self
 
     @field_validator("attn_implementation")
     @classmethod

@@ -60,6 +60,11 @@ def _minimal(**extra):
             _minimal(benchmark={"hardware_profiles": {"h100": {"usd_per_hour": 2, "peak_tflops": -1}}}),
             "benchmark.hardware_profiles.h100.peak_tflops: Input should be greater than 0",
         ),
+        (_minimal(train={"replay": {"fraction": 0.2}}), "train.replay: Value error, dataset: replay needs a dataset"),
+        (
+            _minimal(train={"objective": "kd", "replay": {"fraction": 0.2, "dataset": "x.jsonl"}}),
+            "train: Value error, replay: replay rows have no teacher logprobs",
+        ),
         (_minimal(benchmark={"serving_hardware": "tpu"}), "benchmark: Value error, serving_hardware: 'tpu' is not in"),
         (
             _minimal(benchmark={"systems": SYSTEMS_ON_X}),

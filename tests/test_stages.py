@@ -248,6 +248,50 @@ def test_guard_names_the_extraction_as_a_suspect_when_answers_rarely_match(tmp_p
     assert "\n" not in message
 
 
+def test_replay_rows_are_screened_counted_apart_and_fingerprinted(tmp_path, tiny_model):
+    """train.replay: general chats join train.jsonl as a share of the mix, never a probe question or a test
+    prompt (exact or by n-gram), counted apart from the task's examples; a new replay file reruns the filter."""
+    from pipeline.benchmark.probe import load_probe
+
+    probe = load_probe()[0].question
+    test_prompt = build_task(PLUGIN["name"], PLUGIN["params"], 7, tmp_path).split("test")[0].user
+
+    def chat(user, answer):
+        return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+
+    general = [chat(f"Name a use for a {thing}.", f"A {thing} is handy.") for thing in ("rope", "kettle", "ladder")]
+    lines = [
+        *general,
+        general[0],  # a duplicate
+        chat("Say nothing.", "  "),
+        chat(probe, "45"),
+        chat(f"Quick one for you: {probe} Thanks!", "45"),  # the probe question inside a longer prompt
+        chat(test_prompt, "even"),
+    ]
+    replay_file = tmp_path / "general.jsonl"
+    replay_file.write_text("\n".join(lines) + "\n")
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.75, "dataset": str(replay_file)}})
+    write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
+    out = run_filter(config)
+    train = list(read_jsonl(out / "train.jsonl"))
+    replayed = [row for row in train if row.get("replay")]
+    assert len(train) - len(replayed) == 4 and len(replayed) == 3  # 12 wanted (75% of the mix), 3 usable
+    assert {row["messages"][0]["content"] for row in replayed} == {
+        json.loads(g)["messages"][0]["content"] for g in general
+    }
+    report = json.loads((out / "filter_report.json").read_text())
+    assert report["train"] == 4 and report["samples_in"] == 4  # the task's counts stay the task's
+    assert report["replay"]["kept"] == 3 and report["replay"]["wanted"] == 12 and report["replay"]["available"] == 8
+    assert report["replay"]["dropped"] == {"exact_dedup": 1, "empty": 1, "test_split_guard": 2, "decontaminate": 1}
+    assert "Replay against forgetting: 3 general chats" in (out / "DATASET.md").read_text()
+
+    replay_file.write_text("\n".join(lines[:2]) + "\n")  # the replay data changed: the filter reruns
+    assert sum(1 for row in read_jsonl(run_filter(config) / "train.jsonl") if row.get("replay")) == 2
+    with pytest.raises(PipelineError, match=r"train\.replay\.dataset: row 1 of .* is not a chat"):
+        replay_file.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+        run_filter(config)
+
+
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):
     """Every filter off, decontamination included: the test split's prompts are still dropped."""
     from pipeline.tasks import build_task

@@ -33,7 +33,8 @@ class Tally:
         self.drop_examples: dict[str, list[dict[str, Any]]] = {}
         self.malformed: list[int] = []
         self.prompt_errors = 0  # prompts the teacher could not answer (recorded by generate)
-        self.train = self.val = 0
+        self.train = self.val = 0  # task examples kept
+        self.replay: dict[str, Any] | None = None  # replay rows added to train.jsonl (filter/replay.py)
 
     def add(self, row: Screened) -> None:
         self.prompts_in += 1
@@ -90,6 +91,7 @@ class Tally:
             "length_unit": length_unit,
             "response_length_in": _summary(self.lengths_in),
             "response_length_kept": _summary(self.lengths_kept),
+            "replay": self.replay,
         }
 
 
@@ -124,6 +126,15 @@ def write_dataset_card(config: ExperimentConfig, report: dict[str, Any], tally: 
         f"`{config.student.prompt_style}` prompt.",
         "",
     ]
+    replay = report.get("replay")
+    if replay:
+        drops = ", ".join(f"{k} {v}" for k, v in replay["dropped"].items()) or "none"
+        lines += [
+            f"Replay against forgetting: {replay['kept']} general chats from `{replay['dataset']}` added to the "
+            f"training examples (fraction {replay['fraction']}: {replay['wanted']} wanted, {replay['available']} "
+            f"available; dropped: {drops}). They are counted apart from the task's examples above and below.",
+            "",
+        ]
     if report["malformed_lines"]:
         lines += [f"Malformed input lines skipped: {', '.join(map(str, report['malformed_lines']))}.", ""]
     lines += ["## Filters, in the order they ran", "", "| filter | in | dropped | out |", "|---|---:|---:|---:|"]

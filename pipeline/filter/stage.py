@@ -23,6 +23,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge
+from pipeline.filter.replay import replay_wanted, screened_replay
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
 from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
 from pipeline.tasks import Example, Task, task_for
@@ -36,8 +37,11 @@ def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
         "student": config.student.model_dump(),
         "probe": config.benchmark.probe,
         "teacher": config.teacher.model if "judge" in config.filter.active() else None,
+        "replay": config.train.replay.model_dump(),
     }
-    return Stage(config, "filter", sections, inputs=[config.layout.teacher_outputs, *task.data_files()])
+    replay_file = config.base_dir / (config.train.replay.dataset or "")
+    replay = [replay_file] if config.train.replay.fraction > 0 and replay_file.is_file() else []
+    return Stage(config, "filter", sections, inputs=[config.layout.teacher_outputs, *task.data_files(), *replay])
 
 
 def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
@@ -71,6 +75,8 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
             progress.close()
             writer.flush_judge()
             check_enough_kept(config, tally, task)
+            if config.train.replay.fraction > 0:  # after the guard: it counts the task's examples only
+                writer.add_replay(task)
             if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
                 raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
@@ -85,7 +91,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         )
     log(
         f"filter: {report['samples_kept']}/{tally.samples_in} samples kept ({tally.train} train, {tally.val} val); "
-        f"dropped {report['dropped']}"
+        f"dropped {report['dropped']}" + (f"; {tally.replay['kept']} replay rows added" if tally.replay else "")
     )
     return stage.dir
 
@@ -175,6 +181,25 @@ class DatasetWriter:
                 self.keep(row.example, sample, row.student_messages, row.teacher)
         if self.judge and len(self.pending) >= self.settings.judge.batch_size:
             self.flush_judge()
+
+    def add_replay(self, task: Task) -> None:
+        """Append replay rows to train.jsonl, `train.replay.fraction` of the training mix (never to val.jsonl:
+        validation measures the task)."""
+        replay = self.config.train.replay
+        wanted = replay_wanted(replay.fraction, self.tally.train)
+        rows, dropped, available = screened_replay(self.config, task, wanted)
+        for row in rows:
+            self.train.write(json_line(row))
+        self.tally.replay = {
+            "dataset": replay.dataset,
+            "fraction": replay.fraction,
+            "wanted": wanted,
+            "available": available,
+            "kept": len(rows),
+            "dropped": dropped,
+        }
+        if len(rows) < wanted:
+            log(f"filter: replay kept {len(rows)} of the {wanted} wanted; {replay.dataset} has {available} chats")
 
     def malformed(self, source: Path, number: int, problem: str) -> None:
         message = malformed_line_message(source, number, problem)
