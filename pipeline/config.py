@@ -325,20 +325,27 @@ class LoraConfig(_Strict):
 class ReplayConfig(_Strict):
     """General chat examples mixed into the training data, against forgetting: `fraction` of the training mix.
 
-    Rows come from `dataset` (a JSONL/JSON file of `{"messages": [...]}` chats, or a Hugging Face dataset id),
-    read with `datasets`; each is screened like a teacher row's answer (empty, duplicate) and dropped when its
-    user turn is a benchmark test prompt or a probe question, or shares an n-gram with one (always, whatever
-    filter.decontaminate says)."""
+    `source`: "self", general prompts (`prompts`, default the shipped set) answered by the untuned student
+    itself, so it keeps its own behaviour (self-distillation); "teacher", the same answered by the teacher; or
+    "dataset", chats with their answers from `dataset` (a JSONL/JSON file of `{"messages": [...]}` rows, or a
+    Hugging Face dataset id, read with `datasets`). Each row is screened (empty, truncated, repeated) and dropped
+    when its user turn is a benchmark test prompt or a probe question, or shares an n-gram with one (always,
+    whatever filter.decontaminate says)."""
 
     fraction: float = Field(0.0, ge=0, lt=1)  # share of the training examples that are replay rows; 0: off
+    source: Literal["self", "teacher", "dataset"] = "self"
+    prompts: str | None = None  # JSONL with a "prompt" per line; None: pipeline/filter/data/general_prompts.jsonl
+    max_tokens: int = Field(128, gt=0)  # answers to the prompts, greedy
     dataset: str | None = None
     split: str = "train"
     messages_column: str = "messages"
 
     @model_validator(mode="after")
     def _has_a_source(self) -> ReplayConfig:
-        if self.fraction > 0 and not self.dataset:
-            raise ValueError("dataset: replay needs a dataset of chats (a JSONL file or a Hugging Face id)")
+        if self.source == "dataset" and not self.dataset:
+            raise ValueError("dataset: source dataset needs a dataset of chats (a JSONL file or a Hugging Face id)")
+        if self.source != "dataset" and self.dataset:
+            raise ValueError(f"dataset: given with source {self.source!r}; set source: dataset to replay it")
         return self
 
 

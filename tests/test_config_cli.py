@@ -60,9 +60,13 @@ def _minimal(**extra):
             _minimal(benchmark={"hardware_profiles": {"h100": {"usd_per_hour": 2, "peak_tflops": -1}}}),
             "benchmark.hardware_profiles.h100.peak_tflops: Input should be greater than 0",
         ),
-        (_minimal(train={"replay": {"fraction": 0.2}}), "train.replay: Value error, dataset: replay needs a dataset"),
+        (_minimal(train={"replay": {"source": "dataset"}}), "train.replay: Value error, dataset: source dataset needs"),
         (
-            _minimal(train={"objective": "kd", "replay": {"fraction": 0.2, "dataset": "x.jsonl"}}),
+            _minimal(train={"replay": {"dataset": "x.jsonl"}}),
+            "train.replay: Value error, dataset: given with source 'self'",
+        ),
+        (
+            _minimal(train={"objective": "kd", "replay": {"fraction": 0.2}}),
             "train: Value error, replay: replay rows have no teacher logprobs",
         ),
         (_minimal(benchmark={"serving_hardware": "tpu"}), "benchmark: Value error, serving_hardware: 'tpu' is not in"),

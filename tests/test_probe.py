@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,20 @@ def test_lm_eval_refuses_a_tuned_student_that_answers_like_the_base(monkeypatch)
     differ = False
     with pytest.raises(PipelineError, match="the adapter was not applied"):
         run_lm_eval(LmEvalConfig(tasks=["arc_easy"]), students)
+
+
+def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test_split():
+    """No general replay prompt is a probe question or a test prompt of the embedded default, nor shares a
+    13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
+    from pipeline.config import load_config
+    from pipeline.filter.filters import NgramIndex
+    from pipeline.filter.replay import GENERAL_PROMPTS, protected_for_replay
+    from pipeline.runs import read_jsonl
+    from pipeline.tasks import task_for
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2_support.yaml")
+    protected = protected_for_replay(config, task_for(config))
+    index = NgramIndex(protected, 13)
+    prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
+    assert len(prompts) == len(set(prompts)) >= 150
+    assert [p for p in prompts if index.match(p)] == []

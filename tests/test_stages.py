@@ -270,7 +270,8 @@ def test_replay_rows_are_screened_counted_apart_and_fingerprinted(tmp_path, tiny
     ]
     replay_file = tmp_path / "general.jsonl"
     replay_file.write_text("\n".join(lines) + "\n")
-    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.75, "dataset": str(replay_file)}})
+    replay = {"fraction": 0.75, "source": "dataset", "dataset": str(replay_file)}
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": replay})
     write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
     out = run_filter(config)
     train = list(read_jsonl(out / "train.jsonl"))
@@ -289,6 +290,30 @@ def test_replay_rows_are_screened_counted_apart_and_fingerprinted(tmp_path, tiny
     assert sum(1 for row in read_jsonl(run_filter(config) / "train.jsonl") if row.get("replay")) == 2
     with pytest.raises(PipelineError, match=r"train\.replay\.dataset: row 1 of .* is not a chat"):
         replay_file.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+        run_filter(config)
+
+
+def test_replay_answered_by_the_untuned_student_is_generated_once(tmp_path, tiny_model, monkeypatch):
+    """source self: the shipped general prompts answered by the student itself (transformers engine here),
+    cached in the filter's folder: a rerun of the stage reuses the answers; another max_tokens regenerates."""
+    import pipeline.engines as engines
+
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
+    write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
+    out = run_filter(config)
+    report = json.loads((out / "filter_report.json").read_text())["replay"]
+    assert report["source"] == "self" and report["wanted"] == 4 and report["available"] == 155
+    # The random tiny student rarely stops within 4 tokens: cut answers are dropped, never trained on.
+    assert report["kept"] + report["dropped"].get("truncated", 0) + report["dropped"].get("empty", 0) >= 4
+    cached = list(read_jsonl(out / "replay_answers.jsonl"))
+    assert len(cached) == 155 and {row["finish_reason"] for row in cached} <= {"stop", "length"}
+    replayed = [row for row in read_jsonl(out / "train.jsonl") if row.get("replay")]
+    assert len(replayed) == report["kept"] and all(row["messages"][0]["role"] == "user" for row in replayed)
+
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("answers regenerated"))
+    assert run_filter(config, force=True) == out  # same key: read from the cache
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 5}})
+    with pytest.raises(pytest.fail.Exception, match="answers regenerated"):
         run_filter(config)
 
 

@@ -95,6 +95,13 @@ class Tally:
         }
 
 
+def _replay_source(replay: dict[str, Any]) -> str:
+    if replay["source"] == "dataset":
+        return f"from `{replay['dataset']}`"
+    who = "the untuned student itself" if replay["source"] == "self" else "the teacher"
+    return f"general prompts answered by {who}"
+
+
 def _summary(lengths: Counter[int]) -> dict[str, float]:
     total = sum(lengths.values())
     if not total:
@@ -130,7 +137,7 @@ def write_dataset_card(config: ExperimentConfig, report: dict[str, Any], tally: 
     if replay:
         drops = ", ".join(f"{k} {v}" for k, v in replay["dropped"].items()) or "none"
         lines += [
-            f"Replay against forgetting: {replay['kept']} general chats from `{replay['dataset']}` added to the "
+            f"Replay against forgetting: {replay['kept']} general chats ({_replay_source(replay)}) added to the "
             f"training examples (fraction {replay['fraction']}: {replay['wanted']} wanted, {replay['available']} "
             f"available; dropped: {drops}). They are counted apart from the task's examples above and below.",
             "",

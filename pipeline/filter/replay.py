@@ -1,24 +1,32 @@
 """Replay against forgetting: general chat examples mixed into the training data (`train.replay`).
 
-The rows come from a dataset of chats read with `datasets` (a local JSONL/JSON file or a Hugging Face id).
-Each is screened like a teacher answer: dropped when its answer is empty, when it repeats an earlier replay row,
-or when its user turn is a benchmark test prompt or a probe question or shares an n-gram with one (always on for
-replay: general chats are where probe-like questions live). Enough are kept, in a seeded order, for replay to be
-`fraction` of the training mix.
+The rows are general prompts answered by the untuned student itself or by the teacher (generated once and
+cached in the filter's folder under a key of everything that shapes them), or chats read with `datasets` (a
+local JSONL/JSON file or a Hugging Face id). Each is screened like a teacher answer: dropped when its answer is
+empty or was cut at max_tokens, when it repeats an earlier replay row, or when its user turn is a benchmark test
+prompt or a probe question or shares an n-gram with one (always on for replay: general chats are where
+probe-like questions live). Enough are kept, in a seeded order, for replay to be `fraction` of the training mix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.screen import TEST_GUARD
-from pipeline.runs import PipelineError
+from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
 from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")
+GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"  # written for the project
+ANSWERS = "replay_answers.jsonl"  # the cache of generated answers, in the filter's folder
+
+Chat = list[dict[str, str]]
 
 
 def replay_wanted(fraction: float, task_examples: int) -> int:
@@ -26,7 +34,7 @@ def replay_wanted(fraction: float, task_examples: int) -> int:
     return round(task_examples * fraction / (1 - fraction)) if fraction > 0 else 0
 
 
-def read_replay_chats(config: ExperimentConfig) -> list[list[dict[str, str]]]:
+def read_replay_chats(config: ExperimentConfig) -> list[tuple[Chat, str | None]]:
     """The replay dataset's conversations; a missing file or column, or a row that is not a chat ending in an
     answer, is a one-line error naming the key."""
     replay = config.train.replay
@@ -55,8 +63,64 @@ def read_replay_chats(config: ExperimentConfig) -> list[list[dict[str, str]]]:
                 f"train.replay.dataset: row {number} of {source!r} is not a chat with a user turn that ends in an "
                 "assistant answer"
             )
-        chats.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        chats.append(([{"role": m["role"], "content": m["content"]} for m in messages], None))
     return chats
+
+
+def replay_input(config: ExperimentConfig) -> Path:
+    """The file replay rows come from (part of the filter's fingerprint): the prompts, or the dataset's file."""
+    replay = config.train.replay
+    if replay.source == "dataset":
+        return config.base_dir / (replay.dataset or "")
+    return config.base_dir / replay.prompts if replay.prompts else GENERAL_PROMPTS
+
+
+def answered_prompts(config: ExperimentConfig, folder: Path) -> list[tuple[Chat, str | None]]:
+    """The general prompts with answers from the untuned student ("self") or the teacher, greedy: read from the
+    cache when its key (model, engine, prompts, max_tokens, seed) matches, else generated and cached."""
+    from pipeline.config import SamplingConfig
+    from pipeline.engines import load_engine, model_for
+
+    replay = config.train.replay
+    prompts_file = replay_input(config)
+    if not prompts_file.is_file():
+        raise PipelineError(f"train.replay.prompts: file not found: {replay.prompts}")
+    prompts = [row["prompt"] for row in read_jsonl(prompts_file)]
+    model, engine = (
+        (config.student.model, config.benchmark.engine)
+        if replay.source == "self"
+        else (config.teacher.model, config.teacher.engine)
+    )
+    key = hashlib.sha256(
+        json.dumps([model, engine.model_dump(), prompts, replay.max_tokens, config.seed], sort_keys=True).encode()
+    ).hexdigest()
+    cache = folder / ANSWERS
+    rows = list(read_jsonl(cache)) if cache.is_file() else []
+    if not rows or rows[0].get("key") != key:
+        log(f"filter: replay: {model} answers {len(prompts)} general prompts ({replay.source})")
+        runner = load_engine(model_for(model, engine), engine, config.seed)
+        try:
+            conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+            sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=config.seed)
+            generations = runner.generate(conversations, sampling, progress=False)
+        finally:
+            runner.close()
+        rows = [
+            {
+                "key": key,
+                "prompt": prompt,
+                "answer": g.completions[0].text if g.completions else "",
+                "finish_reason": g.completions[0].finish_reason if g.completions else "error",
+            }
+            for prompt, g in zip(prompts, generations, strict=True)
+        ]
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as partial:
+            partial.write_text("".join(json_line(row) for row in rows))
+    return [
+        ([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}], r["finish_reason"])
+        for r in rows
+    ]
 
 
 def protected_for_replay(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
@@ -66,8 +130,11 @@ def protected_for_replay(config: ExperimentConfig, task: Task) -> list[tuple[str
     return [(ex.id, ex.user) for ex in task.split("test")] + [(f"probe:{q.id}", q.question) for q in load_probe()]
 
 
-def screened_replay(config: ExperimentConfig, task: Task, wanted: int) -> tuple[list[dict[str, Any]], dict, int]:
-    """Up to `wanted` replay rows in a seeded order, as training rows; the drops by filter; rows available."""
+def screened_replay(
+    config: ExperimentConfig, task: Task, wanted: int, folder: Path
+) -> tuple[list[dict[str, Any]], dict, int]:
+    """Up to `wanted` replay rows in a seeded order, as training rows; the drops by filter; rows available.
+    `folder`: where generated answers are cached (the filter stage's)."""
     settings = config.filter
     filters = DatasetFilters(
         settings.model_copy(
@@ -79,7 +146,10 @@ def screened_replay(config: ExperimentConfig, task: Task, wanted: int) -> tuple[
         ),
         protected_for_replay(config, task),
     )
-    chats = read_replay_chats(config)
+    if wanted == 0:
+        return [], {}, 0
+    source = config.train.replay.source
+    chats = read_replay_chats(config) if source == "dataset" else answered_prompts(config, folder)
     order = list(range(len(chats)))
     random.Random(config.seed).shuffle(order)
     kept: list[dict[str, Any]] = []
@@ -87,11 +157,13 @@ def screened_replay(config: ExperimentConfig, task: Task, wanted: int) -> tuple[
     for index in order:
         if len(kept) >= wanted:
             break
-        messages = chats[index]
+        messages, finish = chats[index]
         user = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         example = Example(f"replay-{index}", user, {}, "replay")
-        sample = Sample(example.id, 0, messages[-1]["content"])
+        sample = Sample(example.id, 0, messages[-1]["content"], finish)
         failed = ("empty", "no answer") if not sample.text.strip() else None
+        if failed is None and finish == "length":
+            failed = ("truncated", "cut at train.replay.max_tokens")
         if failed is None and filters.guard(example) is not None:
             failed = (TEST_GUARD, "a protected prompt")
         failed = failed or filters.check(example, sample)
@@ -105,6 +177,7 @@ def screened_replay(config: ExperimentConfig, task: Task, wanted: int) -> tuple[
                 "category": "replay",
                 "sample_index": 0,
                 "replay": True,
+                "replay_source": source,
             }
         )
     return kept, dropped, len(chats)

@@ -23,7 +23,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge
-from pipeline.filter.replay import replay_wanted, screened_replay
+from pipeline.filter.replay import replay_input, replay_wanted, screened_replay
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
 from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
 from pipeline.tasks import Example, Task, task_for
@@ -39,9 +39,9 @@ def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
         "teacher": config.teacher.model if "judge" in config.filter.active() else None,
         "replay": config.train.replay.model_dump(),
     }
-    replay_file = config.base_dir / (config.train.replay.dataset or "")
-    replay = [replay_file] if config.train.replay.fraction > 0 and replay_file.is_file() else []
-    return Stage(config, "filter", sections, inputs=[config.layout.teacher_outputs, *task.data_files(), *replay])
+    replay = [replay_input(config)] if config.train.replay.fraction > 0 else []
+    inputs = [config.layout.teacher_outputs, *task.data_files(), *(path for path in replay if path.is_file())]
+    return Stage(config, "filter", sections, inputs=inputs)
 
 
 def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
@@ -187,10 +187,11 @@ class DatasetWriter:
         validation measures the task)."""
         replay = self.config.train.replay
         wanted = replay_wanted(replay.fraction, self.tally.train)
-        rows, dropped, available = screened_replay(self.config, task, wanted)
+        rows, dropped, available = screened_replay(self.config, task, wanted, self.config.layout.stage_dir("filter"))
         for row in rows:
             self.train.write(json_line(row))
         self.tally.replay = {
+            "source": replay.source,
             "dataset": replay.dataset,
             "fraction": replay.fraction,
             "wanted": wanted,
@@ -199,7 +200,7 @@ class DatasetWriter:
             "dropped": dropped,
         }
         if len(rows) < wanted:
-            log(f"filter: replay kept {len(rows)} of the {wanted} wanted; {replay.dataset} has {available} chats")
+            log(f"filter: replay kept {len(rows)} of the {wanted} wanted, of {available} available ({replay.source})")
 
     def malformed(self, source: Path, number: int, problem: str) -> None:
         message = malformed_line_message(source, number, problem)
