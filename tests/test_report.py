@@ -259,3 +259,46 @@ def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):
     table = "\n".join(_break_even_section(numbers["break_even"]))
     assert "| teacher | $0.0200 | not computed: the teacher scores 0.0%: there was nothing to distill | - |" in table
     assert "| student_prompted | $0.0200 | not computed: the tuned student scores 0% | - |" in table
+
+
+def test_a_forgetting_verdict_names_the_levers_with_this_tasks_other_runs():
+    numbers = report(0.37, -0.38, 0.75)
+    assert "train gentler" in verdict(numbers)  # a report without a recipe (before it was recorded)
+    numbers["recipe"] = {"replay_fraction": 0.0, "learning_rate": 2e-3, "num_train_epochs": 3.0, "lora_r": 16}
+    numbers["other_runs"] = [
+        {
+            "run": "replay-20",
+            "recipe": {"replay_fraction": 0.2, "learning_rate": 2e-3, "lora_r": 16},
+            "tuned_accuracy": 0.36,
+            "probe_change": -0.01,
+            "leakage_change": 0.03,
+        }
+    ]
+    text = verdict(numbers)
+    assert (
+        "the levers: mix general chats in (train.replay.fraction, now 0), a lower train.learning_rate (now 0.002)"
+        in text
+    )
+    assert "a smaller train.lora.r (now 16)" in text
+    assert "This task's other runs: `replay-20` (replay 0.2, lr 0.002, r 16): probe -1.0%, leakage +3.0%" in text
+
+
+def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):
+    import json
+
+    from pipeline.benchmark.stage import other_runs_of_the_task
+    from pipeline.config import validate_config
+
+    raw = {"run_name": "now", "runs_dir": str(tmp_path), "task": {"name": "support"}}
+    config = validate_config({**raw, "teacher": {"model": "m"}, "student": {"model": "m"}})
+    tuned = {"student_tuned": {"accuracy": 0.4}}
+    recipe = {"replay_fraction": 0.2, "learning_rate": 1e-3, "lora_r": 8}
+    change = {"change": {"accuracy": -0.01, "leakage_rate": 0.02}}
+    for name, task, with_recipe in (("a", "support", True), ("b", "classification", True), ("c", "support", False)):
+        (tmp_path / name / "benchmark").mkdir(parents=True)
+        report = {"task": task, "systems": tuned, "forgetting": change, **({"recipe": recipe} if with_recipe else {})}
+        (tmp_path / name / "benchmark" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "now" / "benchmark").mkdir(parents=True)
+    (tmp_path / "now" / "benchmark" / "report.json").write_text(json.dumps({"task": "support", "recipe": recipe}))
+    found = other_runs_of_the_task(config)
+    assert [r["run"] for r in found] == ["a"] and found[0]["leakage_change"] == 0.02  # same task, not itself

@@ -84,6 +84,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         report = _report(config, hardware, systems, len(examples), results, forgetting, records)
         report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
         report["filter"] = _filter_summary(config)
+        report["recipe"] = recipe(config)
+        report["other_runs"] = other_runs_of_the_task(config)
 
         write_jsonl(layout.records, records)
         write_json(layout.report_json, report)
@@ -124,6 +126,46 @@ def _evaluate_offline(
         finally:
             engine.close()
     return results, forgetting, records
+
+
+def recipe(config: ExperimentConfig) -> dict[str, Any]:
+    """The training knobs that move forgetting, as this run set them: the verdict names them."""
+    train = config.train
+    return {
+        "replay_fraction": train.replay.fraction,
+        "replay_source": train.replay.source,
+        "learning_rate": train.learning_rate,
+        "lora_r": train.lora.r if train.method != "full" else None,
+        "num_train_epochs": train.num_train_epochs,
+    }
+
+
+def other_runs_of_the_task(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Forgetting measured by the other finished runs of this task in the same runs folder, with their recipes:
+    the figures behind "which knob moves it", when there are any."""
+    found = []
+    for path in sorted(config.run_dir.parent.glob("*/benchmark/report.json")):
+        run = path.parent.parent
+        if run == config.run_dir:
+            continue
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        change = other.get("forgetting", {}).get("change")
+        if other.get("task") != config.task.name or not change or "recipe" not in other:
+            continue
+        tuned = other["systems"][names.STUDENT_TUNED]
+        found.append(
+            {
+                "run": run.name,
+                "recipe": other["recipe"],
+                "tuned_accuracy": tuned["accuracy"],
+                "probe_change": change.get("accuracy"),
+                "leakage_change": change.get("leakage_rate"),
+            }
+        )
+    return found
 
 
 def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:

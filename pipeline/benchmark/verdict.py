@@ -197,8 +197,7 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     if forgot:
         return (
             "Verdict: not worth it as trained — the task gain came with a regression on base capabilities "
-            f"({_regression_rule(rules)}); train gentler (lower learning rate, fewer epochs, smaller rank) or mix "
-            "general data in."
+            f"({_regression_rule(rules)}); " + _levers(report)
         )
     if facts.versus_prompted == "tie":
         vs_prompted = (facts.even or {}).get("vs_prompted")
@@ -214,6 +213,30 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     if facts.kept >= rules.min_kept_of_teacher and facts.latency_ratio < 1 and facts.cost_ratio < 1:
         return "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
     return "Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it."
+
+
+def _levers(report: dict[str, Any]) -> str:
+    """The knobs that move forgetting, as this run set them, and what this task's other runs measured."""
+    recipe = report.get("recipe")
+    if not recipe:
+        return "train gentler (lower learning rate, fewer epochs, smaller rank) or mix general data in."
+    knobs = [f"mix general chats in (train.replay.fraction, now {recipe['replay_fraction']:g})"]
+    knobs.append(f"a lower train.learning_rate (now {recipe['learning_rate']:g})")
+    knobs.append(f"fewer train.num_train_epochs (now {recipe['num_train_epochs']:g})")
+    if recipe.get("lora_r"):
+        knobs.append(f"a smaller train.lora.r (now {recipe['lora_r']})")
+    text = "the levers: " + ", ".join(knobs) + "."
+    runs = [r for r in report.get("other_runs", []) if r.get("probe_change") is not None]
+    if runs:
+        said = [
+            f"`{r['run']}` (replay {r['recipe']['replay_fraction']:g}, lr {r['recipe']['learning_rate']:g}"
+            + (f", r {r['recipe']['lora_r']}" if r["recipe"].get("lora_r") else "")
+            + f"): probe {r['probe_change']:+.1%}, leakage {r['leakage_change']:+.1%}, "
+            f"accuracy {r['tuned_accuracy']:.1%}"
+            for r in runs
+        ]
+        text += " This task's other runs: " + "; ".join(said) + "."
+    return text
 
 
 def _regression_rule(rules: VerdictConfig) -> str:
