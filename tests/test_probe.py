@@ -127,12 +127,13 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
     from pipeline.config import load_config
     from pipeline.filter.filters import NgramIndex
-    from pipeline.filter.replay import GENERAL_PROMPTS, protected_for_replay
+    from pipeline.filter.replay import GENERAL_PROMPTS
+    from pipeline.filter.screen import protected_prompts
     from pipeline.runs import read_jsonl
     from pipeline.tasks import task_for
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2_support.yaml")
-    protected = protected_for_replay(config, task_for(config))
+    protected = protected_prompts(config, task_for(config), probe=True)
     index = NgramIndex(protected, 13)
     prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
     assert len(prompts) == len(set(prompts)) >= 150

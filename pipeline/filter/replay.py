@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.filter.filters import DatasetFilters, Sample
-from pipeline.filter.screen import TEST_GUARD
+from pipeline.filter.screen import TEST_GUARD, protected_prompts
 from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
 from pipeline.tasks import Example, Task
 
@@ -123,13 +123,6 @@ def answered_prompts(config: ExperimentConfig, folder: Path) -> list[tuple[Chat,
     ]
 
 
-def protected_for_replay(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
-    """What no replay question may be: the benchmark's test prompts and the probe's questions."""
-    from pipeline.benchmark.probe import load_probe
-
-    return [(ex.id, ex.user) for ex in task.split("test")] + [(f"probe:{q.id}", q.question) for q in load_probe()]
-
-
 def screened_replay(
     config: ExperimentConfig, task: Task, wanted: int, folder: Path
 ) -> tuple[list[dict[str, Any]], dict, int]:
@@ -144,7 +137,7 @@ def screened_replay(
                 "decontaminate": settings.decontaminate.model_copy(update={"enabled": True, "probe": True}),
             }
         ),
-        protected_for_replay(config, task),
+        protected_prompts(config, task, probe=True),
     )
     if wanted == 0:
         return [], {}, 0

@@ -51,10 +51,11 @@ def token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def protected_prompts(config: ExperimentConfig, task: Task) -> list[tuple[str, str]]:
-    """(source, text) of every prompt training must not see: the benchmark test split and the probe."""
+def protected_prompts(config: ExperimentConfig, task: Task, probe: bool = False) -> list[tuple[str, str]]:
+    """(source, text) of every prompt training must not see: the benchmark test split and the probe (when the
+    config protects it, or always with `probe`: replay's general chats are where probe-like questions live)."""
     protected = [(ex.id, ex.user) for ex in task.split("test")]
-    if config.filter.decontaminate.probe and config.benchmark.probe:
+    if probe or (config.filter.decontaminate.probe and config.benchmark.probe):
         from pipeline.benchmark.probe import load_probe
 
         protected += [(f"probe:{q.id}", q.question) for q in load_probe()]
