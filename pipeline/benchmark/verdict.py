@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import names
+from pipeline.benchmark.costs import why_no_break_even
 from pipeline.config import VerdictConfig
 from pipeline.names import latency_key
 
@@ -76,9 +77,15 @@ class _Facts:
         self.p_prompted = self.tests.get(names.STUDENT_PROMPTED, {}).get("p_value")
         self.versus_prompted = None
         self.prompted_cost_ratio = float("nan")
+        self.saving_over_prompting_means_nothing: str | None = None
         if self.prompted:
             self.versus_prompted = _against_prompted(self.tuned, self.prompted, self.p_prompted, rules.significance)
             self.prompted_cost_ratio = cost(self.tuned) / cost(self.prompted)
+            # The same judgement as the break-even's: a cost ratio is a saving only where the tuned student
+            # answers at least as well, above zero, after a teacher that had something to teach.
+            self.saving_over_prompting_means_nothing = why_no_break_even(
+                systems, names.STUDENT_PROMPTED, rules, self.p_prompted
+            )
         self.change = report.get("forgetting", {}).get("change")
         self.even = report.get("break_even")
 
@@ -99,8 +106,7 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
         f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher['accuracy']:.1%}, {keeps}."
     )
     if facts.prompted:
-        # A cost ratio is a saving only where the tuned student answers at least as well (costs.why_no_break_even).
-        comparable = facts.versus_prompted != "worse" and facts.tuned["accuracy"] > 0 and not facts.teacher_fails
+        comparable = facts.saving_over_prompting_means_nothing is None
         parts.append(
             f"Prompting the untuned student with the teacher's full prompt instead scores "
             f"{facts.prompted['accuracy']:.1%}"
