@@ -515,6 +515,28 @@ class VerdictConfig(_Strict):
     significance: float = Field(0.05, gt=0, lt=1)  # a paired McNemar p-value below this is a real difference
 
 
+class BenchmarkJudgeConfig(_Strict):
+    """A judge model at benchmark time (pipeline/benchmark/judge.py), for tasks whose answers no rule can score
+    (`task.name: chat`). It grades every system's answers 1-10 against the rubric (a grade at or above
+    `pass_threshold` passes: the system's accuracy is then its pass rate), and compares each system's answer
+    with the teacher's on the same prompt, in both orders (a verdict that flips with the order is a tie, counted
+    as position bias)."""
+
+    enabled: bool | None = None  # None: on for open-ended tasks (Task.open_ended), off for tasks with a scorer
+    # "teacher" (default), "student", or any model folder / HF id; with engine.backend openai, the served name.
+    model: str = names.TEACHER_MODEL
+    # None: teacher.engine when the judge is the teacher, else benchmark.engine. A hosted judge: backend openai.
+    engine: EngineConfig | None = None
+    rubric: str | None = None  # None: the task's rubric (task.params.rubric), else a generic one
+    pass_threshold: int = Field(7, ge=1, le=10)
+    pairwise: bool = True  # each system against the teacher, both orders
+    # The judge answers through constrained decoding to the grades 1-10 / A, B, tie (vLLM, transformers, `vllm
+    # serve`). Set false for a hosted API that does not take vLLM's structured outputs: replies are then read
+    # strictly and the unreadable ones counted.
+    constrained: bool = True
+    max_tokens: int = Field(8, gt=0)  # of a judge's reply; constrained replies need 1-3
+
+
 class BenchmarkConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -550,6 +572,7 @@ class BenchmarkConfig(_Strict):
     probe_max_tokens: int = Field(32, gt=0)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
+    judge: BenchmarkJudgeConfig = Field(default_factory=BenchmarkJudgeConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkConfig:

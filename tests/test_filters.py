@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError, FilterConfig, validate_config
 from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample, SampleFilters, vote
-from pipeline.filter.judge import parse_judge_score
+from pipeline.judging import parse_grade
 from pipeline.tasks.base import Example
 from tests.plugin_task import ParityParams, ParityTask
 
@@ -178,10 +178,10 @@ def test_decontamination_of_short_protected_prompts():
 
 
 def test_judge_score_parsing():
-    assert parse_judge_score("8") == 8
-    assert parse_judge_score("Score: 10/10") == 10
-    assert parse_judge_score("I would say 7.") == 7
-    assert parse_judge_score("great reply") is None
+    assert parse_grade("8") == 8
+    assert parse_grade("Score: 10/10") == 10
+    assert parse_grade("I would say 7.") == 7
+    assert parse_grade("great reply") is None
 
 
 def test_ngram_index_matches_at_any_position_and_single_words():

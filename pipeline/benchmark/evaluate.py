@@ -88,20 +88,11 @@ def _system_metrics(
     n = len(task_records)
     output_tokens = sum(r["output_tokens"] for r in task_records)
     tokens_per_s = output_tokens / wall
-    rule_names = sorted({rule for r in task_records for rule in r["rules"]})
-    correct = sum(r["correct"] for r in task_records)
     return {
         "model": system.model,
         "serving": "base + unmerged LoRA adapter" if system.adapter else "weights",
         "prompt_style": system.prompt_style,
-        "n": n,
-        "accuracy": correct / n,
-        "accuracy_ci95": wilson_interval(correct, n),
-        "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / n for rule in rule_names},
-        "rule_accuracy_ci95": {
-            rule: wilson_interval(sum(r["rules"][rule] for r in task_records), n) for rule in rule_names
-        },
-        **failure_and_category_metrics(task_records),
+        **accuracy_metrics(task_records),
         "latency_p50_s": percentile(latencies["latency"], 50),
         "latency_p95_s": percentile(latencies["latency"], 95),
         "latency_cold_p50_s": percentile(latencies["latency_cold"], 50),
@@ -116,6 +107,24 @@ def _system_metrics(
         },
         "mean_prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in task_records),
         "mean_output_tokens": output_tokens / n,
+    }
+
+
+def accuracy_metrics(task_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy with its interval, per rule, per category and per failure mode, from a system's task records
+    (recomputed after the judge has marked each answer pass or fail, for open-ended tasks)."""
+    n = len(task_records)
+    rule_names = sorted({rule for r in task_records for rule in r["rules"]})
+    correct = sum(r["correct"] for r in task_records)
+    return {
+        "n": n,
+        "accuracy": correct / n,
+        "accuracy_ci95": wilson_interval(correct, n),
+        "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / n for rule in rule_names},
+        "rule_accuracy_ci95": {
+            rule: wilson_interval(sum(r["rules"][rule] for r in task_records), n) for rule in rule_names
+        },
+        **failure_and_category_metrics(task_records),
     }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import names
-from pipeline.benchmark.verdict import cost, latency_p50, lowest_load_level, verdict
+from pipeline.benchmark.verdict import cost, judge_reliability_sentence, latency_p50, lowest_load_level, verdict
 from pipeline.config import VerdictConfig
 from pipeline.layout import RunLayout, read_manifest
 from pipeline.names import LATENCY_PERCENTILES, latency_key
@@ -234,10 +234,50 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         *_table(report),
         "",
     ]
+    lines += _judge_section(report.get("judge"))
     lines += _break_even_section(report.get("break_even")) + _forgetting_section(report.get("forgetting", {}))
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     write_text(path, "\n".join(lines) + "\n")
     return [path, *plots]
+
+
+def _judge_section(judge: dict[str, Any] | None) -> list[str]:
+    """The judge's grades and pairwise results per system, and how far the judge can be trusted."""
+    if not judge:
+        return []
+    lines = [
+        "## Judge",
+        "",
+        f"Every answer graded 1-10 by `{judge['model']}` ({judge['backend']}"
+        + (", constrained to the grades" if judge.get("constrained") else "")
+        + f') against the rubric: "{judge["rubric"]}". A grade of {judge["pass_threshold"]} or more passes, and '
+        "a system's accuracy above is its pass rate. Against the teacher, each pair of answers was judged in both "
+        "orders: a win or loss needs both orders to agree, a disagreement is a tie. The length-controlled win rate "
+        "is a logistic regression of the outcome on the difference in words, read at equal length.",
+        "",
+        "| system | pass rate [95% CI] | mean grade | unreadable grades | vs teacher win / tie / loss "
+        "| win + tie [95% CI] | win rate | length-controlled | mean words | ROUGE-L | chrF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in judge["systems"].items():
+        versus = m.get("vs_teacher")
+        grade = f"{m['grade_mean']:.2f}" if m["grade_mean"] is not None else "-"
+        if versus and versus["n"]:
+            pairwise = (
+                f"{versus['win']} / {versus['tie']} / {versus['loss']}"
+                + (f" ({versus['unparsed']} unreadable)" if versus["unparsed"] else "")
+                + f" | {versus['win_or_tie_rate']:.2f}{_ci(versus['win_or_tie_ci95'])} | {versus['win_rate']:.2f} "
+                f"| {versus['length_controlled_win_rate']:.2f}"
+            )
+        else:
+            pairwise = "- | - | - | -"
+        reference = m.get("reference")
+        metrics = f"{reference['rouge_l']:.3f} | {reference['chrf']:.1f}" if reference else "- | -"
+        lines.append(
+            f"| {name} | {m['pass_rate']:.2f}{_ci(m['pass_rate_ci95'])} | {grade} | {m['grades_unparsed']} "
+            f"| {pairwise} | {m['mean_words']:.1f} | {metrics} |"
+        )
+    return [*lines, "", judge_reliability_sentence(judge), ""]
 
 
 def _break_even_section(even: dict[str, Any] | None) -> list[str]:

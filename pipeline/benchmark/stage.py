@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import names
 from pipeline.benchmark.costs import Hardware, add_costs, break_even, resolve_hardware
 from pipeline.benchmark.evaluate import (
+    accuracy_metrics,
     check_adapter_applied,
     check_no_test_leak,
     comparisons,
@@ -26,6 +27,7 @@ from pipeline.benchmark.evaluate import (
     run_probe,
     task_sampling,
 )
+from pipeline.benchmark.judge import judge_enabled, run_judge
 from pipeline.benchmark.probe import run_lm_eval
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.roofline import add_roofline_shares
@@ -69,6 +71,14 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
 
         results, forgetting, records = _evaluate_offline(config, systems, task, examples)
         check_adapter_applied(records)
+        judged = None
+        if judge_enabled(config, task):  # every answer graded; accuracy becomes the judge's pass rate
+            judged, judge_records = run_judge(config, task, examples, records)
+            records += judge_records
+            for name in results:
+                results[name].update(
+                    accuracy_metrics([r for r in records if r["kind"] == "task" and r["system"] == name])
+                )
         if config.benchmark.lm_eval.tasks:
             both = (names.STUDENT_BASE, names.STUDENT_TUNED)
             students = {s.name: (s.model, s.adapter) for s in systems if s.name in both}
@@ -83,6 +93,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         add_roofline_shares(hardware, config, systems, results)
         report = _report(config, hardware, systems, len(examples), results, forgetting, records)
         report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
+        report["judge"] = judged  # None: the task's own scorer decided every answer
         report["filter"] = _filter_summary(config)
         report["recipe"] = recipe(config)
         report["other_runs"] = other_runs_of_the_task(config)

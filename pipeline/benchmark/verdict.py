@@ -88,6 +88,11 @@ class _Facts:
             )
         self.change = report.get("forgetting", {}).get("change")
         self.even = report.get("break_even")
+        # Open-ended tasks: the judge's pairwise comparison with the teacher says "near the teacher" instead of
+        # a share of its pass rate: as good when the win + tie share's interval reaches 50%.
+        judged = (report.get("judge") or {}).get("systems", {}).get(names.STUDENT_TUNED, {})
+        self.versus_teacher = judged.get("vs_teacher") if judged.get("vs_teacher", {}).get("n") else None
+        self.as_good_as_teacher = self.versus_teacher["win_or_tie_ci95"][1] >= 0.5 if self.versus_teacher else None
 
 
 def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
@@ -124,6 +129,8 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
             f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the "
             "teacher's."
         )
+    if facts.versus_teacher:
+        parts.append(_judged_against_teacher(report["judge"], facts))
     failing = _where_it_fails(report)
     if failing:
         parts.append(failing)
@@ -136,6 +143,58 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
     if facts.even:
         parts.append(_spent(facts.even))
     return parts
+
+
+def _judged_against_teacher(judge: dict[str, Any], facts: _Facts) -> str:
+    """The open-ended verdict's sentences: the tuned student against the teacher, pairwise, and the judge's trust."""
+    v = facts.versus_teacher
+    low, high = v["win_or_tie_ci95"]
+    standing = (
+        "as good as the teacher by this judge (the interval reaches 50%)"
+        if facts.as_good_as_teacher
+        else "below the teacher by this judge (the interval stays under 50%)"
+    )
+    return (
+        f"Judged pairwise against the teacher by `{judge['model']}`, each pair in both orders, the tuned student "
+        f"wins {v['win']}, ties {v['tie']} and loses {v['loss']} of {v['n']} (win + tie {v['win_or_tie_rate']:.0%}, "
+        f"95% CI {low:.0%}-{high:.0%}): {standing}; at equal length its win rate would be "
+        f"{v['length_controlled_win_rate']:.0%} against {v['win_rate']:.0%} as measured (its answers average "
+        f"{v['mean_words']:.0f} words, the teacher's {v['teacher_mean_words']:.0f}). "
+        + judge_reliability_sentence(judge)
+    )
+
+
+def judge_reliability_sentence(judge: dict[str, Any]) -> str:
+    """How far the judge can be trusted, in one sentence from report.json's `judge.reliability`."""
+    r = judge["reliability"]
+    said = []
+    if r["pairs"]:
+        bias = r["position_bias_rate"]
+        said.append(
+            f"its choice followed the order the answers were shown in for {r['position_biased']} of "
+            f"{r['pairs'] - r['pairs_unparsed']} pairs" + (f" ({bias:.0%}, position bias)" if bias is not None else "")
+        )
+    said.append(
+        f"{r['grades_unparsed']} of {r['grades']} grades and {r['pairs_unparsed']} of {r['pairs']} pairwise "
+        "replies were unreadable"
+    )
+    if r.get("teacher_grade_mean") is not None:
+        said.append(
+            f"it grades the teacher's own answers {r['teacher_grade_mean']:.1f} of 10 on average "
+            f"(pass rate {r['teacher_pass_rate']:.0%})"
+        )
+    agreement = r.get("reference_agreement")
+    if agreement:
+        said.append(
+            "where references exist, its pairwise choice agrees with "
+            + " and ".join(
+                f"{metric.replace('_', '-').upper() if metric == 'rouge_l' else 'chrF'}'s ordering in "
+                + (f"{a['agreement']:.0%} of {a['n']} pairs" if a["n"] else "no pairs")
+                for metric, a in agreement.items()
+            )
+            + " (50% is chance)"
+        )
+    return "How far to trust the judge: " + "; ".join(said) + "."
 
 
 def _spent(even: dict[str, Any]) -> str:
@@ -216,8 +275,14 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
                 else "."
             )
         )
-    if facts.kept >= rules.min_kept_of_teacher and facts.latency_ratio < 1 and facts.cost_ratio < 1:
-        return "Verdict: worth it — the tuned student does the task near the teacher's level, faster and cheaper."
+    near_teacher = (
+        facts.as_good_as_teacher if facts.as_good_as_teacher is not None else facts.kept >= rules.min_kept_of_teacher
+    )
+    if near_teacher and facts.latency_ratio < 1 and facts.cost_ratio < 1:
+        judged = " (as the judge sees it: weigh its reliability above)" if facts.as_good_as_teacher is not None else ""
+        return (
+            f"Verdict: worth it — the tuned student does the task near the teacher's level{judged}, faster and cheaper."
+        )
     return "Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it."
 
 

@@ -18,6 +18,7 @@ TASKS = {
     "support": "pipeline.tasks.support:SupportTask",
     "classification": "pipeline.tasks.classification:ClassificationTask",
     "exact_answer": "pipeline.tasks.exact_answer:ExactAnswerTask",
+    "chat": "pipeline.tasks.chat:ChatTask",
 }
 
 

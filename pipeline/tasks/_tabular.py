@@ -32,8 +32,9 @@ def resolve(base_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
-def read_rows(base_dir: Path, key: str, value: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a CSV or JSONL file (by extension); errors name the config key, the file and the column."""
+def read_records(base_dir: Path, key: str, value: str) -> list[dict[str, Any]]:
+    """The rows of a CSV or JSONL file (by extension) as read, JSON values kept; errors name the config key, the
+    file and the line."""
     path = resolve(base_dir, value)
     where = f"task.params.{key}"
     if not path.is_file():
@@ -59,13 +60,26 @@ def read_rows(base_dir: Path, key: str, value: str, columns: tuple[str, ...]) ->
         raise TaskError(f"{where}: {value}: expected a .csv or .jsonl file")
     if not rows:
         raise TaskError(f"{where}: {value} has no rows")
+    return rows
+
+
+def require_text(key: str, value: str, number: int, row: dict[str, Any], column: str) -> str:
+    """Row `number`'s `column` as non-empty text, else a TaskError naming the row, the column and those there are."""
+    where = f"task.params.{key}"
+    if column not in row:
+        available = ", ".join(repr(str(c)) for c in row)
+        raise TaskError(f"{where}: {value} row {number} has no column {column!r} (columns: {available})")
+    if row[column] is None or not str(row[column]).strip():
+        raise TaskError(f"{where}: {value} row {number}: column {column!r} is empty")
+    return str(row[column])
+
+
+def read_rows(base_dir: Path, key: str, value: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a CSV or JSONL file, every value as text, each of `columns` present and non-empty."""
+    rows = read_records(base_dir, key, value)
     for number, row in enumerate(rows, 1):
         for column in columns:
-            if column not in row:
-                available = ", ".join(repr(str(c)) for c in row)
-                raise TaskError(f"{where}: {value} row {number} has no column {column!r} (columns: {available})")
-            if row[column] is None or not str(row[column]).strip():
-                raise TaskError(f"{where}: {value} row {number}: column {column!r} is empty")
+            require_text(key, value, number, row, column)
     return [{str(k): "" if v is None else str(v) for k, v in row.items()} for row in rows]
 
 
@@ -113,16 +127,17 @@ class TabularTask(Task):
         target = row[self.target_column].strip()
         return Example(example_id, row[self.input_column].strip(), {"target": target}, self.category(target))
 
+    def read_examples(self, key: str, value: str, id_prefix: str) -> list[Example]:
+        """The examples of one data file (`task.params.<key>` = `value`), ids `<id_prefix>-<row index>`."""
+        rows = read_rows(self.base_dir, key, value, (self.input_column, self.target_column))
+        return [self._example(f"{id_prefix}-{i}", row) for i, row in enumerate(rows)]
+
     def _load(self) -> tuple[list[Example], list[Example]]:
         params = self.params
-        columns = (self.input_column, self.target_column)
-        rows = read_rows(self.base_dir, "path", params.path, columns)
-        stem = Path(params.path).stem
-        examples = [self._example(f"{stem}-{i}", row) for i, row in enumerate(rows)]
+        examples = self.read_examples("path", params.path, Path(params.path).stem)
         if params.test_path:
-            test_rows = read_rows(self.base_dir, "test_path", params.test_path, columns)
-            test_stem = Path(params.test_path).stem
-            train, test = examples, [self._example(f"{test_stem}-test-{i}", row) for i, row in enumerate(test_rows)]
+            test_prefix = f"{Path(params.test_path).stem}-test"
+            train, test = examples, self.read_examples("test_path", params.test_path, test_prefix)
         else:
             order = list(range(len(examples)))
             random.Random(self.seed).shuffle(order)

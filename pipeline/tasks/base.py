@@ -48,6 +48,9 @@ class Task(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[TaskParams]] = TaskParams
     prompt_styles: ClassVar[tuple[str, ...]] = ("short", "full")
+    # An open-ended task's `score` checks only the form of an answer (it is not empty): whether it is good is
+    # for a judge model to say, and the benchmark's judge (`benchmark.judge`) runs for it by default.
+    open_ended: ClassVar[bool] = False
 
     def __init__(self, params: TaskParams, seed: int, base_dir: Path) -> None:
         self.params = params
@@ -86,6 +89,10 @@ class Task(ABC):
         """The closed set every answer must be one of (a label task's labels), for constrained decoding; None:
         free text. The teacher is constrained to it at generate time, every system at benchmark time when
         `benchmark.constrained` is set."""
+        return None
+
+    def rubric(self) -> str | None:
+        """What a good answer is, in words, for a judge model to grade against; None: the judge's generic one."""
         return None
 
     def vote_key(self, completion: str) -> str:

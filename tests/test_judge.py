@@ -1,0 +1,239 @@
+"""Open-ended tasks and the benchmark's judge: the chat task's two file shapes and its errors, the strict
+readers of a judge's replies, order swapping and position bias, and the report's rates recomputed from records.
+
+The judge in the stage tests is a real OpenAI-compatible HTTP server on localhost, standing in for a hosted
+judge model (none can run here): the pipeline's own engine talks to it over HTTP as it would to a real one."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.benchmark.judge import length_controlled_win_rate, pair_outcome, summarize_pairs
+from pipeline.benchmark.stats import wilson_interval
+from pipeline.cli import run_pipeline
+from pipeline.config import validate_config
+from pipeline.judging import parse_grade, parse_preference
+from pipeline.runs import read_jsonl
+from pipeline.tasks import TaskError, build_task
+from tests.conftest import tiny_config
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat_task(tmp_path, rows, **params):
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    return build_task("chat", {"path": "prompts.jsonl", **params}, seed=0, base_dir=tmp_path)
+
+
+def test_chat_task_reads_messages_rows_and_named_columns(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "Say hi."}]},
+        {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Say bye."}]},
+        {"messages": [{"role": "user", "content": "Greet Ann."}, {"role": "assistant", "content": "Hello, Ann!"}]},
+        {"question": "Thank Bo.", "answer": "Thanks, Bo."},
+        {"question": "Thank Cy.", "answer": ""},
+    ]
+    task = chat_task(tmp_path, rows, test_fraction=0, prompt_column="question", reference_column="answer")
+    examples = task.split("train")
+    assert [e.user for e in examples] == ["Say hi.", "Say bye.", "Greet Ann.", "Thank Bo.", "Thank Cy."]
+    assert [e.reference["target"] for e in examples] == [None, None, "Hello, Ann!", "Thanks, Bo.", None]
+    assert task.messages(examples[1], "short")[0]["content"] == "Be terse."  # the row's own system turn
+    full = task.messages(examples[0], "full")[0]["content"]
+    assert task.params.rubric in full and "Hello, Ann!" in full  # rubric and a referenced few-shot example
+    assert task.open_ended and task.score("  ", examples[0]) == {"answered": False}
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": "hi"}, "row 2: column 'messages': expected a non-empty list"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            r"row 2: column 'messages': roles \['user', 'user'\]",
+        ),
+        ({"messages": [{"role": "user", "content": " "}]}, "row 2: column 'messages': the user turn is empty"),
+        ({"messages": [{"role": "user"}]}, "row 2: column 'messages': turn 0 is not a"),
+        ({"text": "no prompt"}, "row 2 has no column 'prompt'"),
+        ({"prompt": ""}, "row 2: column 'prompt' is empty"),
+    ],
+)
+def test_chat_task_rejects_a_bad_row_naming_the_row_and_column(tmp_path, row, message):
+    task = chat_task(tmp_path, [{"prompt": "fine"}, row])
+    with pytest.raises(TaskError, match=f"^task.params.path: prompts.jsonl {message}"):
+        task.split("train")
+
+
+def test_grade_and_preference_readers_are_strict():
+    for reply, grade in [("8", 8), (" 10 ", 10), ("Score: 7", 7), ("7/10", 7), ("I would say 3.", 3), ("1", 1)]:
+        assert parse_grade(reply) == grade, reply
+    for reply in ["", "great", "7 or 8", "11", "0", "between 6 and 7", "8.5", "-3"]:
+        assert parse_grade(reply) is None, reply
+    for reply, choice in [("A", "A"), ("b", "B"), ("[[A]]", "A"), ("Tie.", "tie"), (" B ", "B")]:
+        assert parse_preference(reply) == choice, reply
+    for reply in ["", "AB", "Both", "A is better", "neither", "C"]:
+        assert parse_preference(reply) is None, reply
+
+
+def test_a_verdict_that_flips_with_the_order_is_a_tie_and_position_bias():
+    assert pair_outcome("A", "B") == ("win", False)  # the system's answer chosen in both orders
+    assert pair_outcome("B", "A") == ("loss", False)
+    assert pair_outcome("A", "A") == ("tie", True)  # the first slot both times: position, not quality
+    assert pair_outcome("B", "B") == ("tie", True)
+    assert pair_outcome("tie", "tie") == ("tie", False)
+    assert pair_outcome("A", "tie") == ("tie", False)
+    assert pair_outcome(None, "A") == ("unparsed", False)
+
+
+def test_length_controlled_win_rate_discounts_wins_bought_by_length():
+    # Every win came with a longer answer, every loss with a shorter one, plus a few even-length coin flips:
+    # at equal length the system is no better than the teacher.
+    outcomes = ["win"] * 8 + ["loss"] * 8 + ["win", "loss", "win", "loss"]
+    diffs = [30] * 8 + [-30] * 8 + [0, 0, 0, 0]
+    assert length_controlled_win_rate(outcomes, diffs) == pytest.approx(0.5, abs=0.02)
+    lopsided = ["win"] * 12 + ["loss"] * 4
+    assert length_controlled_win_rate(lopsided, [5, -5] * 8) == pytest.approx(0.75, abs=0.05)
+    assert length_controlled_win_rate(["tie", "win"], [0, 0]) == 0.75  # no spread: the plain rate, ties half
+    assert length_controlled_win_rate([], []) is None
+
+
+class JudgeHandler(BaseHTTPRequestHandler):
+    """A judge model behind an OpenAI-compatible endpoint. `prefer_first`: it always answers "A" when comparing
+    (the position-biased judge) and grades 8; otherwise it prefers the longer reply and grades by length, with
+    an unreadable grade for every reply of a length divisible by 5."""
+
+    prefer_first = True
+    requests: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # /models: the engine checks the served name
+        data = json.dumps({"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "test"}]})
+        self._send(data.encode())
+
+    def _send(self, data: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
+        if "compare two" in system:
+            first = user.split("Reply A:\n", 1)[1].split("\n\nReply B:\n", 1)[0]
+            second = user.split("\n\nReply B:\n", 1)[1].rsplit("\n\nWhich reply", 1)[0]
+            answer = "A" if self.prefer_first or len(first) >= len(second) else "B"
+        else:
+            reply = user.split("\n\nReply:\n", 1)[1].rsplit("\n\nScore", 1)[0]
+            answer = "8" if self.prefer_first else ("fine" if len(reply) % 5 == 0 else str(1 + len(reply) % 10))
+        data = json.dumps(
+            {
+                "id": "j",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "judge",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 50, "completion_tokens": 1, "total_tokens": 51},
+            }
+        ).encode()
+        self._send(data)
+
+
+class JudgeServer(ThreadingHTTPServer):
+    request_queue_size = 128  # the engine opens up to 16 connections at once; the default backlog is 5
+    daemon_threads = True
+
+
+@pytest.fixture
+def judge_server():
+    servers = []
+
+    def start(prefer_first: bool):
+        handler = type("Handler", (JudgeHandler,), {"prefer_first": prefer_first, "requests": []})
+        server = JudgeServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/v1", handler
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def chat_config(tmp_path, tiny_model, url):
+    rows = [{"messages": [{"role": "user", "content": f"Write a note number {i}."}]} for i in range(16)]
+    rows += [{"prompt": f"Thank person {i}.", "reference": f"Thank you, person {i}."} for i in range(8)]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    judge = {
+        "model": "judge",
+        "engine": {"backend": "openai", "server": {"base_url": url, "api_key_env": None, "max_retries": 0}},
+        "constrained": False,  # a hosted judge takes no vLLM structured outputs: its replies are read strictly
+    }
+    raw = tiny_config(tmp_path, tiny_model, **{"benchmark.judge": judge})
+    raw["task"] = {"name": "chat", "params": {"path": str(tmp_path / "chat.jsonl"), "test_fraction": 0.25}}
+    return validate_config(raw)
+
+
+@pytest.mark.integration
+def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(tmp_path, tiny_model, judge_server):
+    url, handler = judge_server(prefer_first=True)
+    config = chat_config(tmp_path, tiny_model, url)
+    run_pipeline(config)
+    report = json.loads(config.layout.report_json.read_text())
+    judge, n = report["judge"], report["test_examples"]
+    tuned = judge["systems"]["student_tuned"]["vs_teacher"]
+    assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n)
+    assert judge["reliability"]["position_bias_rate"] == 1.0 and judge["reliability"]["pairs"] == 3 * n
+    pairs = [r for r in read_jsonl(config.layout.records) if r["kind"] == "judge_pair"]
+    assert len(pairs) == 3 * n and len(handler.requests) == 4 * n + 2 * 3 * n  # grades, then both orders
+    for pair in pairs:  # the same two answers, shown in both orders
+        first, second = (pair["requests"][order][1]["content"] for order in ("system_first", "teacher_first"))
+        a1, b1 = first.split("Reply A:\n")[1].split("\n\nReply B:\n")
+        a2, b2 = second.split("Reply A:\n")[1].split("\n\nReply B:\n")
+        assert (a1, b1.split("\n\nWhich")[0]) == (b2.split("\n\nWhich")[0], a2)
+    assert report["systems"]["teacher"]["accuracy"] == 1.0  # every answer graded 8: all pass
+    markdown = config.layout.report_md.read_text()
+    assert "## Judge" in markdown and f"followed the order the answers were shown in for {3 * n} of {3 * n}" in markdown
+    assert "Judged pairwise against the teacher" in markdown
+
+
+@pytest.mark.integration
+def test_judge_rates_and_intervals_recompute_from_the_records(tmp_path, tiny_model, judge_server):
+    url, _ = judge_server(prefer_first=False)
+    config = chat_config(tmp_path, tiny_model, url)
+    run_pipeline(config)
+    report = json.loads(config.layout.report_json.read_text())
+    records = list(read_jsonl(config.layout.records))
+    threshold = config.benchmark.judge.pass_threshold
+    for name, row in report["judge"]["systems"].items():
+        grades = [r["grade"] for r in records if r["kind"] == "judge_grade" and r["system"] == name]
+        assert grades == [
+            parse_grade(r["reply"]) for r in records if r["kind"] == "judge_grade" and r["system"] == name
+        ]
+        passed = sum(g is not None and g >= threshold for g in grades)
+        assert row["grades_unparsed"] == grades.count(None)
+        assert row["pass_rate"] == passed / len(grades) == report["systems"][name]["accuracy"]
+        assert row["pass_rate_ci95"] == wilson_interval(passed, len(grades))
+        pairs = [r for r in records if r["kind"] == "judge_pair" and r["system"] == name]
+        if name == "teacher":
+            assert not pairs and "vs_teacher" not in row
+            continue
+        for pair in pairs:  # each outcome follows from the two replies as read
+            read = [parse_preference(pair["replies"][order]) for order in ("system_first", "teacher_first")]
+            assert (pair["outcome"], pair["position_biased"]) == pair_outcome(*read)
+        assert row["vs_teacher"] == summarize_pairs(pairs)
+        wins, ties = (sum(p["outcome"] == o for p in pairs) for o in ("win", "tie"))
+        assert row["vs_teacher"]["win_or_tie_ci95"] == wilson_interval(wins + ties, len(pairs))
+    with_reference = [r for r in records if r["kind"] == "task" and r.get("reference_metrics")]
+    assert with_reference and all(0 <= r["reference_metrics"]["rouge_l"] <= 1 for r in with_reference)
+    assert report["judge"]["reliability"]["reference_agreement"] is not None
