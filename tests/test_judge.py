@@ -154,20 +154,17 @@ class JudgeServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def start(prefer_first: bool):
-        handler = type("Handler", (JudgeHandler,), {"prefer_first": prefer_first, "requests": []})
-        server = JudgeServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1", handler
-
-    yield start
-    for server in servers:
-        server.shutdown()
+@pytest.fixture(scope="module")
+def judged_run(tmp_path_factory, tiny_model):
+    """One tiny chat pipeline judged by the length-preferring judge server: (config, the server's handler).
+    The position-bias test then switches the same server to a first-slot judge and reruns the benchmark."""
+    handler = type("Handler", (JudgeHandler,), {"prefer_first": False, "requests": []})
+    server = JudgeServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = chat_config(tmp_path_factory.mktemp("chat"), tiny_model, f"http://127.0.0.1:{server.server_address[1]}/v1")
+    run_pipeline(config)
+    yield config, handler
+    server.shutdown()
 
 
 def chat_config(tmp_path, tiny_model, url):
@@ -185,33 +182,8 @@ def chat_config(tmp_path, tiny_model, url):
 
 
 @pytest.mark.integration
-def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(tmp_path, tiny_model, judge_server):
-    url, handler = judge_server(prefer_first=True)
-    config = chat_config(tmp_path, tiny_model, url)
-    run_pipeline(config)
-    report = json.loads(config.layout.report_json.read_text())
-    judge, n = report["judge"], report["test_examples"]
-    tuned = judge["systems"]["student_tuned"]["vs_teacher"]
-    assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n)
-    assert judge["reliability"]["position_bias_rate"] == 1.0 and judge["reliability"]["pairs"] == 3 * n
-    pairs = [r for r in read_jsonl(config.layout.records) if r["kind"] == "judge_pair"]
-    assert len(pairs) == 3 * n and len(handler.requests) == 4 * n + 2 * 3 * n  # grades, then both orders
-    for pair in pairs:  # the same two answers, shown in both orders
-        first, second = (pair["requests"][order][1]["content"] for order in ("system_first", "teacher_first"))
-        a1, b1 = first.split("Reply A:\n")[1].split("\n\nReply B:\n")
-        a2, b2 = second.split("Reply A:\n")[1].split("\n\nReply B:\n")
-        assert (a1, b1.split("\n\nWhich")[0]) == (b2.split("\n\nWhich")[0], a2)
-    assert report["systems"]["teacher"]["accuracy"] == 1.0  # every answer graded 8: all pass
-    markdown = config.layout.report_md.read_text()
-    assert "## Judge" in markdown and f"followed the order the answers were shown in for {3 * n} of {3 * n}" in markdown
-    assert "Judged pairwise against the teacher" in markdown
-
-
-@pytest.mark.integration
-def test_judge_rates_and_intervals_recompute_from_the_records(tmp_path, tiny_model, judge_server):
-    url, _ = judge_server(prefer_first=False)
-    config = chat_config(tmp_path, tiny_model, url)
-    run_pipeline(config)
+def test_judge_rates_and_intervals_recompute_from_the_records(judged_run):
+    config, _ = judged_run
     report = json.loads(config.layout.report_json.read_text())
     records = list(read_jsonl(config.layout.records))
     threshold = config.benchmark.judge.pass_threshold
@@ -237,3 +209,26 @@ def test_judge_rates_and_intervals_recompute_from_the_records(tmp_path, tiny_mod
     with_reference = [r for r in records if r["kind"] == "task" and r.get("reference_metrics")]
     assert with_reference and all(0 <= r["reference_metrics"]["rouge_l"] <= 1 for r in with_reference)
     assert report["judge"]["reliability"]["reference_agreement"] is not None
+
+
+@pytest.mark.integration
+def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(judged_run):
+    config, handler = judged_run
+    handler.prefer_first, handler.requests = True, []
+    run_pipeline(config, stages=("benchmark",), force=("benchmark",))
+    report = json.loads(config.layout.report_json.read_text())
+    judge, n = report["judge"], report["test_examples"]
+    tuned = judge["systems"]["student_tuned"]["vs_teacher"]
+    assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n)
+    assert judge["reliability"]["position_bias_rate"] == 1.0 and judge["reliability"]["pairs"] == 3 * n
+    pairs = [r for r in read_jsonl(config.layout.records) if r["kind"] == "judge_pair"]
+    assert len(pairs) == 3 * n and len(handler.requests) == 4 * n + 2 * 3 * n  # grades, then both orders
+    for pair in pairs:  # the same two answers, shown in both orders
+        first, second = (pair["requests"][order][1]["content"] for order in ("system_first", "teacher_first"))
+        a1, b1 = first.split("Reply A:\n")[1].split("\n\nReply B:\n")
+        a2, b2 = second.split("Reply A:\n")[1].split("\n\nReply B:\n")
+        assert (a1, b1.split("\n\nWhich")[0]) == (b2.split("\n\nWhich")[0], a2)
+    assert report["systems"]["teacher"]["accuracy"] == 1.0  # every answer graded 8: all pass
+    markdown = config.layout.report_md.read_text()
+    assert "## Judge" in markdown and f"followed the order the answers were shown in for {3 * n} of {3 * n}" in markdown
+    assert "Judged pairwise against the teacher" in markdown

@@ -103,6 +103,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         rendered = write_report(report, layout.report_md, config.benchmark.verdict)  # report.md and its plots
         outputs = [layout.report_json, layout.records, *rendered]
         floats = {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()}
+        for name, judged_system in (judged or {}).get("systems", {}).items():  # W&B: the judge's rates too
+            versus = judged_system.get("vs_teacher") or {}
+            floats[name] |= {f"judge_{k}": v for k, v in versus.items() if isinstance(v, float)}
         stage.finish(
             outputs,
             floats,
