@@ -127,3 +127,13 @@ def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path)
     tuned["load"] = {"1": {"tpot_p50_s": 1e-5}}  # through the server: time per output token wins
     add_roofline_shares(chosen, cfg, [System("student_tuned", str(folder), "short", True)], measured)
     assert tuned["decode_roofline_share"] == pytest.approx(0.1) and tuned["decode_basis"].startswith("vllm serve")
+    # On vLLM with its prefix cache a shared prompt prefix is not computed again: only output tokens count.
+    cached = config(
+        engine={"backend": "vllm"},
+        hardware_profiles={"box": {"usd_per_hour": 1, "memory_gbps": 4.0, "peak_tflops": 1.0}},
+        serving_hardware="box",
+    )
+    add_roofline_shares(chosen, cached, [System("student_tuned", str(folder), "short", True)], measured)
+    output_only = 2 * 1000 * tuned["offline"]["output_tokens_per_s"] / 1e12
+    assert tuned["batched_compute_share"] == pytest.approx(output_only) and output_only < 2 * 1000 * 500 / 1e12
+    assert tuned["batched_compute_basis"] == "output tokens (prefix cache on)"
