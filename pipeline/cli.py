@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,8 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's preemption or time limit), raised like Ctrl-C so that every `finally`
+    runs: engines close, and vLLM takes its worker processes (and their memory) down with it, instead of
+    leaving them orphaned holding the KV cache a rerun needs."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "compare":
             from pipeline.benchmark.report import compare_runs
@@ -113,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskError, ModelError, PipelineError) as exc:
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("distill: terminated (SIGTERM), engines shut down; rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("distill: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

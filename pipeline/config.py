@@ -513,6 +513,10 @@ class VerdictConfig(_Strict):
     # leads with it, and no share of its accuracy or break-even against it is stated (a ratio over ~0 is noise).
     min_teacher_accuracy: float = Field(0.05, ge=0, lt=1)
     significance: float = Field(0.05, gt=0, lt=1)  # a paired McNemar p-value below this is a real difference
+    # Open-ended tasks: a judge whose pairwise choice followed the order the answers were shown in for more than
+    # this share of pairs, or that gave every answer one grade, cannot rank the systems; the verdict says so
+    # instead of reading its numbers.
+    max_judge_position_bias: float = Field(0.5, ge=0, le=1)
 
 
 class BenchmarkJudgeConfig(_Strict):

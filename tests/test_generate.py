@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -43,6 +45,40 @@ def test_sigkill_midway_then_resume_gives_the_uninterrupted_rows(tmp_path, tiny_
     whole = validate_config(greedy_config(tmp_path, tiny_model, "whole", num_train=40))
     uninterrupted = list(read_jsonl(run_generate(whole)))
     assert resumed == uninterrupted  # nothing lost, nothing changed by the kill
+
+
+def test_sigterm_shuts_down_cleanly_and_the_rerun_resumes(tmp_path, tiny_model):
+    """SIGTERM (a scheduler's preemption) is handled like Ctrl-C: `finally` blocks run and engines close, exit
+    143 with one line, the process group leaves nothing behind, and the rerun finishes the rows."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = greedy_config(tmp_path, tiny_model, "terminated", num_train=30)
+    config_file = tmp_path / "terminated.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    config = validate_config(raw)
+    partial = config.run_dir / "generate" / "teacher_outputs.partial.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "generate", "--config", str(config_file)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (partial.exists() and partial.read_bytes().count(b"\n") >= 2):
+        assert process.poll() is None and time.time() < deadline, "generate ended or stalled before the SIGTERM"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("distill: terminated (SIGTERM)")
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # no engine worker left behind in the group
+        os.killpg(process.pid, 0)
+    ids = [row["prompt_id"] for row in read_jsonl(run_generate(config))]
+    assert len(ids) == len(set(ids)) == 30
 
 
 def test_shards_are_disjoint_and_merge_into_the_unsharded_output(tmp_path, tiny_model):

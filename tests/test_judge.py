@@ -232,3 +232,4 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
     markdown = config.layout.report_md.read_text()
     assert "## Judge" in markdown and f"followed the order the answers were shown in for {3 * n} of {3 * n}" in markdown
     assert "Judged pairwise against the teacher" in markdown
+    assert "Verdict: undecided — the judge cannot tell the answers apart (it followed the order" in markdown

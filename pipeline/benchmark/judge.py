@@ -294,6 +294,7 @@ def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str
     return {
         "grades": len(grades),
         "grades_unparsed": sum(r["grade"] is None for r in grades),
+        "distinct_grades": sorted({r["grade"] for r in grades if r["grade"] is not None}),
         "pairs": len(pairs),
         "pairs_unparsed": len(pairs) - len(parsed_pairs),
         "position_biased": sum(p["position_biased"] for p in parsed_pairs),

@@ -93,6 +93,7 @@ class _Facts:
         judged = (report.get("judge") or {}).get("systems", {}).get(names.STUDENT_TUNED, {})
         self.versus_teacher = judged.get("vs_teacher") if judged.get("vs_teacher", {}).get("n") else None
         self.as_good_as_teacher = self.versus_teacher["win_or_tie_ci95"][1] >= 0.5 if self.versus_teacher else None
+        self.judge_untrustworthy = _judge_untrustworthy(report.get("judge"), rules)
 
 
 def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
@@ -106,8 +107,9 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
     else:
         keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}"
     parts = [_nothing_to_distill(report, facts)] if facts.teacher_fails else []
+    measure = "pass rate by the judge" if report.get("judge") else "accuracy"
     parts.append(
-        f"Fine-tuning moved the student's accuracy from {facts.base['accuracy']:.1%} to {facts.tuned['accuracy']:.1%} "
+        f"Fine-tuning moved the student's {measure} from {facts.base['accuracy']:.1%} to {facts.tuned['accuracy']:.1%} "
         f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher['accuracy']:.1%}, {keeps}."
     )
     if facts.prompted:
@@ -164,6 +166,23 @@ def _judged_against_teacher(judge: dict[str, Any], facts: _Facts) -> str:
     )
 
 
+def _judge_untrustworthy(judge: dict[str, Any] | None, rules: VerdictConfig) -> str | None:
+    """Why the judge cannot rank the systems ("it followed the order shown in 98% of pairs"); None when it can
+    (or there is no judge)."""
+    if not judge:
+        return None
+    r = judge["reliability"]
+    reasons = []
+    if r["position_bias_rate"] is not None and r["position_bias_rate"] > rules.max_judge_position_bias:
+        reasons.append(f"it followed the order the answers were shown in for {r['position_bias_rate']:.0%} of pairs")
+    distinct = r.get("distinct_grades")
+    if distinct is not None and len(distinct) <= 1 and r["grades"] > 1:
+        reasons.append(
+            f"it gave all {r['grades']} answers the grade {distinct[0]}" if distinct else "no grade was readable"
+        )
+    return " and ".join(reasons) or None
+
+
 def judge_reliability_sentence(judge: dict[str, Any]) -> str:
     """How far the judge can be trusted, in one sentence from report.json's `judge.reliability`."""
     r = judge["reliability"]
@@ -178,6 +197,8 @@ def judge_reliability_sentence(judge: dict[str, Any]) -> str:
         f"{r['grades_unparsed']} of {r['grades']} grades and {r['pairs_unparsed']} of {r['pairs']} pairwise "
         "replies were unreadable"
     )
+    if r.get("distinct_grades"):
+        said.append(f"the grades it gave: {', '.join(map(str, r['distinct_grades']))}")
     if r.get("teacher_grade_mean") is not None:
         said.append(
             f"it grades the teacher's own answers {r['teacher_grade_mean']:.1f} of 10 on average "
@@ -240,6 +261,11 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     forgot = bool(regressions(facts.change, rules))
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
     cheaper_than_prompting = facts.prompted_cost_ratio < 1
+    if facts.judge_untrustworthy:
+        return (
+            f"Verdict: undecided — the judge cannot tell the answers apart ({facts.judge_untrustworthy}), so its "
+            "pass rates and win rates rank nothing; rerun the benchmark with a stronger benchmark.judge.model."
+        )
     if facts.teacher_fails:
         return (
             "Verdict: not worth it — the teacher cannot do this task as configured, so there was nothing to distill; "
