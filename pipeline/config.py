@@ -244,7 +244,7 @@ class JudgeFilter(Toggle):
     """The teacher grades each kept example against a rubric, 1 to 10."""
 
     enabled: bool = False
-    rubric: str = "The reply is correct, follows the instructions, and is calm and professional."
+    rubric: str | None = None  # None: the task's rubric (Task.rubric()), else a generic one
     threshold: int = Field(7, ge=1, le=10)
     batch_size: int = Field(64, ge=1)
 

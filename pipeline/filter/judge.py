@@ -5,7 +5,8 @@ the example."""
 from __future__ import annotations
 
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.judging import grade_prompt, parse_grade
+from pipeline.judging import GENERIC_RUBRIC, grade_prompt, parse_grade
+from pipeline.tasks import task_for
 
 
 class Judge:
@@ -21,7 +22,7 @@ class Judge:
         if self.engine is None:
             teacher = self.config.teacher
             self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
-        rubric = self.config.filter.judge.rubric
+        rubric = self.config.filter.judge.rubric or task_for(self.config).rubric() or GENERIC_RUBRIC
         conversations = [
             grade_prompt(rubric, "\n\n".join(m["content"] for m in messages if m["role"] != "system"), response)
             for messages, response in items

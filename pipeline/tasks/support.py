@@ -344,6 +344,9 @@ class SupportTask(Task):
         wrong = kind != "dispute" and any(c in self.kb_ids and c != right for c in cited)
         return {"invented_kb_id": any(c not in self.kb_ids for c in cited), "wrong_kb_article": wrong}
 
+    def rubric(self) -> str | None:
+        return "The reply is correct, follows the instructions, and is calm and professional."
+
     def leaks(self, completion: str) -> bool:
         """Whether a general answer shows support behaviour: KB citation, escalation, no-article line, Acme-speak."""
         text = completion.replace("\u2019", "'")
