@@ -124,13 +124,23 @@ def test_compare_puts_runs_side_by_side(tmp_path):
             (tmp_path / name / stage / ("report.json" if stage == "benchmark" else "manifest.json")).write_text(
                 json.dumps(data)
             )
+        # The tuned student's answers on 10 test examples: right on the first round(10 x accuracy).
+        records = [
+            {"system": "student_tuned", "kind": "task", "id": f"t{i}", "correct": i < round(10 * tuned_accuracy)}
+            for i in range(10)
+        ]
+        (tmp_path / name / "benchmark" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return tmp_path / name
 
     table = compare_runs([fake_run("sft", "sft", 0.4), fake_run("kd", "kd", 0.6)]).splitlines()
     assert len(table) == 4 and table[0].startswith("| run | objective")
-    assert table[2].startswith("| sft | sft | lora | 16 |") and "| 0.400 | +0.300 | 50% | 0.50x |" in table[2]
+    assert (
+        table[2].startswith("| sft | sft | lora | 16 | False | 0 | - |")
+        and "| 0.400 | +0.300 | 50% | 0.50x |" in table[2]
+    )
     assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]
-    assert table[3].endswith("| wrong_kb_article 65%, truncated 5% |")  # modes seen, most frequent first
+    assert table[3].endswith("| 0.5 | wrong_kb_article 65%, truncated 5% |")  # McNemar 2 discordant: p 0.5
+    assert table[2].endswith("| - | wrong_kb_article 65%, truncated 5% |")  # the first run is the reference
     with pytest.raises(PipelineError, match="compare takes run folders whose benchmark has run"):
         compare_runs([tmp_path / "missing"])
 

@@ -443,30 +443,69 @@ def _failure_summary(metrics: dict[str, Any]) -> str:
 
 def compare_runs(run_dirs: list[Path]) -> str:
     """A markdown table of finished runs side by side (`distill compare runs/a runs/b`): how each student was
-    trained, and what the benchmark measured for it against its teacher and untuned base."""
+    trained (objective, method, rank, packing, replay fraction, the prompt it trained and serves with), and what
+    the benchmark measured for it against its teacher and untuned base, with an exact McNemar test of its test
+    answers against the first run's where both kept records.jsonl (the same test examples, paired)."""
     header = (
-        "| run | objective | method | LoRA r | packing | steps | train s | tuned acc | vs base | kept of teacher "
-        "| p50 vs teacher | $/1M out | probe acc change | leakage change | tuned failure modes |"
+        "| run | objective | method | LoRA r | packing | replay | prompt | steps | train s | tuned acc | vs base "
+        "| kept of teacher | p50 vs teacher | $/1M out | probe acc change | leakage change | $/1k req "
+        "| p vs first run | tuned failure modes |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for run_dir in run_dirs:
+    first: dict[str, bool] | None = None
+    for index, run_dir in enumerate(run_dirs):
         layout = RunLayout(run_dir)
         for path in (layout.report_json, layout.manifest("train")):
             if not path.is_file():
                 raise PipelineError(f"{path}: not found; compare takes run folders whose benchmark has run")
         report, train = json.loads(layout.report_json.read_text()), read_manifest(layout.stage_dir("train"))
         config, metrics = train["config"]["train"], train["metrics"]
+        prompt = train["config"].get("student", {}).get("prompt_style") or "-"
         systems = report["systems"]
         teacher, base, tuned = systems[names.TEACHER], systems[names.STUDENT_BASE], systems[names.STUDENT_TUNED]
         change = report.get("forgetting", {}).get("change", {})
         kept = tuned["accuracy"] / teacher["accuracy"] if teacher["accuracy"] else float("nan")
+        outcomes = _tuned_outcomes(layout.records)
+        if index == 0:
+            first, versus_first = outcomes, "-"
+        else:
+            versus_first = _paired_p(first, outcomes)
+        per_request = tuned.get("cost_per_1k_requests")
         lines.append(
             f"| {run_dir.name} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
-            f"| {config['lora']['r']} | {config.get('packing', False)} | {metrics.get('steps')} "
-            f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f} "
+            f"| {config['lora']['r']} | {config.get('packing', False)} "
+            f"| {config.get('replay', {}).get('fraction', 0):g} | {prompt} | {metrics.get('steps')} "
+            f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f}"
+            f"{_ci(tuned.get('accuracy_ci95'))} "
             f"| {tuned['accuracy'] - base['accuracy']:+.3f} | {kept:.0%} "
             f"| {latency_p50(tuned) / latency_p50(teacher):.2f}x | {tuned['cost_per_1m_output_tokens']:.3f} "
             f"| {change.get('accuracy', float('nan')):+.3f} | {change.get('leakage_rate', float('nan')):+.3f} "
+            f"| {f'{per_request:.4f}' if per_request is not None else '-'} | {versus_first} "
             f"| {_failure_summary(tuned)} |"
         )
     return "\n".join(lines)
+
+
+def _tuned_outcomes(records: Path) -> dict[str, bool] | None:
+    """The tuned student's right/wrong per test example id from a run's records.jsonl; None without one."""
+    if not records.is_file():
+        return None
+    from pipeline.runs import read_jsonl
+
+    return {
+        r["id"]: r["correct"]
+        for r in read_jsonl(records)
+        if r.get("system") == names.STUDENT_TUNED and r.get("kind") == "task"
+    }
+
+
+def _paired_p(first: dict[str, bool] | None, other: dict[str, bool] | None) -> str:
+    """Exact McNemar p of two runs' tuned students on the test examples both answered; "-" without records."""
+    if not first or not other:
+        return "-"
+    from pipeline.benchmark.stats import mcnemar
+
+    shared = sorted(first.keys() & other.keys())
+    if not shared:
+        return "-"
+    return f"{mcnemar([other[i] for i in shared], [first[i] for i in shared])['p_value']:.3g}"
