@@ -16,6 +16,12 @@ GRADES = [str(grade) for grade in range(1, 11)]  # what a constrained judge may 
 PREFERENCES = ["A", "B", "tie"]  # ... and when comparing two replies
 GENERIC_RUBRIC = "The reply does what the user asked, is correct, and is clear and concise."
 
+
+def rubric_for(configured: str | None, task_rubric: str | None) -> str:
+    """The rubric a judge grades against: the configured one, else the task's (`Task.rubric()`), else generic."""
+    return configured or task_rubric or GENERIC_RUBRIC
+
+
 _GRADE_SYSTEM = (
     "You grade assistant replies against a rubric. Answer with one integer from 1 (worst) to 10 (best) and "
     "nothing else."

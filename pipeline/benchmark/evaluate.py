@@ -171,10 +171,7 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
 def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     """Paired tests of the tuned student against every other system on the same test examples, and the
     share of the teacher's accuracy it keeps, with a bootstrap interval."""
-    outcome = {
-        name: {r["id"]: r["correct"] for r in records if r["system"] == name and r["kind"] == "task"}
-        for name in results
-    }
+    outcome = {name: task_outcomes(records, name) for name in results}
     ids = sorted(outcome[names.STUDENT_TUNED])
     tuned = [outcome[names.STUDENT_TUNED][i] for i in ids]
     tests = {}
@@ -197,6 +194,11 @@ def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]
             "ci95": ratio_interval(tuned, teacher, seed),
         },
     }
+
+
+def task_outcomes(records: list[dict[str, Any]], system: str) -> dict[str, bool]:
+    """One system's right/wrong per test example id, from its task records: what paired tests pair."""
+    return {r["id"]: r["correct"] for r in records if r["system"] == system and r["kind"] == "task"}
 
 
 def check_no_test_leak(config: ExperimentConfig, task: Task, examples: list[Example]) -> None:

@@ -27,13 +27,13 @@ from pipeline.benchmark.stats import wilson_interval
 from pipeline.config import EngineConfig, ExperimentConfig, SamplingConfig
 from pipeline.engines import Engine, load_engine, model_for
 from pipeline.judging import (
-    GENERIC_RUBRIC,
     GRADES,
     PREFERENCES,
     grade_prompt,
     pair_prompt,
     parse_grade,
     parse_preference,
+    rubric_for,
 )
 from pipeline.runs import log
 from pipeline.tasks import Example, Task
@@ -65,16 +65,13 @@ def run_judge(
     """Grade every task record (marking each pass or fail in place: rule `judge_pass`, `correct`), compare each
     system with the teacher, score references; returns report.json's `judge` section and the judge's records."""
     judge = config.benchmark.judge
-    rubric = judge.rubric or task.rubric() or GENERIC_RUBRIC
+    rubric = rubric_for(judge.rubric, task.rubric())
     answers = [r for r in records if r["kind"] == "task"]
     prompts = {e.id: e.user for e in examples}
     references = {e.id: e.reference.get("target") for e in examples}
     add_reference_metrics(answers, references)
 
-    by_system: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in answers:
-        by_system.setdefault(r["system"], {})[r["id"]] = r
-    teacher = by_system.get(names.TEACHER, {})
+    teacher = {r["id"]: r for r in answers if r["system"] == names.TEACHER}
     pairs = [
         (answer, teacher[answer["id"]])
         for answer in answers

@@ -490,13 +490,10 @@ def _tuned_outcomes(records: Path) -> dict[str, bool] | None:
     """The tuned student's right/wrong per test example id from a run's records.jsonl; None without one."""
     if not records.is_file():
         return None
+    from pipeline.benchmark.evaluate import task_outcomes
     from pipeline.runs import read_jsonl
 
-    return {
-        r["id"]: r["correct"]
-        for r in read_jsonl(records)
-        if r.get("system") == names.STUDENT_TUNED and r.get("kind") == "task"
-    }
+    return task_outcomes(list(read_jsonl(records)), names.STUDENT_TUNED)
 
 
 def _paired_p(first: dict[str, bool] | None, other: dict[str, bool] | None) -> str:

@@ -5,7 +5,7 @@ the example."""
 from __future__ import annotations
 
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.judging import GENERIC_RUBRIC, grade_prompt, parse_grade
+from pipeline.judging import grade_prompt, parse_grade, rubric_for
 from pipeline.tasks import task_for
 
 
@@ -15,6 +15,7 @@ class Judge:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.engine = None
+        self.rubric = ""  # set with the engine, on first use
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:
         from pipeline.engines import load_engine, model_for  # looked up at use: tests stand a grader in
@@ -22,9 +23,9 @@ class Judge:
         if self.engine is None:
             teacher = self.config.teacher
             self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
-        rubric = self.config.filter.judge.rubric or task_for(self.config).rubric() or GENERIC_RUBRIC
+            self.rubric = rubric_for(self.config.filter.judge.rubric, task_for(self.config).rubric())
         conversations = [
-            grade_prompt(rubric, "\n\n".join(m["content"] for m in messages if m["role"] != "system"), response)
+            grade_prompt(self.rubric, "\n\n".join(m["content"] for m in messages if m["role"] != "system"), response)
             for messages, response in items
         ]
         sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)

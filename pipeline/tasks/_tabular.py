@@ -108,9 +108,9 @@ class TabularTask(Task):
         """The "full" prompt's instruction, before its few-shot examples."""
         return self.params.instruction
 
-    def system_prompt(self, style: str) -> str:
-        """The system message of a prompt style: the instruction alone ("short"), or the full instruction and
-        the few-shot examples ("full")."""
+    def system_prompt(self, style: str, example: Example) -> str:
+        """The system message of a prompt style for `example`: the instruction alone ("short"), or the full
+        instruction and the few-shot examples ("full")."""
         if style == "short":
             return self.params.instruction
         shots = self.few_shot_block()
@@ -171,7 +171,10 @@ class TabularTask(Task):
         """System prompt of the style, then the example's input as the user turn."""
         if style not in self.prompt_styles:
             raise TaskError(f"unknown prompt style {style!r}; expected one of {', '.join(self.prompt_styles)}")
-        return [{"role": "system", "content": self.system_prompt(style)}, {"role": "user", "content": example.user}]
+        return [
+            {"role": "system", "content": self.system_prompt(style, example)},
+            {"role": "user", "content": example.user},
+        ]
 
     def few_shot_examples(self) -> list[Example]:
         """Up to `few_shot` train examples, taken round-robin over categories so labels are balanced."""

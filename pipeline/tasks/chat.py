@@ -50,23 +50,14 @@ class ChatTask(TabularTask):
             examples.append(Example(f"{id_prefix}-{number - 1}", user.strip(), {"target": reference, "system": system}))
         return examples
 
-    def system_prompt(self, style: str, example: Example | None = None) -> str:
+    def system_prompt(self, style: str, example: Example) -> str:
         """A row's own system turn, else `instruction`; "full" adds the rubric and the few-shot examples."""
-        own = example.reference.get("system") if example else None
-        instruction = own or self.params.instruction
+        instruction = example.reference.get("system") or self.params.instruction
         if style == "short":
             return instruction
         shots = self.few_shot_block()
         full = f"{instruction}\nA good reply: {self.params.rubric}"
         return full + (f"\n\nExamples:\n\n{shots}" if shots else "")
-
-    def messages(self, example: Example, style: str) -> list[dict[str, str]]:
-        if style not in self.prompt_styles:
-            raise TaskError(f"unknown prompt style {style!r}; expected one of {', '.join(self.prompt_styles)}")
-        return [
-            {"role": "system", "content": self.system_prompt(style, example)},
-            {"role": "user", "content": example.user},
-        ]
 
     def few_shot_examples(self) -> list[Example]:
         """The first `few_shot` train rows that have a reference answer."""
