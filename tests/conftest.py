@@ -82,6 +82,12 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
 
 
+def ping(n: int) -> list[dict[str, str]]:
+    """A ping-pong prompt. The one-letter system turn replaces SmolLM2's default system prompt: half the tokens a
+    step, which matters most under bf16, whose vocabulary-sized matmuls run ~10x slower than fp32 on a CPU."""
+    return [{"role": "system", "content": "P"}, {"role": "user", "content": f"Ping {n}"}]
+
+
 def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Path]:
     """A tiny model tuned with LoRA to answer "Ping <n>" with "Pong." and stop: (base, adapter, merged) folders.
 
@@ -89,7 +95,10 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     does not change with scale), but a LoRA adapter on the frozen layers can now make an answer confident: at
     the default init and hidden size 128 every logit stays within ~2.5 of the others, the loss cannot fall
     below ~8.3, and which token came first after "Pong." (EOS or `ong`) was noise that differed by machine and
-    by precision (bf16 on an H200 answered `ongong...`). `train` overrides the train section (e.g. bf16)."""
+    by precision (bf16 on an H200 answered `ongong...`). `train` overrides the train section (e.g. bf16).
+
+    20 steps: the loss is below 0.01 by step 10 in fp32 and in bf16 alike, and both stop after "Pong." from the
+    10th step's adapter on (measured 2026-11-26; 100 steps cost 9 minutes under bf16 on a 2-core CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -101,13 +110,10 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)
     model.save_pretrained(base, safe_serialization=True)
-    rows = [
-        {"messages": [{"role": "user", "content": f"Ping {i}"}, {"role": "assistant", "content": "Pong."}]}
-        for i in range(8)
-    ]
+    rows = [{"messages": [*ping(i), {"role": "assistant", "content": "Pong."}]} for i in range(8)]
     raw = tiny_config(out, base)
     raw["train"].update(
-        {"max_steps": 100, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000, **train}
+        {"max_steps": 20, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000, **train}
     )
     trainer = build_trainer(
         validate_config(raw), str(base), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"

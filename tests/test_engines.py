@@ -9,6 +9,7 @@ import pytest
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.engines import load_engine, timed_single_requests
 from pipeline.runs import PipelineError
+from tests.conftest import ping
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": f"Count to {i}."}]
@@ -122,14 +123,18 @@ def test_transformers_engine_cuts_at_stop_strings_and_refuses_logprobs(tiny_mode
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
 def test_unmerged_adapter_serves_what_the_merged_weights_serve(backend, ping_pong_student):
     """Base + unmerged LoRA adapter (vLLM `enable_lora`) answers as the merged weights do, and unlike the base:
-    the adapter is really applied."""
+    the adapter is really applied. The base's own answer is read once, on the transformers engine (a third vLLM
+    engine would add a minute on this CPU to learn what the weights, not the engine, decide)."""
     base, adapter, merged = ping_pong_student
-    prompts = [[{"role": "user", "content": f"Ping {i}"}] for i in (3, 11)]
+    prompts = [ping(3), ping(11)]
     greedy = SamplingConfig(max_tokens=12)
-    config = EngineConfig(backend=backend, max_model_len=512)
     answers = {}
-    for name, model, lora in (("merged", merged, None), ("lora", base, adapter), ("base", base, None)):
-        engine = load_engine(str(model), config, seed=0, adapter=str(lora) if lora else None)
+    for name, model, lora, engine_config in (
+        ("merged", merged, None, EngineConfig(backend=backend, max_model_len=512)),
+        ("lora", base, adapter, EngineConfig(backend=backend, max_model_len=512)),
+        ("base", base, None, EngineConfig(backend="transformers")),
+    ):
+        engine = load_engine(str(model), engine_config, seed=0, adapter=str(lora) if lora else None)
         try:
             answers[name] = [g.completions[0].text for g in engine.generate(prompts, greedy, progress=False)]
         finally:

@@ -10,6 +10,7 @@ from tests.conftest import (
     QWEN_STYLE_TEMPLATE,
     build_tiny_model,
     kill_midway,
+    ping,
     tiny_config,
     train_ping_pong,
     write_filtered,
@@ -178,7 +179,7 @@ def test_a_tuned_tiny_model_learns_to_stop(request, precision):
 
     fixture = "ping_pong_student" if precision == "device default" else "ping_pong_student_bf16"
     base, _, tuned = request.getfixturevalue(fixture)
-    prompts = [[{"role": "user", "content": "Ping 3"}], [{"role": "user", "content": "Ping 42"}]]
+    prompts = [ping(3), ping(42)]
     greedy = SamplingConfig(max_tokens=20)
     for model, expected in ((base, "length"), (tuned, "stop")):
         engine = load_engine(str(model), EngineConfig(backend="transformers"), seed=0)
