@@ -130,6 +130,8 @@ def test_kd_from_vllm_logprobs_end_to_end(tmp_path, tiny_model):
     assert all(entry["kd_kl"] > 0 for entry in logged)
     assert min(entry["kd_token_share"] for entry in logged) > 0.5  # most completion tokens carry teacher targets
 
+    # Outputs without logprobs, from whichever engine: the transformers one spares a second vLLM start.
+    raw["teacher"]["engine"] = {"backend": "transformers", "batch_size": 8}
     raw["teacher"]["sampling"]["logprobs"] = None
     with pytest.raises(PipelineError, match="kd needs the teacher's logprobs; generate with teacher.sampling.logprobs"):
         run_pipeline(validate_config(raw), stages=("generate", "filter", "train"))

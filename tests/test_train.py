@@ -137,7 +137,7 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     from pipeline.train import run_train
 
     raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update({"max_steps": 200, "save_steps": 2, "merge": False, "logging_steps": 1})
+    raw["train"].update({"max_steps": 60, "save_steps": 2, "merge": False, "logging_steps": 1})
     raw["tracking"] = {"wandb": False}
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(raw))
@@ -151,14 +151,14 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
         "training",
     )
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-    assert saved and saved[-1] < 200
+    assert saved and saved[-1] < 60
 
     run_train(config)
     metrics = json.loads((config.run_dir / "train" / "manifest.json").read_text())["metrics"]
-    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == 200
+    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == 60
     history = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())["log_history"]
     steps = [entry["step"] for entry in history if "loss" in entry]
-    assert steps == sorted(set(steps)) and steps[-1] == 200  # the count went on, nothing logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # the count went on, nothing logged twice
     assert not checkpoints.exists()  # finished: checkpoints cleaned up, the adapter is the output
 
 
