@@ -97,7 +97,9 @@ def run_mode(run_dir: Path, overrides: list[str]) -> None:
 
     config = load_config(
         ROOT / "configs" / "smollm2_support.yaml",
-        [f"runs_dir={run_dir.parent}", f"run_name={run_dir.name}", "tracking.wandb=false", *overrides],
+        # Replay off: its answers are the student's generation (an engine start and 155 prompts), not screening.
+        [f"runs_dir={run_dir.parent}", f"run_name={run_dir.name}", "tracking.wandb=false", "train.replay.fraction=0"]
+        + overrides,
     )
     started = time.perf_counter()
     out = run_filter(config, force=True)
