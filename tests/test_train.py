@@ -137,7 +137,8 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
     from pipeline.train import run_train
 
     raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update({"max_steps": 60, "save_steps": 2, "merge": False, "logging_steps": 1})
+    max_steps = 60
+    raw["train"].update({"max_steps": max_steps, "save_steps": 2, "merge": False, "logging_steps": 1})
     raw["tracking"] = {"wandb": False}
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(raw))
@@ -151,14 +152,14 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model
         "training",
     )
     saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
-    assert saved and saved[-1] < 60
+    assert saved and saved[-1] < max_steps
 
     run_train(config)
     metrics = json.loads((config.run_dir / "train" / "manifest.json").read_text())["metrics"]
-    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == 60
+    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == max_steps
     history = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())["log_history"]
     steps = [entry["step"] for entry in history if "loss" in entry]
-    assert steps == sorted(set(steps)) and steps[-1] == 60  # the count went on, nothing logged twice
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps  # the count went on, nothing logged twice
     assert not checkpoints.exists()  # finished: checkpoints cleaned up, the adapter is the output
 
 
@@ -205,6 +206,16 @@ def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_pa
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 3]
     assert metrics["first_loss"] is not None and metrics["last_loss"] is not None
     assert metrics["first_loss"] != metrics["last_loss"]
+
+
+def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp_path, tiny_model):
+    """Prompts longer than train.max_length leave TRL nothing to train on: a PipelineError naming the key, not
+    torch's `num_samples=0` from deep in the data loader."""
+    from pipeline.runs import PipelineError
+
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_length": 16}))
+    with pytest.raises(PipelineError, match=r"^train.max_length: no training example keeps a completion token"):
+        build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
 
 
 def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path, tiny_model):

@@ -198,6 +198,11 @@ def build_trainer(
         callbacks=callbacks,
         **extra,
     )
+    if len(trainer.train_dataset) == 0:  # TRL drops examples that truncation left without a completion token
+        raise PipelineError(
+            f"train.max_length: no training example keeps a completion token within {train.max_length} tokens "
+            "(every prompt fills it); raise it"
+        )
     # First in line, so that the W&B callback logs what it adds.
     trainer.callback_handler.callbacks.insert(0, throughput_callback())
     trainer.add_callback(log_the_last_step_callback())
