@@ -128,10 +128,11 @@ def test_unmerged_adapter_serves_what_the_merged_weights_serve(backend, ping_pon
     base, adapter, merged = ping_pong_student
     prompts = [ping(3), ping(11)]
     greedy = SamplingConfig(max_tokens=12)
+    served = EngineConfig(backend=backend, max_model_len=512)
     answers = {}
     for name, model, lora, engine_config in (
-        ("merged", merged, None, EngineConfig(backend=backend, max_model_len=512)),
-        ("lora", base, adapter, EngineConfig(backend=backend, max_model_len=512)),
+        ("merged", merged, None, served),
+        ("lora", base, adapter, served),
         ("base", base, None, EngineConfig(backend="transformers")),
     ):
         engine = load_engine(str(model), engine_config, seed=0, adapter=str(lora) if lora else None)
