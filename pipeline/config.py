@@ -65,6 +65,7 @@ class EngineConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~90 s and gains nothing there)
+    kv_cache_gb: float | None = Field(None, gt=0)  # None: 4 GiB on a CPU, gpu_memory_utilization on a GPU
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     chat_template: str | None = None  # a Jinja template, or a path to one, instead of the model's own

@@ -30,8 +30,14 @@ def assert_every_answer_is_a_label(generations) -> None:
 
 @pytest.mark.integration
 def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
-    engine = load_engine(str(tiny_model), EngineConfig(backend="vllm", max_model_len=512), seed=0)
+    import psutil
+
+    children_before = {child.pid for child in psutil.Process().children(recursive=True)}
+    engine = load_engine(str(tiny_model), EngineConfig(backend="vllm", max_model_len=512, kv_cache_gb=0.25), seed=0)
     try:
+        # On a CPU the engine runs in this process (no engine-core or worker children), with the KV cache asked for.
+        assert {child.pid for child in psutil.Process().children(recursive=True)} <= children_before
+        assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
         greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         first = engine.generate(CONVERSATIONS, greedy, progress=False)
         again = engine.generate(CONVERSATIONS, greedy, progress=False)

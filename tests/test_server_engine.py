@@ -171,3 +171,24 @@ def test_unreachable_server_is_a_one_line_error():
     )
     with pytest.raises(PipelineError, match=r"engine.server.base_url: cannot connect to http://127.0.0.1:\d+/v1"):
         load_engine("anything", config, seed=0)
+
+
+def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiprocessing(monkeypatch):
+    """`vllm serve` gets the offline engine's KV cache size (4 GiB by default on a CPU, capped by
+    gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set) and not its in-process default."""
+    from pipeline.benchmark.serving import _serve_command
+    from pipeline.engines import CPU_KV_CACHE_GIB, MULTIPROCESSING_ENV, run_offline_engine_in_process, serve_env
+
+    def kv_flag(engine: EngineConfig, on_gpu: bool) -> int | None:
+        command = _serve_command("m", engine, 0, 8000, None, "m", None, on_gpu)
+        return (
+            int(command[command.index("--kv-cache-memory-bytes") + 1]) if "--kv-cache-memory-bytes" in command else None
+        )
+
+    assert kv_flag(EngineConfig(), on_gpu=False) == CPU_KV_CACHE_GIB * 2**30
+    assert kv_flag(EngineConfig(gpu_memory_utilization=1e-6), on_gpu=False) < 2**30  # capped by the fraction of RAM
+    assert kv_flag(EngineConfig(), on_gpu=True) is None
+    assert kv_flag(EngineConfig(kv_cache_gb=1.5), on_gpu=True) == 1.5 * 2**30
+    monkeypatch.delenv(MULTIPROCESSING_ENV, raising=False)
+    run_offline_engine_in_process()
+    assert MULTIPROCESSING_ENV not in serve_env()

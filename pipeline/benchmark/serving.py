@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 from pipeline.benchmark.evaluate import task_sampling
 from pipeline.benchmark.stats import percentile
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
-from pipeline.engines import adapter_rank, has_cuda, prepare_vllm_cpu_env, vllm_dtype_and_eager
+from pipeline.engines import (
+    adapter_rank,
+    has_cuda,
+    prepare_vllm_cpu_env,
+    serve_env,
+    vllm_dtype_and_eager,
+    vllm_kv_cache_bytes,
+)
 from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
 from pipeline.runs import PipelineError, log
 
@@ -64,7 +71,9 @@ def vllm_server(
     port = _free_port()
     command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True, env=serve_env()
+    )
     try:
         deadline = time.time() + timeout_s
         while True:
@@ -116,6 +125,9 @@ def _serve_command(
     command += ["--dtype", dtype]
     if eager:
         command += ["--enforce-eager"]
+    kv_cache_bytes = vllm_kv_cache_bytes(engine, on_gpu)
+    if kv_cache_bytes is not None:
+        command += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
     if not engine.enable_prefix_caching:
         command += ["--no-enable-prefix-caching"]
     if adapters:
