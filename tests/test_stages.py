@@ -532,8 +532,9 @@ def test_online_artifacts_record_a_use_edge(tmp_path, tiny_model):
 @pytest.mark.integration
 def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     """The whole pipeline with the load test on: every system through a real `vllm serve` at two concurrency
-    levels. Accuracy, its interval, latency percentiles, throughput and costs in report.json are recomputed
-    here from records.jsonl and must agree."""
+    levels, the tuned student as a LoRA module of the one server (`student_serving: lora`). Accuracy, its
+    interval, latency percentiles, throughput and costs in report.json are recomputed here from records.jsonl
+    and must agree."""
     from pipeline.benchmark.stats import percentile, wilson_interval
 
     config = parity_config(
@@ -543,6 +544,7 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
             "benchmark.load_test": {"enabled": True, "concurrency": [1, 3], "requests": 6, "warmup": 1},
             "benchmark.engine.max_model_len": 512,
             "benchmark.engine.gpu_memory_utilization": 0.3,
+            "benchmark.student_serving": "lora",
         },
     )
     run_pipeline(config)
