@@ -126,7 +126,9 @@ def run_offline_engine_in_process() -> None:
     vLLM's default spawns an engine-core and a worker process that each import vLLM again (~14 s apiece
     here). Measured (2 cores, SmolLM2-135M, fp32): first start 65 s -> 21 s, later starts in the same process
     ~4 s, decode throughput the same within noise (187 against 193 tok/s), memory back to the same RSS after
-    each `close()`. `vllm serve` is a separate program and keeps vLLM's default (`serve_env`).
+    each `close()`. vLLM's CPU thread and NUMA-memory binding then applies to this whole process, which on one
+    socket (the default binds every core) changes nothing. `vllm serve` is a separate program and keeps vLLM's
+    default (`serve_env`).
     """
     os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
