@@ -189,6 +189,7 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
     assert kv_flag(EngineConfig(gpu_memory_utilization=1e-6), on_gpu=False) < 2**30  # capped by the fraction of RAM
     assert kv_flag(EngineConfig(), on_gpu=True) is None
     assert kv_flag(EngineConfig(kv_cache_gb=1.5), on_gpu=True) == 1.5 * 2**30
-    monkeypatch.delenv(MULTIPROCESSING_ENV, raising=False)
+    monkeypatch.setenv(MULTIPROCESSING_ENV, "1")  # records the variable's state, so teardown restores it
+    monkeypatch.delenv(MULTIPROCESSING_ENV)
     run_offline_engine_in_process()
     assert MULTIPROCESSING_ENV not in serve_env()
