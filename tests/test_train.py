@@ -218,6 +218,38 @@ def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp
         build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
 
 
+def test_examples_longer_than_max_length_are_counted_as_trl_cuts_them(tmp_path, tiny_model, capsys):
+    """TRL cuts examples at train.max_length (the answer's end-of-turn token goes) and drops those left with no
+    answer token, without a word: the stage counts them as TRL does, says so in one line and records it."""
+    import json
+
+    from pipeline.train import run_train
+    from pipeline.train.trainer import max_length_overflow
+
+    long_answer = "Thank you for contacting Acme support. " * 12  # ~120 tokens in all: cut at 96
+    long_question = "My parcel never arrived and nobody answers my emails. " * 10  # the prompt alone > 96
+    rows = ROWS[:4] + [
+        {"messages": [*ROWS[4]["messages"][:2], {"role": "assistant", "content": long_answer}]},
+        {"messages": [ROWS[5]["messages"][0], {"role": "user", "content": long_question}, ROWS[5]["messages"][2]]},
+    ]
+    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False})
+    raw["train"].update({"max_steps": 1, "max_length": 96})  # the other examples: 64 tokens
+    config = validate_config(raw)
+    examples = [to_prompt_completion(r) for r in rows]
+    trainer = build_trainer(config, str(tiny_model), examples, [], tmp_path / "out")
+    overflow = max_length_overflow(trainer.processing_class, examples, 96)
+    assert overflow["over_max_length"] == 2 and overflow["without_answer_token"] == 1
+    assert overflow["longest_tokens"] > 96
+    assert len(trainer.train_dataset) == len(rows) - 1  # TRL dropped the one without an answer token
+    assert sorted(len(r["input_ids"]) for r in trainer.train_dataset) == [64, 64, 64, 64, 96]  # and cut the other
+
+    write_filtered(config, rows)
+    run_train(config)
+    assert "train.max_length=96 cuts 2 of 6 training examples" in capsys.readouterr().err
+    metrics = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())
+    assert metrics["max_length_overflow"] == overflow
+
+
 def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path, tiny_model):
     """The precision path of the CUDA defaults: frozen weights loaded in bf16 (half the memory traffic of fp32
     weights cast under autocast every step), trainable LoRA weights and their optimizer state in fp32."""

@@ -20,7 +20,13 @@ from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
 from pipeline.train.kd import check_same_tokenizer
-from pipeline.train.trainer import build_trainer, load_splits, model_init_kwargs, throughput_metrics
+from pipeline.train.trainer import (
+    build_trainer,
+    load_splits,
+    max_length_overflow,
+    model_init_kwargs,
+    throughput_metrics,
+)
 
 
 def train_stage(config: ExperimentConfig) -> Stage:
@@ -51,6 +57,9 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
 
         trainer = build_trainer(config, model_path, train_rows, val_rows, layout.checkpoints)
         main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
+        overflow = max_length_overflow(trainer.processing_class, train_rows, config.train.max_length)
+        if overflow["over_max_length"] and main:
+            log(_overflow_warning(overflow, len(train_rows), config.train.max_length))
         resume = _last_checkpoint(trainer, stage, force)
         result = _train(trainer, config.train, resume)
         if val_rows:
@@ -64,6 +73,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
             return stage.dir
 
         metrics = _metrics(config, trainer, result, losses, len(train_rows), len(val_rows), replicas, resume)
+        metrics["max_length_overflow"] = overflow
         log_history = trainer.state.log_history
         write_json(layout.train_metrics, {**metrics, "replica_digests": replicas, "log_history": log_history})
         if replicas and len(set(replicas)) > 1:
@@ -79,6 +89,17 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         f"train: {result.global_step} steps, loss {metrics['first_loss']} -> {metrics['last_loss']}; saved {outputs[0]}"
     )
     return stage.dir
+
+
+def _overflow_warning(overflow: dict[str, int], examples: int, max_length: int) -> str:
+    """One line for examples longer than train.max_length: how many, the longest, what it costs, the key."""
+    dropped = overflow["without_answer_token"]
+    lost = f"; {dropped} keep no answer token and train on nothing" if dropped else ""
+    return (
+        f"train: warning: train.max_length={max_length} cuts {overflow['over_max_length']} of {examples} training "
+        f"examples (longest {overflow['longest_tokens']} tokens): their answers lose the end-of-turn token, which "
+        f"teaches the student not to stop{lost}; raise train.max_length"
+    )
 
 
 def _train(trainer: Any, train: TrainConfig, resume: str | None) -> Any:

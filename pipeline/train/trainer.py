@@ -209,6 +209,27 @@ def build_trainer(
     return trainer
 
 
+def max_length_overflow(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> dict[str, int]:
+    """What `train.max_length` does to the examples, which TRL does without a word: `over_max_length` examples are
+    cut at it (their answer loses its end, end-of-turn token included, so the student is taught not to stop),
+    `without_answer_token` of them keep no answer token at all (TRL drops them unpacked; packed, they train on
+    nothing). Token counts as TRL makes them: the chat template of the prompt, and of prompt + completion."""
+    if not rows:
+        return {"over_max_length": 0, "without_answer_token": 0, "longest_tokens": 0}
+
+    def lengths(conversations: list[list[dict[str, Any]]], **kwargs: Any) -> list[int]:
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    full = lengths([row["prompt"] + row["completion"] for row in rows])
+    prompt = lengths([row["prompt"] for row in rows], add_generation_prompt=True)
+    return {
+        "over_max_length": sum(n > max_length for n in full),
+        "without_answer_token": sum(n >= max_length for n in prompt),
+        "longest_tokens": max(full),
+    }
+
+
 def trained_tokens(accelerator: Any, inputs: dict[str, Any]) -> int:
     """Real tokens of one batch over every rank, as TRL counts them (padding-free rows have no padding)."""
     import torch
