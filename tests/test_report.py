@@ -88,7 +88,9 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
     }
     text = verdict(numbers)
     assert "paid back against the teacher after 7,500 requests (0.8 days at 10,000 requests/day)" in text
-    assert "against prompting after 10,000 requests (1.0 days" in text
+    assert "; against prompting it pays back after 10,000 requests (1.0 days" in text
+    numbers["break_even"].update(requests=None, days=None)  # the teacher never paid back, prompting does
+    assert "not cheaper per request; against prompting it pays back after 10,000" in verdict(numbers)
     assert text.endswith("paid back after 10,000 requests.")
     numbers["break_even"]["vs_prompted"] = {"saving_per_1k_requests_usd": -0.1, "requests": None, "days": None}
     assert "against prompting it never pays back" in verdict(numbers)

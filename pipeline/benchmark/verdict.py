@@ -232,7 +232,7 @@ def _spent(even: dict[str, Any]) -> str:
     if vs_prompted and vs_prompted.get("skipped"):
         spent += f"; none against prompting: {vs_prompted['skipped']}"
     elif vs_prompted and vs_prompted["requests"] is not None:
-        spent += f" and against prompting after {_payback(vs_prompted)}"
+        spent += f"; against prompting it pays back after {_payback(vs_prompted)}"
     elif vs_prompted:
         spent += "; against prompting it never pays back"
     return spent + "."
