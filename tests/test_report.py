@@ -66,7 +66,7 @@ def test_flipping_one_number_flips_the_verdict():
     tie = verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6))
     assert "Verdict: worth it for cost only" in tie and "serves at 0.67x its cost per request" in tie
     dear = verdict(report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6, tuned_cost=0.5))
-    assert "Verdict: not worth it — prompting the untuned student did as well for no more cost" in dear
+    assert "Verdict: not worth it — prompting the untuned student did as well for no measurably more cost" in dear
     # A tie that came with forgetting is not worth it either.
     assert "regression on base capabilities" in verdict(
         report(0.84, -0.01, 0.3, prompted_accuracy=0.86, p_vs_prompted=0.6)
@@ -74,6 +74,24 @@ def test_flipping_one_number_flips_the_verdict():
     # The numbers in the sentence are the report's own.
     assert "from 0.0% to 84.0% (+84.0%, paired McNemar p = 0.001)" in verdict(worth)
     assert "keeps 99% of it" in verdict(worth) and "Serving it costs 0.60x the teacher" in verdict(worth)
+
+
+def test_a_cost_or_latency_gain_within_load_test_noise_counts_for_nothing():
+    """Two runs of one system differ by up to ~15% in one load test (benchmark.verdict.min_serving_gain, 0.2):
+    the same report with the tuned student 10% cheaper or faster says so, and does not call it a saving."""
+    from pipeline.benchmark.costs import saving_within_noise
+    from pipeline.config import VerdictConfig
+
+    assert "Verdict: worth it —" in verdict(report(0.84, -0.01, 0.02, tuned_cost=0.39))  # 0.78x the teacher
+    near = verdict(report(0.84, -0.01, 0.02, tuned_cost=0.45))  # 0.90x the teacher
+    assert "Verdict: mixed" in near and "a difference under 20%, within one load test's noise, is not counted" in near
+    assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_p50=1.9))  # 0.95x the teacher's latency
+    tie = report(0.84, -0.01, 0.02, prompted_accuracy=0.86, p_vs_prompted=0.6, tuned_cost=0.405)  # 0.9x prompting
+    assert "Verdict: not worth it — prompting the untuned student did as well for no measurably more" in verdict(tie)
+    rules = VerdictConfig()
+    assert "only 10.0% cheaper per request" in saving_within_noise(0.9, 1.0, rules)
+    assert saving_within_noise(0.7, 1.0, rules) is None and saving_within_noise(1.1, 1.0, rules) is None
+    assert saving_within_noise(0.9, 1.0, VerdictConfig(min_serving_gain=0.05)) is None
 
 
 def test_break_even_is_stated_against_the_teacher_and_against_prompting():

@@ -127,6 +127,18 @@ def why_no_break_even(
     return None
 
 
+def saving_within_noise(tuned_cost: float, other_cost: float, rules: VerdictConfig) -> str | None:
+    """Why a lower cost of the tuned student is no saving: it is lower by less than the noise of one load test
+    (`benchmark.verdict.min_serving_gain`); None when it is a saving, or not lower at all."""
+    share = 1 - tuned_cost / other_cost if other_cost > 0 else 0.0
+    if 0 < share < rules.min_serving_gain:
+        return (
+            f"the tuned student is only {share:.1%} cheaper per request, within one load test's noise "
+            f"(benchmark.verdict.min_serving_gain {rules.min_serving_gain:g})"
+        )
+    return None
+
+
 def break_even(
     config: ExperimentConfig,
     hardware: Hardware,
@@ -148,7 +160,9 @@ def break_even(
         tuned = results[names.STUDENT_TUNED]["cost_per_1k_requests"]
         saving = (results[baseline]["cost_per_1k_requests"] - tuned) / 1000
         p_value = (tests or {}).get(baseline, {}).get("p_value")
-        skipped = why_no_break_even(results, baseline, bench.verdict, p_value)
+        skipped = why_no_break_even(results, baseline, bench.verdict, p_value) or saving_within_noise(
+            tuned, results[baseline]["cost_per_1k_requests"], bench.verdict
+        )
         requests = one_off / saving if saving > 0 and skipped is None else None
         return {
             "saving_per_1k_requests_usd": saving * 1000,

@@ -74,6 +74,8 @@ class _Facts:
         self.cost_ratio = cost(self.tuned) / cost(self.teacher)
         self.latency_ratio = latency_p50(self.tuned) / latency_p50(self.teacher)
         self.unit = "per 1k requests" if "cost_per_1k_requests" in self.tuned else "per 1M output tokens"
+        # A ratio counts as cheaper or faster only below this (benchmark.verdict.min_serving_gain): load-test noise.
+        self.min_gain = rules.min_serving_gain
         self.p_prompted = self.tests.get(names.STUDENT_PROMPTED, {}).get("p_value")
         self.versus_prompted = None
         self.prompted_cost_ratio = float("nan")
@@ -120,7 +122,9 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
             + (f" (p = {facts.p_prompted:.3g} against the tuned student)" if facts.p_prompted is not None else "")
             + f" and costs ${cost(facts.prompted):.4f} {facts.unit}"
             + (
-                f", so the tuned student serves at {facts.prompted_cost_ratio:.2f}x the cost of prompting."
+                f", so the tuned student serves at {facts.prompted_cost_ratio:.2f}x the cost of prompting"
+                + _within_noise(facts, facts.prompted_cost_ratio)
+                + "."
                 if comparable
                 else "."
             )
@@ -129,7 +133,7 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
         parts.append(
             f"Serving it costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
             f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the "
-            "teacher's."
+            f"teacher's{_within_noise(facts, facts.cost_ratio, facts.latency_ratio)}."
         )
     if facts.versus_teacher:
         parts.append(_judged_against_teacher(report["judge"], facts))
@@ -260,7 +264,7 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     significant = facts.gain > 0 and (facts.p_base is None or facts.p_base < rules.significance)
     forgot = bool(regressions(facts.change, rules))
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
-    cheaper_than_prompting = facts.prompted_cost_ratio < 1
+    cheaper_than_prompting = facts.prompted_cost_ratio < 1 - facts.min_gain
     if facts.judge_untrustworthy:
         return (
             f"Verdict: undecided — the judge cannot tell the answers apart ({facts.judge_untrustworthy}), so its "
@@ -277,13 +281,13 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     if facts.versus_prompted == "worse":
         return (
             "Verdict: not worth it — prompting the untuned student did better"
-            + (", though at a higher cost per request." if cheaper_than_prompting else ", for no more cost.")
+            + (", though at a higher cost per request." if cheaper_than_prompting else ", for no measurably more cost.")
             + also_forgot
         )
     if facts.versus_prompted == "tie" and not cheaper_than_prompting:
         return (
-            "Verdict: not worth it — prompting the untuned student did as well for no more cost per request; "
-            "fine-tuning bought nothing." + also_forgot
+            "Verdict: not worth it — prompting the untuned student did as well for no measurably more cost per "
+            "request; fine-tuning bought nothing." + also_forgot
         )
     if forgot:
         return (
@@ -304,12 +308,19 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     near_teacher = (
         facts.as_good_as_teacher if facts.as_good_as_teacher is not None else facts.kept >= rules.min_kept_of_teacher
     )
-    if near_teacher and facts.latency_ratio < 1 and facts.cost_ratio < 1:
+    if near_teacher and max(facts.latency_ratio, facts.cost_ratio) < 1 - facts.min_gain:
         judged = " (as the judge sees it: weigh its reliability above)" if facts.as_good_as_teacher is not None else ""
         return (
             f"Verdict: worth it — the tuned student does the task near the teacher's level{judged}, faster and cheaper."
         )
     return "Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it."
+
+
+def _within_noise(facts: _Facts, *ratios: float) -> str:
+    """A note for ratios to 1 closer than benchmark.verdict.min_serving_gain: not counted as a difference."""
+    if not any(abs(1 - r) < facts.min_gain for r in ratios):
+        return ""
+    return f" (a difference under {facts.min_gain:.0%}, within one load test's noise, is not counted)"
 
 
 def _levers(report: dict[str, Any]) -> str:
