@@ -311,6 +311,9 @@ def test_a_forgetting_verdict_names_the_levers_with_this_tasks_other_runs():
     )
     assert "a smaller train.lora.r (now 16)" in text
     assert "This task's other runs: `replay-20` (replay 0.2, lr 0.002, r 16): probe -1.0%, leakage +3.0%" in text
+    # Runs that recorded their prompt and epochs say them: two runs may differ in the prompt alone.
+    numbers["other_runs"][0]["recipe"].update(prompt_style="retrieved", num_train_epochs=2.0)
+    assert "`replay-20` (replay 0.2, prompt retrieved, lr 0.002, r 16, 2 epochs): probe -1.0%" in verdict(numbers)
 
 
 def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):

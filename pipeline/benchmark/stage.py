@@ -143,7 +143,8 @@ def _evaluate_offline(
 
 
 def recipe(config: ExperimentConfig) -> dict[str, Any]:
-    """The training knobs that move forgetting, as this run set them: the verdict names them."""
+    """The training knobs that move forgetting, as this run set them, and the prompt the student trained with
+    (other runs differ in it too): the verdict names them."""
     train = config.train
     return {
         "replay_fraction": train.replay.fraction,
@@ -151,6 +152,7 @@ def recipe(config: ExperimentConfig) -> dict[str, Any]:
         "learning_rate": train.learning_rate,
         "lora_r": train.lora.r if train.method != "full" else None,
         "num_train_epochs": train.num_train_epochs,
+        "prompt_style": config.student.prompt_style,
     }
 
 

@@ -336,15 +336,28 @@ def _levers(report: dict[str, Any]) -> str:
     text = "the levers: " + ", ".join(knobs) + "."
     runs = [r for r in report.get("other_runs", []) if r.get("probe_change") is not None]
     if runs:
-        said = [
-            f"`{r['run']}` (replay {r['recipe']['replay_fraction']:g}, lr {r['recipe']['learning_rate']:g}"
-            + (f", r {r['recipe']['lora_r']}" if r["recipe"].get("lora_r") else "")
-            + f"): probe {r['probe_change']:+.1%}, leakage {r['leakage_change']:+.1%}, "
-            f"accuracy {r['tuned_accuracy']:.1%}"
-            for r in runs
-        ]
+        said = [f"`{r['run']}` ({_recipe_said(r['recipe'])}): {_forgetting_said(r)}" for r in runs]
         text += " This task's other runs: " + "; ".join(said) + "."
     return text
+
+
+def _recipe_said(recipe: dict[str, Any]) -> str:
+    """'replay 0.1, prompt retrieved, lr 0.001, r 16, 2 epochs': the knobs a run recorded (older runs, fewer)."""
+    said = [f"replay {recipe['replay_fraction']:g}"]
+    if recipe.get("prompt_style"):
+        said.append(f"prompt {recipe['prompt_style']}")
+    said.append(f"lr {recipe['learning_rate']:g}")
+    if recipe.get("lora_r"):
+        said.append(f"r {recipe['lora_r']}")
+    if recipe.get("num_train_epochs"):
+        said.append(f"{recipe['num_train_epochs']:g} epochs")
+    return ", ".join(said)
+
+
+def _forgetting_said(run: dict[str, Any]) -> str:
+    return (
+        f"probe {run['probe_change']:+.1%}, leakage {run['leakage_change']:+.1%}, accuracy {run['tuned_accuracy']:.1%}"
+    )
 
 
 def _regression_rule(rules: VerdictConfig) -> str:
