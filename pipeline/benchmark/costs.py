@@ -127,13 +127,19 @@ def why_no_break_even(
     return None
 
 
+def lower_beyond_noise(ratio: float, rules: VerdictConfig) -> bool:
+    """Whether the tuned student's cost (or p50 latency) over another system's counts as lower: by more than one
+    load test's noise (`benchmark.verdict.min_serving_gain`). The verdict and the break-even both judge by it."""
+    return ratio < 1 - rules.min_serving_gain
+
+
 def saving_within_noise(tuned_cost: float, other_cost: float, rules: VerdictConfig) -> str | None:
-    """Why a lower cost of the tuned student is no saving: it is lower by less than the noise of one load test
-    (`benchmark.verdict.min_serving_gain`); None when it is a saving, or not lower at all."""
-    share = 1 - tuned_cost / other_cost if other_cost > 0 else 0.0
-    if 0 < share < rules.min_serving_gain:
+    """Why a lower cost of the tuned student is no saving: it is lower, but not beyond the noise of one load
+    test; None when it is a saving, or not lower at all."""
+    ratio = tuned_cost / other_cost if other_cost > 0 else 1.0
+    if ratio < 1 and not lower_beyond_noise(ratio, rules):
         return (
-            f"the tuned student is only {share:.1%} cheaper per request, within one load test's noise "
+            f"the tuned student is only {1 - ratio:.1%} cheaper per request, within one load test's noise "
             f"(benchmark.verdict.min_serving_gain {rules.min_serving_gain:g})"
         )
     return None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import names
-from pipeline.benchmark.costs import why_no_break_even
+from pipeline.benchmark.costs import lower_beyond_noise, why_no_break_even
 from pipeline.config import VerdictConfig
 from pipeline.names import latency_key
 
@@ -264,7 +264,7 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     significant = facts.gain > 0 and (facts.p_base is None or facts.p_base < rules.significance)
     forgot = bool(regressions(facts.change, rules))
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
-    cheaper_than_prompting = facts.prompted_cost_ratio < 1 - facts.min_gain
+    cheaper_than_prompting = lower_beyond_noise(facts.prompted_cost_ratio, rules)
     if facts.judge_untrustworthy:
         return (
             f"Verdict: undecided — the judge cannot tell the answers apart ({facts.judge_untrustworthy}), so its "
@@ -308,7 +308,7 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
     near_teacher = (
         facts.as_good_as_teacher if facts.as_good_as_teacher is not None else facts.kept >= rules.min_kept_of_teacher
     )
-    if near_teacher and max(facts.latency_ratio, facts.cost_ratio) < 1 - facts.min_gain:
+    if near_teacher and lower_beyond_noise(facts.latency_ratio, rules) and lower_beyond_noise(facts.cost_ratio, rules):
         judged = " (as the judge sees it: weigh its reliability above)" if facts.as_good_as_teacher is not None else ""
         return (
             f"Verdict: worth it — the tuned student does the task near the teacher's level{judged}, faster and cheaper."
