@@ -97,8 +97,10 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     below ~8.3, and which token came first after "Pong." (EOS or `ong`) was noise that differed by machine and
     by precision (bf16 on an H200 answered `ongong...`). `train` overrides the train section (e.g. bf16).
 
-    20 steps: the loss is below 0.01 by step 10 in fp32 and in bf16 alike, and both stop after "Pong." from the
-    10th step's adapter on (measured 2026-11-26; 100 steps cost 9 minutes under bf16 on a 2-core CPU)."""
+    20 steps of 4 rows: fp32 and bf16 alike stop after "Pong." from the 10th step's adapter on (measured
+    2026-11-27). Rows cost most under bf16 on a CPU without bf16 instructions: the backward matmul through the
+    frozen 49,152-wide output layer took 1.55 s per 120 tokens here (avx2; fp32 16 ms), so 8 rows a step cost
+    twice the time for the same margin."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,7 +115,7 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     rows = [{"messages": [*ping(i), {"role": "assistant", "content": "Pong."}]} for i in range(8)]
     raw = tiny_config(out, base)
     raw["train"].update(
-        {"max_steps": 20, "learning_rate": 5e-3, "per_device_train_batch_size": 8, "save_steps": 1000, **train}
+        {"max_steps": 20, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "save_steps": 1000, **train}
     )
     trainer = build_trainer(
         validate_config(raw), str(base), [to_prompt_completion(r) for r in rows], [], out / "checkpoints"
