@@ -335,3 +335,17 @@ def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):
     (tmp_path / "now" / "benchmark" / "report.json").write_text(json.dumps({"task": "support", "recipe": recipe}))
     found = other_runs_of_the_task(config)
     assert [r["run"] for r in found] == ["a"] and found[0]["leakage_change"] == 0.02  # same task, not itself
+
+
+def test_only_the_same_weights_with_the_same_prompt_are_measured_once():
+    from pipeline.benchmark.systems import System, twins
+
+    systems = [
+        System("teacher", "/m/a", "full", probe=False),
+        System("student_base", "/m/a", "short", probe=True),  # another prompt
+        System("student_prompted", "/m/a", "full", probe=False),  # the teacher again
+        System("student_tuned", "/m/a", "full", probe=True, adapter="/run/adapter"),  # other weights
+        System("other_model", "/m/b", "full", probe=False),
+        System("tuned_again", "/m/a", "full", probe=False, adapter="/run/adapter"),
+    ]
+    assert twins(systems) == {"student_prompted": "teacher", "tuned_again": "student_tuned"}

@@ -615,5 +615,15 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
     )
     assert "measured here" in markdown and "the transformers engine, which has no prefix cache" in markdown
     assert "| student_prompted | $" in markdown  # break-even against prompting, as well as against the teacher
+    # The prompted student is the teacher's tiny model with the teacher's prompt: measured once, its rows copied.
+    assert report["systems"]["student_prompted"]["measured_as"] == "teacher"
+    assert "measured_as" not in report["systems"]["student_base"]  # same weights, another prompt: measured
+    for kind in ("task", "latency", "latency_cold", "load"):
+        teacher_rows = [r for r in records if r["system"] == "teacher" and r["kind"] == kind]
+        copied = [r for r in records if r["system"] == "student_prompted" and r["kind"] == kind]
+        assert teacher_rows and copied == [
+            {**r, "system": "student_prompted", "measured_as": "teacher"} for r in teacher_rows
+        ]
+    assert "`student_prompted` is `teacher`'s model with its prompt, so it was measured once" in markdown
     for plot in ("accuracy_vs_cost", "latency_cdf", "throughput_vs_concurrency"):
         assert (config.run_dir / "benchmark" / f"{plot}.png").stat().st_size > 1000

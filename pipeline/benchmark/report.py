@@ -186,6 +186,17 @@ def _hardware_note(report: dict[str, Any]) -> str:
     return f"Ran on {hardware['device']}. {where}. "
 
 
+def _twins_note(report: dict[str, Any]) -> str:
+    """Systems measured once because they are another's model with its prompt (systems.twins)."""
+    said = [
+        f"`{name}` is `{m['measured_as']}`'s model with its prompt, so it was measured once: its row is "
+        f"`{m['measured_as']}`'s. "
+        for name, m in report["systems"].items()
+        if m.get("measured_as")
+    ]
+    return "".join(said)
+
+
 def _roofline_note(report: dict[str, Any]) -> str:
     tuned = report["systems"][names.STUDENT_TUNED]
     if "decode_roofline_share" not in tuned:
@@ -223,6 +234,7 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         f"Task `{report['task']}`, {report['test_examples']} held-out test examples, report schema "
         f"{report.get('schema_version', 1)}. "
         + _hardware_note(report)
+        + _twins_note(report)
         + f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
         + _latency_note(report.get("engine", "vllm"))
         + " The prompt's share of request time is time to first token over end-to-end "

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.benchmark.evaluate import task_sampling
 from pipeline.benchmark.stats import percentile
+from pipeline.benchmark.systems import copy_rows, twins
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
 from pipeline.engines import (
     adapter_rank,
@@ -229,6 +230,7 @@ def run_load_tests(
     adapters served beside it. Returns per-system level summaries and the per-request records."""
     bench = config.benchmark
     sampling = task_sampling(config, task)
+    copied_from = twins(systems)
     by_model: dict[str, list[System]] = {}
     for system in systems:
         by_model.setdefault(system.model, []).append(system)
@@ -240,9 +242,14 @@ def run_load_tests(
         log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in group)}")
         with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
             for system in group:
-                conversations = [task.messages(ex, system.prompt_style) for ex in examples]
-                rows = load_test(url, served[system.name], conversations, sampling, bench.load_test)
-                records += [{"system": system.name, "kind": "load", **row} for row in rows]
+                source = copied_from.get(system.name)
+                if source:  # the same model and prompt as a system already loaded: its rows, not a second run
+                    rows = copy_rows(records, source, system.name, kinds=("load",))
+                    records += rows
+                else:
+                    conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+                    rows = load_test(url, served[system.name], conversations, sampling, bench.load_test)
+                    records += [{"system": system.name, "kind": "load", **row} for row in rows]
                 levels = sorted({row["concurrency"] for row in rows})
                 summaries[system.name] = {
                     str(level): summarize_level([r for r in rows if r["concurrency"] == level]) for level in levels

@@ -12,6 +12,7 @@ verdict.py). Per-request records are kept in `records.jsonl`, so every number in
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pipeline.benchmark.probe import run_lm_eval
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
-from pipeline.benchmark.systems import System, systems_for, tuned_student_dir
+from pipeline.benchmark.systems import System, copy_rows, systems_for, tuned_student_dir, twins
 from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import ExperimentConfig
 from pipeline.engines import load_engine
@@ -127,14 +128,26 @@ def _evaluate_offline(
     by_model: dict[tuple[str, str | None], list[System]] = {}
     for system in systems:
         by_model.setdefault((system.model, system.adapter), []).append(system)
+    copied_from = twins(systems)
     for (model, adapter), group in by_model.items():
         engine = load_engine(model, config.benchmark.engine, config.seed, adapter)
         try:
             for system in group:
-                log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
-                results[system.name], system_records = evaluate_system(system, engine, task, config, examples)
-                records += system_records
-                if system.probe and config.benchmark.probe:
+                source = copied_from.get(system.name)
+                if source:
+                    log(f"benchmark: {system.name} is {source}'s model with its prompt: measured once, rows copied")
+                    results[system.name] = {**copy.deepcopy(results[source]), "measured_as": source}
+                    records += copy_rows(records, source, system.name, kinds=("task", "latency", "latency_cold"))
+                else:
+                    log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
+                    results[system.name], system_records = evaluate_system(system, engine, task, config, examples)
+                    records += system_records
+                if not (system.probe and config.benchmark.probe):
+                    continue
+                if source in forgetting:
+                    forgetting[system.name] = copy.deepcopy(forgetting[source])
+                    records += copy_rows(records, source, system.name, kinds=("probe",))
+                else:
                     forgetting[system.name], probe_records = run_probe(system, engine, task, config)
                     records += probe_records
         finally:
