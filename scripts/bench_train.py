@@ -205,7 +205,7 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/smollm2_support.yaml")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "smollm2_support.yaml"))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--packed-steps", type=int, default=None, help="steps for the packed run (default --steps)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each side (at least 1)")
