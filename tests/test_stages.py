@@ -306,7 +306,7 @@ def test_replay_answered_by_the_untuned_student_is_generated_once(tmp_path, tiny
     # The random tiny student rarely stops within 4 tokens: cut answers are dropped, never trained on.
     assert report["kept"] + report["dropped"].get("truncated", 0) + report["dropped"].get("empty", 0) >= 4
     cached = list(read_jsonl(out / "replay_answers.jsonl"))
-    assert len(cached) == 155 and {row["finish_reason"] for row in cached} <= {"stop", "length"}
+    assert 6 <= len(cached) <= 155 and {row["finish_reason"] for row in cached} <= {"stop", "length"}
     replayed = [row for row in read_jsonl(out / "train.jsonl") if row.get("replay")]
     assert len(replayed) == report["kept"] and all(row["messages"][0]["role"] == "user" for row in replayed)
 
@@ -315,6 +315,36 @@ def test_replay_answered_by_the_untuned_student_is_generated_once(tmp_path, tiny
     config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 5}})
     with pytest.raises(pytest.fail.Exception, match="answers regenerated"):
         run_filter(config)
+
+
+def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_model, monkeypatch):
+    """4 rows wanted, every answer good: 6 of the 155 prompts answered (1.5x), not all; a larger fraction later
+    answers only the prompts not yet cached. A test prompt planted in the prompts file is dropped unanswered."""
+    import pipeline.engines as engines
+    from pipeline.tasks import build_task
+
+    plain = strict_config(tmp_path, tiny_model)
+    task = build_task(plain.task.name, plain.task.params, plain.seed, plain.base_dir)
+    prompts = tmp_path / "general.jsonl"
+    general = [f"Name a colour that starts with the letter {chr(65 + i)}." for i in range(20)]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [task.split("test")[0].user, *general]))
+    engine = ScriptedEngine(answer="Sure:")
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: engine)
+    rows = [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)]
+
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "prompts": str(prompts)}})
+    write_teacher_outputs(config, rows)
+    report = json.loads((run_filter(config) / "filter_report.json").read_text())["replay"]
+    asked = [prompt for call in engine.calls for prompt in call]
+    assert report["wanted"] == report["kept"] == 4 and report["available"] == 21
+    assert len(asked) in (5, 6) and task.split("test")[0].user not in asked  # 6 drawn; the test prompt unanswered
+    assert report["dropped"] == ({"test_split_guard": 1} if len(asked) == 5 else {})
+
+    more = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.75, "prompts": str(prompts)}})
+    engine.calls.clear()
+    report = json.loads((run_filter(more) / "filter_report.json").read_text())["replay"]
+    again = [prompt for call in engine.calls for prompt in call]
+    assert report["kept"] == report["wanted"] == 12 and not set(again) & set(asked)  # cached answers reused
 
 
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):
