@@ -478,7 +478,7 @@ class LoadTestConfig(_Strict):
 
     enabled: bool = True
     concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16])
-    requests: int = Field(32, ge=1)  # timed requests per level (at least the level itself)
+    requests: int = Field(32, ge=1)  # timed requests per level (at least two waves of the level: serving.MIN_WAVES)
     warmup: int = Field(4, ge=0)  # untimed requests before the first level
     cost_concurrency: int | None = None  # None: the highest level
     startup_timeout_s: float = Field(600, gt=0)
