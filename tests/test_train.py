@@ -386,12 +386,14 @@ def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
     """train_metrics.json carries tokens/s; on a CUDA device the datasheet table knows, MFU against its peak.
     The CUDA device is faked (its name only): there is no GPU here."""
     import pipeline.hardware as hardware
-    from pipeline.train.trainer import throughput_metrics
+    from pipeline.train.trainer import model_parameters, throughput_metrics
 
     config = validate_config(tiny_config(tmp_path, tiny_model))
     trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
     trainer.state.log_history = [{"num_tokens": 500.0}, {"num_tokens": 1000.0}]
-    params = sum(p.numel() for p in trainer.model.parameters())
+    # The tiny model's untied input embedding table is looked up, not multiplied: not in the FLOPs.
+    params = sum(p.numel() for p in trainer.model.parameters()) - trainer.model.get_input_embeddings().weight.numel()
+    assert model_parameters(trainer.model) == params
     monkeypatch.setattr(hardware, "cuda_accelerator", lambda: None)  # as on this CPU, also when run on a GPU
     assert throughput_metrics(trainer, 2.0, full=False) == {"train_tokens": 1000, "train_tokens_per_s": 500.0}
 
@@ -477,6 +479,24 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.method": "qlora", "train.device": "cpu"}))
     with pytest.raises(PipelineError, match=r"^train.method: qlora needs a CUDA GPU"):
         build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_trained_token_count_is_the_real_tokens_of_the_batches(tmp_path, tiny_model, packing):
+    """Counted on the device and read at each log (no sync per step): the count must still be exact, padded
+    (the mask's ones) and packed (the rows' lengths), with a step trained after the last regular log."""
+    import itertools
+
+    overrides = {"train.max_steps": 3, "train.logging_steps": 2, "train.packing": packing}
+    config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
+    rows = [to_prompt_completion(r) for r in ROWS * 6]
+    trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+    batches = list(itertools.islice(trainer.get_train_dataloader(), 3))
+    real = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["position_ids"].size(1) for b in batches]
+    assert ("attention_mask" in batches[0]) is not packing
+    trainer.train()
+    logged = [(e["step"], e["num_tokens"]) for e in trainer.state.log_history if "num_tokens" in e]
+    assert logged == [(1, real[0]), (2, sum(real[:2])), (3, sum(real))]
 
 
 def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):

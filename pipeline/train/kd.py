@@ -132,9 +132,9 @@ def kd_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from pipeline.train.trainer import trained_tokens
+    from pipeline.train.trainer import TokenCounter
 
-    class KDTrainer(SFTTrainer):
+    class KDTrainer(TokenCounter, SFTTrainer):
         def __init__(self, *args: Any, kd_alpha: float, kd_temperature: float, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
@@ -163,8 +163,7 @@ def kd_trainer_class():
             self._metrics[mode]["kd_kl"].append(float(kl_sum.detach() / distilled))
             self._metrics[mode]["kd_token_share"].append(float(distilled / (labels[:, 1:] != -100).sum().clamp(min=1)))
             if mode == "train":
-                self._total_train_tokens += trained_tokens(self.accelerator, inputs)
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+                self.count_tokens(inputs)
             return (loss, outputs) if return_outputs else loss
 
     return KDTrainer

@@ -49,7 +49,10 @@ def device_defaults(train: TrainConfig) -> dict[str, Any]:
     if train.device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device: cuda requested but no CUDA device is visible")
     bf16 = train.bf16 if train.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-    return {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": train.gradient_checkpointing}
+    options = {"use_cpu": not cuda, "bf16": bf16, "gradient_checkpointing": train.gradient_checkpointing}
+    if cuda:  # batches copied from pinned memory without waiting for the GPU (see TokenCounter)
+        options["accelerator_config"] = {"non_blocking": True}
+    return options
 
 
 def attention_implementation(train: TrainConfig) -> str:
@@ -133,6 +136,7 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         lr_scheduler_type=train.lr_scheduler_type,
         logging_steps=train.logging_steps,
         logging_first_step=True,  # and the last (log_the_last_step_callback): first and last loss for any length
+        logging_nan_inf_filter=False,  # its NaN check read the loss on the host every step; a NaN is logged as NaN
         eval_strategy="steps" if has_val else "no",
         eval_steps=train.save_steps,
         save_strategy="steps",
@@ -230,13 +234,29 @@ def max_length_overflow(tokenizer: Any, rows: list[dict[str, Any]], max_length: 
     }
 
 
-def trained_tokens(accelerator: Any, inputs: dict[str, Any]) -> int:
-    """Real tokens of one batch over every rank, as TRL counts them (padding-free rows have no padding)."""
-    import torch
+class TokenCounter:
+    """Counts the trained (non-padding) tokens of every rank, as TRL's `num_tokens`, without a host-device sync per
+    step: the count stays on the device (a mask's sum) or in Python (a padding-free row's length) until the next
+    log. TRL's own count, `int(...)` of a device tensor every step, stalled the CPU until the GPU caught up, so
+    that the next batch was collated and sent while the GPU waited."""
 
-    mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
-    local = mask.sum() if mask is not None else torch.tensor(positions.size(1), device=positions.device)
-    return int(accelerator.gather_for_metrics(local).sum())
+    _uncounted: Any = None  # tokens of the training steps since the last log
+
+    def count_tokens(self, inputs: dict[str, Any]) -> None:
+        mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+        tokens = mask.sum() if mask is not None else positions.size(1)
+        self._uncounted = tokens if self._uncounted is None else self._uncounted + tokens
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        import torch
+
+        if self._uncounted is not None and self.model.training:  # an evaluation's log leaves them for the next
+            uncounted, self._uncounted = self._uncounted, None
+            if self.accelerator.num_processes > 1:  # every rank logs at the same steps: the gather is collective
+                uncounted = self.accelerator.gather(torch.as_tensor(uncounted, device=self.accelerator.device)).sum()
+            self._total_train_tokens += int(uncounted)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
 
 
 def sft_trainer_class():
@@ -251,11 +271,12 @@ def sft_trainer_class():
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    class LeanSFTTrainer(SFTTrainer):
+    class LeanSFTTrainer(TokenCounter, SFTTrainer):
         def __init__(self, *args: Any, token_metrics: bool = False, fused_lm_head: bool = True, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.token_metrics = token_metrics
-            self.fused_head = fused_lm_head and self.args.device.type == "cuda"
+            # Liger kernels bring their own fused linear cross-entropy.
+            self.fused_head = fused_lm_head and self.args.device.type == "cuda" and not self.args.use_liger_kernel
             if self.fused_head and not token_metrics:
                 base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
                 add_fused_lm_head(base, outputs=("log_probs",))  # wraps TRL's: the same head, fewer outputs
@@ -272,18 +293,23 @@ def sft_trainer_class():
             else:
                 loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
             if model.training:
-                self._total_train_tokens += trained_tokens(self.accelerator, inputs)
-            self._metrics["train" if model.training else "eval"]["num_tokens"] = [self._total_train_tokens]
+                self.count_tokens(inputs)
             return (loss, outputs) if return_outputs else loss
 
     return LeanSFTTrainer
 
 
 def model_parameters(model: Any) -> int:
-    """Parameters of the model a token goes through (4-bit weights counted unpacked; LoRA's included)."""
+    """Parameters a token is multiplied by (4-bit weights counted unpacked; LoRA's included): all of them but an
+    input embedding table that is not also the head (one row looked up per token, no FLOPs)."""
     if hasattr(model, "get_nb_trainable_parameters"):
-        return int(model.get_nb_trainable_parameters()[1])
-    return sum(p.numel() for p in model.parameters())
+        total = int(model.get_nb_trainable_parameters()[1])
+    else:
+        total = sum(p.numel() for p in model.parameters())
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and head is not None and embeddings.weight is not head.weight:
+        total -= embeddings.weight.numel()
+    return total
 
 
 def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, Any]:
