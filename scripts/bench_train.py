@@ -70,27 +70,29 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def step_clock():
-    """A trainer callback that stamps the end of every step (after a device sync)."""
+def step_clock(first: int, last: int):
+    """A trainer callback that stamps the end of steps `first` and `last`, after a device sync there only: a sync
+    at every step would stall the CPU the way the stage no longer does (see pipeline/train/trainer.TokenCounter)."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
-            self.stamps: list[float] = []
+            self.stamps: dict[int, float] = {}
 
         def on_step_end(self, args, state, control, **kwargs):
-            synchronize()
-            self.stamps.append(time.perf_counter())
+            if state.global_step in (first, last):
+                synchronize()
+                self.stamps[state.global_step] = time.perf_counter()
 
     return Clock()
 
 
 def ours(trainer, tokens: list[int], warmup: int) -> tuple[int, float]:
     """`trainer.train()` as the stage runs it, timed from the end of step `warmup` to the end of the last step."""
-    clock = step_clock()
+    clock = step_clock(warmup, len(tokens))
     trainer.add_callback(clock)
     trainer.train()
-    return sum(tokens[warmup:]), clock.stamps[-1] - clock.stamps[warmup - 1]
+    return sum(tokens[warmup:]), clock.stamps[len(tokens)] - clock.stamps[warmup]
 
 
 def plain(config, model_path: str, batches, device, bf16: bool, attention: str, warmup: int) -> tuple[int, float]:
@@ -143,6 +145,32 @@ def profile_steps(trainer, steps: int = 2) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60))
 
 
+def sync_sites(trainer, steps: int = 3) -> None:
+    """The lines that made the CPU wait for the GPU during `steps` of our steps (CUDA's sync debug mode), with their
+    count: a line counted once per step stalls every step."""
+    import collections
+    import warnings
+
+    import torch
+
+    trainer.args.max_steps = steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = collections.Counter(
+        f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message)
+    )
+    print(f"host-device syncs in {steps} steps of ours (train() setup included): {sum(sites.values())}")
+    for site, count in sites.most_common(12):
+        print(f"  {count:4d}  {site}")
+
+
 def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> dict:
     """One side-by-side measurement, unpacked or packed; prints three lines and returns the figures."""
     import torch
@@ -172,6 +200,8 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
         memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         if args.profile and not packing:
             profile_steps(trainer)
+        if args.profile and packing and torch.cuda.is_available():
+            sync_sites(trainer)
     name = "packed  " if packing else "unpacked"
     timed = count - args.warmup
     result = {
@@ -211,7 +241,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each side (at least 1)")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak (default: its datasheet on CUDA)")
     parser.add_argument("--only", choices=("unpacked", "packed"), help="measure one of the two")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table of two of our unpacked steps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler table of two of our unpacked steps; on CUDA, the lines that sync in three packed steps",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
