@@ -99,19 +99,36 @@ def test_latency_wording_follows_the_engine_that_ran(engine, said, not_said):
     assert said in text and not_said not in text
 
 
+def test_the_roofline_counts_the_weights_a_token_goes_through(tmp_path):
+    """A decode step reads the head, not the input embedding table (one row looked up), unless they are tied;
+    a prompt token skips the head too (logits for the last prompt position only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.benchmark.roofline import weight_counts
+
+    layers = {"model.layers.0.mlp.up_proj.weight": torch.zeros(8, 100)}  # 800
+    untied, tied = tmp_path / "untied", tmp_path / "tied"
+    for folder, head in ((untied, {"lm_head.weight": torch.zeros(50, 8)}), (tied, {})):
+        folder.mkdir()
+        save_file({"model.embed_tokens.weight": torch.zeros(50, 8), **layers, **head}, str(folder / "m.safetensors"))
+    assert weight_counts(untied) == (1600, 1200, 800)
+    assert weight_counts(tied) == (1200, 1200, 800)
+
+
 def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path):
     """A 1,000-parameter fp32 checkpoint on a 4 GB/s machine: the ceiling is 4e9 / 4,000 B = 1e6 tok/s."""
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.benchmark.roofline import add_roofline_shares, parameter_count
+    from pipeline.benchmark.roofline import add_roofline_shares, weight_counts
     from pipeline.benchmark.systems import System
 
     folder = tmp_path / "model"
     folder.mkdir()
     save_file({"a": torch.zeros(10, 50), "b": torch.zeros(500)}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text('{"torch_dtype": "bfloat16"}')
-    assert parameter_count(folder) == 1000
+    assert weight_counts(folder) == (1000, 1000, 1000)  # no embedding table recognised: every weight counts
     cfg = config(
         engine={"backend": "transformers"},
         hardware_profiles={"box": {"usd_per_hour": 1, "memory_gbps": 4.0, "peak_tflops": 1.0}},

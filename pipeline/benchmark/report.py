@@ -204,9 +204,10 @@ def _roofline_note(report: dict[str, Any]) -> str:
     return (
         "The decode roofline share is a system's decode speed for one request ("
         + tuned["decode_basis"]
-        + ") over its hardware's ceiling, memory bandwidth over the bytes of its weights "
+        + ") over its hardware's ceiling, memory bandwidth over the bytes of the weights one decode step reads "
         f"(the tuned student: {tuned['decode_tokens_per_s']:.1f} of {tuned['decode_ceiling_tokens_per_s']:,.0f} "
-        f"tok/s, {tuned['weight_bytes'] / 1e6:,.0f} MB of {tuned['weight_dtype']} weights). "
+        f"tok/s, {tuned['weight_bytes'] / 1e6:,.0f} MB of {tuned['weight_dtype']} weights; the input embedding "
+        "table is looked up, not read). "
     )
 
 

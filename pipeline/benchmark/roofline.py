@@ -4,9 +4,11 @@ A decoder answering one request at a time reads every weight once per output tok
 memory bandwidth over the bytes of its weights (Qwen2.5-0.5B in bf16 on an H100 at 3.35 TB/s: ~3,400 tok/s).
 `decode_roofline_share` is the measured per-request decode speed over that ceiling. A batched run is bound by
 compute instead: `batched_compute_share` is its achieved forward FLOP/s (2 per parameter per token, prompt and
-output; output only where vLLM's prefix cache may serve the prompt) over the profile's peak. Limits come from
-the hardware profile (pipeline/hardware.py, or measured on a CPU), the weights from the model's safetensors
-headers.
+output; output only where vLLM's prefix cache may serve the prompt) over the profile's peak. Neither counts the
+input embedding table (one row looked up per token) unless the head shares it, and prompt tokens skip the head
+(logits for the last prompt position only): for a 49k-vocabulary toy model the table is most of the weights.
+Limits come from the hardware profile (pipeline/hardware.py, or measured on a CPU), the weights from the
+model's safetensors headers.
 """
 
 from __future__ import annotations
@@ -35,14 +37,22 @@ def model_folder(model: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def parameter_count(folder: Path) -> int | None:
-    """Parameters in the folder's safetensors files, from their headers (nothing is loaded)."""
+# The input embedding table (looked up one row per token, neither read whole nor multiplied) and the output head.
+EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+
+
+def weight_counts(folder: Path) -> tuple[int, int, int] | None:
+    """(all parameters, those a token's decode step reads and multiplies, those a prompt token multiplies), from
+    the safetensors headers. A decode step skips the input embedding table (one row looked up) unless the head
+    shares it; a prompt token also skips the head, since engines compute logits for the last prompt position
+    only. Without a recognised embedding, every parameter counts for both."""
     from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
+    total = embedding = head = 0
     for file in files:
         with safe_open(str(file), framework="pt") as weights:
             for key in weights.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -50,7 +60,14 @@ def parameter_count(folder: Path) -> int | None:
                 for dim in weights.get_slice(key).get_shape():
                     count *= dim
                 total += count
-    return total
+                if key.endswith(EMBEDDING_NAMES):
+                    embedding += count
+                elif key.endswith(HEAD_NAMES):
+                    head += count
+    if not embedding:
+        return total, total, total
+    body = total - embedding - head
+    return total, body + (head or embedding), body  # no head stored: tied, the embedding table is the head
 
 
 def serving_dtype(engine: EngineConfig, folder: Path, on_gpu: bool) -> str | None:
@@ -77,13 +94,21 @@ def add_roofline_shares(
     for system in systems:
         metrics = results[system.name]
         folder = model_folder(system.model)
-        parameters = parameter_count(folder) if folder else None
-        if not parameters:
+        counts = weight_counts(folder) if folder else None
+        if not counts or not counts[0]:
             continue
+        parameters, per_output_token, per_prompt_token = counts
         dtype = serving_dtype(config.benchmark.engine, folder, hardware.machine.gpu)
         _, profile = hardware.for_system(declared[system.name])
-        weight_bytes = parameters * DTYPE_BYTES.get(dtype or "", 0)
-        metrics.update({"parameters": parameters, "weight_dtype": dtype, "weight_bytes": weight_bytes})
+        weight_bytes = per_output_token * DTYPE_BYTES.get(dtype or "", 0)  # read once per decode step
+        metrics.update(
+            {
+                "parameters": parameters,
+                "parameters_per_output_token": per_output_token,
+                "weight_dtype": dtype,
+                "weight_bytes": weight_bytes,
+            }
+        )
         lowest = metrics.get("load", {}).get("1", {})
         tpot = lowest.get(latency_key("tpot", 50))
         if tpot:
@@ -105,6 +130,8 @@ def add_roofline_shares(
             # Prompt tokens found in vLLM's prefix cache are not computed again (a shared few-shot prefix: most
             # of the prompt), so with the cache on only output tokens count: a lower bound, never above the peak.
             cached = config.benchmark.engine.backend == "vllm" and config.benchmark.engine.enable_prefix_caching
-            tokens_per_s = offline["output_tokens_per_s"] + (0 if cached else offline["prompt_tokens_per_s"])
-            metrics["batched_compute_share"] = 2 * parameters * tokens_per_s / (profile.peak_tflops * 1e12)
+            flops_per_s = 2 * per_output_token * offline["output_tokens_per_s"]
+            if not cached:
+                flops_per_s += 2 * per_prompt_token * offline["prompt_tokens_per_s"]
+            metrics["batched_compute_share"] = flops_per_s / (profile.peak_tflops * 1e12)
             metrics["batched_compute_basis"] = "output tokens (prefix cache on)" if cached else "prompt + output tokens"
