@@ -14,6 +14,8 @@
 #    torch.compile and Liger kernels (when installed), packed; each against the plain loop.
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
+# SKIP="token_metrics checkpointing" leaves those steps out (e.g. to fit a short lease); the rest run in the
+# order of the summary, the checks first, the option costs last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -25,8 +27,10 @@ mkdir -p "$OUT_DIR"
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 declare -A status seconds
 
+SKIP=${SKIP:-}
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log, record status and time
   local name=$1 limit=$2; shift 2
+  if [[ " $SKIP " == *" $name "* ]]; then status[$name]="skipped (SKIP)"; seconds[$name]=0; return; fi
   local started=$SECONDS
   echo "== $name: $*"
   timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
@@ -48,15 +52,15 @@ bench bench_05b --profile -- "student.model=$M05"
 bench bench_15b -- "student.model=$M15"
 step pipeline 240 $PY -m pipeline.cli run --config configs/gpu_check.yaml --force "runs_dir=$OUT_DIR/runs" \
   "teacher.model=$M05" "student.model=$M05"
-bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
-bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
-bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
-bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 if $PY -c "import liger_kernel" 2>/dev/null; then
   bench liger --only packed -- "student.model=$M05" train.use_liger_kernel=true
 else
   status[liger]="skipped (no liger-kernel)"; seconds[liger]=0
 fi
+bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
+bench compile --only packed -- "student.model=$M05" train.torch_compile=true
+bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
+bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
 
 $PY - "$OUT_DIR" <<'PY'
 import json, sys
@@ -64,7 +68,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
-for name in ("bench_05b", "bench_15b", "token_metrics", "checkpointing", "workers", "compile", "liger"):
+for name in ("bench_05b", "bench_15b", "liger", "workers", "compile", "token_metrics", "checkpointing"):
     path = out / f"{name}.json"
     if not path.is_file():
         print(f"| {name} | (no result: {name}.log, if it ran) |"); continue
@@ -95,7 +99,7 @@ if report:  # the detected hardware profile and each system's distance to its li
 PY
 echo
 failed=0
-for name in tests bench_05b bench_15b pipeline token_metrics checkpointing workers compile liger; do
+for name in tests bench_05b bench_15b pipeline liger workers compile token_metrics checkpointing; do
   printf '%-10s %-12s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
   case "${status[$name]}" in ok|skipped*) ;; *) failed=1 ;; esac
 done
