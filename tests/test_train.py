@@ -364,6 +364,33 @@ def test_packing_never_goes_through_a_dense_mask(tmp_path, tiny_model):
         validate_config(tiny_config(tmp_path, tiny_model, **{"train.attn_implementation": "flash"}))
 
 
+def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypatch):
+    """Unset, Liger is on for LoRA and full SFT on CUDA when installed; off on the CPU, for QLoRA and KD, or when
+    the package is missing; an explicit false wins. The CUDA device and the installed package are faked."""
+    import importlib.util
+
+    from pipeline.config import TrainConfig
+    from pipeline.train.trainer import fast_path_options
+
+    real_find_spec = importlib.util.find_spec
+    installed = {"liger_kernel": True}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if installed[name] else None) if name in installed else real_find_spec(name, *a),
+    )
+    cuda, cpu = {"use_cpu": False}, {"use_cpu": True}
+
+    def liger(device, **train):
+        return fast_path_options(TrainConfig(**train), device)["use_liger_kernel"]
+
+    assert liger(cuda) and liger(cuda, method="full")
+    assert not liger(cpu) and not liger(cuda, method="qlora") and not liger(cuda, objective="kd")
+    assert not liger(cuda, use_liger_kernel=False)
+    installed["liger_kernel"] = False
+    assert not liger(cuda)
+
+
 def test_out_of_gpu_memory_names_the_keys_that_fix_it():
     """A CUDA out-of-memory error (raised by a stand-in trainer: there is no GPU here) becomes one line naming
     gradient checkpointing and the batch size."""

@@ -110,11 +110,22 @@ def require(module: str, what: str) -> None:
         raise PipelineError(f"{what} needs the {package} package (pip install {package})")
 
 
-def fast_path_options(train: TrainConfig) -> dict[str, Any]:
-    """Liger kernels and torch.compile, each a config key; a missing package is a one-line error."""
-    if train.use_liger_kernel:
+def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, Any]:
+    """Liger kernels and torch.compile, each a config key; a missing package is a one-line error. Liger unset: on
+    where it was measured to pay (LoRA or full SFT on CUDA) and is installed."""
+    import importlib.util
+
+    liger = train.use_liger_kernel
+    if liger:
         require("liger_kernel", "train.use_liger_kernel:")
-    return {"use_liger_kernel": train.use_liger_kernel, "torch_compile": train.torch_compile}
+    elif liger is None:
+        liger = (
+            not device["use_cpu"]
+            and train.method != "qlora"
+            and train.objective == "sft"
+            and importlib.util.find_spec("liger_kernel") is not None
+        )
+    return {"use_liger_kernel": liger, "torch_compile": train.torch_compile}
 
 
 def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: dict[str, Any]):
@@ -155,7 +166,7 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         run_name=f"{config.run_name}-train",
         dataloader_num_workers=train.dataloader_workers,
         ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
-        **fast_path_options(train),
+        **fast_path_options(train, device),
         **device,
     )
 
