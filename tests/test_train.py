@@ -511,19 +511,23 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_trained_token_count_is_the_real_tokens_of_the_batches(tmp_path, tiny_model, packing):
     """Counted on the device and read at each log (no sync per step): the count must still be exact, padded
-    (the mask's ones) and packed (the rows' lengths), with a step trained after the last regular log."""
+    (the mask's ones) and packed (the rows' lengths), across a validation's log between two training logs (step 2
+    is validated, not logged) and with a step trained after the last regular log."""
     import itertools
 
-    overrides = {"train.max_steps": 3, "train.logging_steps": 2, "train.packing": packing}
+    overrides = {"train.max_steps": 4, "train.logging_steps": 3, "train.save_steps": 1, "train.packing": packing}
     config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
-    rows = [to_prompt_completion(r) for r in ROWS * 6]
-    trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
-    batches = list(itertools.islice(trainer.get_train_dataloader(), 3))
+    rows = [to_prompt_completion(r) for r in ROWS * 12]  # packed, 4 rows of 256 tokens hold ~16 examples
+    trainer = build_trainer(config, str(tiny_model), rows, rows[:2], tmp_path / "out")
+    batches = list(itertools.islice(trainer.get_train_dataloader(), 4))
+    assert len(batches) == 4  # all in the first epoch
     real = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["position_ids"].size(1) for b in batches]
     assert ("attention_mask" in batches[0]) is not packing
     trainer.train()
-    logged = [(e["step"], e["num_tokens"]) for e in trainer.state.log_history if "num_tokens" in e]
-    assert logged == [(1, real[0]), (2, sum(real[:2])), (3, sum(real))]
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "eval_loss" in e] == [1, 2, 3, 4]
+    logged = [(e["step"], e["num_tokens"]) for e in history if "num_tokens" in e]
+    assert logged == [(1, real[0]), (3, sum(real[:3])), (4, sum(real))]
 
 
 def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):
