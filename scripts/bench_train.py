@@ -166,7 +166,8 @@ def sync_sites(trainer, steps: int = 3) -> None:
         for w in caught
         if "synchroniz" in str(w.message)
     )
-    print(f"host-device syncs in {steps} steps of ours (train() setup included): {sum(sites.values())}")
+    total = sum(sites.values())
+    print(f"host-device syncs in {steps} steps of ours (train()'s setup and final checkpoint save included): {total}")
     for site, count in sites.most_common(12):
         print(f"  {count:4d}  {site}")
 
