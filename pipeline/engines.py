@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.hardware import attention_without_cudnn
 from pipeline.runs import PipelineError
 
 Conversation = list[dict[str, str]]
@@ -371,7 +372,7 @@ class TransformersEngine(Engine):
             texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             do_sample = sampling.temperature > 0
-            with torch.no_grad():
+            with torch.no_grad(), attention_without_cudnn(self.device):
                 out = self.lm.generate(
                     **enc,
                     max_new_tokens=sampling.max_tokens,

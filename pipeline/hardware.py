@@ -18,6 +18,8 @@ Prices are indicative on-demand $/hour for one GPU (cloud list prices, late 2026
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -128,3 +130,20 @@ def probe_cpu() -> tuple[float, float]:
     target.copy_(source)
     gbps = 2 * source.numel() * 4 / best(lambda: target.copy_(source)) / 1e9  # read + write
     return round(tflops, 4), round(gbps, 1)
+
+
+@contextmanager
+def attention_without_cudnn(device_type: str) -> Iterator[None]:
+    """On CUDA, `scaled_dot_product_attention` without PyTorch's cuDNN backend (flash, memory-efficient or math
+    instead); elsewhere nothing changes. cuDNN attention, which PyTorch prefers on Hopper, builds an execution plan
+    the first time it meets each sequence length: on an H200 (torch 2.11) a prefill of an unseen length took 89-105
+    ms against 25 ms once planned, and a single generated request, whose every decode step is a new key length,
+    took 1.8-3.3 s against 0.55 s for the same lengths again; without it, 0.54-0.79 s on unseen lengths and 17-22
+    ms a planned prefill. Training pays the same per new padded length (forward and backward)."""
+    if device_type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

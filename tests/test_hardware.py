@@ -154,3 +154,20 @@ def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path)
     output_only = 2 * 1000 * tuned["offline"]["output_tokens_per_s"] / 1e12
     assert tuned["batched_compute_share"] == pytest.approx(output_only) and output_only < 2 * 1000 * 500 / 1e12
     assert tuned["batched_compute_basis"] == "output tokens (prefix cache on)"
+
+
+def test_attention_leaves_cudnn_out_on_cuda_only():
+    """The backend flags are torch's global state and exist in CPU builds too: "cuda" here fakes only the device."""
+    import torch
+
+    def flags():
+        c = torch.backends.cuda
+        return c.cudnn_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(), c.math_sdp_enabled()
+
+    before = flags()
+    assert before[0]  # torch's default, which the context must restore
+    with hardware.attention_without_cudnn("cuda"):
+        assert flags() == (False, True, True, True)
+    assert flags() == before
+    with hardware.attention_without_cudnn("cpu"):
+        assert flags() == before

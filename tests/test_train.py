@@ -536,3 +536,21 @@ def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):
     trainer.train()
     rates = [entry["tokens_per_s"] for entry in trainer.state.log_history if "tokens_per_s" in entry]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)  # every log after the first
+
+
+def test_training_steps_run_without_cudnn_attention_on_cuda(monkeypatch, tmp_path, tiny_model):
+    """Padded batches bring a new length nearly every step, and cuDNN attention plans each one. No GPU here: the
+    context is told the device is CUDA (its flags are torch's global state, in CPU builds too)."""
+    import torch
+
+    from pipeline import hardware
+
+    real = hardware.attention_without_cudnn
+    monkeypatch.setattr(hardware, "attention_without_cudnn", lambda _device: real("cuda"))
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    trainer.train()
+    assert len(seen) == 2 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
