@@ -554,3 +554,17 @@ def test_training_steps_run_without_cudnn_attention_on_cuda(monkeypatch, tmp_pat
     trainer.train()
     assert len(seen) == 2 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_trl_keeps_its_fused_head_when_liger_kernels_are_on():
+    """TRL (1.16) applies only Liger's layer kernels and says so in the config: its fused LM head must then stay on,
+    or the run computes the full (tokens x vocabulary) logits. An older Liger setup that fuses the head itself
+    replaces it. (Liger needs CUDA: the trainer's arguments are stand-ins.)"""
+    from types import SimpleNamespace
+
+    from pipeline.train.trainer import liger_replaces_the_head
+
+    trl_1_16 = {"fused_linear_cross_entropy": False}
+    assert not liger_replaces_the_head(SimpleNamespace(use_liger_kernel=True, liger_kernel_config=trl_1_16))
+    assert liger_replaces_the_head(SimpleNamespace(use_liger_kernel=True, liger_kernel_config=None))
+    assert not liger_replaces_the_head(SimpleNamespace(use_liger_kernel=False, liger_kernel_config=None))
