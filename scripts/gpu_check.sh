@@ -20,9 +20,11 @@
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
 # Steps run in the order of the summary, the checks first, the option costs last. By default torch.compile, token
-# metrics and checkpointing are left out (SKIP="compile token_metrics checkpointing"): the rest took 358 s of steps
-# on an H200 (tests 90, benches 58 and 55, pipeline 93, the Liger and workers steps 30 and 32), where compiling
-# the 0.4B model ran ~150 s without finishing its first step. SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
+# metrics and checkpointing are left out (SKIP="compile token_metrics checkpointing"): the rest took 368 s of steps
+# on an H200 (tests 101, benches 64 and 53, pipeline 87, the Liger and workers steps 31 and 32) when a bench timed
+# 10 unpacked and 6 packed steps; it now times 18 and 12 (a 6-step packed ratio of one setup read 1.37 and 0.78 on
+# two days), not yet timed on a GPU. Compiling the 0.4B model ran ~150 s without finishing its first step.
+# SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -52,7 +54,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 step tests 180 $PY -m pytest -q -x $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
-  step "$name" 150 $PY scripts/bench_train.py --steps 12 --packed-steps 8 --warmup 2 "${options[@]}" \
+  step "$name" 150 $PY scripts/bench_train.py --steps 20 --packed-steps 14 --warmup 2 "${options[@]}" \
     --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
 }
 bench bench_05b --profile -- "student.model=$M05"
