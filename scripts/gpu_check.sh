@@ -12,7 +12,9 @@
 # 2. scripts/bench_train.py on a 0.5B- and a 1.5B-shaped student: ours / plain PyTorch+PEFT loop, unpacked and
 #    packed, with model FLOPs utilisation against the device's datasheet peak;
 # 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student) end to end, its benchmark on
-#    the detected GPU profile with each system's decode roofline share;
+#    the detected GPU profile with each system's decode roofline share and its single-request latency, warm
+#    (timed first) and cold: the same work on this engine, so two figures far apart mean a cost paid once per
+#    new shape (cuDNN attention's plans made warm 2.86 s against cold 0.84 s on an H200 before 9bf5caf);
 # 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
 #    Liger kernels (on by default where liger-kernel is installed), two collating workers
 #    (train.dataloader_workers) and torch.compile; unpacked, TRL's per-step token metrics (train.token_metrics)
@@ -104,7 +106,8 @@ if report:  # the detected hardware profile and each system's distance to its li
     for name, m in r["systems"].items():
         print(f"  {name}: decode {m.get('decode_tokens_per_s', 0):.1f} of {m.get('decode_ceiling_tokens_per_s', 0):,.0f} "
               f"tok/s = {m.get('decode_roofline_share', 0):.2%} of the roofline ({m.get('decode_basis')}), "
-              f"batched {m.get('batched_compute_share', 0):.3%} of peak, ${m.get('cost_per_1k_requests', 0):.4f}/1k")
+              f"batched {m.get('batched_compute_share', 0):.3%} of peak, ${m.get('cost_per_1k_requests', 0):.4f}/1k, "
+              f"p50 one at a time warm {m.get('latency_p50_s', 0):.2f} / cold {m.get('latency_cold_p50_s', 0):.2f} s")
 PY
 echo
 failed=0
