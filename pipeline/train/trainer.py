@@ -245,7 +245,7 @@ def max_length_overflow(tokenizer: Any, rows: list[dict[str, Any]], max_length: 
     }
 
 
-class PlannedAttention:
+class AttentionWithoutCudnn:
     """Trains with `scaled_dot_product_attention` kept off cuDNN on CUDA (`hardware.attention_without_cudnn`):
     unpacked batches are padded to their longest example, so nearly every step brings a new length, and cuDNN
     builds a plan for each (forward and backward). On an H200 the hand-written loop of scripts/bench_train.py ran
@@ -306,7 +306,7 @@ def sft_trainer_class():
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    class LeanSFTTrainer(PlannedAttention, TokenCounter, SFTTrainer):
+    class LeanSFTTrainer(AttentionWithoutCudnn, TokenCounter, SFTTrainer):
         def __init__(self, *args: Any, token_metrics: bool = False, fused_lm_head: bool = True, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.token_metrics = token_metrics
