@@ -394,12 +394,13 @@ class TrainConfig(_Strict):
     # Processes that collate the next batches while the device trains on this one. 0: collation in the training
     # loop (on this 2-core CPU the workers would take the cores the step needs). A packed 16k-token batch takes
     # ~23 ms to collate here, against ~260 ms for a 0.4B training step on an H200, where the collation overlaps
-    # the step once nothing syncs (2 workers measured 1.13x the plain loop packed, the default 0.91x and 1.08x).
+    # the step once nothing syncs (2 workers measured 1.13x the plain loop packed, the default 0.91x-1.23x).
     dataloader_workers: int = Field(0, ge=0)
-    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy; the liger-kernel package, which
-    # scripts/setup.sh installs on a GPU node). Unset: on for LoRA and full SFT on CUDA when installed (on an
-    # H200, packed: 1.37x on a 0.4B and 1.20x on a 1.4B shape, the same loss to 4 digits); off for QLoRA, KD
-    # and without CUDA. true without the package: a one-line error.
+    # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its own fused LM head beside them; the
+    # liger-kernel package, which scripts/setup.sh installs on a GPU node). Unset: on for LoRA and full SFT on CUDA
+    # when installed (on an H200, packed, without the fused head: 1.37x then 0.78x the plain loop on a 0.4B shape,
+    # 1.20x then 0.96x on a 1.4B one at 23.4% and 22.3% MFU, the same loss to 4 digits; README "Speed and
+    # precision"); off for QLoRA, KD and without CUDA. true without the package: a one-line error.
     use_liger_kernel: bool | None = None
     torch_compile: bool = False  # torch.compile the model (first steps pay the compilation)
     merge: bool = True  # also save merged weights that vLLM serves directly
