@@ -568,3 +568,35 @@ def test_trl_keeps_its_fused_head_when_liger_kernels_are_on():
     assert not liger_replaces_the_head(SimpleNamespace(use_liger_kernel=True, liger_kernel_config=trl_1_16))
     assert liger_replaces_the_head(SimpleNamespace(use_liger_kernel=True, liger_kernel_config=None))
     assert not liger_replaces_the_head(SimpleNamespace(use_liger_kernel=False, liger_kernel_config=None))
+
+
+@pytest.mark.cuda
+def test_on_cuda_neither_training_nor_generation_calls_cudnn_attention(tmp_path, tiny_model):
+    """cuDNN attention plans every new sequence length (`hardware.attention_without_cudnn`). The control first:
+    this GPU's sdpa picks cuDNN for the model's own forward, or there is nothing to avoid here."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.config import EngineConfig, SamplingConfig
+    from pipeline.engines import load_engine
+
+    def attention_ops(run) -> set[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        return {event.key for event in prof.key_averages() if "attention" in event.key}
+
+    engine = load_engine(str(tiny_model), EngineConfig(backend="transformers", dtype="bfloat16"), seed=0)
+    ids = torch.randint(100, 1000, (2, 33), device=engine.device)
+    with torch.no_grad():
+        control = attention_ops(lambda: engine.lm(input_ids=ids))
+    if not any("cudnn" in op for op in control):
+        pytest.skip(f"sdpa does not pick cuDNN for this model on this GPU ({sorted(control)})")
+    ping = [[{"role": "user", "content": "Ping"}]]
+    generated = attention_ops(lambda: engine.generate(ping, SamplingConfig(max_tokens=4), progress=False))
+    engine.close()
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trained = attention_ops(trainer.train)
+    for ops in (generated, trained):
+        assert any("scaled_dot_product" in op for op in ops), ops
+        assert not any("cudnn" in op for op in ops), ops
