@@ -600,3 +600,18 @@ def test_on_cuda_neither_training_nor_generation_calls_cudnn_attention(tmp_path,
     for ops in (generated, trained):
         assert any("scaled_dot_product" in op for op in ops), ops
         assert not any("cudnn" in op for op in ops), ops
+
+
+@pytest.mark.cuda
+def test_on_cuda_liger_kernels_train_beside_trls_fused_head(tmp_path, tiny_model):
+    """The GPU default where liger-kernel is installed: Liger's layer kernels and TRL's fused LM head together (not
+    the full logits), and the loss falls as without them."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed: the default runs without it")
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
+    config = validate_config(raw)
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    assert trainer.args.use_liger_kernel and trainer.fused_head
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5, losses
