@@ -138,8 +138,8 @@ def attention_without_cudnn(device_type: str) -> Iterator[None]:
     instead); elsewhere nothing changes. cuDNN attention, which PyTorch prefers on Hopper, builds an execution plan
     the first time it meets each sequence length: on an H200 (torch 2.11) a prefill of an unseen length took 89-105
     ms against 25 ms once planned, and a single generated request, whose every decode step is a new key length,
-    took 1.8-3.3 s against 0.55 s for the same lengths again; without it, 0.54-0.79 s on unseen lengths and 17-22
-    ms a planned prefill. Training pays the same per new padded length (forward and backward)."""
+    took 1.8-3.3 s against 0.55 s for the same lengths again; without it, 0.54-0.79 s on unseen lengths and 16-23
+    ms a prefill of a length seen before. Training pays the same per new padded length (forward and backward)."""
     if device_type != "cuda":
         yield
         return
