@@ -68,10 +68,13 @@ def test_labels_mask_everything_but_the_assistant_turn_and_keep_eos(tmp_path, te
 
 
 def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
+    """Also on a GPU (scripts/gpu_check.sh), with its defaults: TRL's fused LM head there, beside Liger's kernels
+    where liger-kernel is installed (it used to be turned off with them, and the full logits computed)."""
     raw = tiny_config(tmp_path, tiny_model)
     raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
     config = validate_config(raw)
     trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    assert trainer.fused_head == (trainer.args.device.type == "cuda")
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 8
@@ -600,18 +603,3 @@ def test_on_cuda_neither_training_nor_generation_calls_cudnn_attention(tmp_path,
     for ops in (generated, trained):
         assert any("scaled_dot_product" in op for op in ops), ops
         assert not any("cudnn" in op for op in ops), ops
-
-
-@pytest.mark.cuda
-def test_on_cuda_liger_kernels_train_beside_trls_fused_head(tmp_path, tiny_model):
-    """The GPU default where liger-kernel is installed: Liger's layer kernels and TRL's fused LM head together (not
-    the full logits), and the loss falls as without them."""
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed: the default runs without it")
-    raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
-    config = validate_config(raw)
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
-    assert trainer.args.use_liger_kernel and trainer.fused_head
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert losses[-1] < losses[0] - 0.5, losses

@@ -290,7 +290,7 @@ def liger_replaces_the_head(args: Any) -> bool:
     `fused_linear_cross_entropy` to False to keep its own fused head, which must then stay on. Without it, an
     H200 run with Liger materialised the (tokens x vocabulary) logits: 32.0 GiB peak against 28.7 without Liger
     (0.4B shape, packed, 16k tokens a step)."""
-    config = getattr(args, "liger_kernel_config", None) or {}
+    config = args.liger_kernel_config or {}
     return bool(args.use_liger_kernel) and bool(config.get("fused_linear_cross_entropy", True))
 
 
