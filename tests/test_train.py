@@ -533,6 +533,24 @@ def test_the_trained_token_count_is_the_real_tokens_of_the_batches(tmp_path, tin
     assert logged == [(1, real[0]), (3, sum(real[:3])), (4, sum(real))]
 
 
+def test_the_flops_estimate_counts_the_parameters_once(tmp_path, tiny_model):
+    """`total_flos` stays transformers' estimate (6 x input tokens x non-embedding parameters) while the parameters
+    are counted once a run, not by a walk of every module at every step."""
+    import itertools
+
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
+    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    batches = list(itertools.islice(trainer.get_train_dataloader(), 2))
+    assert len(batches) == 2  # the steps of one epoch, the batches trained
+    parameters = trainer.model.num_parameters(exclude_embeddings=True)
+    counts = []
+    count = trainer.model.num_parameters
+    trainer.model.num_parameters = lambda **kwargs: counts.append(kwargs) or count(**kwargs)
+    trainer.train()
+    assert trainer.state.total_flos == 6 * sum(b["input_ids"].numel() for b in batches) * parameters
+    assert counts == [{"exclude_embeddings": True}]
+
+
 def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 3}))
     trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
