@@ -17,15 +17,18 @@
 #    new shape (cuDNN attention's plans made warm 2.86 s against cold 0.84 s on an H200 before 9bf5caf);
 # 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
 #    Liger kernels (on by default where liger-kernel is installed), two collating workers
-#    (train.dataloader_workers) and torch.compile; unpacked, TRL's per-step token metrics (train.token_metrics)
-#    and gradient checkpointing.
+#    (train.dataloader_workers) and torch.compile; unpacked, without TRL's fused LM head (train.fused_lm_head:
+#    its two syncs a step are the stage's only ones beside transformers'), with TRL's per-step token metrics
+#    (train.token_metrics) and with gradient checkpointing.
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
-# Steps run in the order of the summary, the checks first, the option costs last. By default torch.compile, token
-# metrics and checkpointing are left out (SKIP="compile token_metrics checkpointing"): the rest took 368 s of steps
-# on an H200 (tests 101, benches 64 and 53, pipeline 87, the Liger and workers steps 31 and 32) when a bench timed
-# 10 unpacked and 6 packed steps; it now times 18 and 12 (a 6-step packed ratio of one setup read 1.37 and 0.78 on
-# two days), not yet timed on a GPU. Compiling the 0.4B model ran ~150 s without finishing its first step.
+# Steps run in the order of the summary, the checks first, the option costs last. By default the workers step
+# (1.13x the plain loop on two days), torch.compile, token metrics and checkpointing are left out
+# (SKIP="workers compile token_metrics checkpointing"): the rest took 368 s of steps on an H200 (tests 101, benches
+# 64 and 53, pipeline 87, the Liger and workers steps 31 and 32) when a bench timed 10 unpacked and 6 packed steps;
+# it now times 18 and 12 (a 6-step packed ratio of one setup read 1.37 and 0.78 on two days), not yet timed on a
+# GPU. Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
+# model compiled twice (static shapes at step 1, dynamic at step 2's new length: 35 + 50 s), then no more.
 # SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +41,7 @@ mkdir -p "$OUT_DIR"
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 declare -A status seconds
 
-SKIP=${SKIP-compile token_metrics checkpointing}
+SKIP=${SKIP-workers compile token_metrics checkpointing}
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log, record status and time
   local name=$1 limit=$2; shift 2
   if [[ " $SKIP " == *" $name "* ]]; then status[$name]="skipped (SKIP)"; seconds[$name]=0; return; fi
@@ -69,6 +72,7 @@ else
   status[no_liger]="skipped (no liger-kernel: the default runs without it)"; seconds[no_liger]=0
 fi
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
+bench no_fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=false
 bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
@@ -79,7 +83,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
-for name in ("bench_05b", "bench_15b", "no_liger", "workers", "compile", "token_metrics", "checkpointing"):
+for name in ("bench_05b", "bench_15b", "no_liger", "workers", "no_fused_head", "compile", "token_metrics", "checkpointing"):
     path = out / f"{name}.json"
     if not path.is_file():
         print(f"| {name} | (no result: {name}.log, if it ran) |"); continue
@@ -111,7 +115,7 @@ if report:  # the detected hardware profile and each system's distance to its li
 PY
 echo
 failed=0
-for name in tests bench_05b bench_15b pipeline no_liger workers compile token_metrics checkpointing; do
+for name in tests bench_05b bench_15b pipeline no_liger workers no_fused_head compile token_metrics checkpointing; do
   printf '%-10s %-12s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
   case "${status[$name]}" in ok|skipped*) ;; *) failed=1 ;; esac
 done
