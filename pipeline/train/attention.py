@@ -6,7 +6,8 @@ a dense block-diagonal mask over the whole row: on an H200, a 16k-token row took
 memory. Here each example attends only to itself:
 - on CUDA in bf16/fp16, PyTorch's own FlashAttention varlen kernel (`torch.nn.attention.varlen.varlen_attn`,
   torch >= 2.9), so no extra package is needed;
-- elsewhere (CPU, fp32), one causal `scaled_dot_product_attention` per example: O(sum of L_i^2), not O(T^2).
+- elsewhere (CPU, fp32), one causal `scaled_dot_product_attention` per example: O(sum of L_i^2), not O(T^2),
+  left out of `torch.compile`'s graph so that a new number of examples per row does not recompile the model.
 Boundaries missing, they are read from position ids that restart at 0; rows with none (a padded batch,
 generation) take plain `sdpa`.
 """
@@ -14,8 +15,9 @@ generation) take plain `sdpa`.
 from __future__ import annotations
 
 import inspect
-from functools import cache
 from typing import Any
+
+import torch
 
 NAME = "varlen"
 
@@ -44,26 +46,31 @@ def varlen_attention(
     **kwargs: Any,
 ) -> tuple[Any, None]:
     """transformers' attention interface: query (B, Hq, T, D), key/value (B, Hkv, T, D); returns (B, T, Hq, D)."""
-    import torch
-
     if cu_seq_lens_q is None and query.shape[0] == 1 and attention_mask is None:
         cu_seq_lens_q, max_length_q = _bounds_from_positions(kwargs.get("position_ids"), query.shape[2])
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return _dense(module, query, key, value, attention_mask, dropout, scaling)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     bounds = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _cuda_kernel() is not None:
-        out = _cuda_kernel()(q, k, v, bounds, bounds, int(max_length_q), int(max_length_q), scaling)
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _CUDA_VARLEN is not None:
+        # max_length_q as given (an int): int() would make torch.compile recompile for every new longest example
+        out = _CUDA_VARLEN(q, k, v, bounds, max_length_q, scaling)
     else:
-        edges = bounds.tolist()
-        out = torch.cat([_causal(q[a:b], k[a:b], v[a:b], scaling) for a, b in zip(edges, edges[1:], strict=False)])
+        out = _per_example(q, k, v, bounds, scaling)
     return out.unsqueeze(0), None
+
+
+@torch.compiler.disable
+def _per_example(q: Any, k: Any, v: Any, bounds: Any, scaling: float | None) -> Any:
+    """One causal attention per example, (T, H, D) in and out; left out of `torch.compile`'s graph (a graph break):
+    traced, its loop over the examples specialised on their count, and every packed row with a new count
+    recompiled the model (~16 s a time for a 24-layer student on a 2-core CPU)."""
+    edges = bounds.tolist()
+    return torch.cat([_causal(q[a:b], k[a:b], v[a:b], scaling) for a, b in zip(edges, edges[1:], strict=False)])
 
 
 def _bounds_from_positions(position_ids: Any, length: int) -> tuple[Any, int | None]:
     """Examples' boundaries from position ids that restart at 0 (a packed row given without them)."""
-    import torch
-
     if position_ids is None:
         return None, None
     starts = (position_ids[0] == 0).nonzero().flatten()
@@ -75,11 +82,9 @@ def _bounds_from_positions(position_ids: Any, length: int) -> tuple[Any, int | N
 
 def _causal(q: Any, k: Any, v: Any, scaling: float | None) -> Any:
     """One example, (L, H, D) in and out, GQA by repeating key/value heads."""
-    import torch.nn.functional as F
-
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, L, D)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling).transpose(0, 1)
 
 
 def _repeat_kv(t: Any, heads: int) -> Any:
@@ -88,7 +93,6 @@ def _repeat_kv(t: Any, heads: int) -> Any:
 
 def _dense(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float, scaling: float | None):
     """An ordinary batch: transformers' sdpa with a 4D mask built from the 2D padding mask (or none: causal)."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -98,30 +102,33 @@ def _dense(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, d
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
 
 
-@cache
-def _cuda_kernel():
+def _cuda_varlen_kernel():
     """PyTorch's varlen FlashAttention with a causal mask, whatever this torch version calls the options
-    (`is_causal` in 2.9, `window_size=(-1, 0)` from 2.10; `enable_gqa` from 2.12, else heads repeated)."""
+    (`is_causal` in 2.9, `window_size=(-1, 0)` from 2.10; `enable_gqa` from 2.12, else heads repeated). Looked up
+    once at import, so that `torch.compile` does not trace the lookup."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    gqa = "enable_gqa" in params
+    options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    takes_scale, takes_gqa = "scale" in params, "enable_gqa" in params
 
-    def run(q, k, v, cu_q, cu_k, max_q, max_k, scaling):
-        extra = dict(causal)
-        if "scale" in params:
+    def run(q, k, v, bounds, max_length, scaling):
+        extra = dict(options)
+        if takes_scale:
             extra["scale"] = scaling
-        if gqa and k.shape[1] != q.shape[1]:
+        if takes_gqa and k.shape[1] != q.shape[1]:
             extra["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+        return varlen_attn(q, k, v, bounds, bounds, max_length, max_length, **extra)
 
     return run
 
 
+_CUDA_VARLEN = _cuda_varlen_kernel()
+
+
 def cuda_kernel_available() -> bool:
-    return _cuda_kernel() is not None
+    return _CUDA_VARLEN is not None
