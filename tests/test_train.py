@@ -81,6 +81,33 @@ def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
     assert losses[-1] < losses[0] - 0.5, losses  # a clear fall, not noise (random tiny model, LoRA only)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_fused_lm_head_loss_is_the_models_cross_entropy(tmp_path, tiny_model, packing):
+    """The stage's CUDA default scores the trained tokens through TRL's fused LM head, never materialising the
+    logits. No GPU here: the same head is put on the CPU model (TRL scores every position there, in tiles) and its
+    loss must equal the model's own cross-entropy on the same batch, padded or packed, normalised the same way."""
+    import itertools
+
+    import torch
+    from transformers import Trainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.packing": packing}))
+    rows = [to_prompt_completion(r) for r in ROWS * 4]
+    trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+    assert not trainer.fused_head  # the CPU default: the model's own cross-entropy
+    batch = next(itertools.islice(trainer.get_train_dataloader(), 1))
+    items = 3 * (batch["labels"][:, 1:] != -100).sum()  # the trained tokens of 3 accumulated micro-batches
+    model = trainer.model.eval()  # no LoRA dropout: the two forwards must see the same network
+    with torch.no_grad():
+        expected = Trainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+        add_fused_lm_head(model.get_base_model(), outputs=("log_probs",))
+        trainer.fused_head = True
+        fused = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+    assert 1 < float(expected) < 10  # a random model's loss over the vocabulary, a third of it: not a zero
+
+
 def test_cpu_defaults_avoid_bf16_and_checkpointing(tmp_path, tiny_model):
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.device": "cpu"}))
     assert device_defaults(config.train) == {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
