@@ -56,7 +56,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR
 
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
 
-step tests 180 $PY -m pytest -q -x $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
+step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
   step "$name" 150 $PY scripts/bench_train.py --steps 20 --packed-steps 14 --warmup 2 "${options[@]}" \

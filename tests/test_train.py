@@ -92,7 +92,8 @@ def test_the_fused_lm_head_loss_is_the_models_cross_entropy(tmp_path, tiny_model
     from transformers import Trainer
     from trl.trainer.utils import add_fused_lm_head
 
-    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.packing": packing}))
+    overrides = {"train.packing": packing, "train.device": "cpu"}  # on a GPU machine too: the CPU's default path
+    config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
     rows = [to_prompt_completion(r) for r in ROWS * 4]
     trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
     assert not trainer.fused_head  # the CPU default: the model's own cross-entropy
