@@ -393,7 +393,7 @@ class TrainConfig(_Strict):
     fused_lm_head: bool = True
     # Processes that collate the next batches while the device trains on this one. 0: collation in the training
     # loop (on this 2-core CPU the workers would take the cores the step needs). A packed 16k-token batch takes
-    # ~23 ms to collate here, against ~260 ms for a 0.4B training step on an H200, where the collation overlaps
+    # 5-23 ms to collate here, against ~260 ms for a 0.4B training step on an H200, where the collation overlaps
     # the step once nothing syncs (2 workers measured 1.13x the plain loop packed, the default 0.91x-1.23x).
     dataloader_workers: int = Field(0, ge=0)
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its own fused LM head beside them; the
