@@ -53,8 +53,10 @@ def varlen_attention(
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     bounds = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and _CUDA_VARLEN is not None:
-        # max_length_q as given (an int): int() would make torch.compile recompile for every new longest example
-        out = _CUDA_VARLEN(q, k, v, bounds, max_length_q, scaling)
+        # An int (TRL's collator, or read from the positions above) passes as it is: int() would make torch.compile
+        # specialise on it and recompile for every new longest example. A tensor is read once.
+        longest = int(max_length_q) if isinstance(max_length_q, torch.Tensor) else max_length_q
+        out = _CUDA_VARLEN(q, k, v, bounds, longest, scaling)
     else:
         out = _per_example(q, k, v, bounds, scaling)
     return out.unsqueeze(0), None
