@@ -132,9 +132,9 @@ def kd_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from pipeline.train.trainer import AttentionWithoutCudnn, ParametersCountedOnce, TokenCounter
+    from pipeline.train.trainer import StageTrainer
 
-    class KDTrainer(AttentionWithoutCudnn, TokenCounter, ParametersCountedOnce, SFTTrainer):
+    class KDTrainer(StageTrainer, SFTTrainer):
         def __init__(self, *args: Any, kd_alpha: float, kd_temperature: float, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature

@@ -101,11 +101,15 @@ def model_init_kwargs(train: TrainConfig, device: dict[str, Any] | None = None) 
     return {**kwargs, "quantization_config": quantization, "dtype": compute}
 
 
-def require(module: str, what: str) -> None:
-    """A one-line error naming the key (`what`) when an optional package is not installed."""
+def installed(module: str) -> bool:
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(module: str, what: str) -> None:
+    """A one-line error naming the key (`what`) when an optional package is not installed."""
+    if not installed(module):
         package = module.replace("_", "-")
         raise PipelineError(f"{what} needs the {package} package (pip install {package})")
 
@@ -113,17 +117,12 @@ def require(module: str, what: str) -> None:
 def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, Any]:
     """Liger kernels and torch.compile, each a config key; a missing package is a one-line error. Liger unset: on
     where it was measured to pay (LoRA or full SFT on CUDA) and is installed."""
-    import importlib.util
-
     liger = train.use_liger_kernel
     if liger:
         require("liger_kernel", "train.use_liger_kernel:")
     elif liger is None:
         liger = (
-            not device["use_cpu"]
-            and train.method != "qlora"
-            and train.objective == "sft"
-            and importlib.util.find_spec("liger_kernel") is not None
+            not device["use_cpu"] and train.method != "qlora" and train.objective == "sft" and installed("liger_kernel")
         )
     return {"use_liger_kernel": liger, "torch_compile": train.torch_compile}
 
@@ -300,6 +299,10 @@ class ParametersCountedOnce:
         return 6 * inputs[main_input].numel() * self._counted[1]
 
 
+class StageTrainer(AttentionWithoutCudnn, TokenCounter, ParametersCountedOnce):
+    """What the stage adds to TRL's trainer, for SFT and KD alike: put before `SFTTrainer` in a class's bases."""
+
+
 def liger_replaces_the_head(args: Any) -> bool:
     """Whether Liger's fused linear cross-entropy replaces the model's forward (and so the LM head) in this run.
     TRL 1.16 applies only Liger's layer kernels (RMSNorm, RoPE, SwiGLU): it sets the config's
@@ -322,7 +325,7 @@ def sft_trainer_class():
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    class LeanSFTTrainer(AttentionWithoutCudnn, TokenCounter, ParametersCountedOnce, SFTTrainer):
+    class LeanSFTTrainer(StageTrainer, SFTTrainer):
         def __init__(self, *args: Any, token_metrics: bool = False, fused_lm_head: bool = True, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.token_metrics = token_metrics
