@@ -40,10 +40,12 @@ PYTEST_ARGS=${PYTEST_ARGS:-}   # e.g. "-p tok_plugin" on a machine without the b
 mkdir -p "$OUT_DIR"
 export WANDB_MODE=${WANDB_MODE:-disabled} PYTHONUNBUFFERED=1
 declare -A status seconds
+steps=() benches=()  # names in the order they ran (or were skipped): the summary's rows
 
 SKIP=${SKIP-workers compile token_metrics checkpointing}
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log, record status and time
   local name=$1 limit=$2; shift 2
+  steps+=("$name")
   if [[ " $SKIP " == *" $name "* ]]; then status[$name]="skipped (SKIP)"; seconds[$name]=0; return; fi
   local started=$SECONDS
   echo "== $name: $*"
@@ -59,6 +61,7 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(
 step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
+  benches+=("$name")
   step "$name" 150 $PY scripts/bench_train.py --steps 20 --packed-steps 14 --warmup 2 "${options[@]}" \
     --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
 }
@@ -70,6 +73,7 @@ if $PY -c "import liger_kernel" 2>/dev/null; then
   bench no_liger --only packed -- "student.model=$M05" train.use_liger_kernel=false
 else
   status[no_liger]="skipped (no liger-kernel: the default runs without it)"; seconds[no_liger]=0
+  steps+=(no_liger) benches+=(no_liger)
 fi
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
 bench no_fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=false
@@ -77,13 +81,13 @@ bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
 
-$PY - "$OUT_DIR" <<'PY'
+$PY - "$OUT_DIR" "${benches[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
-for name in ("bench_05b", "bench_15b", "no_liger", "workers", "no_fused_head", "compile", "token_metrics", "checkpointing"):
+for name in sys.argv[2:]:
     path = out / f"{name}.json"
     if not path.is_file():
         print(f"| {name} | (no result: {name}.log, if it ran) |"); continue
@@ -115,7 +119,7 @@ if report:  # the detected hardware profile and each system's distance to its li
 PY
 echo
 failed=0
-for name in tests bench_05b bench_15b pipeline no_liger workers no_fused_head compile token_metrics checkpointing; do
+for name in "${steps[@]}"; do
   printf '%-10s %-12s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
   case "${status[$name]}" in ok|skipped*) ;; *) failed=1 ;; esac
 done
