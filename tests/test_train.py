@@ -31,6 +31,12 @@ ROWS = [
 ]
 
 
+def support_trainer(config, model, tmp_path, rows=None, val=()):
+    """The stage's trainer on `rows` (prompt-completion; default the support rows above), output under tmp_path."""
+    rows = [to_prompt_completion(r) for r in ROWS] if rows is None else rows
+    return build_trainer(config, str(model), rows, list(val), tmp_path / "out")
+
+
 @pytest.fixture(params=["smollm2", "qwen-style"])
 def template_model(request, tmp_path, tokenizer):
     """The same tiny weights under two chat templates: SmolLM2's own (pad == EOS) and a Qwen-style one."""
@@ -47,8 +53,7 @@ def template_model(request, tmp_path, tokenizer):
 def test_labels_mask_everything_but_the_assistant_turn_and_keep_eos(tmp_path, template_model):
     model_path, tok = template_model
     config = validate_config(tiny_config(tmp_path, model_path))
-    rows = [to_prompt_completion(r) for r in ROWS]
-    trainer = build_trainer(config, str(model_path), rows, [], tmp_path / "out")
+    trainer = support_trainer(config, model_path, tmp_path)
     batch = next(iter(trainer.get_train_dataloader()))
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_token_id == eos
@@ -73,7 +78,7 @@ def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
     raw = tiny_config(tmp_path, tiny_model)
     raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
     config = validate_config(raw)
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     assert trainer.fused_head == (trainer.args.device.type == "cuda")
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -95,7 +100,7 @@ def test_the_fused_lm_head_loss_is_the_models_cross_entropy(tmp_path, tiny_model
     overrides = {"train.packing": packing, "train.device": "cpu"}  # on a GPU machine too: the CPU's default path
     config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
     rows = [to_prompt_completion(r) for r in ROWS * 4]
-    trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path, rows)
     assert not trainer.fused_head  # the CPU default: the model's own cross-entropy
     batch = next(itertools.islice(trainer.get_train_dataloader(), 1))
     items = 3 * (batch["labels"][:, 1:] != -100).sum()  # the trained tokens of 3 accumulated micro-batches
@@ -246,7 +251,7 @@ def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_length": 16}))
     with pytest.raises(PipelineError, match=r"^train.max_length: no training example keeps a completion token"):
-        build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+        support_trainer(config, tiny_model, tmp_path)
 
 
 def test_examples_longer_than_max_length_are_counted_as_trl_cuts_them(tmp_path, tiny_model, capsys):
@@ -267,7 +272,7 @@ def test_examples_longer_than_max_length_are_counted_as_trl_cuts_them(tmp_path, 
     raw["train"].update({"max_steps": 1, "max_length": 96})  # the other examples: 64 tokens
     config = validate_config(raw)
     examples = [to_prompt_completion(r) for r in rows]
-    trainer = build_trainer(config, str(tiny_model), examples, [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path, examples)
     overflow = max_length_overflow(trainer.processing_class, examples, 96)
     assert overflow["over_max_length"] == 2 and overflow["without_answer_token"] == 1
     assert overflow["longest_tokens"] > 96
@@ -287,7 +292,7 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path, tiny
     import torch
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.bf16": True}))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
@@ -330,7 +335,7 @@ def test_packed_examples_keep_their_unpacked_loss(tmp_path, tiny_model):
 
     raw = tiny_config(tmp_path, tiny_model, **{"train.packing": True, "train.per_device_train_batch_size": 8})
     config = validate_config(raw)
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     assert trainer.model.config._attn_implementation == "varlen"
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch, "padding-free: one flat row"
@@ -372,13 +377,12 @@ def test_packing_never_goes_through_a_dense_mask(tmp_path, tiny_model):
 
     from pipeline.runs import PipelineError
 
-    rows = [to_prompt_completion(r) for r in ROWS]
     for attention in ("sdpa", "eager"):
         config = validate_config(
             tiny_config(tmp_path, tiny_model, **{"train.packing": True, "train.attn_implementation": attention})
         )
         with pytest.raises(PipelineError, match=r"train.packing: .*leave train.attn_implementation unset \(varlen\)"):
-            build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+            support_trainer(config, tiny_model, tmp_path)
     missing = {
         "train.attn_implementation=flash_attention_2": ("flash_attn", "needs the flash-attn package"),
         "train.attn_implementation=kernels-community/flash-attn2": ("kernels", "needs the kernels package"),
@@ -390,7 +394,7 @@ def test_packing_never_goes_through_a_dense_mask(tmp_path, tiny_model):
         key, value = override.split("=")
         config = validate_config(tiny_config(tmp_path, tiny_model, **{key: value == "true" or value}))
         with pytest.raises(PipelineError, match=message):
-            build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+            support_trainer(config, tiny_model, tmp_path)
     with pytest.raises(ValueError, match="attn_implementation"):
         validate_config(tiny_config(tmp_path, tiny_model, **{"train.attn_implementation": "flash"}))
 
@@ -447,7 +451,7 @@ def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
     from pipeline.train.trainer import model_parameters, throughput_metrics
 
     config = validate_config(tiny_config(tmp_path, tiny_model))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     trainer.state.log_history = [{"num_tokens": 500.0}, {"num_tokens": 1000.0}]
     # The tiny model's untied input embedding table is looked up, not multiplied: not in the FLOPs.
     params = sum(p.numel() for p in trainer.model.parameters()) - trainer.model.get_input_embeddings().weight.numel()
@@ -566,7 +570,7 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.method": "qlora", "train.device": "cpu"}))
     with pytest.raises(PipelineError, match=r"^train.method: qlora needs a CUDA GPU"):
-        build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+        support_trainer(config, tiny_model, tmp_path)
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -579,7 +583,7 @@ def test_the_trained_token_count_is_the_real_tokens_of_the_batches(tmp_path, tin
     overrides = {"train.max_steps": 4, "train.logging_steps": 3, "train.save_steps": 1, "train.packing": packing}
     config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
     rows = [to_prompt_completion(r) for r in ROWS * 12]  # packed, 4 rows of 256 tokens hold ~16 examples
-    trainer = build_trainer(config, str(tiny_model), rows, rows[:2], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path, rows, val=rows[:2])
     batches = list(itertools.islice(trainer.get_train_dataloader(), 4))
     assert len(batches) == 4  # all in the first epoch
     real = [int(b["attention_mask"].sum()) if "attention_mask" in b else b["position_ids"].size(1) for b in batches]
@@ -597,7 +601,7 @@ def test_the_flops_estimate_counts_the_parameters_once(tmp_path, tiny_model):
     import itertools
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     batches = list(itertools.islice(trainer.get_train_dataloader(), 2))
     assert len(batches) == 2  # the steps of one epoch, the batches trained
     parameters = trainer.model.num_parameters(exclude_embeddings=True)
@@ -611,7 +615,7 @@ def test_the_flops_estimate_counts_the_parameters_once(tmp_path, tiny_model):
 
 def test_log_history_carries_tokens_per_second(tmp_path, tiny_model):
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 3}))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     trainer.train()
     rates = [entry["tokens_per_s"] for entry in trainer.state.log_history if "tokens_per_s" in entry]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)  # every log after the first
@@ -627,7 +631,7 @@ def test_training_steps_run_without_cudnn_attention_on_cuda(monkeypatch, tmp_pat
     real = hardware.attention_without_cudnn
     monkeypatch.setattr(hardware, "attention_without_cudnn", lambda _device: real("cuda"))
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     seen = []
     trainer.model.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
     trainer.train()
@@ -674,7 +678,7 @@ def test_on_cuda_neither_training_nor_generation_calls_cudnn_attention(tmp_path,
     generated = attention_ops(lambda: engine.generate(ping, SamplingConfig(max_tokens=4), progress=False))
     engine.close()
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 2}))
-    trainer = build_trainer(config, str(tiny_model), [to_prompt_completion(r) for r in ROWS], [], tmp_path / "out")
+    trainer = support_trainer(config, tiny_model, tmp_path)
     trained = attention_ops(trainer.train)
     for ops in (generated, trained):
         assert any("scaled_dot_product" in op for op in ops), ops
