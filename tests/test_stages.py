@@ -560,7 +560,7 @@ def test_online_artifacts_record_a_use_edge(tmp_path, tiny_model):
 
 
 @pytest.mark.integration
-def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
+def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model, capsys):
     """The whole pipeline with the load test on: every system through a real `vllm serve` at two concurrency
     levels, the tuned student as a LoRA module of the one server (`student_serving: lora`). Accuracy, its
     interval, latency percentiles, throughput and costs in report.json are recomputed here from records.jsonl
@@ -578,6 +578,8 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model):
         },
     )
     run_pipeline(config)
+    # The load test's progress names each system it measures (it used to print the server's name for the weights).
+    assert "benchmark: student_tuned at concurrency 3: 6 requests" in capsys.readouterr().err
     report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
     records = list(read_jsonl(config.run_dir / "benchmark" / "records.jsonl"))
     cores = len(os.sched_getaffinity(0))

@@ -197,9 +197,15 @@ def requests_at(level: int, config: LoadTestConfig) -> int:
 
 
 def load_test(
-    base_url: str, model: str, conversations: list[Conversation], sampling: SamplingConfig, config: LoadTestConfig
+    base_url: str,
+    model: str,
+    conversations: list[Conversation],
+    sampling: SamplingConfig,
+    config: LoadTestConfig,
+    system: str,
 ) -> list[dict[str, Any]]:
-    """Per-request records for every concurrency level (after an untimed warm-up)."""
+    """Per-request records for every concurrency level (after an untimed warm-up); `model` is the name the server
+    knows the weights by, `system` the benchmark's name for them with this prompt (the progress lines')."""
     if not conversations:
         return []
 
@@ -211,7 +217,7 @@ def load_test(
     records = []
     for level in config.concurrency:
         rows = asyncio.run(_level(base_url, model, cycle(requests_at(level, config)), sampling, level))
-        log(f"benchmark: {model} at concurrency {level}: {len(rows)} requests")
+        log(f"benchmark: {system} at concurrency {level}: {len(rows)} requests")
         records += [{"concurrency": level, **row} for row in rows]
     return records
 
@@ -259,7 +265,7 @@ def run_load_tests(
                     records += rows
                 else:
                     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
-                    rows = load_test(url, served[system.name], conversations, sampling, bench.load_test)
+                    rows = load_test(url, served[system.name], conversations, sampling, bench.load_test, system.name)
                     records += [{"system": system.name, "kind": "load", **row} for row in rows]
                 levels = sorted({row["concurrency"] for row in rows})
                 summaries[system.name] = {
