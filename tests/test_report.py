@@ -111,7 +111,19 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
     assert "not cheaper per request; against prompting it pays back after 10,000" in verdict(numbers)
     assert text.endswith("paid back after 10,000 requests.")
     numbers["break_even"]["vs_prompted"] = {"saving_per_1k_requests_usd": -0.1, "requests": None, "days": None}
+    assert "never pays back against the teacher or prompting: the tuned student is not cheaper" in verdict(numbers)
+    numbers["break_even"].update(requests=7500, days=0.75)
     assert "against prompting it never pays back" in verdict(numbers)
+    # Prompting that comes out as the teacher did (the same model and prompt): one clause, not the same one twice.
+    numbers["break_even"]["vs_prompted"] = {"saving_per_1k_requests_usd": 0.2, "requests": 7500, "days": 0.75}
+    assert "paid back against the teacher or prompting after 7,500 requests" in verdict(numbers)
+    assert "against prompting it pays back" not in verdict(numbers)
+    reason = "the tuned student is only 15.5% cheaper per request, within one load test's noise"
+    numbers["break_even"].update(requests=None, days=None, skipped=reason)
+    numbers["break_even"]["vs_prompted"].update(requests=None, days=None, skipped=reason)
+    text = verdict(numbers)
+    assert f"no break-even against the teacher or prompting is stated: {reason}." in text
+    assert text.count(reason) == 1
 
 
 def test_compare_puts_runs_side_by_side(tmp_path):

@@ -224,20 +224,25 @@ def judge_reliability_sentence(judge: dict[str, Any]) -> str:
 
 def _spent(even: dict[str, Any]) -> str:
     """What distilling cost, and when it pays back against the teacher and against prompting (no payback is
-    stated where the saving means nothing: see costs.why_no_break_even)."""
+    stated where the saving means nothing: see costs.why_no_break_even). One clause for both when they come out
+    the same (the embedded default's prompted student is the teacher's model with its prompt)."""
     vs_prompted = even.get("vs_prompted")
+    same = bool(vs_prompted) and all(vs_prompted.get(k) == even.get(k) for k in ("skipped", "requests"))
+    whom = "the teacher or prompting" if same else "the teacher"
     spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
     if even.get("skipped"):
-        spent += f"; no break-even against the teacher is stated: {even['skipped']}"
+        spent += f"; no break-even against {whom} is stated: {even['skipped']}"
     elif even["requests"] is None:
-        spent += " and never pays back against the teacher: the tuned student is not cheaper per request"
+        spent += f" and never pays back against {whom}: the tuned student is not cheaper per request"
     else:
-        spent += f", paid back against the teacher after {_payback(even, even['requests_per_day'])}"
-    if vs_prompted and vs_prompted.get("skipped"):
+        spent += f", paid back against {whom} after {_payback(even, even['requests_per_day'])}"
+    if same or not vs_prompted:
+        return spent + "."
+    if vs_prompted.get("skipped"):
         spent += f"; none against prompting: {vs_prompted['skipped']}"
-    elif vs_prompted and vs_prompted["requests"] is not None:
+    elif vs_prompted["requests"] is not None:
         spent += f"; against prompting it pays back after {_payback(vs_prompted)}"
-    elif vs_prompted:
+    else:
         spent += "; against prompting it never pays back"
     return spent + "."
 
