@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.hardware import attention_without_cudnn
+from pipeline.hardware import attention_without_cudnn, release_memory
 from pipeline.runs import PipelineError
 
 Conversation = list[dict[str, str]]
@@ -305,8 +305,6 @@ class VLLMEngine(Engine):
         return found
 
     def close(self) -> None:
-        import gc
-
         engine = getattr(self, "llm", None)
         if engine is not None:
             core = getattr(engine, "llm_engine", None)
@@ -314,7 +312,7 @@ class VLLMEngine(Engine):
             if callable(shutdown):
                 shutdown()
             del self.llm
-        gc.collect()
+        release_memory()
 
 
 def _vllm_top_logprobs(steps: Any) -> list[list[tuple[int | str, float]]]:
@@ -435,10 +433,8 @@ class TransformersEngine(Engine):
         return ids
 
     def close(self) -> None:
-        import gc
-
         del self.lm
-        gc.collect()
+        release_memory()
 
 
 class OpenAIEngine(Engine):

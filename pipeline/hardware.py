@@ -147,3 +147,18 @@ def attention_without_cudnn(device_type: str) -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
+
+
+def release_memory() -> None:
+    """Free what a finished stage or engine left behind, for the next one in this process (`distill run`, the
+    benchmark's engines one after another). A trainer and its model sit in reference cycles, freed only when the
+    collector next runs (after the train stage: the whole model, measured); on CUDA, PyTorch then keeps their
+    blocks cached, and vLLM, which sizes itself from the GPU's free memory (`gpu_memory_utilization`), finds them
+    taken."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")  # not imported: nothing of torch's to free
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -244,6 +244,42 @@ def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_pa
     assert metrics["first_loss"] != metrics["last_loss"]
 
 
+def test_a_finished_train_stage_leaves_no_model_behind_for_the_next_stage(tmp_path, tiny_model, tokenizer):
+    """`distill run` (and the nightly job) runs every stage in one process. The trainer's model sat in reference
+    cycles after the stage returned, alive until the collector next ran; on a GPU (scripts/gpu_check.sh runs this
+    test there) PyTorch kept its memory cached after that, taken from the benchmark's vLLM, which sizes itself from
+    the GPU's free memory."""
+    import gc
+
+    import torch
+    from transformers import PreTrainedModel
+
+    from pipeline.cli import run_pipeline
+
+    def models() -> dict[int, str]:
+        return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
+
+    cuda = torch.cuda.is_available()
+    # On a GPU, wide enough (~120M parameters) for a leak to stand out from what PyTorch keeps by design (cuBLAS's
+    # scratch space, ~32 MiB a thread).
+    model = build_tiny_model(tmp_path / "wide", tokenizer, hidden_size=1024) if cuda else tiny_model
+    raw = tiny_config(tmp_path, model)  # merged too: the merge loads the model a second time
+    raw["train"].update({"max_steps": 2})
+    config = validate_config(raw)
+    write_filtered(config, ROWS)
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    before_models, before_reserved = models(), torch.cuda.memory_reserved() if cuda else 0
+    run_pipeline(config, stages=("train",))
+    assert (config.run_dir / "train" / "merged").is_dir()
+    left = {key: name for key, name in models().items() if key not in before_models}
+    assert not left, f"models still alive after the stage: {sorted(left.values())}"
+    if cuda:
+        kept = (torch.cuda.memory_reserved() - before_reserved) / 2**20
+        assert kept < 128, f"PyTorch still holds {kept:.0f} MiB of the stage's GPU memory"
+
+
 def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp_path, tiny_model):
     """Prompts longer than train.max_length leave TRL nothing to train on: a PipelineError naming the key, not
     torch's `num_samples=0` from deep in the data loader."""
