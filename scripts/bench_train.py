@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -261,6 +260,7 @@ def main() -> int:
 
     from pipeline.config import load_config
     from pipeline.hardware import cuda_accelerator
+    from pipeline.runs import write_json
 
     base = [*args.overrides, "tracking.wandb=false", "train.save_steps=100000"]
     config = load_config(args.config, base)
@@ -271,15 +271,17 @@ def main() -> int:
     steps = max(args.steps, args.packed_steps or 0)
     rows = training_rows(config, steps * batch * 16)  # enough for the packed steps
 
-    modes = [m == "packed" for m in ("unpacked", "packed") if args.only in (None, m)]
-    results = {("packed" if p else "unpacked"): measure(args, base, rows, p, peak) for p in modes}
+    results = {}
+    for mode in ("unpacked", "packed"):
+        if args.only in (None, mode):
+            results[mode] = measure(args, base, rows, mode == "packed", peak)
+            if args.json:  # after each mode: a run cut off by a time limit (scripts/gpu_check.sh) keeps what finished
+                summary = {"device": cuda[0] if cuda else "cpu", "model": config.student.model, **results}
+                write_json(args.json, summary)  # atomic: a kill mid-write leaves the previous mode's figures
     if len(results) == 2:
         gain = results["packed"]["tokens_per_step"] / results["unpacked"]["tokens_per_step"]
         speed = results["packed"]["ours_tok_s"] / results["unpacked"]["ours_tok_s"]
         print(f"packing: {gain:.2f}x real tokens per step, ours {speed:.2f}x tokens/s")
-    if args.json:
-        summary = {"device": cuda[0] if cuda else "cpu", "model": config.student.model, **results}
-        args.json.write_text(json.dumps(summary, indent=2))
     return 0
 
 

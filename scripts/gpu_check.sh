@@ -120,7 +120,7 @@ PY
 echo
 failed=0
 for name in "${steps[@]}"; do
-  printf '%-10s %-12s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
+  printf '%-14s %-14s %4s s\n' "$name" "${status[$name]}" "${seconds[$name]}"
   case "${status[$name]}" in ok|skipped*) ;; *) failed=1 ;; esac
 done
 exit $failed

@@ -161,10 +161,12 @@ def test_generate_benchmark_script_prints_the_ratio(capsys):
 def test_train_benchmark_script_prints_both_ratios(tmp_path, capsys):
     """bench_train.py on the bundled model, one short step each way: both sides run, ratios and MFU print.
 
-    An empty runs_dir makes it build its rows from the task, as on a fresh clone with no demo run yet."""
+    An empty runs_dir makes it build its rows from the task, as on a fresh clone with no demo run yet. The JSON
+    (scripts/gpu_check.sh's table) holds the figures printed, written after each mode."""
+    figures = tmp_path / "figures.json"
     run_in_process(
         "bench_train.py",
-        *("--steps", "2", "--warmup", "1", "--peak-tflops", "1"),
+        *("--steps", "2", "--warmup", "1", "--peak-tflops", "1", "--json", str(figures)),
         # The short prompt: the default's retrieved one (~120 tokens) does not fit max_length 64.
         *("student.prompt_style=short", "train.max_length=64", "train.per_device_train_batch_size=2"),
         f"runs_dir={tmp_path}",
@@ -173,6 +175,9 @@ def test_train_benchmark_script_prints_both_ratios(tmp_path, capsys):
     for name in ("unpacked", "packed  "):
         assert f"{name} ratio ours/plain = " in stdout and f"{name} model FLOPs utilisation" in stdout
     assert "packing: " in stdout
+    written = json.loads(figures.read_text())
+    for mode in ("unpacked", "packed"):
+        assert f"{mode:<8} ratio ours/plain = {written[mode]['ratio']:.3f}" in stdout
 
 
 @pytest.mark.integration
