@@ -94,6 +94,7 @@ def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]
 
     A known failure of that harness is an adapter silently not applied; so the per-sample results of the
     tuned and untuned student are compared, and identical ones are an error, not a report."""
+    from pipeline.hardware import release_memory
     from pipeline.runs import PipelineError, log
 
     try:
@@ -117,6 +118,8 @@ def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]
         except Exception as exc:  # noqa: BLE001 - most often no hub to fetch the task data from
             log(f"benchmark.lm_eval: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
             return {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+        finally:
+            release_memory()  # the harness's model, before the next one and the load test's `vllm serve`
         scores[name] = {
             task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
             for task, metrics in out["results"].items()
