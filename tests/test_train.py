@@ -260,9 +260,10 @@ def test_a_finished_train_stage_leaves_no_model_behind_for_the_next_stage(tmp_pa
         return {id(o): type(o).__name__ for o in gc.get_objects() if isinstance(o, PreTrainedModel)}
 
     cuda = torch.cuda.is_available()
-    # On a GPU, wide enough (~120M parameters) for a leak to stand out from what PyTorch keeps by design (cuBLAS's
-    # scratch space, ~32 MiB a thread).
-    model = build_tiny_model(tmp_path / "wide", tokenizer, hidden_size=1024) if cuda else tiny_model
+    # On a GPU, wide enough (~235M parameters: 470 MB in bf16) for a leak to stand out from what PyTorch keeps by
+    # design: cuBLAS and cuBLASLt scratch space, up to 32 MiB each per thread on Hopper (the forward's thread and
+    # autograd's), created here if no test before this one used the GPU.
+    model = build_tiny_model(tmp_path / "wide", tokenizer, hidden_size=2048) if cuda else tiny_model
     raw = tiny_config(tmp_path, model)  # merged too: the merge loads the model a second time
     raw["train"].update({"max_steps": 2})
     config = validate_config(raw)
@@ -277,7 +278,7 @@ def test_a_finished_train_stage_leaves_no_model_behind_for_the_next_stage(tmp_pa
     assert not left, f"models still alive after the stage: {sorted(left.values())}"
     if cuda:
         kept = (torch.cuda.memory_reserved() - before_reserved) / 2**20
-        assert kept < 128, f"PyTorch still holds {kept:.0f} MiB of the stage's GPU memory"
+        assert kept < 256, f"PyTorch still holds {kept:.0f} MiB of the stage's GPU memory"
 
 
 def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp_path, tiny_model):
