@@ -201,6 +201,9 @@ def test_judge_rates_and_intervals_recompute_from_the_records(judged_run):
             assert not pairs and "vs_teacher" not in row
             continue
         for pair in pairs:  # each outcome follows from the two replies as read
+            if pair["identical"]:  # the teacher's own answer: a tie, the judge not asked
+                assert (pair["outcome"], pair["position_biased"], pair["replies"]) == ("tie", False, None)
+                continue
             read = [parse_preference(pair["replies"][order]) for order in ("system_first", "teacher_first")]
             assert (pair["outcome"], pair["position_biased"]) == pair_outcome(*read)
         assert row["vs_teacher"] == summarize_pairs(pairs)
@@ -218,18 +221,29 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
     run_pipeline(config, stages=("benchmark",), force=("benchmark",))
     report = json.loads(config.layout.report_json.read_text())
     judge, n = report["judge"], report["test_examples"]
+    records = list(read_jsonl(config.layout.records))
+    pairs = [r for r in records if r["kind"] == "judge_pair"]
+    asked = [p for p in pairs if not p["identical"]]
+    # The prompted student is the teacher's model with its prompt: its answers are the teacher's, so every one of
+    # its pairs is a tie without asking, not position bias; its grades are the teacher's, asked once.
+    prompted = judge["systems"]["student_prompted"]["vs_teacher"]
+    assert (prompted["identical"], prompted["tie"], prompted["position_biased"]) == (n, n, 0)
     tuned = judge["systems"]["student_tuned"]["vs_teacher"]
-    assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n)
-    assert judge["reliability"]["position_bias_rate"] == 1.0 and judge["reliability"]["pairs"] == 3 * n
-    pairs = [r for r in read_jsonl(config.layout.records) if r["kind"] == "judge_pair"]
-    assert len(pairs) == 3 * n and len(handler.requests) == 4 * n + 2 * 3 * n  # grades, then both orders
-    for pair in pairs:  # the same two answers, shown in both orders
+    assert tuned["identical"] < n  # the tuned student answers differently, and the first-slot judge shows it
+    assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n - tuned["identical"])
+    assert judge["reliability"]["position_bias_rate"] == 1.0
+    assert (judge["reliability"]["pairs"], judge["reliability"]["pairs_identical"]) == (len(asked), 3 * n - len(asked))
+    distinct_answers = {(r["id"], r["completion"]) for r in records if r["kind"] == "task"}
+    assert len(pairs) == 3 * n and len(handler.requests) == len(distinct_answers) + 2 * len(asked)
+    for pair in asked:  # the same two answers, shown in both orders
         first, second = (pair["requests"][order][1]["content"] for order in ("system_first", "teacher_first"))
         a1, b1 = first.split("Reply A:\n")[1].split("\n\nReply B:\n")
         a2, b2 = second.split("Reply A:\n")[1].split("\n\nReply B:\n")
         assert (a1, b1.split("\n\nWhich")[0]) == (b2.split("\n\nWhich")[0], a2)
     assert report["systems"]["teacher"]["accuracy"] == 1.0  # every answer graded 8: all pass
     markdown = config.layout.report_md.read_text()
-    assert "## Judge" in markdown and f"followed the order the answers were shown in for {3 * n} of {3 * n}" in markdown
+    assert "## Judge" in markdown
+    assert f"followed the order the answers were shown in for {len(asked)} of {len(asked)} pairs" in markdown
+    assert f"{3 * n - len(asked)} answers identical to the teacher's were ties, the judge not asked" in markdown
     assert "Judged pairwise against the teacher" in markdown
     assert "Verdict: undecided — the judge cannot tell the answers apart (it followed the order" in markdown

@@ -18,6 +18,7 @@ Every judge request and reply is a record (`judge_grade`, `judge_pair`), so the 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from typing import Any
@@ -77,21 +78,28 @@ def run_judge(
         for answer in answers
         if judge.pairwise and answer["system"] != names.TEACHER and answer["id"] in teacher
     ]
+    # The same answer as the teacher's is a tie, not a question: any preference between two identical texts is
+    # the judge's position bias or noise (the embedded chat example's prompted student is the teacher's model and
+    # prompt: a third of its pairs were such, each counted as position bias).
+    asked = [(answer, theirs) for answer, theirs in pairs if answer["completion"] != theirs["completion"]]
     name, engine_config = judge_model(config)
-    log(f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(pairs)} with the teacher's")
+    log(
+        f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(asked)} with the teacher's "
+        f"({len(pairs) - len(asked)} identical to it: ties)"
+    )
     engine = load_engine(model_for(name, engine_config), engine_config, config.seed)
     try:
         grade_requests = [grade_prompt(rubric, prompts[r["id"]], r["completion"]) for r in answers]
         grade_replies = _ask(engine, grade_requests, GRADES, config)
         pair_requests = [
             conversation
-            for answer, theirs in pairs
+            for answer, theirs in asked
             for conversation in (
                 pair_prompt(rubric, prompts[answer["id"]], answer["completion"], theirs["completion"]),
                 pair_prompt(rubric, prompts[answer["id"]], theirs["completion"], answer["completion"]),
             )
         ]
-        pair_replies = _ask(engine, pair_requests, PREFERENCES, config)
+        pair_replies = iter(_ask(engine, pair_requests, PREFERENCES, config))
     finally:
         engine.close()
 
@@ -111,16 +119,23 @@ def run_judge(
                 "grade": grade,
             }
         )
-    for i, (answer, theirs) in enumerate(pairs):
-        replies = dict(zip(ORDERS, pair_replies[2 * i : 2 * i + 2], strict=True))
-        preferences = {order: parse_preference(text) for order, text in replies.items()}
-        outcome, biased = pair_outcome(preferences["system_first"], preferences["teacher_first"])
+    requests_in_order = iter(pair_requests)
+    for answer, theirs in pairs:
+        identical = answer["completion"] == theirs["completion"]
+        requests = replies = preferences = None
+        outcome, biased = "tie", False
+        if not identical:
+            requests = {order: next(requests_in_order) for order in ORDERS}
+            replies = {order: next(pair_replies) for order in ORDERS}
+            preferences = {order: parse_preference(text) for order, text in replies.items()}
+            outcome, biased = pair_outcome(preferences["system_first"], preferences["teacher_first"])
         judge_records.append(
             {
                 "system": answer["system"],
                 "kind": "judge_pair",
                 "id": answer["id"],
-                "requests": dict(zip(ORDERS, pair_requests[2 * i : 2 * i + 2], strict=True)),
+                "identical": identical,  # the teacher's own answer: a tie, the judge not asked
+                "requests": requests,
                 "replies": replies,
                 "preferences": preferences,
                 "outcome": outcome,
@@ -141,14 +156,18 @@ def run_judge(
 def _ask(
     engine: Engine, conversations: list[list[dict[str, str]]], choices: list[str], config: ExperimentConfig
 ) -> list[str]:
-    """The judge's greedy reply to each conversation (constrained to `choices` with `benchmark.judge.constrained`)."""
+    """The judge's greedy reply to each conversation (constrained to `choices` with `benchmark.judge.constrained`),
+    each distinct conversation asked once: two systems that gave the same answer (a prompted student that is the
+    teacher's model and prompt) get the same grade without paying a hosted judge twice."""
     if not conversations:
         return []
     judge = config.benchmark.judge
     sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=config.seed)
     sampling = sampling.constrained_to(choices if judge.constrained else None)
-    generations = engine.generate(conversations, sampling, progress=False)
-    return [g.completions[0].text if g.completions else "" for g in generations]
+    distinct = {json.dumps(c, sort_keys=True): c for c in conversations}
+    generations = engine.generate(list(distinct.values()), sampling, progress=False)
+    replies = dict(zip(distinct, (g.completions[0].text if g.completions else "" for g in generations), strict=True))
+    return [replies[json.dumps(c, sort_keys=True)] for c in conversations]
 
 
 def pair_outcome(system_first: str | None, teacher_first: str | None) -> tuple[str, bool]:
@@ -220,6 +239,7 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Win / tie / loss of one system against the teacher, with the rates the verdict reads."""
     counts = {outcome: sum(p["outcome"] == outcome for p in pairs) for outcome in (*OUTCOMES, "unparsed")}
     judged = [p for p in pairs if p["outcome"] != "unparsed"]
+    asked = [p for p in judged if not p.get("identical")]  # position bias needs two different answers
     n = len(judged)
     win_or_tie = counts["win"] + counts["tie"]
     return {
@@ -232,8 +252,9 @@ def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
         "length_controlled_win_rate": length_controlled_win_rate(
             [p["outcome"] for p in judged], [p["words"]["system"] - p["words"]["teacher"] for p in judged]
         ),
+        "identical": sum(bool(p.get("identical")) for p in pairs),
         "position_biased": sum(p["position_biased"] for p in pairs),
-        "position_bias_rate": sum(p["position_biased"] for p in judged) / n if n else None,
+        "position_bias_rate": sum(p["position_biased"] for p in asked) / len(asked) if asked else None,
         "mean_words": statistics.fmean(p["words"]["system"] for p in pairs),
         "teacher_mean_words": statistics.fmean(p["words"]["teacher"] for p in pairs),
     }
@@ -269,7 +290,8 @@ def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str
     how many of its replies could not be read, how it grades the teacher's own answers, and, with reference
     answers, how often its choice between two answers agrees with the reference metrics' ordering."""
     grades = [r for r in judge_records if r["kind"] == "judge_grade"]
-    pairs = [r for r in judge_records if r["kind"] == "judge_pair"]
+    identical = sum(bool(r.get("identical")) for r in judge_records if r["kind"] == "judge_pair")
+    pairs = [r for r in judge_records if r["kind"] == "judge_pair" and not r.get("identical")]  # those asked
     parsed_pairs = [p for p in pairs if p["outcome"] != "unparsed"]
     teacher = systems.get(names.TEACHER, {})
     agreement: dict[str, Any] = {}
@@ -293,6 +315,7 @@ def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str
         "grades_unparsed": sum(r["grade"] is None for r in grades),
         "distinct_grades": sorted({r["grade"] for r in grades if r["grade"] is not None}),
         "pairs": len(pairs),
+        "pairs_identical": identical,  # answers identical to the teacher's: ties, not asked, not in `pairs`
         "pairs_unparsed": len(pairs) - len(parsed_pairs),
         "position_biased": sum(p["position_biased"] for p in parsed_pairs),
         "position_bias_rate": sum(p["position_biased"] for p in parsed_pairs) / len(parsed_pairs)

@@ -265,7 +265,8 @@ def _judge_section(judge: dict[str, Any] | None) -> list[str]:
         + (", constrained to the grades" if judge.get("constrained") else "")
         + f') against the rubric: "{judge["rubric"]}". A grade of {judge["pass_threshold"]} or more passes, and '
         "a system's accuracy above is its pass rate. Against the teacher, each pair of answers was judged in both "
-        "orders: a win or loss needs both orders to agree, a disagreement is a tie. The length-controlled win rate "
+        "orders: a win or loss needs both orders to agree, a disagreement is a tie; an answer identical to the "
+        "teacher's is a tie without asking (`identical`). The length-controlled win rate "
         "is a logistic regression of the outcome on the difference in words, read at equal length.",
         "",
         "| system | pass rate [95% CI] | mean grade | unreadable grades | vs teacher win / tie / loss "
@@ -279,6 +280,7 @@ def _judge_section(judge: dict[str, Any] | None) -> list[str]:
             pairwise = (
                 f"{versus['win']} / {versus['tie']} / {versus['loss']}"
                 + (f" ({versus['unparsed']} unreadable)" if versus["unparsed"] else "")
+                + (f" ({versus['identical']} identical)" if versus.get("identical") else "")
                 + f" | {versus['win_or_tie_rate']:.2f}{_ci(versus['win_or_tie_ci95'])} | {versus['win_rate']:.2f} "
                 f"| {versus['length_controlled_win_rate']:.2f}"
             )

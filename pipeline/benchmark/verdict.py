@@ -197,6 +197,8 @@ def judge_reliability_sentence(judge: dict[str, Any]) -> str:
             f"its choice followed the order the answers were shown in for {r['position_biased']} of "
             f"{r['pairs'] - r['pairs_unparsed']} pairs" + (f" ({bias:.0%}, position bias)" if bias is not None else "")
         )
+    if r.get("pairs_identical"):
+        said.append(f"{r['pairs_identical']} answers identical to the teacher's were ties, the judge not asked")
     said.append(
         f"{r['grades_unparsed']} of {r['grades']} grades and {r['pairs_unparsed']} of {r['pairs']} pairwise "
         "replies were unreadable"
