@@ -105,6 +105,7 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
         "vs_prompted": {"saving_per_1k_requests_usd": 0.15, "requests": 10000, "days": 1.0},
     }
     text = verdict(numbers)
+    assert "Distilling cost $1.50 (generate + train on h100)" in text
     assert "paid back against the teacher after 7,500 requests (0.8 days at 10,000 requests/day)" in text
     assert "; against prompting it pays back after 10,000 requests (1.0 days" in text
     numbers["break_even"].update(requests=None, days=None)  # the teacher never paid back, prompting does
@@ -123,6 +124,8 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
     numbers["break_even"]["vs_prompted"].update(requests=None, days=None, skipped=reason)
     text = verdict(numbers)
     assert f"no break-even against the teacher or prompting is stated: {reason}." in text
+    numbers["break_even"]["one_off_usd"] = 0.0104  # a CPU demo's: not "$0.00"
+    assert "Distilling cost $0.0104 (generate" in verdict(numbers)
     assert text.count(reason) == 1
 
 

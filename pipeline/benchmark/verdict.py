@@ -231,7 +231,9 @@ def _spent(even: dict[str, Any]) -> str:
     vs_prompted = even.get("vs_prompted")
     same = bool(vs_prompted) and all(vs_prompted.get(k) == even.get(k) for k in ("skipped", "requests"))
     whom = "the teacher or prompting" if same else "the teacher"
-    spent = f"Distilling cost ${even['one_off_usd']:.2f} (generate + train on {even['pipeline_hardware']})"
+    one_off = even["one_off_usd"]  # cents on a CPU demo ($0.0104), dollars on a GPU node
+    spent = f"Distilling cost ${one_off:,.2f}" if one_off >= 1 else f"Distilling cost ${one_off:.4f}"
+    spent += f" (generate + train on {even['pipeline_hardware']})"
     if even.get("skipped"):
         spent += f"; no break-even against {whom} is stated: {even['skipped']}"
     elif even["requests"] is None:
