@@ -39,15 +39,10 @@ def _stage_function(name: str) -> Callable[[ExperimentConfig, bool], Path]:
 
 
 def run_pipeline(config: ExperimentConfig, stages: tuple[str, ...] = STAGES, force: tuple[str, ...] = ()) -> Path:
-    """Run stages in order; each skips itself when its inputs and config are unchanged. Each hands its memory back
-    before the next (one process: the train stage's GPU memory would otherwise stay taken under the benchmark's
-    vLLM)."""
-    from pipeline.hardware import release_memory
-
+    """Run stages in order; each skips itself when its inputs and config are unchanged."""
     result = config.run_dir
     for name in stages:
         result = _stage_function(name)(config, name in force)
-        release_memory()
     return result
 
 

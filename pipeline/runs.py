@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from pipeline.config import ExperimentConfig, resolved_dict
+from pipeline.hardware import release_memory
 from pipeline.layout import LOCK, MANIFEST, read_manifest
 from pipeline.tracking import NoTracker, start_tracking
 
@@ -226,7 +227,8 @@ class Stage:
     The fingerprint covers the config sections the stage reads and the hashes of its input files, so a rerun
     with nothing changed is skipped, and any change reruns the stage. Entering the stage takes the run
     directory's lock (re-entrant: `distill run` already holds it); under a multi-process launcher only rank 0
-    does, as only rank 0 writes.
+    does, as only rank 0 writes. It also hands back the memory earlier work in this process left (`distill run`,
+    a notebook calling one stage after another): see hardware.release_memory.
     """
 
     def __init__(
@@ -253,6 +255,7 @@ class Stage:
         self._locks = ExitStack()
 
     def __enter__(self) -> Stage:
+        release_memory()
         if os.environ.get("RANK", "0") == "0":
             self._locks.enter_context(run_lock(self.lock_dir))
         return self
