@@ -585,7 +585,7 @@ def test_report_numbers_recompute_from_the_raw_records(tmp_path, tiny_model, cap
     cores = len(os.sched_getaffinity(0))
     assert report["hardware"]["detected_profile"] == f"cpu-{cores}core" == report["hardware"]["serving_hardware"]
     assert report["hardware"]["serving_source"] == "detected" and report["engine"] == "transformers"
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
     for name, metrics in report["systems"].items():
         task = [r for r in records if r["system"] == name and r["kind"] == "task"]

@@ -40,7 +40,7 @@ from pipeline.engines import load_engine
 from pipeline.runs import PipelineError, Stage, log, write_json, write_jsonl
 from pipeline.tasks import Example, Task, task_for
 
-REPORT_SCHEMA_VERSION = 2  # report.json's layout; README "report.json" documents it
+REPORT_SCHEMA_VERSION = 3  # report.json's layout; README "report.json" documents it
 
 
 def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
