@@ -11,10 +11,11 @@
 # 1. the tests marked `cuda` and the train/KD tests (not integration), on the GPU;
 # 2. scripts/bench_train.py on a 0.5B- and a 1.5B-shaped student: ours / plain PyTorch+PEFT loop, unpacked and
 #    packed, with model FLOPs utilisation against the device's datasheet peak;
-# 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student) end to end, its benchmark on
-#    the detected GPU profile with each system's decode roofline share and its single-request latency, warm
-#    (timed first) and cold: the same work on this engine, so two figures far apart mean a cost paid once per
-#    new shape (cuDNN attention's plans made warm 2.86 s against cold 0.84 s on an H200 before 9bf5caf);
+# 3. the whole pipeline (configs/gpu_check.yaml: transformers engine, QLoRA student; vLLM and `vllm serve` where
+#    vLLM is installed) end to end, its benchmark on the detected GPU profile with each system's decode roofline
+#    share and its single-request latency, warm (timed first) and cold: the same work on this engine, so two
+#    figures far apart mean a cost paid once per new shape (cuDNN attention's plans made warm 2.86 s against cold
+#    0.84 s on an H200 before 9bf5caf);
 # 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
 #    Liger kernels (on by default where liger-kernel is installed), two collating workers
 #    (train.dataloader_workers) and torch.compile; unpacked, without TRL's fused LM head (train.fused_lm_head:
@@ -67,8 +68,19 @@ bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the confi
 }
 bench bench_05b --profile -- "student.model=$M05"
 bench bench_15b -- "student.model=$M15"
-step pipeline 240 $PY -m pipeline.cli run --config configs/gpu_check.yaml --force "runs_dir=$OUT_DIR/runs" \
-  "teacher.model=$M05" "student.model=$M05"
+# Where vLLM is installed, the pipeline runs on the engines users run on a GPU node: vLLM's offline engine for
+# generation and the benchmark, `vllm serve` for its load test, in one process after training (the train stage's
+# memory must be handed back first). Eager mode: CUDA graph capture would cost each of the five engine starts more
+# than it saves on this little work. Not yet run on a GPU: the lent machines have no vLLM.
+engines=() pipeline_limit=240
+if $PY -c "import vllm" 2>/dev/null; then
+  vllm_engine="{backend: vllm, dtype: bfloat16, max_model_len: 2048, gpu_memory_utilization: 0.6, enforce_eager: true}"
+  engines=("teacher.engine=$vllm_engine" "benchmark.engine=$vllm_engine"
+           "benchmark.load_test={enabled: true, concurrency: [1, 8], requests: 8, warmup: 2}")
+  pipeline_limit=420
+fi
+step pipeline $pipeline_limit $PY -m pipeline.cli run --config configs/gpu_check.yaml --force "runs_dir=$OUT_DIR/runs" \
+  "teacher.model=$M05" "student.model=$M05" ${engines[@]+"${engines[@]}"}
 if $PY -c "import liger_kernel" 2>/dev/null; then
   bench no_liger --only packed -- "student.model=$M05" train.use_liger_kernel=false
 else
