@@ -233,8 +233,10 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
     assert (tuned["win"], tuned["tie"], tuned["loss"], tuned["position_biased"]) == (0, n, 0, n - tuned["identical"])
     assert judge["reliability"]["position_bias_rate"] == 1.0
     assert (judge["reliability"]["pairs"], judge["reliability"]["pairs_identical"]) == (len(asked), 3 * n - len(asked))
+    # Each distinct question asked once: a grade per distinct answer, both orders per distinct pair.
     distinct_answers = {(r["id"], r["completion"]) for r in records if r["kind"] == "task"}
-    assert len(pairs) == 3 * n and len(handler.requests) == len(distinct_answers) + 2 * len(asked)
+    distinct_pairs = {json.dumps(p["requests"], sort_keys=True) for p in asked}
+    assert len(pairs) == 3 * n and len(handler.requests) == len(distinct_answers) + 2 * len(distinct_pairs)
     for pair in asked:  # the same two answers, shown in both orders
         first, second = (pair["requests"][order][1]["content"] for order in ("system_first", "teacher_first"))
         a1, b1 = first.split("Reply A:\n")[1].split("\n\nReply B:\n")
