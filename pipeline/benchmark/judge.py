@@ -165,7 +165,8 @@ def _ask(
     sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=config.seed)
     sampling = sampling.constrained_to(choices if judge.constrained else None)
     distinct = {json.dumps(c, sort_keys=True): c for c in conversations}
-    generations = engine.generate(list(distinct.values()), sampling, progress=False)
+    # The engine's progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
+    generations = engine.generate(list(distinct.values()), sampling, progress=True)
     replies = dict(zip(distinct, (g.completions[0].text if g.completions else "" for g in generations), strict=True))
     return [replies[json.dumps(c, sort_keys=True)] for c in conversations]
 
