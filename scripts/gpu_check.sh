@@ -112,6 +112,21 @@ for name in sys.argv[2:]:
             label = Path(data["model"]).name + ("" if name.startswith("bench") else f" ({name})")
             print(f"| {label} | {mode} | {r['ours_tok_s']:,.0f} | {r['plain_tok_s']:,.0f} | "
                   f"{r['ratio']:.2f} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']} | {mems} |")
+# The train stage's floors on a GPU: ours >= 0.9 of the plain loop, unpacked and packed; packed MFU >= 10% on the
+# 0.5B shape and >= 20% on the 1.5B one.
+floors = []
+for name, packed_mfu in (("bench_05b", 0.10), ("bench_15b", 0.20)):
+    path = out / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for mode in ("unpacked", "packed"):
+        r = data.get(mode)
+        if r is None:
+            floors.append(f"{name} {mode}: no figures"); continue
+        floors.append(f"{name} {mode}: ours/plain {r['ratio']:.2f} {'met' if r['ratio'] >= 0.9 else 'MISSED'} (>= 0.9)")
+        if mode == "packed":
+            mfu = r.get("mfu") or 0
+            floors.append(f"{name} packed: MFU {mfu:.1%} {'met' if mfu >= packed_mfu else 'MISSED'} (>= {packed_mfu:.0%})")
+print("\nfloors:\n  " + "\n  ".join(floors))
 metrics = next((out / "runs").glob("*/train/train_metrics.json"), None)
 if metrics:
     m = json.loads(metrics.read_text())
