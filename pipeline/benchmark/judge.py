@@ -164,11 +164,12 @@ def _ask(
     judge = config.benchmark.judge
     sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=config.seed)
     sampling = sampling.constrained_to(choices if judge.constrained else None)
-    distinct = {json.dumps(c, sort_keys=True): c for c in conversations}
+    keys = [json.dumps(c, sort_keys=True) for c in conversations]
+    distinct = dict(zip(keys, conversations, strict=True))
     # The engine's progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
     generations = engine.generate(list(distinct.values()), sampling, progress=True)
     replies = dict(zip(distinct, (g.completions[0].text if g.completions else "" for g in generations), strict=True))
-    return [replies[json.dumps(c, sort_keys=True)] for c in conversations]
+    return [replies[key] for key in keys]
 
 
 def pair_outcome(system_first: str | None, teacher_first: str | None) -> tuple[str, bool]:
