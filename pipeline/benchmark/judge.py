@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline import names
@@ -73,15 +74,15 @@ def run_judge(
     add_reference_metrics(answers, references)
 
     teacher = {r["id"]: r for r in answers if r["system"] == names.TEACHER}
+    # (answer, the teacher's answer, identical). The same answer as the teacher's is a tie, not a question: any
+    # preference between two identical texts is the judge's position bias or noise (the embedded chat example's
+    # prompted student is the teacher's model and prompt: a third of its pairs were such, each counted as bias).
     pairs = [
-        (answer, teacher[answer["id"]])
+        (answer, theirs, answer["completion"] == theirs["completion"])
         for answer in answers
-        if judge.pairwise and answer["system"] != names.TEACHER and answer["id"] in teacher
+        if judge.pairwise and answer["system"] != names.TEACHER and (theirs := teacher.get(answer["id"]))
     ]
-    # The same answer as the teacher's is a tie, not a question: any preference between two identical texts is
-    # the judge's position bias or noise (the embedded chat example's prompted student is the teacher's model and
-    # prompt: a third of its pairs were such, each counted as position bias).
-    asked = [(answer, theirs) for answer, theirs in pairs if answer["completion"] != theirs["completion"]]
+    asked = [(answer, theirs) for answer, theirs, identical in pairs if not identical]
     name, engine_config = judge_model(config)
     log(
         f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(asked)} with the teacher's "
@@ -99,17 +100,29 @@ def run_judge(
                 pair_prompt(rubric, prompts[answer["id"]], theirs["completion"], answer["completion"]),
             )
         ]
-        pair_replies = iter(_ask(engine, pair_requests, PREFERENCES, config))
+        pair_replies = _ask(engine, pair_requests, PREFERENCES, config)  # both orders of each pair asked
     finally:
         engine.close()
 
-    judge_records = []
-    for answer, request, reply in zip(answers, grade_requests, grade_replies, strict=True):
+    judge_records = grade_records(answers, grade_requests, grade_replies, judge.pass_threshold)
+    judge_records += pair_records(pairs, iter(pair_requests), iter(pair_replies))
+    section = summarize_judge(answers, judge_records)
+    section.update(model=name, backend=engine_config.backend, rubric=rubric, pass_threshold=judge.pass_threshold)
+    section["constrained"] = judge.constrained
+    return section, judge_records
+
+
+def grade_records(
+    answers: list[dict[str, Any]], requests: list[Any], replies: list[str], pass_threshold: int
+) -> list[dict[str, Any]]:
+    """One `judge_grade` record per answer; each answer marked pass or fail in place (rule `judge_pass`)."""
+    out = []
+    for answer, request, reply in zip(answers, requests, replies, strict=True):
         grade = parse_grade(reply)
         answer["judge_grade"] = grade
-        answer["rules"]["judge_pass"] = grade is not None and grade >= judge.pass_threshold
+        answer["rules"]["judge_pass"] = grade is not None and grade >= pass_threshold
         answer["correct"] = all(answer["rules"].values())
-        judge_records.append(
+        out.append(
             {
                 "system": answer["system"],
                 "kind": "judge_grade",
@@ -119,24 +132,31 @@ def run_judge(
                 "grade": grade,
             }
         )
-    requests_in_order = iter(pair_requests)
-    for answer, theirs in pairs:
-        identical = answer["completion"] == theirs["completion"]
-        requests = replies = preferences = None
+    return out
+
+
+def pair_records(
+    pairs: list[tuple[dict[str, Any], dict[str, Any], bool]], requests: Iterator[Any], replies: Iterator[str]
+) -> list[dict[str, Any]]:
+    """One `judge_pair` record per (answer, the teacher's, identical): the two requests and replies of each pair
+    asked, in ORDERS, come next from `requests` and `replies`; an identical pair is a tie, not asked."""
+    out = []
+    for answer, theirs, identical in pairs:
+        asked = replies_by_order = preferences = None
         outcome, biased = "tie", False
         if not identical:
-            requests = {order: next(requests_in_order) for order in ORDERS}
-            replies = {order: next(pair_replies) for order in ORDERS}
-            preferences = {order: parse_preference(text) for order, text in replies.items()}
+            asked = {order: next(requests) for order in ORDERS}
+            replies_by_order = {order: next(replies) for order in ORDERS}
+            preferences = {order: parse_preference(text) for order, text in replies_by_order.items()}
             outcome, biased = pair_outcome(preferences["system_first"], preferences["teacher_first"])
-        judge_records.append(
+        out.append(
             {
                 "system": answer["system"],
                 "kind": "judge_pair",
                 "id": answer["id"],
                 "identical": identical,  # the teacher's own answer: a tie, the judge not asked
-                "requests": requests,
-                "replies": replies,
+                "requests": asked,
+                "replies": replies_by_order,
                 "preferences": preferences,
                 "outcome": outcome,
                 "position_biased": biased,
@@ -147,10 +167,7 @@ def run_judge(
                 },
             }
         )
-    section = summarize_judge(answers, judge_records)
-    section.update(model=name, backend=engine_config.backend, rubric=rubric, pass_threshold=judge.pass_threshold)
-    section["constrained"] = judge.constrained
-    return section, judge_records
+    return out
 
 
 def _ask(
