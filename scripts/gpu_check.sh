@@ -44,10 +44,11 @@ declare -A status seconds
 steps=() benches=()  # names in the order they ran (or were skipped): the summary's rows
 
 SKIP=${SKIP-workers compile token_metrics checkpointing}
+skipped() { steps+=("$1"); status[$1]="skipped ($2)"; seconds[$1]=0; }  # skipped NAME WHY: a row, not run
 step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR/NAME.log, record status and time
   local name=$1 limit=$2; shift 2
+  if [[ " $SKIP " == *" $name "* ]]; then skipped "$name" SKIP; return; fi
   steps+=("$name")
-  if [[ " $SKIP " == *" $name "* ]]; then status[$name]="skipped (SKIP)"; seconds[$name]=0; return; fi
   local started=$SECONDS
   echo "== $name: $*"
   timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
@@ -84,8 +85,7 @@ step pipeline $pipeline_limit $PY -m pipeline.cli run --config configs/gpu_check
 if $PY -c "import liger_kernel" 2>/dev/null; then
   bench no_liger --only packed -- "student.model=$M05" train.use_liger_kernel=false
 else
-  status[no_liger]="skipped (no liger-kernel: the default runs without it)"; seconds[no_liger]=0
-  steps+=(no_liger) benches+=(no_liger)
+  skipped no_liger "no liger-kernel: the default runs without it"; benches+=(no_liger)
 fi
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
 bench no_fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=false
