@@ -139,20 +139,21 @@ def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tm
     config = validate_config(raw)
 
     first = {row["prompt_id"]: row for row in read_jsonl(run_generate(config))}
-    assert run_generate(config) and len(first) == 8  # unchanged data: skipped
+    # 8 rows, of which the first of each label (4 by default) are the full prompt's few-shot examples, not asked.
+    assert run_generate(config) and len(first) == 4  # unchanged data: skipped
     # A label task's teacher is constrained to the labels (task.params.constrained, on by default).
     assert {c["text"].strip() for row in first.values() for c in row["completions"]} <= {"a", "b"}
     assert all(row["sampling"]["choices"] == ["a", "b"] for row in first.values())
 
-    write_rows(train_csv, 4, start=8)  # tonight's new tickets
+    write_rows(train_csv, 4, start=8)  # tonight's new tickets: appended, so the few-shot examples stay the same
     output = run_generate(config)
     second = {row["prompt_id"]: row for row in read_jsonl(output)}
     metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
-    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (8, 4)
-    assert len(second) == 12 and all(second[key] == row for key, row in first.items())
+    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (4, 4)
+    assert len(second) == 8 and all(second[key] == row for key, row in first.items())
 
     # Another teacher setting changes what a row would be: nothing is reused.
     raw["teacher"]["sampling"]["max_tokens"] = 16
     output = run_generate(validate_config(raw))
     metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
-    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 12)
+    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 8)

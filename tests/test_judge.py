@@ -40,13 +40,16 @@ def test_chat_task_reads_messages_rows_and_named_columns(tmp_path):
         {"question": "Thank Bo.", "answer": "Thanks, Bo."},
         {"question": "Thank Cy.", "answer": ""},
     ]
-    task = chat_task(tmp_path, rows, test_fraction=0, prompt_column="question", reference_column="answer")
+    task = chat_task(tmp_path, rows, test_fraction=0, few_shot=1, prompt_column="question", reference_column="answer")
     examples = task.split("train")
-    assert [e.user for e in examples] == ["Say hi.", "Say bye.", "Greet Ann.", "Thank Bo.", "Thank Cy."]
-    assert [e.reference["target"] for e in examples] == [None, None, "Hello, Ann!", "Thanks, Bo.", None]
+    # The first row with a reference is the full prompt's example, held out of the train split: the teacher is
+    # not asked what its own prompt answers.
+    assert [e.user for e in task.few_shot_examples()] == ["Greet Ann."]
+    assert [e.user for e in examples] == ["Say hi.", "Say bye.", "Thank Bo.", "Thank Cy."]
+    assert [e.reference["target"] for e in examples] == [None, None, "Thanks, Bo.", None]
     assert task.messages(examples[1], "short")[0]["content"] == "Be terse."  # the row's own system turn
     full = task.messages(examples[0], "full")[0]["content"]
-    assert task.params.rubric in full and "Hello, Ann!" in full  # rubric and a referenced few-shot example
+    assert task.params.rubric in full and "Hello, Ann!" in full and "Thanks, Bo." not in full
     assert task.open_ended and task.score("  ", examples[0]) == {"answered": False}
 
 

@@ -31,10 +31,11 @@ def test_classification_splits_are_deterministic_disjoint_and_sized(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     a, b = classification(tmp_path), classification(tmp_path)
     assert a.split("train") == b.split("train") and a.split("test") == b.split("test")
-    train, test = a.split("train"), a.split("test")
-    assert (len(train), len(test)) == (32, 8)
-    assert not {e.id for e in train} & {e.id for e in test}
-    assert {e.id for e in train} | {e.id for e in test} == {f"d-{i}" for i in range(40)}
+    train, test, shots = a.split("train"), a.split("test"), a.few_shot_examples()
+    assert (len(train), len(test), len(shots)) == (28, 8, 4)  # the 4 few-shot examples are in neither split
+    ids = [{e.id for e in part} for part in (train, test, shots)]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    assert ids[0] | ids[1] | ids[2] == {f"d-{i}" for i in range(40)}
     assert all(e.user == ROWS[int(e.id.split("-")[1])][0] for e in train + test)  # id = row index in the file
     assert {e.category for e in train} == {"positive", "negative"}
     assert all(e.category == e.reference["target"] for e in train)
@@ -53,7 +54,7 @@ def test_classification_reads_jsonl_and_a_separate_test_file(tmp_path):
         base_dir=tmp_path,
     )
     train, test = task.split("train"), task.split("test")
-    assert len(train) == 40 and len(test) == 5
+    assert len(train) == 36 and len(test) == 5  # 4 rows of d.jsonl are the full prompt's examples
     assert [e.user for e in test] == [t for t, _ in ROWS[:5]]
     assert not {e.id for e in train} & {e.id for e in test}
 
@@ -83,9 +84,9 @@ def test_classification_full_prompt_lists_labels_and_train_examples_only(tmp_pat
     assert "Allowed labels: negative, positive." in system
     shots = re.findall(r"Input: (.*)\nAnswer: (.*)", system)
     assert len(shots) == 3 and {label for _, label in shots} == {"negative", "positive"}
-    train_texts = {e.user for e in task.split("train")}
-    assert all(text in train_texts for text, _ in shots)
-    assert all(e.user not in system for e in task.split("test"))
+    assert [(e.user, e.reference["target"]) for e in task.few_shot_examples()] == shots
+    # Shown with their answers, so held out of both splits: the teacher is never asked what its prompt answers.
+    assert all(e.user not in system for e in task.split("train") + task.split("test"))
     short = task.messages(example, "short")
     assert short == [
         {"role": "system", "content": "Classify the text. Answer with one label only."},
@@ -168,7 +169,9 @@ def test_empty_test_split_is_an_error_that_says_how_to_fix_it(tmp_path):
         classification(tmp_path, test_fraction=0.0).split("test")
     with pytest.raises(TaskError, match="test split is empty"):
         classification(tmp_path, test_fraction=0.1).split("test")  # rounds to 0 of 3 rows
-    assert len(classification(tmp_path, test_fraction=0.0).split("train")) == 3
+    assert len(classification(tmp_path, test_fraction=0.0, few_shot=1).split("train")) == 2
+    with pytest.raises(TaskError, match=r"train split is empty \(0 rows held out for test, 3 shown as few-shot"):
+        classification(tmp_path, test_fraction=0.0, few_shot=3).split("train")
 
 
 @pytest.mark.parametrize(

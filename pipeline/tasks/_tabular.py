@@ -22,7 +22,7 @@ class TabularParams(TaskParams):
     path: str
     test_path: str | None = None  # a separate test file; otherwise `test_fraction` of `path` is held out
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    few_shot: int = Field(4, ge=0)  # train examples shown in the "full" prompt
+    few_shot: int = Field(4, ge=0)  # rows shown in the "full" prompt with their answers, held out of train
     instruction: str  # the system prompt of the "short" style, and the start of the "full" one
 
 
@@ -151,20 +151,34 @@ class TabularTask(Task):
         paths = [self.params.path, *([self.params.test_path] if self.params.test_path else [])]
         return [resolve(self.base_dir, value) for value in paths]
 
+    def loaded(self) -> tuple[list[Example], list[Example], list[Example]]:
+        """(train, test, few-shot examples), read once. The few-shot examples are rows of the train part that the
+        full prompt shows with their answers; they are held out of the train split, as the support task's are, so
+        the teacher is never asked a question its own prompt answers (a copied answer would pass the filter's
+        correctness check and count as the teacher doing the task)."""
+        if not hasattr(self, "_loaded"):
+            train, test = self._load()
+            shots = self.pick_few_shot(train)
+            shown = {e.id for e in shots}
+            self._loaded = ([e for e in train if e.id not in shown], test, shots)
+        return self._loaded
+
     def split(self, name: str) -> list[Example]:
-        """Train or test examples in file order; the test split is a seeded sample unless `test_path` is set."""
+        """Train or test examples in file order; the test split is a seeded sample unless `test_path` is set, and
+        the few-shot examples are in neither."""
         if name not in ("train", "test"):
             raise TaskError(f"unknown split {name!r}; expected 'train' or 'test'")
-        if not hasattr(self, "_splits"):
-            self._splits = self._load()
-        train, test = self._splits
+        train, test, shots = self.loaded()
         if name == "test" and not test:
             raise TaskError(
                 f"task.params.test_fraction: the test split is empty ({len(train)} rows, "
                 f"test_fraction={self.params.test_fraction}); raise test_fraction or set test_path"
             )
         if name == "train" and not train:
-            raise TaskError("task.params.test_fraction: the train split is empty; lower test_fraction or add rows")
+            raise TaskError(
+                f"task.params.test_fraction: the train split is empty ({len(test)} rows held out for test, "
+                f"{len(shots)} shown as few-shot examples); lower test_fraction or few_shot, or add rows"
+            )
         return list(train if name == "train" else test)
 
     def messages(self, example: Example, style: str) -> list[Message]:
@@ -177,9 +191,12 @@ class TabularTask(Task):
         ]
 
     def few_shot_examples(self) -> list[Example]:
-        """Up to `few_shot` train examples, taken round-robin over categories so labels are balanced."""
+        return self.loaded()[2]
+
+    def pick_few_shot(self, train: list[Example]) -> list[Example]:
+        """Up to `few_shot` of the train rows, taken round-robin over categories so labels are balanced."""
         by_category: dict[str, list[Example]] = {}
-        for example in self.split("train"):
+        for example in train:
             by_category.setdefault(example.category, []).append(example)
         queues = [by_category[c] for c in sorted(by_category)]
         shots: list[Example] = []

@@ -25,7 +25,7 @@ class ChatParams(TabularParams):
     reference_column: str = "reference"  # optional in each row
     instruction: str = "You are a helpful assistant. Do what the user asks, clearly and concisely."
     rubric: str = "The reply does what the user asked, is correct, and is clear and concise."
-    few_shot: int = 2  # rows with a reference answer shown in the "full" prompt
+    few_shot: int = 2  # rows with a reference answer shown in the "full" prompt, held out of train
 
 
 class ChatTask(TabularTask):
@@ -59,10 +59,9 @@ class ChatTask(TabularTask):
         full = f"{instruction}\nA good reply: {self.params.rubric}"
         return full + (f"\n\nExamples:\n\n{shots}" if shots else "")
 
-    def few_shot_examples(self) -> list[Example]:
+    def pick_few_shot(self, train: list[Example]) -> list[Example]:
         """The first `few_shot` train rows that have a reference answer."""
-        with_reference = [e for e in self.split("train") if e.reference["target"]]
-        return with_reference[: self.params.few_shot]
+        return [e for e in train if e.reference["target"]][: self.params.few_shot]
 
     def score(self, completion: str, example: Example) -> dict[str, bool]:
         """Only the form: an answer was given. How good it is, the judge says."""

@@ -48,9 +48,8 @@ class ClassificationTask(TabularTask):
         """The allowed labels: as configured, else sorted-unique over both splits."""
         if self.params.labels:
             return list(self.params.labels)
-        self.split("train")
-        train, test = self._splits
-        return sorted({e.reference["target"] for e in train + test})
+        train, test, shots = self.loaded()
+        return sorted({e.reference["target"] for e in train + test + shots})
 
     def full_instruction(self) -> str:
         return f"{self.params.instruction}\nAllowed labels: {', '.join(self.labels())}."
