@@ -72,7 +72,13 @@ def test_summarize_probe_counts_accuracy_leakage_and_categories():
         ProbeQuestion("d", "y", "?", ("red",)),
     ]
     summary = summarize_probe(["1", "See [KB-1001]", "Blue.", "[KB-7] red"], qs, leaks=lambda t: "[KB-" in t)
-    assert summary == {"accuracy": 0.75, "leakage_rate": 0.5, "n": 4, "per_category": {"x": 1.0, "y": 2 / 3}}
+    assert summary == {
+        "accuracy": 0.75,
+        "leakage_rate": 0.5,
+        "n": 4,
+        "per_category": {"x": 1.0, "y": 2 / 3},
+        "per_category_n": {"x": 1, "y": 3},
+    }
     with pytest.raises(ValueError):
         summarize_probe(["1"], qs, leaks=lambda t: False)
 
@@ -138,3 +144,28 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
     assert len(prompts) == len(set(prompts)) >= 150
     assert [p for p in prompts if index.match(p)] == []
+
+
+def test_the_report_shows_probe_accuracy_per_category_largest_loss_first():
+    """Where general ability moved: a loss in one category is hidden in the overall change when the task trains
+    another (the arithmetic example's tuned student gained 50 points of the probe's arithmetic)."""
+    from pipeline.benchmark.report import _forgetting_section
+
+    def probed(per_category):
+        n = {"arithmetic": 24, "capitals": 25, "units": 15}
+        return {"accuracy": 0.5, "leakage_rate": 0.0, "n": 64, "per_category": per_category, "per_category_n": n}
+
+    lines = _forgetting_section(
+        {
+            "student_base": probed({"arithmetic": 0.29, "capitals": 0.76, "units": 0.8}),
+            "student_tuned": probed({"arithmetic": 0.79, "capitals": 0.76, "units": 0.6}),
+            "change": {"accuracy": 0.1, "leakage_rate": 0.0},
+        }
+    )
+    table = lines[lines.index("Probe accuracy per category:") + 2 :]
+    assert table[0] == "| category | n | student_base | student_tuned | change |"
+    assert table[2:5] == [
+        "| units | 15 | 0.800 | 0.600 | -0.200 |",
+        "| capitals | 25 | 0.760 | 0.760 | +0.000 |",
+        "| arithmetic | 24 | 0.290 | 0.790 | +0.500 |",
+    ]

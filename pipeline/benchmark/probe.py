@@ -75,7 +75,7 @@ def probe_correct(completion: str, question: ProbeQuestion) -> bool:
 def summarize_probe(
     completions: Sequence[str], questions: Sequence[ProbeQuestion], leaks: Callable[[str], bool]
 ) -> dict[str, Any]:
-    """Accuracy, leakage rate (share of completions where `leaks` is true), n, and accuracy per category."""
+    """Accuracy, leakage rate (share of completions where `leaks` is true), n, and accuracy and n per category."""
     correct = [probe_correct(c, q) for c, q in zip(completions, questions, strict=True)]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for ok, q in zip(correct, questions, strict=True):
@@ -86,6 +86,7 @@ def summarize_probe(
         "leakage_rate": sum(bool(leaks(c)) for c in completions) / n if n else float("nan"),
         "n": n,
         "per_category": {cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
+        "per_category_n": {cat: len(v) for cat, v in sorted(by_category.items())},
     }
 
 

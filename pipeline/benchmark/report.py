@@ -329,10 +329,10 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
         "| system | probe accuracy | leakage rate | n |",
         "|---|---|---|---|",
     ]
-    for name, f in forgetting.items():
-        if name not in ("change", "lm_eval"):
-            lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
-    lines.append("")
+    probed = {name: f for name, f in forgetting.items() if name not in ("change", "lm_eval")}
+    for name, f in probed.items():
+        lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
+    lines += ["", *_probe_categories(probed)]
     harness = forgetting.get("lm_eval")
     if harness and "skipped" in harness:
         lines += [f"lm-evaluation-harness: skipped ({harness['skipped']}).", ""]
@@ -349,6 +349,30 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
                 lines.append(f"| {name} | {task_name} | {shown} |")
         lines.append("")
     return lines
+
+
+def _probe_categories(probed: dict[str, dict[str, Any]]) -> list[str]:
+    """Probe accuracy per category and system, the tuned student's largest losses first: where general ability
+    moved, and a category the task itself trains (arithmetic questions in an arithmetic task) rising."""
+    with_categories = {name: f["per_category"] for name, f in probed.items() if f.get("per_category")}
+    if not with_categories:
+        return []
+    sizes = next((f["per_category_n"] for f in probed.values() if f.get("per_category_n")), {})
+    categories = sorted({c for per in with_categories.values() for c in per})
+    base, tuned = with_categories.get(names.STUDENT_BASE), with_categories.get(names.STUDENT_TUNED)
+    compared = base is not None and tuned is not None
+    if compared:
+        categories.sort(key=lambda c: tuned.get(c, 0) - base.get(c, 0))
+    header = ["category", *(["n"] if sizes else []), *with_categories, *(["change"] if compared else [])]
+    lines = ["Probe accuracy per category:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for category in categories:
+        cells = [category, *([str(sizes.get(category, ""))] if sizes else [])]
+        cells += [f"{per[category]:.3f}" if category in per else "-" for per in with_categories.values()]
+        if compared:
+            change = tuned.get(category, 0) - base.get(category, 0)
+            cells.append(f"{change:+.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
