@@ -45,7 +45,7 @@ class ClassificationTask(TabularTask):
                 )
 
     def labels(self) -> list[str]:
-        """The allowed labels: as configured, else sorted-unique over both splits."""
+        """The allowed labels: as configured, else sorted-unique over the data (both splits and the few-shot rows)."""
         if self.params.labels:
             return list(self.params.labels)
         train, test, shots = self.loaded()
