@@ -360,17 +360,14 @@ def _probe_categories(probed: dict[str, dict[str, Any]]) -> list[str]:
     sizes = next((f["per_category_n"] for f in probed.values() if f.get("per_category_n")), {})
     categories = sorted({c for per in with_categories.values() for c in per})
     base, tuned = with_categories.get(names.STUDENT_BASE), with_categories.get(names.STUDENT_TUNED)
-    compared = base is not None and tuned is not None
-    if compared:
-        categories.sort(key=lambda c: tuned.get(c, 0) - base.get(c, 0))
-    header = ["category", *(["n"] if sizes else []), *with_categories, *(["change"] if compared else [])]
+    changes = {c: tuned.get(c, 0) - base.get(c, 0) for c in categories} if base and tuned else {}
+    categories.sort(key=lambda c: changes.get(c, 0))  # stable: alphabetical without a change to sort by
+    header = ["category", *(["n"] if sizes else []), *with_categories, *(["change"] if changes else [])]
     lines = ["Probe accuracy per category:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for category in categories:
         cells = [category, *([str(sizes.get(category, ""))] if sizes else [])]
         cells += [f"{per[category]:.3f}" if category in per else "-" for per in with_categories.values()]
-        if compared:
-            change = tuned.get(category, 0) - base.get(category, 0)
-            cells.append(f"{change:+.3f}")
+        cells += [f"{changes[category]:+.3f}"] if changes else []
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
