@@ -89,7 +89,6 @@ def test_this_cpu_is_measured_and_keeps_the_cpu_2core_price(monkeypatch):
     assert "measured here" in _hardware_note({"hardware": chosen.record()})
 
 
-
 CHURNED_PROBE = """
 import torch
 from pipeline.hardware import probe_cpu
@@ -110,6 +109,7 @@ def test_the_bandwidth_probe_reads_real_memory_whatever_the_process_did_before()
         for code in ("from pipeline.hardware import probe_cpu; print(probe_cpu()[1])", CHURNED_PROBE)
     )
     assert 1 / 1.5 < fresh / churned < 1.5, (fresh, churned)
+
 
 @pytest.mark.parametrize(
     ("engine", "said", "not_said"),

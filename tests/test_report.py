@@ -151,7 +151,15 @@ def test_compare_puts_runs_side_by_side(tmp_path):
             "forgetting": {"change": {"accuracy": -0.02, "leakage_rate": 0.1}},
         }
         train = {
-            "config": {"train": {"objective": objective, "method": "lora", "lora": {"r": 16}}},
+            "config": {
+                "train": {
+                    "objective": objective,
+                    "method": "lora",
+                    "lora": {"r": 16},
+                    "learning_rate": 2e-4,
+                    "num_train_epochs": 2,
+                }
+            },
             "metrics": {"steps": 9},
         }
         for stage, data in (("benchmark", report), ("train", train)):
@@ -170,7 +178,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     table = compare_runs([fake_run("sft", "sft", 0.4), fake_run("kd", "kd", 0.6)]).splitlines()
     assert len(table) == 4 and table[0].startswith("| run | objective")
     assert (
-        table[2].startswith("| sft | sft | lora | 16 | False | 0 | - |")
+        table[2].startswith("| sft | sft | lora | 16 | 0.0002 | 2 | False | 0 | - |")
         and "| 0.400 | +0.300 | 50% | 0.50x |" in table[2]
     )
     assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]

@@ -479,11 +479,13 @@ def _failure_summary(metrics: dict[str, Any]) -> str:
 
 def compare_runs(run_dirs: list[Path]) -> str:
     """A markdown table of finished runs side by side (`distill compare runs/a runs/b`): how each student was
-    trained (objective, method, rank, packing, replay fraction, the prompt it trained and serves with), and what
+    trained (objective, method, rank, learning rate, epochs, packing, replay fraction, the prompt it trained and
+    serves with: the knobs the verdict names against forgetting), and what
     the benchmark measured for it against its teacher and untuned base, with an exact McNemar test of its test
     answers against the first run's where both kept records.jsonl (the same test examples, paired)."""
     header = (
-        "| run | objective | method | LoRA r | packing | replay | prompt | steps | train s | tuned acc | vs base "
+        "| run | objective | method | LoRA r | lr | epochs | packing | replay | prompt | steps | train s | tuned acc "
+        "| vs base "
         "| kept of teacher | p50 vs teacher | $/1M out | probe acc change | leakage change | $/1k req "
         "| p vs first run | tuned failure modes |"
     )
@@ -509,7 +511,8 @@ def compare_runs(run_dirs: list[Path]) -> str:
         per_request = tuned.get("cost_per_1k_requests")
         lines.append(
             f"| {run_dir.name} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
-            f"| {config['lora']['r']} | {config.get('packing', False)} "
+            f"| {config['lora']['r']} | {_number(config.get('learning_rate'))} "
+            f"| {_number(config.get('num_train_epochs'))} | {config.get('packing', False)} "
             f"| {config.get('replay', {}).get('fraction', 0):g} | {prompt} | {metrics.get('steps')} "
             f"| {metrics.get('train_runtime_s', float('nan')):.0f} | {tuned['accuracy']:.3f}"
             f"{_ci(tuned.get('accuracy_ci95'))} "
@@ -520,6 +523,10 @@ def compare_runs(run_dirs: list[Path]) -> str:
             f"| {_failure_summary(tuned)} |"
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _tuned_outcomes(records: Path) -> dict[str, bool] | None:
