@@ -110,7 +110,8 @@ def probe_cpu() -> tuple[float, float]:
     """(peak TFLOP/s, memory GB/s) of this CPU as a job sees it, measured in about a second: the best of a few
     fp32 matmuls (the engines run fp32 on CPU) and of reads of an array far larger than the caches, as a decode
     step reads its weights. The array is written first: pages never written are the kernel's shared zero page,
-    which reads from cache (a copy out of such an array read 84-101 GB/s here, twice the 38-50 of real pages)."""
+    which reads from cache (a copy out of such an array read 84-101 GB/s here; reads of written pages 36-82 GB/s
+    from run to run on this shared host, mostly 43-48)."""
     import time
 
     import torch
