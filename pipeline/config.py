@@ -586,9 +586,25 @@ class BenchmarkConfig(_Strict):
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
+    # Probe categories the task itself trains (`arithmetic` for an arithmetic task): left out of the forgetting
+    # figures (probe accuracy and leakage, and so the verdict and the promotion gate), shown apart per category,
+    # so the task's own skill rising cannot hide a loss elsewhere.
+    probe_task_categories: list[str] = Field(default_factory=list)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     judge: BenchmarkJudgeConfig = Field(default_factory=BenchmarkJudgeConfig)
+
+    @field_validator("probe_task_categories")
+    @classmethod
+    def _known_categories(cls, value: list[str]) -> list[str]:
+        from pipeline.benchmark.probe import probe_categories
+
+        unknown = sorted(set(value) - probe_categories())
+        if unknown:
+            raise ValueError(
+                f"unknown probe categories: {', '.join(unknown)}; the probe has {', '.join(sorted(probe_categories()))}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchmarkConfig:

@@ -76,6 +76,10 @@ def _minimal(**extra):
         ),
         (_minimal(benchmark={"sampling": {"choices": ["a", "a"]}}), "benchmark.sampling.choices: Value error, a"),
         (
+            _minimal(benchmark={"probe_task_categories": ["arithmetic", "maths"]}),
+            "benchmark.probe_task_categories: Value error, unknown probe categories: maths; the probe has arithmetic,",
+        ),
+        (
             _minimal(teacher={"model": "m", "sampling": {"choices": ["a"], "json_schema": {"type": "object"}}}),
             "teacher.sampling: Value error, choices and json_schema",
         ),

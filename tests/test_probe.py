@@ -83,6 +83,27 @@ def test_summarize_probe_counts_accuracy_leakage_and_categories():
         summarize_probe(["1"], qs, leaks=lambda t: False)
 
 
+def test_the_categories_the_task_trains_are_left_out_of_the_forgetting_figures():
+    """An arithmetic task's student rising on the probe's arithmetic questions is its task, not general
+    ability: with `probe_task_categories`, accuracy, leakage and n cover the other categories only."""
+    qs = [
+        ProbeQuestion("a", "arithmetic", "?", ("1",)),
+        ProbeQuestion("b", "arithmetic", "?", ("2",)),
+        ProbeQuestion("c", "colors", "?", ("blue",)),
+        ProbeQuestion("d", "colors", "?", ("red",)),
+    ]
+    completions = ["1 [KB-1]", "2", "Blue.", "green [KB-7]"]
+    summary = summarize_probe(completions, qs, leaks=lambda t: "[KB-" in t, task_categories=["arithmetic"])
+    assert summary == {
+        "accuracy": 0.5,
+        "leakage_rate": 0.5,
+        "n": 2,
+        "per_category": {"arithmetic": 1.0, "colors": 0.5},
+        "per_category_n": {"arithmetic": 2, "colors": 2},
+        "task_categories": ["arithmetic"],
+    }
+
+
 def test_lm_eval_is_skipped_with_a_reason_when_missing(monkeypatch):
     import sys
 
@@ -169,3 +190,33 @@ def test_the_report_shows_probe_accuracy_per_category_largest_loss_first():
         "| capitals | 25 | 0.760 | 0.760 | +0.000 |",
         "| arithmetic | 24 | 0.290 | 0.790 | +0.500 |",
     ]
+
+
+def test_the_report_marks_the_probe_categories_the_task_trains():
+    from pipeline.benchmark.report import _forgetting_section
+
+    def probed(per_category):
+        n = {"arithmetic": 24, "units": 15}
+        return {
+            "accuracy": per_category["units"],
+            "leakage_rate": 0.0,
+            "n": 15,
+            "per_category": per_category,
+            "per_category_n": n,
+            "task_categories": ["arithmetic"],
+        }
+
+    lines = _forgetting_section(
+        {
+            "student_base": probed({"arithmetic": 0.29, "units": 0.8}),
+            "student_tuned": probed({"arithmetic": 0.79, "units": 0.6}),
+            "change": {"accuracy": -0.2, "leakage_rate": 0.0},
+        }
+    )
+    assert "| student_tuned | 0.600 | 0.000 | 15 |" in lines
+    assert any(
+        line.startswith("Left out of these figures: the probe categories the task itself trains (arithmetic;")
+        for line in lines
+    )
+    table = lines[lines.index("Probe accuracy per category:") + 2 :]
+    assert table[2:4] == ["| units | 15 | 0.800 | 0.600 | -0.200 |", "| arithmetic * | 24 | 0.290 | 0.790 | +0.500 |"]

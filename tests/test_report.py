@@ -46,6 +46,16 @@ def test_verdicts():
     assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_cost=0.6))  # dearer than the teacher
 
 
+def test_the_verdict_says_which_probe_categories_its_forgetting_figures_leave_out():
+    plain = report(0.84, -0.009, 0.0)
+    assert "On the general probe, accuracy changed by -0.9%" in verdict(plain)
+    plain["forgetting"]["student_tuned"] = {"task_categories": ["arithmetic"]}
+    assert (
+        "On the general probe (outside its arithmetic questions, the task's own skill), accuracy changed by -0.9%"
+        in (verdict(plain))
+    )
+
+
 def test_flipping_one_number_flips_the_verdict():
     """The verdict is computed, not written: the same report with one input changed says something else."""
     worth = report(0.84, -0.01, 0.02)

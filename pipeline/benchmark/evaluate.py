@@ -165,7 +165,7 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
         }
         for q, t in zip(questions, texts, strict=True)
     ]
-    return summarize_probe(texts, questions, task.leaks), records
+    return summarize_probe(texts, questions, task.leaks, config.benchmark.probe_task_categories), records
 
 
 def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]], seed: int) -> dict[str, Any]:

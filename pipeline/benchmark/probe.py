@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,11 @@ def load_probe(path: Path | None = None) -> list[ProbeQuestion]:
     return questions
 
 
+def probe_categories() -> set[str]:
+    """The categories of the packaged probe (`benchmark.probe_task_categories` names some of them)."""
+    return {q.category for q in load_probe()}
+
+
 def probe_messages(question: ProbeQuestion) -> list[dict[str, str]]:
     """A neutral system prompt and the question: no task instruction."""
     return [{"role": "system", "content": PROBE_SYSTEM}, {"role": "user", "content": question.question}]
@@ -73,21 +78,31 @@ def probe_correct(completion: str, question: ProbeQuestion) -> bool:
 
 
 def summarize_probe(
-    completions: Sequence[str], questions: Sequence[ProbeQuestion], leaks: Callable[[str], bool]
+    completions: Sequence[str],
+    questions: Sequence[ProbeQuestion],
+    leaks: Callable[[str], bool],
+    task_categories: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Accuracy, leakage rate (share of completions where `leaks` is true), n, and accuracy and n per category."""
+    """Accuracy, leakage rate (share of completions where `leaks` is true) and n over the questions outside
+    `task_categories` (the categories the task itself trains), and accuracy and n per category (all of them)."""
     correct = [probe_correct(c, q) for c, q in zip(completions, questions, strict=True)]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for ok, q in zip(correct, questions, strict=True):
         by_category[q.category].append(ok)
-    n = len(questions)
-    return {
-        "accuracy": sum(correct) / n if n else float("nan"),
-        "leakage_rate": sum(bool(leaks(c)) for c in completions) / n if n else float("nan"),
+    general = [
+        (ok, c) for ok, c, q in zip(correct, completions, questions, strict=True) if q.category not in task_categories
+    ]
+    n = len(general)
+    summary = {
+        "accuracy": sum(ok for ok, _ in general) / n if n else float("nan"),
+        "leakage_rate": sum(bool(leaks(c)) for _, c in general) / n if n else float("nan"),
         "n": n,
         "per_category": {cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
         "per_category_n": {cat: len(v) for cat, v in sorted(by_category.items())},
     }
+    if task_categories:
+        summary["task_categories"] = sorted(task_categories)
+    return summary
 
 
 def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]]) -> dict[str, Any]:

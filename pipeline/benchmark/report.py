@@ -332,7 +332,14 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     probed = {name: f for name, f in forgetting.items() if name not in ("change", "lm_eval")}
     for name, f in probed.items():
         lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
-    lines += ["", *_probe_categories(probed)]
+    trained = next((f["task_categories"] for f in probed.values() if f.get("task_categories")), [])
+    if trained:
+        lines += [
+            "",
+            f"Left out of these figures: the probe categories the task itself trains ({', '.join(trained)}; "
+            "`benchmark.probe_task_categories`), marked * below.",
+        ]
+    lines += ["", *_probe_categories(probed, trained)]
     harness = forgetting.get("lm_eval")
     if harness and "skipped" in harness:
         lines += [f"lm-evaluation-harness: skipped ({harness['skipped']}).", ""]
@@ -351,9 +358,10 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _probe_categories(probed: dict[str, dict[str, Any]]) -> list[str]:
+def _probe_categories(probed: dict[str, dict[str, Any]], trained: list[str]) -> list[str]:
     """Probe accuracy per category and system, the tuned student's largest losses first: where general ability
-    moved, and a category the task itself trains (arithmetic questions in an arithmetic task) rising."""
+    moved, and a category the task itself trains (arithmetic questions in an arithmetic task) rising; those
+    named in `trained` are marked."""
     with_categories = {name: f["per_category"] for name, f in probed.items() if f.get("per_category")}
     if not with_categories:
         return []
@@ -365,7 +373,7 @@ def _probe_categories(probed: dict[str, dict[str, Any]]) -> list[str]:
     header = ["category", *(["n"] if sizes else []), *with_categories, *(["change"] if changes else [])]
     lines = ["Probe accuracy per category:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for category in categories:
-        cells = [category, *([str(sizes.get(category, ""))] if sizes else [])]
+        cells = [category + (" *" if category in trained else ""), *([str(sizes.get(category, ""))] if sizes else [])]
         cells += [f"{per[category]:.3f}" if category in per else "-" for per in with_categories.values()]
         cells += [f"{changes[category]:+.3f}"] if changes else []
         lines.append("| " + " | ".join(cells) + " |")

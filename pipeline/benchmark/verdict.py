@@ -142,9 +142,11 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
         parts.append(failing)
     parts += _tuned_variants(report, facts.unit)
     if facts.change:
+        trained = report["forgetting"].get(names.STUDENT_TUNED, {}).get("task_categories")
+        outside = f" (outside its {', '.join(trained)} questions, the task's own skill)" if trained else ""
         parts.append(
-            f"On the general probe, accuracy changed by {facts.change['accuracy']:+.1%} and the leakage rate "
-            f"by {facts.change['leakage_rate']:+.1%}."
+            f"On the general probe{outside}, accuracy changed by {facts.change['accuracy']:+.1%} and the leakage "
+            f"rate by {facts.change['leakage_rate']:+.1%}."
         )
     if facts.even:
         parts.append(_spent(facts.even))
