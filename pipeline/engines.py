@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,18 @@ class Generation:
         return reported if reported is not None else sum(c.output_tokens or 0 for c in self.completions)
 
 
+def _label(progress: bool | str, default: str) -> str:
+    """A progress bar's label: the caller's text, else the engine's own."""
+    return progress if isinstance(progress, str) else default
+
+
+def _labelled_tqdm(label: str) -> Callable[..., Any]:
+    """A tqdm factory for vLLM's `use_tqdm` that shows `label` instead of its "Processed prompts"."""
+    from tqdm.auto import tqdm
+
+    return lambda *args, **kwargs: tqdm(*args, **{**kwargs, "desc": label})
+
+
 class Engine(ABC):
     """Generates completions for chat conversations."""
 
@@ -54,9 +67,10 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(
-        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool | str = True
     ) -> list[Generation]:
-        """One Generation per conversation, in order, each with `sampling.n` completions."""
+        """One Generation per conversation, in order, each with `sampling.n` completions. `progress`: a bar
+        labelled by the engine (True), by the given text (e.g. "judge"), or none (False)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the engine's memory and worker processes."""
@@ -229,7 +243,7 @@ class VLLMEngine(Engine):
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
-        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool | str = True
     ) -> list[Generation]:
         from vllm import SamplingParams
 
@@ -255,7 +269,11 @@ class VLLMEngine(Engine):
         accepted = [c for i, c in enumerate(conversations) if i not in too_long]
         outputs = iter(
             self.llm.chat(
-                accepted, params, use_tqdm=progress, chat_template=self.chat_template, lora_request=self.lora_request
+                accepted,
+                params,
+                use_tqdm=_labelled_tqdm(progress) if isinstance(progress, str) else progress,
+                chat_template=self.chat_template,
+                lora_request=self.lora_request,
             )
             if accepted
             else []
@@ -350,7 +368,7 @@ class TransformersEngine(Engine):
         self.lm.eval()
 
     def generate(
-        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool | str = True
     ) -> list[Generation]:
         import torch
         from tqdm.auto import tqdm
@@ -365,7 +383,8 @@ class TransformersEngine(Engine):
         allowed = self._choice_constraint(sampling.choices, eos_ids) if sampling.choices else None
         results: list[Generation] = []
         batches = range(0, len(conversations), self.config.batch_size)
-        for start in tqdm(batches, desc="generate (transformers)", unit="batch", disable=not progress):
+        label = _label(progress, "generate (transformers)")
+        for start in tqdm(batches, desc=label, unit="batch", disable=not progress):
             batch = conversations[start : start + self.config.batch_size]
             texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -493,14 +512,14 @@ class OpenAIEngine(Engine):
         return PipelineError(f"engine.server: {url} failed{f' with {status}' if status else ''}: {_first_line(exc)}")
 
     def generate(
-        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool = True
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool | str = True
     ) -> list[Generation]:
         import asyncio
 
         return asyncio.run(self._generate_all(conversations, sampling, progress))
 
     async def _generate_all(
-        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool
+        self, conversations: list[Conversation], sampling: SamplingConfig, progress: bool | str
     ) -> list[Generation]:
         import asyncio
 
@@ -508,7 +527,8 @@ class OpenAIEngine(Engine):
         from tqdm.auto import tqdm
 
         gate = asyncio.Semaphore(self.server.max_concurrency)
-        bar = tqdm(total=len(conversations), desc="generate (server)", unit="prompt", disable=not progress)
+        label = _label(progress, "generate (server)")
+        bar = tqdm(total=len(conversations), desc=label, unit="prompt", disable=not progress)
         async with openai.AsyncOpenAI(**self._client_options()) as client:
 
             async def one(conversation: Conversation) -> Generation:

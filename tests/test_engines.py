@@ -29,7 +29,7 @@ def assert_every_answer_is_a_label(generations) -> None:
 
 
 @pytest.mark.integration
-def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
+def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model, capsys):
     import psutil
 
     children_before = {child.pid for child in psutil.Process().children(recursive=True)}
@@ -40,7 +40,9 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
         greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         first = engine.generate(CONVERSATIONS, greedy, progress=False)
-        again = engine.generate(CONVERSATIONS, greedy, progress=False)
+        capsys.readouterr()
+        again = engine.generate(CONVERSATIONS, greedy, progress="judge")  # the bar says what is generating
+        bar = capsys.readouterr().err
         sampled = engine.generate(CONVERSATIONS[:2], SamplingConfig(n=3, temperature=1.0, max_tokens=8, seed=1))
         timed = timed_single_requests(engine, CONVERSATIONS[:2], greedy)
         cold = timed_single_requests(engine, CONVERSATIONS[:2], greedy, cold=True)  # prefix cache cleared each time
@@ -56,6 +58,7 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
         engine.close()
     assert len(first) == len(CONVERSATIONS)
     assert [g.completions[0].text for g in first] == [g.completions[0].text for g in again]  # greedy is repeatable
+    assert "judge: 100%" in bar and "Processed prompts" not in bar, bar
     for gen in first:
         assert gen.prompt_tokens > 10
         (completion,) = gen.completions
@@ -81,7 +84,7 @@ def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model):
     assert [g.completions[0].text for g in (mixed[0], mixed[2])] == [g.completions[0].text for g in first[:2]]
 
 
-def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model):
+def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model, capsys):
     engine = load_engine(str(tiny_model), EngineConfig(backend="transformers", batch_size=2), seed=0)
     out = engine.generate(CONVERSATIONS, SamplingConfig(n=2, temperature=1.0, max_tokens=6, seed=3), progress=False)
     assert len(out) == len(CONVERSATIONS)
@@ -92,7 +95,9 @@ def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model):
             assert c.finish_reason == "length" or c.output_tokens < 6 + 1
     # Left padding: the same conversation gives the same greedy answer alone or in a batch.
     greedy = SamplingConfig(max_tokens=6)
-    batched = engine.generate(CONVERSATIONS, greedy, progress=False)[3].completions[0].text
+    capsys.readouterr()
+    batched = engine.generate(CONVERSATIONS, greedy, progress="benchmark teacher")[3].completions[0].text
+    assert "benchmark teacher: 100%" in capsys.readouterr().err
     alone = engine.generate([CONVERSATIONS[3]], greedy, progress=False)[0].completions[0].text
     assert batched == alone
 

@@ -29,7 +29,7 @@ def evaluate_system(
     sampling = task_sampling(config, task)
     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
     start = time.perf_counter()
-    generations = engine.generate(conversations, sampling)
+    generations = engine.generate(conversations, sampling, progress=f"benchmark {system.name}")
     wall = time.perf_counter() - start
     records = [_task_record(system, task, ex, gen) for ex, gen in zip(examples, generations, strict=True)]
     latencies: dict[str, list[float]] = {}
@@ -152,7 +152,7 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
     """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour."""
     questions = load_probe()
     sampling = config.benchmark.sampling.model_copy(update={"max_tokens": config.benchmark.probe_max_tokens, "n": 1})
-    generations = engine.generate([probe_messages(q) for q in questions], sampling)
+    generations = engine.generate([probe_messages(q) for q in questions], sampling, progress=f"probe {system.name}")
     texts = [g.completions[0].text for g in generations]
     records = [
         {

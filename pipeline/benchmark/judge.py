@@ -183,8 +183,8 @@ def _ask(
     sampling = sampling.constrained_to(choices if judge.constrained else None)
     keys = [json.dumps(c, sort_keys=True) for c in conversations]
     distinct = dict(zip(keys, conversations, strict=True))
-    # The engine's progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
-    generations = engine.generate(list(distinct.values()), sampling, progress=True)
+    # A progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
+    generations = engine.generate(list(distinct.values()), sampling, progress="judge")
     replies = dict(zip(distinct, (g.completions[0].text if g.completions else "" for g in generations), strict=True))
     return [replies[key] for key in keys]
 

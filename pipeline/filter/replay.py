@@ -116,7 +116,7 @@ def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list
         try:
             conversations = [[{"role": "user", "content": prompt}] for prompt in missing]
             sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=config.seed)
-            generations = runner.generate(conversations, sampling, progress=False)
+            generations = runner.generate(conversations, sampling, progress="replay answers")
         finally:
             runner.close()
         for prompt, g in zip(missing, generations, strict=True):
