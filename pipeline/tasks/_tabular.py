@@ -132,7 +132,8 @@ class TabularTask(Task):
         rows = read_rows(self.base_dir, key, value, (self.input_column, self.target_column))
         return [self._example(f"{id_prefix}-{i}", row) for i, row in enumerate(rows)]
 
-    def _load(self) -> tuple[list[Example], list[Example]]:
+    def _read_splits(self) -> tuple[list[Example], list[Example]]:
+        """The data file(s) as (train, test), before the few-shot examples are taken out of train."""
         params = self.params
         examples = self.read_examples("path", params.path, Path(params.path).stem)
         if params.test_path:
@@ -151,24 +152,24 @@ class TabularTask(Task):
         paths = [self.params.path, *([self.params.test_path] if self.params.test_path else [])]
         return [resolve(self.base_dir, value) for value in paths]
 
-    def loaded(self) -> tuple[list[Example], list[Example], list[Example]]:
+    def splits(self) -> tuple[list[Example], list[Example], list[Example]]:
         """(train, test, few-shot examples), read once. The few-shot examples are rows of the train part that the
         full prompt shows with their answers; they are held out of the train split, as the support task's are, so
         the teacher is never asked a question its own prompt answers (a copied answer would pass the filter's
         correctness check and count as the teacher doing the task)."""
-        if not hasattr(self, "_loaded"):
-            train, test = self._load()
+        if not hasattr(self, "_splits"):
+            train, test = self._read_splits()
             shots = self.pick_few_shot(train)
             shown = {e.id for e in shots}
-            self._loaded = ([e for e in train if e.id not in shown], test, shots)
-        return self._loaded
+            self._splits = ([e for e in train if e.id not in shown], test, shots)
+        return self._splits
 
     def split(self, name: str) -> list[Example]:
         """Train or test examples in file order; the test split is a seeded sample unless `test_path` is set, and
         the few-shot examples are in neither."""
         if name not in ("train", "test"):
             raise TaskError(f"unknown split {name!r}; expected 'train' or 'test'")
-        train, test, shots = self.loaded()
+        train, test, shots = self.splits()
         if name == "test" and not test:
             raise TaskError(
                 f"task.params.test_fraction: the test split is empty ({len(train)} rows, "
@@ -191,7 +192,7 @@ class TabularTask(Task):
         ]
 
     def few_shot_examples(self) -> list[Example]:
-        return self.loaded()[2]
+        return self.splits()[2]
 
     def pick_few_shot(self, train: list[Example]) -> list[Example]:
         """Up to `few_shot` of the train rows, taken round-robin over categories so labels are balanced."""

@@ -48,7 +48,7 @@ class ClassificationTask(TabularTask):
         """The allowed labels: as configured, else sorted-unique over the data (both splits and the few-shot rows)."""
         if self.params.labels:
             return list(self.params.labels)
-        train, test, shots = self.loaded()
+        train, test, shots = self.splits()
         return sorted({e.reference["target"] for e in train + test + shots})
 
     def full_instruction(self) -> str:
