@@ -17,6 +17,7 @@ from typing import Any
 
 STAGES = ("generate", "filter", "train", "benchmark")
 MANIFEST = "manifest.json"
+FINISHED_UNITS = "finished_units.jsonl"  # a stage's work done so far, while it runs (runs.FinishedUnits)
 LOCK = ".lock"
 
 

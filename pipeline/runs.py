@@ -18,7 +18,7 @@ import msgspec
 
 from pipeline.config import ExperimentConfig, resolved_dict
 from pipeline.hardware import release_memory
-from pipeline.layout import LOCK, MANIFEST, read_manifest
+from pipeline.layout import FINISHED_UNITS, LOCK, MANIFEST, read_manifest
 from pipeline.tracking import NoTracker, start_tracking
 
 _decode = msgspec.json.Decoder().decode  # ~3x faster than json.loads on teacher rows (filter benchmark)
@@ -325,6 +325,61 @@ class Stage:
             tracker.artifact(self.config, self.kind, self.fingerprint, outputs if artifact is None else artifact)
         tracker.finish()
         return manifest
+
+
+class FinishedUnits:
+    """A stage's units of work finished under its fingerprint, one JSON line each in `<stage>/finished_units.jsonl`,
+    appended and fsynced as each finishes, so a killed stage's rerun takes them instead of redoing them (the
+    benchmark's systems: with a large teacher, hours each). Units of another fingerprint, or every unit with
+    --force, are discarded, and a torn last line (a kill mid-write) is dropped. `clear()` once the stage is done.
+
+        units = FinishedUnits(stage, force)
+        judged = units.run("judge", lambda: run_judge(...))   # computed and saved, or the saved value
+
+    Values round-trip through JSON (tuples come back as lists; NaN and infinities are kept)."""
+
+    def __init__(self, stage: Stage, force: bool) -> None:
+        self.path = stage.dir / FINISHED_UNITS
+        self.fingerprint = stage.fingerprint
+        self.values: dict[str, Any] = {}
+        kept: list[str] = []
+        if self.path.is_file() and not force:
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("fingerprint") == self.fingerprint:
+                    self.values[row["unit"]] = row["value"]
+                    kept.append(line + "\n")
+        if kept:
+            write_text(self.path, "".join(kept))
+            log(f"{stage.kind}: resuming, already done: {', '.join(self.values)}")
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def __contains__(self, unit: str) -> bool:
+        return unit in self.values
+
+    def get(self, unit: str) -> Any:
+        return self.values[unit]
+
+    def save(self, unit: str, value: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"fingerprint": self.fingerprint, "unit": unit, "value": value}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.values[unit] = json.loads(json.dumps(value))  # what a rerun will read back
+
+    def run(self, unit: str, compute: Callable[[], Any]) -> Any:
+        """The unit's saved value, or `compute()`'s, saved first."""
+        if unit not in self:
+            self.save(unit, compute())
+        return self.get(unit)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def log(message: str) -> None:

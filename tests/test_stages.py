@@ -14,7 +14,7 @@ from pipeline.engines import Completion, Generation
 from pipeline.filter import run_filter
 from pipeline.generate import run_generate
 from pipeline.runs import PipelineError, read_jsonl
-from pipeline.tasks import build_task
+from pipeline.tasks import build_task, task_for
 from tests.conftest import tiny_config
 
 PLUGIN = {"name": "tests.plugin_task:ParityTask", "params": {"num_train": 12, "num_test": 4}}
@@ -473,6 +473,93 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     report = json.loads((config.run_dir / "benchmark" / "report.json").read_text())
     assert report["systems"]["student_tuned"]["serving"] == "base + unmerged LoRA adapter"
     assert "unmerged LoRA adapter (vLLM `enable_lora`)" in (config.run_dir / "benchmark" / "report.md").read_text()
+
+
+def test_benchmark_resumes_after_its_last_finished_system(tmp_path, tiny_model, monkeypatch):
+    """A benchmark killed while measuring the tuned student keeps the systems it finished (a large teacher's
+    figures take hours on a GPU node): the rerun measures only the rest, and loads no engine for the others."""
+    import pipeline.benchmark.stage as benchmark_module
+    from pipeline.benchmark import run_benchmark
+
+    config = parity_config(tmp_path, tiny_model)
+    run_pipeline(config, stages=("generate", "filter", "train"))
+    real_evaluate, real_load = benchmark_module.evaluate_system, benchmark_module.load_engine
+    measured, loaded = [], []
+
+    def evaluate(system, *args):
+        if system.name == "student_tuned" and not measured.count("killed"):
+            measured.append("killed")
+            raise KeyboardInterrupt("killed")
+        measured.append(system.name)
+        return real_evaluate(system, *args)
+
+    def load(model, *args):
+        loaded.append(model)
+        return real_load(model, *args)
+
+    monkeypatch.setattr(benchmark_module, "evaluate_system", evaluate)
+    monkeypatch.setattr(benchmark_module, "load_engine", load)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(config)
+    units = config.layout.stage_dir("benchmark") / "finished_units.jsonl"
+    saved = [json.loads(line)["unit"] for line in units.read_text().splitlines()]
+    assert saved == ["offline:teacher", "offline:student_base", "offline:student_prompted"]
+    with units.open("a") as fh:
+        fh.write('{"fingerprint": "')  # torn last line from a kill mid-write
+
+    measured.clear(), loaded.clear()
+    measured.append("killed")  # no second kill
+    report_path = run_benchmark(config)
+    assert measured == ["killed", "student_tuned"] and loaded == [str(config.layout.merged)]
+    assert not units.exists()
+    resumed = json.loads(report_path.read_text())
+    kinds = {"task", "probe"}
+    resumed_rows = [
+        (r["system"], r["id"], r["completion"]) for r in read_jsonl(config.layout.records) if r["kind"] in kinds
+    ]
+
+    run_benchmark(config, force=True)  # the same benchmark, uninterrupted
+    whole = json.loads(report_path.read_text())
+    assert list(resumed["systems"]) == list(whole["systems"])
+    for name, metrics in whole["systems"].items():
+        assert resumed["systems"][name]["accuracy"] == metrics["accuracy"], name
+    assert resumed["forgetting"]["change"] == whole["forgetting"]["change"]
+    assert resumed_rows == [
+        (r["system"], r["id"], r["completion"]) for r in read_jsonl(config.layout.records) if r["kind"] in kinds
+    ]
+
+
+def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
+    from pipeline.runs import FinishedUnits, Stage
+
+    config = parity_config(tmp_path, tiny_model)
+    stage = Stage(config, "benchmark", {"a": 1}, inputs=[])
+    units = FinishedUnits(stage, force=False)
+    assert units.run("x", lambda: {"accuracy": float("nan"), "ci": (0.1, 0.9)}) == units.get("x")
+    assert units.run("x", lambda: pytest.fail("recomputed")) is units.get("x")
+    again = FinishedUnits(stage, force=False).get("x")
+    assert again["ci"] == [0.1, 0.9] and again["accuracy"] != again["accuracy"]  # NaN survives the file
+    assert "x" not in FinishedUnits(stage, force=True) and not units.path.exists()
+    units.save("y", 1)
+    changed = Stage(config, "benchmark", {"a": 2}, inputs=[])  # another config: nothing carries over
+    assert "y" not in FinishedUnits(changed, force=False) and not units.path.exists()
+
+
+def test_load_tests_already_finished_start_no_server(tmp_path, tiny_model, monkeypatch):
+    import pipeline.benchmark.serving as serving
+    from pipeline.benchmark.systems import System
+    from pipeline.runs import FinishedUnits, Stage
+
+    config = parity_config(tmp_path, tiny_model)
+    systems = [System(name, str(tiny_model), "full", probe=False) for name in ("teacher", "student_prompted")]
+    units = FinishedUnits(Stage(config, "benchmark", {}, inputs=[]), force=False)
+    row = {"system": "teacher", "kind": "load", "concurrency": 1, "e2e_s": 1.0, "ttft_s": 0.2, "prompt_tokens": 9}
+    units.save("load:teacher", [{**row, "output_tokens": 5, "started_s": 0.0, "ended_s": 1.0, "tpot_s": 0.2}])
+    monkeypatch.setattr(serving, "vllm_server", lambda *a: pytest.fail("a server started for a finished system"))
+    task = task_for(config)
+    summaries, records = serving.run_load_tests(config, systems, task, task.split("test"), units)
+    assert [r["system"] for r in records] == ["teacher", "student_prompted"]
+    assert records[1]["measured_as"] == "teacher" and summaries["student_prompted"]["1"]["requests"] == 1
 
 
 def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_path, tiny_model, monkeypatch):

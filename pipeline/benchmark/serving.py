@@ -36,7 +36,7 @@ from pipeline.engines import (
     vllm_kv_cache_bytes,
 )
 from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
-from pipeline.runs import PipelineError, log
+from pipeline.runs import FinishedUnits, PipelineError, log
 
 if TYPE_CHECKING:
     from pipeline.benchmark.systems import System
@@ -241,34 +241,43 @@ def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_load_tests(
-    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example]
+    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
-    adapters served beside it. Returns per-system level summaries and the per-request records."""
+    adapters served beside it. Returns per-system level summaries and the per-request records. Each system's
+    rows are saved as one unit as it finishes: a rerun after a kill starts no server for a group already done."""
     bench = config.benchmark
     sampling = task_sampling(config, task)
     copied_from = twins(systems)
     by_model: dict[str, list[System]] = {}
     for system in systems:
         by_model.setdefault(system.model, []).append(system)
+    for model, group in by_model.items():
+        todo = [system for system in group if f"load:{system.name}" not in units and system.name not in copied_from]
+        if todo:
+            served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
+            adapters = {served[s.name]: s.adapter for s in group if s.adapter}
+            log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in todo)}")
+            with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+                for system in todo:
+                    conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+                    measured = load_test(
+                        url, served[system.name], conversations, sampling, bench.load_test, system.name
+                    )
+                    units.save(f"load:{system.name}", [{"system": system.name, "kind": "load", **r} for r in measured])
+        for system in group:  # the same model and prompt as a system measured: its rows, not a second run
+            source = copied_from.get(system.name)
+            if source and f"load:{system.name}" not in units:
+                units.save(
+                    f"load:{system.name}", copy_rows(units.get(f"load:{source}"), source, system.name, ("load",))
+                )
     summaries: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
-    for model, group in by_model.items():
-        served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
-        adapters = {served[s.name]: s.adapter for s in group if s.adapter}
-        log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in group)}")
-        with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
-            for system in group:
-                source = copied_from.get(system.name)
-                if source:  # the same model and prompt as a system already loaded: its rows, not a second run
-                    rows = copy_rows(records, source, system.name, kinds=("load",))
-                    records += rows
-                else:
-                    conversations = [task.messages(ex, system.prompt_style) for ex in examples]
-                    rows = load_test(url, served[system.name], conversations, sampling, bench.load_test, system.name)
-                    records += [{"system": system.name, "kind": "load", **row} for row in rows]
-                levels = sorted({row["concurrency"] for row in rows})
-                summaries[system.name] = {
-                    str(level): summarize_level([r for r in rows if r["concurrency"] == level]) for level in levels
-                }
+    for system in (system for group in by_model.values() for system in group):
+        rows = units.get(f"load:{system.name}")
+        records += rows
+        levels = sorted({row["concurrency"] for row in rows})
+        summaries[system.name] = {
+            str(level): summarize_level([r for r in rows if r["concurrency"] == level]) for level in levels
+        }
     return summaries, records

@@ -36,8 +36,8 @@ from pipeline.benchmark.serving import run_load_tests
 from pipeline.benchmark.systems import System, copy_rows, systems_for, tuned_student_dir, twins
 from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import ExperimentConfig
-from pipeline.engines import load_engine
-from pipeline.runs import PipelineError, Stage, log, write_json, write_jsonl
+from pipeline.engines import Engine, load_engine
+from pipeline.runs import FinishedUnits, PipelineError, Stage, log, write_json, write_jsonl
 from pipeline.tasks import Example, Task, task_for
 
 REPORT_SCHEMA_VERSION = 3  # report.json's layout; README "report.json" documents it
@@ -69,12 +69,13 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             raise PipelineError("benchmark: the test split is empty")
         check_no_test_leak(config, task, examples)
         systems = systems_for(config)
+        units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
 
-        results, forgetting, records = _evaluate_offline(config, systems, task, examples)
+        results, forgetting, records = _evaluate_offline(config, systems, task, examples, units)
         check_adapter_applied(records)
         judged = None
         if judge_enabled(config, task):  # every answer graded; accuracy becomes the judge's pass rate
-            judged, judge_records = run_judge(config, task, examples, records)
+            judged, judge_records = units.run("judge", lambda: run_judge(config, task, examples, records))
             records += judge_records
             for name in results:
                 results[name].update(
@@ -83,9 +84,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         if config.benchmark.lm_eval.tasks:
             both = (names.STUDENT_BASE, names.STUDENT_TUNED)
             students = {s.name: (s.model, s.adapter) for s in systems if s.name in both}
-            forgetting["lm_eval"] = run_lm_eval(config.benchmark.lm_eval, students)
+            forgetting["lm_eval"] = units.run("lm_eval", lambda: run_lm_eval(config.benchmark.lm_eval, students))
         if config.benchmark.load_test.enabled:
-            summaries, load_records = run_load_tests(config, systems, task, examples)
+            summaries, load_records = run_load_tests(config, systems, task, examples, units)
             records += load_records
             for name, levels in summaries.items():
                 results[name]["load"] = levels
@@ -113,46 +114,68 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             summary={f"{name}/{k}": v for name, m in floats.items() for k, v in m.items()},
             tables=[_systems_table(results)],
         )
+        units.clear()
     log(f"benchmark: report at {layout.report_md}")
     return layout.report_json
 
 
 def _evaluate_offline(
-    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example]
+    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every system on the offline engine, and the students on the probe: (metrics, forgetting, records).
-    Systems that share weights share one engine (in the embedded default, teacher and base student)."""
-    results: dict[str, dict[str, Any]] = {}
-    forgetting: dict[str, dict[str, Any]] = {}
-    records: list[dict[str, Any]] = []
+    Systems that share weights share one engine (in the embedded default, teacher and base student). Each
+    system's figures and records are saved as one unit as it finishes: a rerun after a kill takes them, and
+    loads no engine for a group already done."""
     by_model: dict[tuple[str, str | None], list[System]] = {}
     for system in systems:
         by_model.setdefault((system.model, system.adapter), []).append(system)
     copied_from = twins(systems)
     for (model, adapter), group in by_model.items():
+        todo = [system for system in group if f"offline:{system.name}" not in units]
+        if not todo:
+            continue
         engine = load_engine(model, config.benchmark.engine, config.seed, adapter)
         try:
-            for system in group:
+            for system in todo:
                 source = copied_from.get(system.name)
-                if source:
-                    log(f"benchmark: {system.name} is {source}'s model with its prompt: measured once, rows copied")
-                    results[system.name] = {**copy.deepcopy(results[source]), "measured_as": source}
-                    records += copy_rows(records, source, system.name, kinds=("task", "latency", "latency_cold"))
-                else:
-                    log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
-                    results[system.name], system_records = evaluate_system(system, engine, task, config, examples)
-                    records += system_records
-                if not (system.probe and config.benchmark.probe):
-                    continue
-                if source in forgetting:
-                    forgetting[system.name] = copy.deepcopy(forgetting[source])
-                    records += copy_rows(records, source, system.name, kinds=("probe",))
-                else:
-                    forgetting[system.name], probe_records = run_probe(system, engine, task, config)
-                    records += probe_records
+                twin = units.get(f"offline:{source}") if source else None
+                units.save(f"offline:{system.name}", _measure(config, system, engine, task, examples, source, twin))
         finally:
             engine.close()
-    return results, forgetting, records
+    done = {system.name: units.get(f"offline:{system.name}") for group in by_model.values() for system in group}
+    results = {name: unit["results"] for name, unit in done.items()}
+    forgetting = {name: unit["forgetting"] for name, unit in done.items() if unit["forgetting"] is not None}
+    return results, forgetting, [record for unit in done.values() for record in unit["records"]]
+
+
+def _measure(
+    config: ExperimentConfig,
+    system: System,
+    engine: Engine,
+    task: Task,
+    examples: list[Example],
+    source: str | None,
+    twin: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """One system on the test split, and on the probe when it is probed: {results, forgetting, records}. A
+    system with the weights and prompt of an earlier `source` (see `twins`) takes that one's figures and rows
+    (`twin`) instead of a second run."""
+    if source and twin:
+        log(f"benchmark: {system.name} is {source}'s model with its prompt: measured once, rows copied")
+        results = {**copy.deepcopy(twin["results"]), "measured_as": source}
+        records = copy_rows(twin["records"], source, system.name, kinds=("task", "latency", "latency_cold"))
+    else:
+        log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
+        results, records = evaluate_system(system, engine, task, config, examples)
+    probed = None
+    if system.probe and config.benchmark.probe:
+        if twin and twin["forgetting"] is not None:
+            probed = copy.deepcopy(twin["forgetting"])
+            records += copy_rows(twin["records"], source, system.name, kinds=("probe",))
+        else:
+            probed, probe_records = run_probe(system, engine, task, config)
+            records += probe_records
+    return {"results": results, "forgetting": probed, "records": records}
 
 
 def recipe(config: ExperimentConfig) -> dict[str, Any]:
