@@ -5,6 +5,7 @@ Every error names the offending key, e.g. `config error: train.learning_rate: In
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,10 @@ class ServerConfig(_Strict):
     # seeds once requests run concurrently ("CPU Generator does not use offset", measured here): set false
     # for it. GPU vLLM, SGLang and hosted APIs take seeds.
     send_seed: bool = True
+
+    def api_key(self) -> str:
+        """The key from the environment (never stored); "none" when there is none to send."""
+        return (os.environ.get(self.api_key_env) if self.api_key_env else None) or "none"
 
 
 class EngineConfig(_Strict):
@@ -453,8 +458,15 @@ def _default_hardware_profiles() -> dict[str, HardwareConfig]:
     return profiles
 
 
+class TokenPriceConfig(_Strict):
+    """A hosted model's list price per token: a system with one is priced by its tokens, not by a machine's hour."""
+
+    usd_per_1m_input_tokens: float = Field(ge=0)
+    usd_per_1m_output_tokens: float = Field(ge=0)
+
+
 class SystemConfig(_Strict):
-    """One row of the benchmark: a model, the prompt it gets, and the machine it is priced on."""
+    """One row of the benchmark: a model, the prompt it gets, where it runs, and how it is priced."""
 
     name: str
     # "teacher", "student" (untuned), "tuned" (the trained student; pipeline/names.py), or any model folder / HF id.
@@ -465,6 +477,18 @@ class SystemConfig(_Strict):
     prompt_style: str | None = None
     probe: bool = False  # ask the general forgetting probe (base capabilities)
     hardware: str | None = None  # a key of benchmark.hardware_profiles; None: benchmark.serving_hardware
+    # None: benchmark.engine, except a system on the teacher's model when teacher.engine is an OpenAI-compatible
+    # server (a hosted or remote teacher may exist nowhere else). Backend openai: measured through that server.
+    engine: EngineConfig | None = None
+    price: TokenPriceConfig | None = None  # a hosted API's list price, instead of `hardware`
+
+    @model_validator(mode="after")
+    def _priced_once(self) -> SystemConfig:
+        if self.price is not None and self.hardware is not None:
+            raise ValueError("price and hardware: a system is priced per token or by a machine's hour, not both")
+        if self.model == names.TUNED_MODEL and self.engine is not None and self.engine.backend == "openai":
+            raise ValueError("engine: the tuned student is served from this run's weights, not through a server")
+        return self
 
 
 def _default_systems() -> list[SystemConfig]:

@@ -469,7 +469,7 @@ class OpenAIEngine(Engine):
         self.model = model
         self.server = config.server
         self.seed = seed
-        self.api_key = (os.environ.get(self.server.api_key_env) if self.server.api_key_env else None) or "none"
+        self.api_key = self.server.api_key()
         import openai
 
         client = openai.OpenAI(**self._client_options())

@@ -99,6 +99,65 @@ def test_generate_stage_through_the_server_never_writes_the_key(vllm_server, tmp
     assert manifest["config"]["teacher"]["engine"]["server"]["api_key_env"] == "DISTILL_TEST_KEY"
 
 
+@pytest.mark.integration
+def test_a_hosted_teacher_is_benchmarked_through_its_server_at_its_list_price(
+    vllm_server, tmp_path, tiny_model, monkeypatch
+):
+    """A teacher that exists only behind an OpenAI-compatible server (a hosted API) is measured there, priced by
+    its tokens at its list price, and its generate tokens are the one-off cost; the students run here."""
+    from pipeline.benchmark.serving import run_load_tests
+    from pipeline.benchmark.systems import systems_for
+    from pipeline.cli import run_pipeline
+    from pipeline.runs import FinishedUnits, Stage
+    from pipeline.tasks import task_for
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    raw = tiny_config(tmp_path, tiny_model)
+    raw["teacher"]["model"] = "tiny"
+    raw["teacher"]["engine"] = server_engine(vllm_server).model_dump()
+    config = validate_config(raw)
+    run_pipeline(config, stages=("generate", "filter", "train"))
+    with pytest.raises(PipelineError, match=r"benchmark.systems.teacher: measured through a server, so it is priced"):
+        systems_for(config)
+
+    price = {"usd_per_1m_input_tokens": 2.5, "usd_per_1m_output_tokens": 10.0}
+    raw["benchmark"]["systems"] = [
+        {"name": "teacher", "model": "teacher", "price": price},
+        {"name": "student_base", "model": "student", "probe": True},
+        {"name": "student_prompted", "model": "student"},
+        {"name": "student_tuned", "model": "tuned", "probe": True},
+    ]
+    config = validate_config(raw)
+    run_pipeline(config, stages=("benchmark",))
+    report = json.loads(config.layout.report_json.read_text())
+    teacher = report["systems"]["teacher"]
+    assert teacher["server"] == vllm_server and teacher["model"] == "tiny" and teacher["hardware"] is None
+    assert teacher["cost_per_1k_requests"] == pytest.approx(
+        (teacher["mean_prompt_tokens"] * 2.5 + teacher["mean_output_tokens"] * 10.0) / 1e6 * 1000
+    )
+    assert "decode_roofline_share" not in teacher and report["systems"]["student_tuned"]["hardware"]
+    rows = list(read_jsonl(config.layout.teacher_outputs))
+    billed = sum(r["usage"]["prompt_tokens"] * 2.5 + r["usage"]["completion_tokens"] * 10.0 for r in rows) / 1e6
+    even = report["break_even"]
+    assert even["generate_usd_at_list_price"] == pytest.approx(billed)
+    assert even["one_off_usd"] > billed  # plus training's time here
+    text = config.layout.report_md.read_text()
+    assert f"`teacher` was measured through its server ({vllm_server})" in text
+    assert "priced at its list price ($2.5 / $10 per 1M input / output tokens)" in text
+    assert "the hosted teacher's tokens at its list price" in text
+
+    # Under load, a system on a server is measured there (with its key); no server is started for it.
+    on_server = [s for s in systems_for(config) if s.on_server]
+    assert [s.name for s in on_server] == ["teacher"]
+    task = task_for(config)
+    units = FinishedUnits(Stage(config, "benchmark", {"load": 1}, inputs=[]), force=True)
+    config = validate_config(
+        {**raw, "benchmark": {**raw["benchmark"], "load_test": {"concurrency": [1, 2], "requests": 2}}}
+    )
+    summaries, records = run_load_tests(config, on_server, task, task.split("test")[:2], units)
+    assert set(summaries["teacher"]) == {"1", "2"} and all(r["output_tokens"] >= 1 for r in records)
+
+
 class FlakyHandler(BaseHTTPRequestHandler):
     """Answers /models, then fails the first `failures` chat requests with 503 (or 429), then answers."""
 

@@ -4,13 +4,14 @@ throughput, and when distilling pays for itself (break-even)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline import names
 from pipeline.config import ExperimentConfig, HardwareConfig, SystemConfig, VerdictConfig
 from pipeline.hardware import CPU_USD_PER_CORE_HOUR, UNKNOWN_GPU, Machine, detect_machine, probe_cpu
 from pipeline.layout import read_manifest
-from pipeline.runs import log
+from pipeline.runs import log, read_jsonl
 
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
@@ -96,6 +97,21 @@ def add_costs(hardware: Hardware, config: ExperimentConfig, results: dict[str, d
     level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
     for declared in bench.systems:
         metrics = results[declared.name]
+        if declared.price is not None:  # a hosted API: what its tokens cost, whatever machine serves them
+            price = declared.price
+            per_request = metrics["mean_prompt_tokens"] * price.usd_per_1m_input_tokens
+            per_request += metrics["mean_output_tokens"] * price.usd_per_1m_output_tokens
+            metrics.update(
+                {
+                    "cost_per_1m_input_tokens": price.usd_per_1m_input_tokens,
+                    "cost_per_1m_output_tokens": price.usd_per_1m_output_tokens,
+                    "cost_per_1k_requests": per_request / 1e6 * 1000,
+                    "hardware": None,
+                    "usd_per_hour": None,
+                    "cost_basis": "list price per token",
+                }
+            )
+            continue
         name, profile = hardware.for_system(declared)
         usd_per_hour = profile.usd_per_hour
         load = metrics.get("load", {})
@@ -161,6 +177,16 @@ def break_even(
         walls[stage] = manifest["wall_s"] if manifest else 0.0
     usd_per_hour = hardware.profiles[hardware.pipeline].usd_per_hour
     one_off = sum(walls.values()) / 3600 * usd_per_hour
+    teacher_price = next((s.price for s in bench.systems if s.name == names.TEACHER), None)
+    generate_usd = None
+    if teacher_price is not None and config.teacher.engine.backend == "openai":
+        # A hosted teacher bills its tokens: generating cost those, not this machine's hours waiting on it.
+        prompt_tokens, output_tokens = teacher_tokens(config.layout.teacher_outputs)
+        generate_usd = (
+            prompt_tokens * teacher_price.usd_per_1m_input_tokens
+            + output_tokens * teacher_price.usd_per_1m_output_tokens
+        ) / 1e6
+        one_off = generate_usd + walls["train"] / 3600 * usd_per_hour
 
     def against(baseline: str) -> dict[str, Any]:
         tuned = results[names.STUDENT_TUNED]["cost_per_1k_requests"]
@@ -179,6 +205,7 @@ def break_even(
 
     even = {
         "one_off_usd": one_off,
+        "generate_usd_at_list_price": generate_usd,  # None: generate priced by its wall time, as train
         "one_off_wall_s": walls,
         "pipeline_hardware": hardware.pipeline,
         **against(names.TEACHER),
@@ -188,3 +215,16 @@ def break_even(
         # The "try prompting first" baseline: what fine-tuning saves over serving the untuned student its long prompt.
         even["vs_prompted"] = against(names.STUDENT_PROMPTED)
     return even
+
+
+def teacher_tokens(teacher_outputs: Path) -> tuple[int, int]:
+    """(prompt, output) tokens the teacher's server billed for generate: its reported usage per row, else the
+    counts measured here."""
+    prompt = output = 0
+    if not teacher_outputs.is_file():
+        return 0, 0
+    for row in read_jsonl(teacher_outputs):
+        usage = row.get("usage") or {}
+        prompt += usage.get("prompt_tokens", row.get("prompt_tokens") or 0)
+        output += usage.get("completion_tokens", sum(c.get("output_tokens") or 0 for c in row.get("completions", [])))
+    return prompt, output

@@ -32,7 +32,8 @@ def _table(report: dict[str, Any]) -> list[str]:
             f"| {name} | {m['prompt_style']} | {m['accuracy']:.3f}{_ci(m.get('accuracy_ci95'))} "
             f"| {m['mean_prompt_tokens']:.0f} | {_prompt_share(m)} "
             f"| {m['latency_p50_s']:.2f} / {m.get('latency_cold_p50_s', float('nan')):.2f} "
-            f"| {m['output_tokens_per_s']:.1f} | {'-' if share is None else f'{share:.1%}'} | {m.get('hardware', '')} "
+            f"| {m['output_tokens_per_s']:.1f} | {'-' if share is None else f'{share:.1%}'} "
+            f"| {m.get('hardware') or ('list price' if m.get('cost_basis') == 'list price per token' else '')} "
             f"| {m.get('cost_per_1m_input_tokens', float('nan')):.3f} | {m['cost_per_1m_output_tokens']:.3f} "
             f"| {m.get('cost_per_1k_requests', float('nan')):.4f} |"
         )
@@ -61,8 +62,8 @@ def _table(report: dict[str, Any]) -> list[str]:
     if loads:
         lines += [
             "",
-            "Under load through `vllm serve` (streamed requests; TTFT = time to first token, TPOT = time per "
-            "output token after it):",
+            "Under load through `vllm serve` (a system on its own server: through that server; streamed requests; "
+            "TTFT = time to first token, TPOT = time per output token after it):",
             "",
             "| system | concurrency | TTFT p50 / p95 / p99 (s) | TPOT p50 / p95 / p99 (ms) | e2e p50 / p95 / p99 (s) "
             "| requests/s | output tok/s |",
@@ -186,6 +187,26 @@ def _hardware_note(report: dict[str, Any]) -> str:
     return f"Ran on {hardware['device']}. {where}. "
 
 
+def _servers_note(report: dict[str, Any]) -> str:
+    """Systems measured through their own OpenAI-compatible server (a hosted or remote teacher)."""
+    said = []
+    for name, m in report["systems"].items():
+        if not m.get("server"):
+            continue
+        if m.get("cost_basis") == "list price per token":
+            priced = (
+                f"priced at its list price (${m['cost_per_1m_input_tokens']:g} / ${m['cost_per_1m_output_tokens']:g} "
+                "per 1M input / output tokens)"
+            )
+        else:
+            priced = f"priced on `{m.get('hardware')}`"
+        said.append(
+            f"`{name}` was measured through its server ({m['server']}): its latency includes the network, its warm "
+            f"and cold latency cannot be told apart, and it is {priced}. "
+        )
+    return "".join(said)
+
+
 def _twins_note(report: dict[str, Any]) -> str:
     """Systems measured once because they are another's model with its prompt (systems.twins)."""
     said = [
@@ -235,6 +256,7 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         f"Task `{report['task']}`, {report['test_examples']} held-out test examples, report schema "
         f"{report.get('schema_version', 1)}. "
         + _hardware_note(report)
+        + _servers_note(report)
         + _twins_note(report)
         + f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
         + _latency_note(report.get("engine", "vllm"))
@@ -295,6 +317,19 @@ def _judge_section(judge: dict[str, Any] | None) -> list[str]:
     return [*lines, "", judge_reliability_sentence(judge), ""]
 
 
+def _one_off_said(even: dict[str, Any], walls: str) -> str:
+    """Where the one-off cost came from: generate + train wall time on the pipeline's machine, or a hosted
+    teacher's tokens at its list price plus training's time."""
+    generate_usd = even.get("generate_usd_at_list_price")
+    if generate_usd is None:
+        return f"{walls} on {even['pipeline_hardware']}"
+    train_s = even["one_off_wall_s"].get("train", 0.0)
+    return (
+        f"generate ${generate_usd:.4f}: the hosted teacher's tokens at its list price; "
+        f"train {train_s:.0f} s on {even['pipeline_hardware']}"
+    )
+
+
 def _break_even_section(even: dict[str, Any] | None) -> list[str]:
     if not even:
         return []
@@ -302,7 +337,7 @@ def _break_even_section(even: dict[str, Any] | None) -> list[str]:
     lines = [
         "## Break-even",
         "",
-        f"One-off cost ${even['one_off_usd']:.4f} ({walls} on {even['pipeline_hardware']}).",
+        f"One-off cost ${even['one_off_usd']:.4f} ({_one_off_said(even, walls)}).",
         "",
         "| against | saving per 1k requests | break-even (requests) | break-even (days) |",
         "|---|---|---|---|",

@@ -93,7 +93,7 @@ def add_roofline_shares(
     declared = {s.name: s for s in config.benchmark.systems}
     for system in systems:
         metrics = results[system.name]
-        folder = model_folder(system.model)
+        folder = None if system.on_server else model_folder(system.model)  # a served model's weights are not here
         counts = weight_counts(folder) if folder else None
         if not counts or not counts[0]:
             continue

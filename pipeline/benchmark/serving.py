@@ -172,10 +172,12 @@ async def _one_request(client: Any, model: str, conversation: Conversation, samp
     }
 
 
-async def _level(base_url: str, model: str, conversations: list[Conversation], sampling, concurrency: int):
+async def _level(
+    base_url: str, model: str, conversations: list[Conversation], sampling, concurrency: int, api_key: str
+):
     from openai import AsyncOpenAI
 
-    async with AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
+    async with AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600) as client:
         gate = asyncio.Semaphore(concurrency)
 
         async def gated(conversation: Conversation) -> dict:
@@ -203,6 +205,7 @@ def load_test(
     sampling: SamplingConfig,
     config: LoadTestConfig,
     system: str,
+    api_key: str = "unused",
 ) -> list[dict[str, Any]]:
     """Per-request records for every concurrency level (after an untimed warm-up); `model` is the name the server
     knows the weights by, `system` the benchmark's name for them with this prompt (the progress lines')."""
@@ -213,10 +216,10 @@ def load_test(
         return [conversations[i % len(conversations)] for i in range(count)]
 
     if config.warmup:
-        asyncio.run(_level(base_url, model, cycle(config.warmup), sampling, config.warmup))
+        asyncio.run(_level(base_url, model, cycle(config.warmup), sampling, config.warmup, api_key))
     records = []
     for level in config.concurrency:
-        rows = asyncio.run(_level(base_url, model, cycle(requests_at(level, config)), sampling, level))
+        rows = asyncio.run(_level(base_url, model, cycle(requests_at(level, config)), sampling, level, api_key))
         log(f"benchmark: {system} at concurrency {level}: {len(rows)} requests")
         records += [{"concurrency": level, **row} for row in rows]
     return records
@@ -243,37 +246,44 @@ def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_load_tests(
     config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Every system through `vllm serve` at each concurrency level; one server per base model, its systems'
-    adapters served beside it. Returns per-system level summaries and the per-request records. Each system's
-    rows are saved as one unit as it finishes: a rerun after a kill starts no server for a group already done."""
+    """Every system through an OpenAI-compatible server at each concurrency level: `vllm serve` started here,
+    one per base model with its systems' adapters beside it, or the system's own server (`engine.server`).
+    Returns per-system level summaries and the per-request records. Each system's rows are saved as one unit
+    as it finishes: a rerun after a kill starts no server for a group already done."""
     bench = config.benchmark
     sampling = task_sampling(config, task)
     copied_from = twins(systems)
+    todo = [s for s in systems if f"load:{s.name}" not in units and s.name not in copied_from]
+
+    def measure(system: System, base_url: str, served_name: str, api_key: str = "unused") -> None:
+        conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+        rows = load_test(base_url, served_name, conversations, sampling, bench.load_test, system.name, api_key)
+        units.save(f"load:{system.name}", [{"system": system.name, "kind": "load", **row} for row in rows])
+
+    for system in todo:
+        if system.on_server:  # measured where it is served (a hosted API: latency over the network, its price)
+            assert system.engine is not None
+            measure(system, system.engine.server.base_url, system.model, system.engine.server.api_key())
     by_model: dict[str, list[System]] = {}
     for system in systems:
-        by_model.setdefault(system.model, []).append(system)
+        if not system.on_server:
+            by_model.setdefault(system.model, []).append(system)
     for model, group in by_model.items():
-        todo = [system for system in group if f"load:{system.name}" not in units and system.name not in copied_from]
-        if todo:
-            served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
-            adapters = {served[s.name]: s.adapter for s in group if s.adapter}
-            log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in todo)}")
-            with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
-                for system in todo:
-                    conversations = [task.messages(ex, system.prompt_style) for ex in examples]
-                    measured = load_test(
-                        url, served[system.name], conversations, sampling, bench.load_test, system.name
-                    )
-                    units.save(f"load:{system.name}", [{"system": system.name, "kind": "load", **r} for r in measured])
-        for system in group:  # the same model and prompt as a system measured: its rows, not a second run
-            source = copied_from.get(system.name)
-            if source and f"load:{system.name}" not in units:
-                units.save(
-                    f"load:{system.name}", copy_rows(units.get(f"load:{source}"), source, system.name, ("load",))
-                )
+        started = [system for system in group if system in todo]
+        if not started:
+            continue
+        served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
+        adapters = {served[s.name]: s.adapter for s in group if s.adapter}
+        log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in started)}")
+        with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+            for system in started:
+                measure(system, url, served[system.name])
     summaries: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
-    for system in (system for group in by_model.values() for system in group):
+    for system in systems:
+        source = copied_from.get(system.name)  # the same model and prompt as a system measured: its rows
+        if source and f"load:{system.name}" not in units:
+            units.save(f"load:{system.name}", copy_rows(units.get(f"load:{source}"), source, system.name, ("load",)))
         rows = units.get(f"load:{system.name}")
         records += rows
         levels = sorted({row["concurrency"] for row in rows})

@@ -61,7 +61,10 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         if stage.skip(force, layout.report_json):
             return layout.report_json
         if config.benchmark.engine.backend == "openai":
-            raise PipelineError("benchmark.engine.backend: the benchmark runs the vllm or transformers backend for now")
+            raise PipelineError(
+                "benchmark.engine.backend: the students run here on vllm or transformers; a system measured through "
+                "a server names it in its own engine (benchmark.systems.<name>.engine)"
+            )
         examples = task.split("test")
         if config.benchmark.max_test_examples:
             examples = examples[: config.benchmark.max_test_examples]
@@ -126,15 +129,16 @@ def _evaluate_offline(
     Systems that share weights share one engine (in the embedded default, teacher and base student). Each
     system's figures and records are saved as one unit as it finishes: a rerun after a kill takes them, and
     loads no engine for a group already done."""
-    by_model: dict[tuple[str, str | None], list[System]] = {}
+    by_model: dict[tuple[str, str | None, str], list[System]] = {}
     for system in systems:
-        by_model.setdefault((system.model, system.adapter), []).append(system)
+        engine_config = system.engine or config.benchmark.engine
+        by_model.setdefault((system.model, system.adapter, engine_config.model_dump_json()), []).append(system)
     copied_from = twins(systems)
-    for (model, adapter), group in by_model.items():
+    for (model, adapter, _), group in by_model.items():
         todo = [system for system in group if f"offline:{system.name}" not in units]
         if not todo:
             continue
-        engine = load_engine(model, config.benchmark.engine, config.seed, adapter)
+        engine = load_engine(model, group[0].engine or config.benchmark.engine, config.seed, adapter)
         try:
             for system in todo:
                 source = copied_from.get(system.name)
@@ -167,6 +171,8 @@ def _measure(
     else:
         log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
         results, records = evaluate_system(system, engine, task, config, examples)
+        if system.on_server and system.engine is not None:
+            results["server"] = system.engine.server.base_url  # latency over the network, its weights elsewhere
     probed = None
     if system.probe and config.benchmark.probe:
         if twin and twin["forgetting"] is not None:

@@ -1,5 +1,6 @@
-"""The systems a benchmark compares (`benchmark.systems`): each a model, the prompt it gets, and whether it
-takes the forgetting probe. Model roles ("teacher", "student", "tuned") resolve to folders here."""
+"""The systems a benchmark compares (`benchmark.systems`): each a model, the prompt it gets, the engine it runs
+on, and whether it takes the forgetting probe. Model roles ("teacher", "student", "tuned") resolve to folders
+here, or to a served name for a system measured through an OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import names
-from pipeline.config import ExperimentConfig
+from pipeline.config import EngineConfig, ExperimentConfig, SystemConfig
+from pipeline.engines import model_for
 from pipeline.models import resolve_model
 from pipeline.runs import PipelineError
 
@@ -19,6 +21,12 @@ class System:
     prompt_style: str
     probe: bool  # students get the forgetting probe
     adapter: str | None = None  # a LoRA adapter served unmerged on top of `model`
+    engine: EngineConfig | None = None  # None: benchmark.engine (see system_engine)
+
+    @property
+    def on_server(self) -> bool:
+        """Measured through an OpenAI-compatible server: its weights and machine are not here."""
+        return self.engine is not None and self.engine.backend == "openai"
 
 
 def twins(systems: list[System]) -> dict[str, str]:
@@ -27,10 +35,10 @@ def twins(systems: list[System]) -> dict[str, str]:
     They are one system (in the embedded default the teacher and the prompted student are one model with one
     prompt), so the benchmark measures it once and copies its rows: two measurements differed only by noise
     (4.5% and 14.5% in cost per request in two demo runs), and cost the demo ~3 minutes."""
-    first: dict[tuple[str, str | None, str], str] = {}
+    first: dict[tuple[str, str | None, str, bool], str] = {}
     copies = {}
     for system in systems:
-        key = (system.model, system.adapter, system.prompt_style)
+        key = (system.model, system.adapter, system.prompt_style, system.on_server)
         if key in first:
             copies[system.name] = first[key]
         else:
@@ -62,14 +70,34 @@ def systems_for(config: ExperimentConfig) -> list[System]:
         raise PipelineError(f"benchmark: no adapter at {tuned}; run train first")
     if wants_tuned and not lora and not (tuned / "config.json").exists():
         raise PipelineError(f"benchmark: no merged student at {tuned}; run train with train.merge=true")
-    base_student = resolve_model(config.student.model)
-    models = {names.TEACHER_MODEL: resolve_model(config.teacher.model), names.STUDENT_MODEL: base_student}
+    named = {names.TEACHER_MODEL: config.teacher.model, names.STUDENT_MODEL: config.student.model}
     systems = []
     for declared in config.benchmark.systems:
+        engine = system_engine(config, declared)
+        if engine.backend == "openai":
+            if declared.price is None and declared.hardware is None:
+                raise PipelineError(
+                    f"benchmark.systems.{declared.name}: measured through a server, so it is priced by its `price` "
+                    "(a hosted API's list price per token) or its `hardware` (the machine serving it); set one"
+                )
+            model = model_for(named.get(declared.model, declared.model), engine)  # the served name
+            systems.append(System(declared.name, model, declared.prompt_style, declared.probe, engine=engine))
+            continue
         adapter = None
         if declared.model == names.TUNED_MODEL:
+            base_student = resolve_model(config.student.model)
             model, adapter = (base_student, str(tuned)) if lora else (str(tuned), None)
         else:
-            model = models.get(declared.model) or resolve_model(declared.model)
-        systems.append(System(declared.name, model, declared.prompt_style, declared.probe, adapter))
+            model = resolve_model(named.get(declared.model, declared.model))
+        systems.append(System(declared.name, model, declared.prompt_style, declared.probe, adapter, engine))
     return systems
+
+
+def system_engine(config: ExperimentConfig, declared: SystemConfig) -> EngineConfig:
+    """Where a system runs: its own `engine`, else the teacher's server for a system on the teacher's model
+    (a hosted or remote teacher may exist nowhere else), else benchmark.engine."""
+    if declared.engine is not None:
+        return declared.engine
+    if declared.model == names.TEACHER_MODEL and config.teacher.engine.backend == "openai":
+        return config.teacher.engine
+    return config.benchmark.engine

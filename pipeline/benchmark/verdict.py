@@ -235,7 +235,10 @@ def _spent(even: dict[str, Any]) -> str:
     whom = "the teacher or prompting" if same else "the teacher"
     one_off = even["one_off_usd"]  # cents on a CPU demo ($0.0104), dollars on a GPU node
     spent = f"Distilling cost ${one_off:,.2f}" if one_off >= 1 else f"Distilling cost ${one_off:.4f}"
-    spent += f" (generate + train on {even['pipeline_hardware']})"
+    if even.get("generate_usd_at_list_price") is None:
+        spent += f" (generate + train on {even['pipeline_hardware']})"
+    else:
+        spent += f" (the hosted teacher's tokens at its list price, and train on {even['pipeline_hardware']})"
     if even.get("skipped"):
         spent += f"; no break-even against {whom} is stated: {even['skipped']}"
     elif even["requests"] is None:
