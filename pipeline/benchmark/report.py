@@ -173,11 +173,17 @@ def _hardware_note(report: dict[str, Any]) -> str:
         return f"`{key}` ({source}; ${profile.get('usd_per_hour', float('nan')):.2f}/hour{shown})"
 
     serving = said(hardware["serving_hardware"], hardware["serving_source"])
+    # A hosted teacher's generate is priced by its tokens (the break-even section): only training is timed here.
+    one_off = "generate + train"
+    if (report.get("break_even") or {}).get("generate_usd_at_list_price") is not None:
+        one_off = "train"
     if hardware["pipeline_hardware"] == hardware["serving_hardware"]:
-        where = f"Systems and the one-off generate + train are priced on {serving}"
+        where = f"Systems and the one-off {one_off} are priced on {serving}"
     else:
         pipeline = said(hardware["pipeline_hardware"], hardware["pipeline_source"])
-        where = f"Systems are priced on {serving}, generate + train on {pipeline}"
+        where = f"Systems are priced on {serving}, {one_off} on {pipeline}"
+    if any(m.get("server") for m in report.get("systems", {}).values()):
+        where += " (systems on their own server: below)"
     own = sorted(
         {m["hardware"] for m in report.get("systems", {}).values() if m.get("hardware")}
         - {hardware["serving_hardware"]}
