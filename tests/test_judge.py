@@ -252,3 +252,40 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
     assert f"{3 * n - len(asked)} answers identical to the teacher's were ties, the judge not asked" in markdown
     assert "Judged pairwise against the teacher" in markdown
     assert "Verdict: undecided — the judge cannot tell the answers apart (it followed the order" in markdown
+
+
+@pytest.mark.integration
+def test_a_killed_judge_resumes_asking_only_what_it_had_not(judged_run, monkeypatch):
+    """The judge's replies are saved a chunk at a time: a benchmark killed while judging asks the rest on the
+    rerun, and its judge section and judge records are those of an uninterrupted run."""
+    import pipeline.benchmark.judge as judge_module
+
+    config, handler = judged_run
+    handler.prefer_first, handler.requests = False, []
+    monkeypatch.setattr(judge_module, "JUDGE_CHUNK", 5)
+    real_ask, calls = judge_module.JudgeReplies._ask, []
+
+    def dying_ask(self, conversations, choices):
+        calls.append(len(conversations))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_ask(self, conversations, choices)
+
+    monkeypatch.setattr(judge_module.JudgeReplies, "_ask", dying_ask)
+    (config.layout.stage_dir("benchmark") / "manifest.json").unlink()  # a first run, not a finished one
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, stages=("benchmark",))
+    asked_before_kill = len(handler.requests)
+    assert asked_before_kill == 10  # two chunks of 5
+
+    monkeypatch.setattr(judge_module.JudgeReplies, "_ask", real_ask)
+    run_pipeline(config, stages=("benchmark",))
+    resumed_requests = len(handler.requests) - asked_before_kill
+    resumed = json.loads(config.layout.report_json.read_text())["judge"]
+    judged = [r for r in read_jsonl(config.layout.records) if r["kind"].startswith("judge")]
+
+    handler.requests = []
+    run_pipeline(config, stages=("benchmark",), force=("benchmark",))  # the same benchmark, uninterrupted
+    assert resumed_requests == len(handler.requests) - 10
+    assert resumed == json.loads(config.layout.report_json.read_text())["judge"]
+    assert judged == [r for r in read_jsonl(config.layout.records) if r["kind"].startswith("judge")]

@@ -18,6 +18,7 @@ Every judge request and reply is a record (`judge_grade`, `judge_pair`), so the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -37,7 +38,7 @@ from pipeline.judging import (
     parse_preference,
     rubric_for,
 )
-from pipeline.runs import log
+from pipeline.runs import FinishedUnits, log
 from pipeline.tasks import Example, Task
 
 ORDERS = ("system_first", "teacher_first")  # the two orders each pair is asked in
@@ -62,10 +63,16 @@ def judge_model(config: ExperimentConfig) -> tuple[str, EngineConfig]:
 
 
 def run_judge(
-    config: ExperimentConfig, task: Task, examples: list[Example], records: list[dict[str, Any]]
+    config: ExperimentConfig,
+    task: Task,
+    examples: list[Example],
+    records: list[dict[str, Any]],
+    units: FinishedUnits | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Grade every task record (marking each pass or fail in place: rule `judge_pass`, `correct`), compare each
-    system with the teacher, score references; returns report.json's `judge` section and the judge's records."""
+    system with the teacher, score references; returns report.json's `judge` section and the judge's records.
+    The judge's replies are saved in `units` chunk by chunk: a rerun after a kill asks only the rest, and loads
+    no judge when every reply is saved."""
     judge = config.benchmark.judge
     rubric = rubric_for(judge.rubric, task.rubric())
     answers = [r for r in records if r["kind"] == "task"]
@@ -88,10 +95,9 @@ def run_judge(
         f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(asked)} with the teacher's "
         f"({len(pairs) - len(asked)} identical to it: ties)"
     )
-    engine = load_engine(model_for(name, engine_config), engine_config, config.seed)
-    try:
+    with JudgeReplies(name, engine_config, config, units) as ask:
         grade_requests = [grade_prompt(rubric, prompts[r["id"]], r["completion"]) for r in answers]
-        grade_replies = _ask(engine, grade_requests, GRADES, config)
+        grade_replies = ask(grade_requests, GRADES)
         pair_requests = [
             conversation
             for answer, theirs in asked
@@ -100,9 +106,7 @@ def run_judge(
                 pair_prompt(rubric, prompts[answer["id"]], theirs["completion"], answer["completion"]),
             )
         ]
-        pair_replies = _ask(engine, pair_requests, PREFERENCES, config)  # both orders of each pair asked
-    finally:
-        engine.close()
+        pair_replies = ask(pair_requests, PREFERENCES)  # both orders of each pair asked
 
     judge_records = grade_records(answers, grade_requests, grade_replies, judge.pass_threshold)
     judge_records += pair_records(pairs, iter(pair_requests), iter(pair_replies))
@@ -170,23 +174,57 @@ def pair_records(
     return out
 
 
-def _ask(
-    engine: Engine, conversations: list[list[dict[str, str]]], choices: list[str], config: ExperimentConfig
-) -> list[str]:
-    """The judge's greedy reply to each conversation (constrained to `choices` with `benchmark.judge.constrained`),
-    each distinct conversation asked once: two systems that gave the same answer (a prompted student that is the
-    teacher's model and prompt) get the same grade without paying a hosted judge twice."""
-    if not conversations:
-        return []
-    judge = config.benchmark.judge
-    sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=config.seed)
-    sampling = sampling.constrained_to(choices if judge.constrained else None)
-    keys = [json.dumps(c, sort_keys=True) for c in conversations]
-    distinct = dict(zip(keys, conversations, strict=True))
-    # A progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
-    generations = engine.generate(list(distinct.values()), sampling, progress="judge")
-    replies = dict(zip(distinct, (g.completions[0].text if g.completions else "" for g in generations), strict=True))
-    return [replies[key] for key in keys]
+JUDGE_CHUNK = 256  # distinct requests asked at once and saved together: what a kill can cost at most
+
+
+class JudgeReplies:
+    """The judge's greedy reply to each conversation (constrained to the choices with
+    `benchmark.judge.constrained`), each distinct conversation asked once: two systems that gave the same answer
+    (a prompted student that is the teacher's model and prompt) get the same grade without paying a hosted judge
+    twice. Replies are saved in `units` JUDGE_CHUNK at a time, and the judge's engine is loaded on the first
+    request not yet answered."""
+
+    def __init__(self, name: str, engine: EngineConfig, config: ExperimentConfig, units: FinishedUnits | None):
+        self.name, self.engine_config, self.config, self.units = name, engine, config, units
+        self.engine: Engine | None = None
+
+    def __enter__(self) -> JudgeReplies:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+    def __call__(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[str]:
+        from tqdm.auto import tqdm
+
+        if not conversations:
+            return []
+        keys = [json.dumps(c, sort_keys=True) for c in conversations]
+        distinct = list(dict(zip(keys, conversations, strict=True)).items())
+        chunks = [distinct[i : i + JUDGE_CHUNK] for i in range(0, len(distinct), JUDGE_CHUNK)]
+        replies: dict[str, str] = {}
+        # A progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
+        with tqdm(total=len(distinct), desc="judge", unit="request") as bar:
+            for chunk in chunks:
+                unit = "judge:" + hashlib.sha256("\n".join(k for k, _ in chunk).encode()).hexdigest()[:16]
+                saved = self.units.get(unit) if self.units is not None and unit in self.units else None
+                if saved is None:
+                    saved = self._ask([c for _, c in chunk], choices)
+                    if self.units is not None:
+                        self.units.save(unit, saved)
+                replies.update(zip((k for k, _ in chunk), saved, strict=True))
+                bar.update(len(chunk))
+        return [replies[key] for key in keys]
+
+    def _ask(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[str]:
+        judge = self.config.benchmark.judge
+        if self.engine is None:
+            self.engine = load_engine(model_for(self.name, self.engine_config), self.engine_config, self.config.seed)
+        sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=self.config.seed)
+        sampling = sampling.constrained_to(choices if judge.constrained else None)
+        generations = self.engine.generate(conversations, sampling, progress=False)
+        return [g.completions[0].text if g.completions else "" for g in generations]
 
 
 def pair_outcome(system_first: str | None, teacher_first: str | None) -> tuple[str, bool]:

@@ -78,7 +78,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         check_adapter_applied(records)
         judged = None
         if judge_enabled(config, task):  # every answer graded; accuracy becomes the judge's pass rate
-            judged, judge_records = units.run("judge", lambda: run_judge(config, task, examples, records))
+            judged, judge_records = run_judge(config, task, examples, records, units)
             records += judge_records
             for name in results:
                 results[name].update(
