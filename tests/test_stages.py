@@ -545,6 +545,24 @@ def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
     assert "y" not in FinishedUnits(changed, force=False) and not units.path.exists()
 
 
+def test_the_benchmark_reruns_when_the_teacher_engine_it_runs_on_changes(tmp_path, tiny_model):
+    """A hosted teacher is measured on teacher.engine, so a new server there is a new benchmark; a local
+    teacher's engine is generate's business (the benchmark runs it on benchmark.engine)."""
+    from pipeline.benchmark.stage import benchmark_stage
+    from pipeline.tasks import task_for
+
+    def fingerprint(**overrides):
+        config = parity_config(tmp_path, tiny_model, **overrides)
+        return benchmark_stage(config, task_for(config)).fingerprint
+
+    local = fingerprint()
+    assert fingerprint(**{"teacher.engine.batch_size": 2}) == local
+    server = {"backend": "openai", "server": {"base_url": "http://a:8000/v1"}}
+    hosted = fingerprint(**{"teacher.engine": server})
+    assert hosted != local
+    assert fingerprint(**{"teacher.engine": {**server, "server": {"base_url": "http://b:8000/v1"}}}) != hosted
+
+
 def test_load_tests_already_finished_start_no_server(tmp_path, tiny_model, monkeypatch):
     import pipeline.benchmark.serving as serving
     from pipeline.benchmark.systems import System

@@ -28,12 +28,12 @@ from pipeline.benchmark.evaluate import (
     run_probe,
     task_sampling,
 )
-from pipeline.benchmark.judge import judge_enabled, run_judge
+from pipeline.benchmark.judge import judge_enabled, judge_model, run_judge
 from pipeline.benchmark.probe import run_lm_eval
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
-from pipeline.benchmark.systems import System, copy_rows, systems_for, tuned_student_dir, twins
+from pipeline.benchmark.systems import System, copy_rows, system_engine, systems_for, tuned_student_dir, twins
 from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import ExperimentConfig
 from pipeline.engines import Engine, load_engine
@@ -51,6 +51,10 @@ def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
         "student": config.student.model_dump(),
         "benchmark": config.benchmark.model_dump(),
     }
+    # The teacher's engine reaches the benchmark when a system (a hosted teacher) or the judge runs on it.
+    on_teacher_engine = [system_engine(config, s) is config.teacher.engine for s in config.benchmark.systems]
+    if any(on_teacher_engine) or (judge_enabled(config, task) and judge_model(config)[1] is config.teacher.engine):
+        sections["teacher_engine"] = config.teacher.engine.model_dump()
     return Stage(config, "benchmark", sections, inputs=[tuned_student_dir(config), *task.data_files()])
 
 
