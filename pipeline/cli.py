@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num-shards", type=int, help="how many slices the prompts are split into")
             p.add_argument("--merge-shards", type=int, metavar="N", help="merge N finished shards into one output")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
+    status = sub.add_parser("status", help="what each stage has done and what a run would redo (runs nothing)")
+    status.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    status.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
     compare = sub.add_parser("compare", help="put finished runs side by side (e.g. SFT against KD)")
     compare.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/sft runs/kd")
     mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
@@ -111,6 +114,11 @@ def _main(args: argparse.Namespace) -> int:
             print(resolve_model(args.model))
             return 0
         config = load_config(args.config, args.overrides)
+        if args.command == "status":
+            from pipeline.status import format_status, run_status
+
+            print(format_status(config, run_status(config)))
+            return 0
         locked = config.run_dir
         if args.command == "generate" and args.shard is not None and args.num_shards:
             from pipeline.generate import Shard

@@ -247,6 +247,7 @@ class Stage:
         self.dir = config.layout.stage_dir(name)
         self.lock_dir = lock_dir or config.run_dir
         self.logs_artifact = artifact
+        self.sections = sections
         self.inputs = {str(p): sha256_tree(p) for p in inputs}
         payload = json.dumps({"sections": sections, "inputs": self.inputs, "version": _own_version()}, sort_keys=True)
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -341,22 +342,30 @@ class FinishedUnits:
     def __init__(self, stage: Stage, force: bool) -> None:
         self.path = stage.dir / FINISHED_UNITS
         self.fingerprint = stage.fingerprint
-        self.values: dict[str, Any] = {}
-        kept: list[str] = []
-        if self.path.is_file() and not force:
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and row.get("fingerprint") == self.fingerprint:
-                    self.values[row["unit"]] = row["value"]
-                    kept.append(line + "\n")
-        if kept:
-            write_text(self.path, "".join(kept))
+        self.values: dict[str, Any] = {} if force else self.read(self.path, self.fingerprint)
+        if self.values:  # rewritten without other fingerprints' lines or a torn one, so appends start clean
+            write_text(self.path, "".join(self._line(unit, value) for unit, value in self.values.items()))
             log(f"{stage.kind}: resuming, already done: {', '.join(self.values)}")
         else:
             self.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def read(path: Path, fingerprint: str) -> dict[str, Any]:
+        """The units saved in `path` under `fingerprint`, by name (read only: `distill status` uses it)."""
+        values: dict[str, Any] = {}
+        if not path.is_file():
+            return values
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("fingerprint") == fingerprint:
+                values[row["unit"]] = row["value"]
+        return values
+
+    def _line(self, unit: str, value: Any) -> str:
+        return json.dumps({"fingerprint": self.fingerprint, "unit": unit, "value": value}) + "\n"
 
     def __contains__(self, unit: str) -> bool:
         return unit in self.values
@@ -367,7 +376,7 @@ class FinishedUnits:
     def save(self, unit: str, value: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
-            fh.write(json.dumps({"fingerprint": self.fingerprint, "unit": unit, "value": value}) + "\n")
+            fh.write(self._line(unit, value))
             fh.flush()
             os.fsync(fh.fileno())
         self.values[unit] = json.loads(json.dumps(value))  # what a rerun will read back

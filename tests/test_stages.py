@@ -545,6 +545,57 @@ def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
     assert "y" not in FinishedUnits(changed, force=False) and not units.path.exists()
 
 
+def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tiny_model):
+    from pipeline.status import format_status, run_status
+    from pipeline.train.stage import train_stage
+
+    config = parity_config(tmp_path, tiny_model)
+    assert [(s.stage, s.state) for s in run_status(config)] == [
+        ("generate", "not run"),
+        ("filter", "after generate"),
+        ("train", "after generate"),
+        ("benchmark", "after generate"),
+    ]
+    run_pipeline(config, stages=("generate", "filter"))
+    checkpoints = config.layout.checkpoints
+    (checkpoints / "checkpoint-2").mkdir(parents=True)  # a killed training, under this config
+    (checkpoints / "fingerprint").write_text(train_stage(config).fingerprint)
+    statuses = run_status(config)
+    assert [(s.stage, s.state) for s in statuses] == [
+        ("generate", "done"),
+        ("filter", "done"),
+        ("train", "in progress"),
+        ("benchmark", "after train"),
+    ]
+    assert statuses[2].detail == "checkpoint at step 2; a run resumes it"
+    assert format_status(config, statuses).splitlines()[3].split() == [
+        "train",
+        "in",
+        "progress",
+        "checkpoint",
+        "at",
+        "step",
+        "2;",
+        "a",
+        "run",
+        "resumes",
+        "it",
+    ]
+
+    changed = parity_config(tmp_path, tiny_model, **{"filter.val_fraction": 0.5})
+    statuses = run_status(changed)
+    assert [(s.stage, s.state) for s in statuses][1:] == [
+        ("filter", "stale"),
+        ("train", "after filter"),
+        ("benchmark", "after filter"),
+    ]
+    assert statuses[1].detail.startswith("changed: config filter (last run ")
+    config.layout.teacher_outputs.write_text("")  # generate's output edited by hand: the filter reruns on it
+    statuses = run_status(config)
+    assert [s.state for s in statuses] == ["done", "stale", "after filter", "after filter"]
+    assert statuses[1].detail.startswith("changed: input generate/teacher_outputs.jsonl (last run ")
+
+
 def test_the_benchmark_reruns_when_the_teacher_engine_it_runs_on_changes(tmp_path, tiny_model):
     """A hosted teacher is measured on teacher.engine, so a new server there is a new benchmark; a local
     teacher's engine is generate's business (the benchmark runs it on benchmark.engine)."""
