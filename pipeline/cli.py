@@ -1,4 +1,5 @@
-"""The `distill` command: one subcommand per stage, `run` for all of them, `promote`, `key=value` overrides.
+"""The `distill` command: one subcommand per stage, `run` for all of them, `status`, `promote`, `compare`,
+`key=value` overrides.
 
 Exit codes: 0 done; 2 bad input (one line naming the key, file or column); 3 promotion refused by the
 gate; 75 the run directory is locked by another live run (retry later); 130 interrupted (rerun resumes).
