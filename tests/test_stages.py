@@ -448,6 +448,19 @@ def test_llm_judge_drops_low_and_unparseable_grades(tmp_path, tiny_model, monkey
     assert drops == {"parity-train-1": "score 3 < 7", "parity-train-2": "unparseable grade 'no idea'"}
     assert len(grader.conversations) == 3 and "Rubric:" in grader.conversations[0][1]["content"]
 
+    # Every reply is kept: a rerun with another threshold (or after a kill) asks the judge nothing it answered.
+    lenient = strict_config(
+        tmp_path,
+        tiny_model,
+        **{
+            "filter.correctness": {"enabled": False},
+            "filter.judge": {"enabled": True, "batch_size": 2, "threshold": 3},
+        },
+    )
+    out = run_filter(lenient)
+    assert [r["prompt_id"] for r in read_jsonl(out / "train.jsonl")] == ["parity-train-0", "parity-train-1"]
+    assert len(grader.conversations) == 3
+
 
 @pytest.mark.integration
 def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):

@@ -1,36 +1,62 @@
 """The filter's LLM judge (`filter.judge`): the teacher grades each kept example against a rubric, 1 to 10,
 in batches; a grade below the threshold, or one that cannot be read (pipeline/judging.py reads strictly), drops
-the example."""
+the example. Every reply is kept in the filter's folder (`judge_grades.jsonl`), keyed by what shapes it, so a
+killed filter's rerun, or one with another threshold, asks the judge only what it has not answered."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.judging import grade_prompt, parse_grade, rubric_for
+from pipeline.runs import read_jsonl
 from pipeline.tasks import task_for
+
+GRADES = "judge_grades.jsonl"  # the judge's replies, in the filter's folder
 
 
 class Judge:
-    """The teacher grades kept examples in batches; loaded on first use."""
+    """The teacher grades kept examples in batches; its engine is loaded on the first request not yet answered."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.engine = None
-        self.rubric = ""  # set with the engine, on first use
+        self.rubric = rubric_for(config.filter.judge.rubric, task_for(config).rubric())
+        self.cache_path = config.layout.stage_dir("filter") / GRADES
+        rows = read_jsonl(self.cache_path, on_malformed=lambda *_: None) if self.cache_path.is_file() else []
+        self.replies = {row["key"]: row["reply"] for row in rows}  # a torn last line is skipped
+
+    def _key(self, conversation: list[dict[str, str]]) -> str:
+        teacher = self.config.teacher
+        shape = [teacher.model, teacher.engine.model_dump(), self.config.seed, conversation]
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:
         from pipeline.engines import load_engine, model_for  # looked up at use: tests stand a grader in
 
-        if self.engine is None:
-            teacher = self.config.teacher
-            self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
-            self.rubric = rubric_for(self.config.filter.judge.rubric, task_for(self.config).rubric())
         conversations = [
             grade_prompt(self.rubric, "\n\n".join(m["content"] for m in messages if m["role"] != "system"), response)
             for messages, response in items
         ]
-        sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)
-        generations = self.engine.generate(conversations, sampling, progress=False)
-        return [(parse_grade(g.completions[0].text), g.completions[0].text) for g in generations]
+        keys = [self._key(c) for c in conversations]
+        missing = {k: c for k, c in zip(keys, conversations, strict=True) if k not in self.replies}
+        if missing:
+            if self.engine is None:
+                teacher = self.config.teacher
+                self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
+            sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)
+            generations = self.engine.generate(list(missing.values()), sampling, progress=False)
+            texts = [g.completions[0].text if g.completions else "" for g in generations]
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.cache_path.open("a") as fh:
+                for key, text in zip(missing, texts, strict=True):
+                    fh.write(json.dumps({"key": key, "reply": text}) + "\n")
+                    self.replies[key] = text
+                fh.flush()
+                os.fsync(fh.fileno())
+        return [(parse_grade(self.replies[k]), self.replies[k]) for k in keys]
 
     def close(self) -> None:
         if self.engine is not None:
