@@ -11,6 +11,7 @@ config: generated rows, a training checkpoint, benchmark units: a run resumes it
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -58,7 +59,8 @@ def run_status(config: ExperimentConfig) -> list[StageStatus]:
             statuses.append(StageStatus(name, f"after {waiting}", _saved_work(config, task, stage) or ""))
             continue
         if stage.is_fresh():
-            statuses.append(StageStatus(name, "done", _finished(manifest)))
+            verdict = _verdict(config) if name == "benchmark" else None
+            statuses.append(StageStatus(name, "done", _finished(manifest) + (f"; {verdict}" if verdict else "")))
             continue
         if name == "train" and _kept_by_retrain_rule(config, stage):
             statuses.append(StageStatus(name, "done", f"{_finished(manifest)}; the data barely moved: kept"))
@@ -87,6 +89,13 @@ def _finished(manifest: dict | None) -> str:
         return ""
     started = manifest.get("started_at", "")
     return f"{started.replace('T', ' ')}, {manifest.get('wall_s', 0):.0f} s"
+
+
+def _verdict(config: ExperimentConfig) -> str | None:
+    """The report's verdict, up to its dash ("Verdict: worth it")."""
+    path = config.layout.report_md
+    found = re.search(r"Verdict: [^—\n]*", path.read_text()) if path.is_file() else None
+    return found.group(0).strip() if found else None
 
 
 def _kept_by_retrain_rule(config: ExperimentConfig, stage: Stage) -> bool:

@@ -479,6 +479,10 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     for stage in ("generate", "filter", "train", "benchmark"):
         assert (config.run_dir / stage / "manifest.json").exists()
     assert report["systems"]["student_tuned"]["serving"] == "weights"
+    from pipeline.status import run_status
+
+    statuses = run_status(config)  # every stage done, and the benchmark's verdict said
+    assert [s.state for s in statuses] == ["done"] * 4 and "; Verdict: not worth it" in statuses[3].detail
 
     # The same student served as base + unmerged adapter: a new benchmark, which says what it measured.
     lora = parity_config(tmp_path, tiny_model, **{"benchmark.student_serving": "lora"})
