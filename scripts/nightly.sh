@@ -7,5 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${CONFIG:-configs/smollm2_support.yaml}"
+.venv/bin/distill status --config "$CONFIG" "$@" >&2  # the job log says what this run redoes, and why
 .venv/bin/distill run --config "$CONFIG" "$@"
 .venv/bin/distill promote --config "$CONFIG" "$@"

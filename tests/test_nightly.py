@@ -68,12 +68,14 @@ def test_three_nights(tmp_path, tiny_model):
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in ("generate", "filter", "train", "benchmark"):
         assert f"{stage}: skipped, inputs and config unchanged" in second.stderr
+    assert "  benchmark  done  " in second.stderr  # the job log's status, before the run
     assert "promote: skipped" in second.stderr and not (tmp_path / "promoted.previous").exists()
 
     add_tickets(tickets, 24, 12)  # tonight's new tickets
     third = night(env, "promote.max_latency_p95_s=0.000001")  # a gate this student cannot clear
     assert third.returncode == 3, third.stderr[-3000:]
     assert "distill: promotion refused: latency p95" in third.stderr
+    assert f"  generate   stale           changed: input {tickets}" in third.stderr  # said before it ran
     metrics = manifest(run_dir, "generate")["metrics"]
     assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (20, 12)
     assert (run_dir / "train" / "adapter").stat().st_mtime_ns != first_train[1]  # retrained
