@@ -335,7 +335,7 @@ class FinishedUnits:
     --force, are discarded, and a torn last line (a kill mid-write) is dropped. `clear()` once the stage is done.
 
         units = FinishedUnits(stage, force)
-        judged = units.run("judge", lambda: run_judge(...))   # computed and saved, or the saved value
+        harness = units.run("lm_eval", lambda: run_lm_eval(...))   # computed and saved, or the saved value
 
     Values round-trip through JSON (tuples come back as lists; NaN and infinities are kept)."""
 
