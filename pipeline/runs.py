@@ -345,7 +345,7 @@ class FinishedUnits:
         self.values: dict[str, Any] = {} if force else self.read(self.path, self.fingerprint)
         if self.values:  # rewritten without other fingerprints' lines or a torn one, so appends start clean
             write_text(self.path, "".join(self._line(unit, value) for unit, value in self.values.items()))
-            log(f"{stage.kind}: resuming, already done: {', '.join(self.values)}")
+            log(f"{stage.kind}: resuming, already done: {self.describe(self.values)}")
         else:
             self.path.unlink(missing_ok=True)
 
@@ -363,6 +363,22 @@ class FinishedUnits:
             if isinstance(row, dict) and row.get("fingerprint") == fingerprint:
                 values[row["unit"]] = row["value"]
         return values
+
+    @staticmethod
+    def describe(units: Iterable[str]) -> str:
+        """Unit names grouped by their `kind:` prefix, chunks counted: "offline: teacher, student_base; judge: 2
+        chunks" (from offline:teacher, offline:student_base, judge-chunk:<hash>, judge-chunk:<hash>)."""
+        groups: dict[str, list[str]] = {}
+        for unit in units:
+            kind, _, name = unit.partition(":")
+            groups.setdefault(kind, []).append(name)
+        said = []
+        for kind, members in groups.items():
+            if kind.endswith("-chunk"):
+                said.append(f"{kind.removesuffix('-chunk')}: {len(members)} chunk{'s' * (len(members) > 1)}")
+            else:
+                said.append(f"{kind}: {', '.join(members)}" if any(members) else kind)
+        return "; ".join(said)
 
     def _line(self, unit: str, value: Any) -> str:
         return json.dumps({"fingerprint": self.fingerprint, "unit": unit, "value": value}) + "\n"

@@ -125,7 +125,7 @@ def _saved_work(config: ExperimentConfig, task: Task, stage: Stage) -> str | Non
     if stage.name == "benchmark":
         units = FinishedUnits.read(stage.dir / FINISHED_UNITS, stage.fingerprint)
         if units:
-            return f"saved: {', '.join(units)}"
+            return f"saved: {FinishedUnits.describe(units)}"
     return None
 
 

@@ -255,7 +255,7 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
 
 
 @pytest.mark.integration
-def test_a_killed_judge_resumes_asking_only_what_it_had_not(judged_run, monkeypatch):
+def test_a_killed_judge_resumes_asking_only_what_it_had_not(judged_run, monkeypatch, capsys):
     """The judge's replies are saved a chunk at a time: a benchmark killed while judging asks the rest on the
     rerun, and its judge section and judge records are those of an uninterrupted run."""
     import pipeline.benchmark.judge as judge_module
@@ -278,8 +278,15 @@ def test_a_killed_judge_resumes_asking_only_what_it_had_not(judged_run, monkeypa
     asked_before_kill = len(handler.requests)
     assert asked_before_kill == 10  # two chunks of 5
 
+    from pipeline.status import run_status
+
+    assert run_status(config)[3].detail == (
+        "saved: offline: teacher, student_base, student_prompted, student_tuned; judge: 2 chunks; a run resumes it"
+    )
     monkeypatch.setattr(judge_module.JudgeReplies, "_ask", real_ask)
+    capsys.readouterr()
     run_pipeline(config, stages=("benchmark",))
+    assert "benchmark: resuming, already done: offline: teacher, student_base" in capsys.readouterr().err
     resumed_requests = len(handler.requests) - asked_before_kill
     resumed = json.loads(config.layout.report_json.read_text())["judge"]
     judged = [r for r in read_jsonl(config.layout.records) if r["kind"].startswith("judge")]

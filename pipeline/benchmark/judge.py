@@ -207,7 +207,7 @@ class JudgeReplies:
         # A progress bar (ETA, throughput): a hosted judge of a full benchmark answers thousands of these.
         with tqdm(total=len(distinct), desc="judge", unit="request") as bar:
             for chunk in chunks:
-                unit = "judge:" + hashlib.sha256("\n".join(k for k, _ in chunk).encode()).hexdigest()[:16]
+                unit = "judge-chunk:" + hashlib.sha256("\n".join(k for k, _ in chunk).encode()).hexdigest()[:16]
                 saved = self.units.get(unit) if self.units is not None and unit in self.units else None
                 if saved is None:
                     saved = self._ask([c for _, c in chunk], choices)
