@@ -220,3 +220,34 @@ def test_the_report_marks_the_probe_categories_the_task_trains():
     )
     table = lines[lines.index("Probe accuracy per category:") + 2 :]
     assert table[2:4] == ["| units | 15 | 0.800 | 0.600 | -0.200 |", "| arithmetic * | 24 | 0.290 | 0.790 | +0.500 |"]
+
+
+def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
+    """The same questions for both students: an exact McNemar test says whether a probe change is beyond noise,
+    counted on the questions the forgetting figures count (the task's own categories left out)."""
+    from pipeline.benchmark.probe import paired_probe_tests
+    from pipeline.benchmark.report import _forgetting_section
+
+    questions = load_probe()
+    arithmetic = [q.id for q in questions if q.category == "arithmetic"][:6]
+    capitals = [q.id for q in questions if q.category == "capitals"][:8]
+
+    def row(system, question, correct, leak=False):
+        return {"system": system, "kind": "probe", "id": question, "correct": correct, "leak": leak}
+
+    records = [row("student_base", q, False) for q in arithmetic] + [row("student_tuned", q, True) for q in arithmetic]
+    records += [row("student_base", q, True) for q in capitals]  # the tuned student lost all eight capitals
+    records += [row("student_tuned", q, False, leak=i < 2) for i, q in enumerate(capitals)]
+    records.append({"system": "student_tuned", "kind": "task", "id": "x", "correct": True})
+    both = paired_probe_tests(records, "student_base", "student_tuned")
+    assert both["accuracy_test"] == {"tuned_only": 6, "base_only": 8, "p_value": pytest.approx(0.79, abs=0.01)}
+    outside = paired_probe_tests(records, "student_base", "student_tuned", ["arithmetic"])
+    assert outside["accuracy_test"] == {"tuned_only": 0, "base_only": 8, "p_value": pytest.approx(2 / 2**8)}
+    assert outside["leakage_rate_test"] == {"tuned_only": 2, "base_only": 0, "p_value": 0.5}
+
+    lines = _forgetting_section({"change": {"accuracy": -1.0, "leakage_rate": 0.25, **outside}})
+    said = next(line for line in lines if line.startswith("Tuned against"))
+    assert said.startswith(
+        "Tuned against untuned on the same questions (exact McNemar): accuracy -100.0 points (the tuned student "
+        "right and the untuned not on 0 questions, the reverse on 8; p = 0.0078); leakage +25.0 points"
+    )

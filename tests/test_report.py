@@ -49,6 +49,8 @@ def test_verdicts():
 def test_the_verdict_says_which_probe_categories_its_forgetting_figures_leave_out():
     plain = report(0.84, -0.009, 0.0)
     assert "On the general probe, accuracy changed by -0.9%" in verdict(plain)
+    plain["forgetting"]["change"]["accuracy_test"] = {"tuned_only": 3, "base_only": 4, "p_value": 1.0}
+    assert "accuracy changed by -0.9% (paired McNemar p = 1) and the leakage rate by +0.0%." in verdict(plain)
     plain["forgetting"]["student_tuned"] = {"task_categories": ["arithmetic"]}
     assert (
         "On the general probe (outside its arithmetic questions, the task's own skill), accuracy changed by -0.9%"

@@ -105,6 +105,28 @@ def summarize_probe(
     return summary
 
 
+def paired_probe_tests(
+    records: Sequence[dict[str, Any]], base: str, tuned: str, task_categories: Collection[str] = ()
+) -> dict[str, Any]:
+    """Exact McNemar tests of `tuned` against `base` on the same probe questions (outside `task_categories`):
+    is its change in probe accuracy, and in leakage, beyond what those questions' noise allows?"""
+    from pipeline.benchmark.stats import mcnemar
+
+    category = {q.id: q.category for q in load_probe()}
+    rows = [r for r in records if r["kind"] == "probe" and category.get(r["id"]) not in task_categories]
+    by_system = {name: {r["id"]: r for r in rows if r["system"] == name} for name in (base, tuned)}
+    ids = sorted(by_system[base].keys() & by_system[tuned].keys())
+    tests = {}
+    for measure, key in (("accuracy", "correct"), ("leakage_rate", "leak")):
+        test = mcnemar([bool(by_system[tuned][i][key]) for i in ids], [bool(by_system[base][i][key]) for i in ids])
+        tests[f"{measure}_test"] = {
+            "tuned_only": test["a_only"],
+            "base_only": test["b_only"],
+            "p_value": test["p_value"],
+        }
+    return tests
+
+
 def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
     """lm-evaluation-harness scores of each student ({name: (model folder, LoRA adapter or None)}).
 

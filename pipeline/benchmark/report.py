@@ -373,6 +373,16 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     probed = {name: f for name, f in forgetting.items() if name not in ("change", "lm_eval")}
     for name, f in probed.items():
         lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
+    change = forgetting.get("change") or {}
+    if "accuracy_test" in change:
+        said = []
+        for measure, what, how in (("accuracy", "accuracy", "right"), ("leakage_rate", "leakage", "leaking")):
+            t = change[f"{measure}_test"]
+            said.append(
+                f"{what} {change[measure] * 100:+.1f} points (the tuned student {how} and the untuned not on "
+                f"{t['tuned_only']} questions, the reverse on {t['base_only']}; p = {t['p_value']:.2g})"
+            )
+        lines += ["", "Tuned against untuned on the same questions (exact McNemar): " + "; ".join(said) + "."]
     trained = next((f["task_categories"] for f in probed.values() if f.get("task_categories")), [])
     if trained:
         lines += [

@@ -29,7 +29,7 @@ from pipeline.benchmark.evaluate import (
     task_sampling,
 )
 from pipeline.benchmark.judge import judge_enabled, judge_model, run_judge
-from pipeline.benchmark.probe import run_lm_eval
+from pipeline.benchmark.probe import paired_probe_tests, run_lm_eval
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
@@ -276,6 +276,9 @@ def _report(
     if names.STUDENT_TUNED in forgetting and names.STUDENT_BASE in forgetting:
         tuned, base = forgetting[names.STUDENT_TUNED], forgetting[names.STUDENT_BASE]
         forgetting["change"] = {key: tuned[key] - base[key] for key in ("accuracy", "leakage_rate")}
+        forgetting["change"] |= paired_probe_tests(
+            records, names.STUDENT_BASE, names.STUDENT_TUNED, config.benchmark.probe_task_categories
+        )
     return report
 
 

@@ -145,12 +145,19 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
         trained = report["forgetting"].get(names.STUDENT_TUNED, {}).get("task_categories")
         outside = f" (outside its {', '.join(trained)} questions, the task's own skill)" if trained else ""
         parts.append(
-            f"On the general probe{outside}, accuracy changed by {facts.change['accuracy']:+.1%} and the leakage "
-            f"rate by {facts.change['leakage_rate']:+.1%}."
+            f"On the general probe{outside}, accuracy changed by {facts.change['accuracy']:+.1%}"
+            f"{_probe_p(facts.change, 'accuracy')} and the leakage rate by {facts.change['leakage_rate']:+.1%}"
+            f"{_probe_p(facts.change, 'leakage_rate')}."
         )
     if facts.even:
         parts.append(_spent(facts.even))
     return parts
+
+
+def _probe_p(change: dict[str, Any], measure: str) -> str:
+    """ " (paired McNemar p = 0.42)" for a probe change with its paired test (reports since 2026-11-27)."""
+    test = change.get(f"{measure}_test")
+    return f" (paired McNemar p = {test['p_value']:.2g})" if test else ""
 
 
 def _judged_against_teacher(judge: dict[str, Any], facts: _Facts) -> str:
