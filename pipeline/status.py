@@ -49,6 +49,8 @@ def _stage(config: ExperimentConfig, task: Task, name: str) -> Stage:
 
 def run_status(config: ExperimentConfig) -> list[StageStatus]:
     """Each stage's state, in order; reads the run directory only."""
+    from pipeline.train.stage import barely_moved  # the stage modules load on use, as the CLI's do
+
     task = task_for(config)
     statuses: list[StageStatus] = []
     waiting: str | None = None  # the first earlier stage that a run will redo
@@ -62,8 +64,9 @@ def run_status(config: ExperimentConfig) -> list[StageStatus]:
             verdict = _verdict(config) if name == "benchmark" else None
             statuses.append(StageStatus(name, "done", _finished(manifest) + (f"; {verdict}" if verdict else "")))
             continue
-        if name == "train" and _kept_by_retrain_rule(config, stage):
-            statuses.append(StageStatus(name, "done", f"{_finished(manifest)}; the data barely moved: kept"))
+        moved = barely_moved(config, stage) if name == "train" else None
+        if moved is not None:
+            statuses.append(StageStatus(name, "done", f"{_finished(manifest)}; the data moved {moved:.1%}: kept"))
             continue
         saved = _saved_work(config, task, stage)
         if saved:
@@ -96,15 +99,6 @@ def _verdict(config: ExperimentConfig) -> str | None:
     path = config.layout.report_md
     found = re.search(r"Verdict: [^—\n]*", path.read_text()) if path.is_file() else None
     return found.group(0).strip() if found else None
-
-
-def _kept_by_retrain_rule(config: ExperimentConfig, stage: Stage) -> bool:
-    from pipeline.train.stage import data_moved
-
-    if config.train.retrain_min_change <= 0:
-        return False
-    moved = data_moved(config, stage)
-    return moved is not None and moved < config.train.retrain_min_change
 
 
 def _saved_work(config: ExperimentConfig, task: Task, stage: Stage) -> str | None:

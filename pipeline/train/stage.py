@@ -214,12 +214,18 @@ def data_moved(config: ExperimentConfig, stage: Stage) -> float | None:
     return len(before ^ now) / max(len(before), 1)
 
 
-def _data_barely_moved(config: ExperimentConfig, stage: Stage) -> bool:
-    """Scheduled runs: keep the adapter when less than `train.retrain_min_change` of the data changed."""
+def barely_moved(config: ExperimentConfig, stage: Stage) -> float | None:
+    """Scheduled runs keep the adapter when less than `train.retrain_min_change` of the data changed: the share
+    that moved when it is kept, else None (`distill status` asks too)."""
     if config.train.retrain_min_change <= 0:
-        return False
+        return None
     moved = data_moved(config, stage)
-    if moved is None or moved >= config.train.retrain_min_change:
+    return moved if moved is not None and moved < config.train.retrain_min_change else None
+
+
+def _data_barely_moved(config: ExperimentConfig, stage: Stage) -> bool:
+    moved = barely_moved(config, stage)
+    if moved is None:
         return False
     log(
         f"train: skipped, the training data moved {moved:.1%} < train.retrain_min_change "
