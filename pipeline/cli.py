@@ -11,10 +11,12 @@ distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
     status = sub.add_parser("status", help="what each stage has done and what a run would redo (runs nothing)")
     status.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    status.add_argument("--json", action="store_true", help="one JSON object per stage: stage, state, detail")
     status.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
     compare = sub.add_parser("compare", help="put finished runs side by side (e.g. SFT against KD)")
     compare.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/sft runs/kd")
@@ -118,7 +121,8 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "status":
             from pipeline.status import format_status, run_status
 
-            print(format_status(config, run_status(config)))
+            statuses = run_status(config)
+            print("\n".join(json.dumps(asdict(s)) for s in statuses) if args.json else format_status(config, statuses))
             return 0
         locked = config.run_dir
         if args.command == "generate" and args.shard is not None and args.num_shards:

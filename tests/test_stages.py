@@ -562,11 +562,23 @@ def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
     assert "y" not in FinishedUnits(changed, force=False) and not units.path.exists()
 
 
-def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tiny_model):
+def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tiny_model, capsys):
+    import yaml
+
+    from pipeline.cli import main
     from pipeline.status import format_status, run_status
     from pipeline.train.stage import train_stage
 
     config = parity_config(tmp_path, tiny_model)
+    path = tmp_path / "parity.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config(tmp_path, tiny_model), "task": dict(PLUGIN)}))
+    capsys.readouterr()
+    assert main(["status", "--json", "--config", str(path)]) == 0  # for a scheduler: one object per stage
+    said = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert said[:2] == [
+        {"stage": "generate", "state": "not run", "detail": ""},
+        {"stage": "filter", "state": "after generate", "detail": ""},
+    ]
     assert [(s.stage, s.state) for s in run_status(config)] == [
         ("generate", "not run"),
         ("filter", "after generate"),
