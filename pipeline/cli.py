@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _how_to_resume(args: argparse.Namespace) -> str:
+    """A forced stage starts over each time it is forced: resuming is the same command without --force."""
+    if args.command != "promote" and (getattr(args, "force", False) or getattr(args, "force_stage", None)):
+        return "rerun the same command without --force/--force-stage to resume"
+    return "rerun the same command to resume"
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "compare":
@@ -146,10 +153,10 @@ def _main(args: argparse.Namespace) -> int:
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
     except Terminated:
-        print("distill: terminated (SIGTERM), engines shut down; rerun the same command to resume", file=sys.stderr)
+        print(f"distill: terminated (SIGTERM), engines shut down; {_how_to_resume(args)}", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print("distill: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(f"distill: interrupted; {_how_to_resume(args)}", file=sys.stderr)
         return 130
 
 

@@ -279,8 +279,13 @@ class Stage:
         return all((self.dir / rel).exists() for rel in manifest.get("outputs", {}))
 
     def skip(self, force: bool, result: Path | None = None) -> bool:
-        """True, and said on stderr, when this stage already ran with the same inputs and config."""
-        if force or not self.is_fresh():
+        """True, and said on stderr, when this stage already ran with the same inputs and config. Forced, the
+        previous manifest is void from here on: a forced run that is killed is resumed by a plain rerun, not
+        mistaken for the finished run it replaces."""
+        if force:
+            self.manifest_path.unlink(missing_ok=True)
+            return False
+        if not self.is_fresh():
             return False
         log(f"{self.kind}: skipped, inputs and config unchanged ({result or self.dir})")
         return True

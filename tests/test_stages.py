@@ -546,6 +546,35 @@ def test_benchmark_resumes_after_its_last_finished_system(tmp_path, tiny_model, 
     ]
 
 
+def test_a_forced_stage_voids_its_manifest_so_a_killed_one_resumes(tmp_path, tiny_model, monkeypatch, capsys):
+    """--force redoes a stage; killed halfway, the old manifest must not make a plain rerun skip the stage as
+    finished (it would keep the old outputs and drop the forced run's saved work). The CLI says so."""
+    import yaml
+
+    import pipeline.cli as cli
+    from pipeline.runs import Stage
+
+    config = parity_config(tmp_path, tiny_model)
+    stage = Stage(config, "benchmark", {"a": 1}, inputs=[])
+    stage.finish([])
+    assert stage.skip(force=False) and stage.manifest_path.exists()
+    assert not stage.skip(force=True) and not stage.manifest_path.exists()
+    assert not stage.skip(force=False)  # what a plain rerun after a killed forced one sees: not finished
+
+    path = tmp_path / "parity.yaml"
+    path.write_text(yaml.safe_dump({**tiny_config(tmp_path, tiny_model), "task": dict(PLUGIN)}))
+
+    def killed(args, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_command", killed)
+    capsys.readouterr()
+    assert cli.main(["benchmark", "--config", str(path), "--force"]) == 130
+    assert "interrupted; rerun the same command without --force/--force-stage to resume" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--config", str(path)]) == 130
+    assert "interrupted; rerun the same command to resume" in capsys.readouterr().err
+
+
 def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
     from pipeline.runs import FinishedUnits, Stage
 
