@@ -476,6 +476,8 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
     assert {"accuracy", "leakage_rate"} <= report["forgetting"]["student_tuned"].keys()
     assert (config.run_dir / "benchmark" / "report.md").read_text().startswith("# Distillation report")
     assert (config.run_dir / "benchmark" / "accuracy_vs_cost.png").stat().st_size > 1000
+    assert (config.run_dir / "benchmark" / "probe_by_category.png").stat().st_size > 1000
+    assert "![probe_by_category](probe_by_category.png)" in (config.run_dir / "benchmark" / "report.md").read_text()
     for stage in ("generate", "filter", "train", "benchmark"):
         assert (config.run_dir / stage / "manifest.json").exists()
     assert report["systems"]["student_tuned"]["serving"] == "weights"

@@ -438,7 +438,32 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths = [_accuracy_vs_cost(report, out_dir), _offline_latency(report, out_dir)]
     if report.get("latency_cdf"):
         paths += [_latency_cdf(report, out_dir), _throughput_vs_concurrency(report, out_dir)]
-    return paths
+    probe = _probe_changes(report.get("forgetting") or {}, out_dir)
+    return paths + ([probe] if probe else [])
+
+
+def _probe_changes(forgetting: dict[str, Any], out_dir: Path) -> Path | None:
+    """The tuned student's probe accuracy change per category, in questions: where general ability moved
+    (the categories the task itself trains drawn apart, as they are left out of the forgetting figures)."""
+    import matplotlib.pyplot as plt
+
+    base, tuned = forgetting.get(names.STUDENT_BASE, {}), forgetting.get(names.STUDENT_TUNED, {})
+    sizes = tuned.get("per_category_n") or {}
+    if not (base.get("per_category") and tuned.get("per_category") and sizes):
+        return None
+    trained = set(tuned.get("task_categories") or [])
+    moved = {c: round((tuned["per_category"][c] - base["per_category"].get(c, 0)) * sizes[c]) for c in sizes}
+    order = sorted(moved, key=lambda c: moved[c])
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(order) + 1.4))
+    colors = ["0.6" if c in trained else ("tab:red" if moved[c] < 0 else "tab:green") for c in order]
+    ax.barh(
+        [f"{c} (n={sizes[c]})" + (" *" if c in trained else "") for c in order], [moved[c] for c in order], color=colors
+    )
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("questions gained (+) or lost (-), tuned against untuned student")
+    ax.set_title("General probe per category" + (" (* the task's own)" if trained else ""))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out_dir / "probe_by_category.png")
 
 
 def _accuracy_vs_cost(report: dict[str, Any], out_dir: Path) -> Path:
