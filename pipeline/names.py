@@ -26,3 +26,8 @@ LATENCY_PERCENTILES = (50, 95, 99)
 def latency_key(measure: str, q: int) -> str:
     """`latency_key("e2e", 95)` is "e2e_p95_s", the key of that percentile in a load level's summary."""
     return f"{measure}_p{q}_s"
+
+
+# report.json's `cost_basis` of a system priced by its tokens at a hosted API's list price (`price`), not by a
+# machine's hour and its measured throughput.
+LIST_PRICE_BASIS = "list price per token"

@@ -108,7 +108,7 @@ def add_costs(hardware: Hardware, config: ExperimentConfig, results: dict[str, d
                     "cost_per_1k_requests": per_request / 1e6 * 1000,
                     "hardware": None,
                     "usd_per_hour": None,
-                    "cost_basis": "list price per token",
+                    "cost_basis": names.LIST_PRICE_BASIS,
                 }
             )
             continue

@@ -33,7 +33,7 @@ def _table(report: dict[str, Any]) -> list[str]:
             f"| {m['mean_prompt_tokens']:.0f} | {_prompt_share(m)} "
             f"| {m['latency_p50_s']:.2f} / {m.get('latency_cold_p50_s', float('nan')):.2f} "
             f"| {m['output_tokens_per_s']:.1f} | {'-' if share is None else f'{share:.1%}'} "
-            f"| {m.get('hardware') or ('list price' if m.get('cost_basis') == 'list price per token' else '')} "
+            f"| {m.get('hardware') or ('list price' if m.get('cost_basis') == names.LIST_PRICE_BASIS else '')} "
             f"| {m.get('cost_per_1m_input_tokens', float('nan')):.3f} | {m['cost_per_1m_output_tokens']:.3f} "
             f"| {m.get('cost_per_1k_requests', float('nan')):.4f} |"
         )
@@ -199,7 +199,7 @@ def _servers_note(report: dict[str, Any]) -> str:
     for name, m in report["systems"].items():
         if not m.get("server"):
             continue
-        if m.get("cost_basis") == "list price per token":
+        if m.get("cost_basis") == names.LIST_PRICE_BASIS:
             priced = (
                 f"priced at its list price (${m['cost_per_1m_input_tokens']:g} / ${m['cost_per_1m_output_tokens']:g} "
                 "per 1M input / output tokens)"
