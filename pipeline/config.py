@@ -621,6 +621,8 @@ class BenchmarkConfig(_Strict):
     @field_validator("probe_task_categories")
     @classmethod
     def _known_categories(cls, value: list[str]) -> list[str]:
+        if not value:
+            return value
         from pipeline.benchmark.probe import probe_categories
 
         unknown = sorted(set(value) - probe_categories())
