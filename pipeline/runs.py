@@ -396,11 +396,12 @@ class FinishedUnits:
 
     def save(self, unit: str, value: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = self._line(unit, value)
         with self.path.open("a") as fh:
-            fh.write(self._line(unit, value))
+            fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
-        self.values[unit] = json.loads(json.dumps(value))  # what a rerun will read back
+        self.values[unit] = json.loads(line)["value"]  # what a rerun will read back
 
     def run(self, unit: str, compute: Callable[[], Any]) -> Any:
         """The unit's saved value, or `compute()`'s, saved first."""
