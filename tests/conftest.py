@@ -38,6 +38,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def llama_code_restored():
+    """Each test gets transformers' Llama module as it found it: Liger kernels (the train stage's CUDA default where
+    liger-kernel is installed) patch it for the whole process, and a test that builds a trainer directly, outside
+    the stage's own `model_code_restored`, would leave Triton kernels to a later CPU test (seen on an H200: the
+    fused-head test, which forces train.device=cpu, after the CUDA training tests)."""
+    from transformers.models.llama import modeling_llama
+
+    from pipeline.train.trainer import module_restored
+
+    with module_restored(modeling_llama):
+        yield
+
+
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 

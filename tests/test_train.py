@@ -471,6 +471,43 @@ def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypat
     assert not liger(cuda)
 
 
+def test_the_stage_leaves_the_students_model_code_as_it_found_it(monkeypatch, tmp_path, tiny_model):
+    """Liger kernels, applied when the trainer is built on CUDA, replace the student's modeling module's RoPE and
+    RMSNorm for the whole process, and a later Llama on the CPU then fails inside Triton (seen on an H200). No Triton
+    here: Liger's patching is imitated inside the real build_trainer, with the stock functions under new names.
+    Training runs on them; after the stage, a new Llama is the stock one again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from pipeline.train import run_train, stage
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    calls = []
+
+    def liger_rope(*args, **kwargs):
+        calls.append(1)
+        return rope(*args, **kwargs)
+
+    def build_with_liger(*args, **kwargs):
+        modeling_llama.apply_rotary_pos_emb = liger_rope  # as Liger's apply, called while the trainer is built
+        modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (norm,), {})
+        return build_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "build_trainer", build_with_liger)
+    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False})
+    raw["train"]["max_steps"] = 1
+    config = validate_config(raw)
+    write_filtered(config, ROWS)
+    run_train(config)
+    assert calls, "the imitated kernels did not run in training: the test checks nothing"
+    assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+    calls.clear()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model(torch.tensor([[1, 2, 3]]))
+    assert type(model.model.norm) is norm and not calls
+
+
 def test_out_of_gpu_memory_names_the_keys_that_fix_it():
     """A CUDA out-of-memory error (raised by a stand-in trainer: there is no GPU here) becomes one line naming
     gradient checkpointing and the batch size."""

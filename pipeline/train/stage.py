@@ -24,6 +24,7 @@ from pipeline.train.trainer import (
     build_trainer,
     load_splits,
     max_length_overflow,
+    model_code_restored,
     model_init_kwargs,
     throughput_metrics,
 )
@@ -55,15 +56,16 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
             raise PipelineError(f"{layout.train_data}: no training examples")
         torch.set_num_threads(max(1, torch.get_num_threads()))
 
-        trainer = build_trainer(config, model_path, train_rows, val_rows, layout.checkpoints)
-        main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
-        overflow = max_length_overflow(trainer.processing_class, train_rows, config.train.max_length)
-        if overflow["over_max_length"] and main:
-            log(_overflow_warning(overflow, len(train_rows), config.train.max_length))
-        resume = _last_checkpoint(trainer, stage, force)
-        result = _train(trainer, config.train, resume)
-        if val_rows:
-            trainer.evaluate()  # the final model's val loss, in the log history
+        with model_code_restored(model_path):  # Liger's process-wide patches end with training
+            trainer = build_trainer(config, model_path, train_rows, val_rows, layout.checkpoints)
+            main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
+            overflow = max_length_overflow(trainer.processing_class, train_rows, config.train.max_length)
+            if overflow["over_max_length"] and main:
+                log(_overflow_warning(overflow, len(train_rows), config.train.max_length))
+            resume = _last_checkpoint(trainer, stage, force)
+            result = _train(trainer, config.train, resume)
+            if val_rows:
+                trainer.evaluate()  # the final model's val loss, in the log history
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         if losses and not all(math.isfinite(v) for v in losses):
             raise PipelineError("train: the loss became NaN/inf; lower train.learning_rate")

@@ -9,7 +9,11 @@ tokens only, end-of-turn/EOS token included, whatever the student's chat templat
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
@@ -125,6 +129,40 @@ def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, A
             not device["use_cpu"] and train.method != "qlora" and train.objective == "sft" and installed("liger_kernel")
         )
     return {"use_liger_kernel": liger, "torch_compile": train.torch_compile}
+
+
+@contextmanager
+def module_restored(module: ModuleType | None) -> Iterator[None]:
+    """The module's attributes as they were on entry, put back on exit (None: nothing to restore)."""
+    before = dict(vars(module)) if module is not None else {}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+
+
+def model_family_module(model_path: str) -> ModuleType | None:
+    """The transformers module that defines the model's causal-LM class (`modeling_llama` for a Llama), imported;
+    None for a model transformers does not map (remote code)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_path))]
+    except (KeyError, ValueError):
+        return None
+    return sys.modules[model_class.__module__]
+
+
+def model_code_restored(model_path: str):
+    """Liger kernels patch the student's modeling module for the whole process, not only the model they train: its
+    RoPE function and its RMSNorm and MLP classes become Triton kernels. A later model of that family in the same
+    process would run them: the benchmark's transformers engine after `distill run`'s train stage, measured on code
+    a user does not serve, or a model on the CPU, which fails inside Triton (seen on an H200, 2026-11-27). The stage
+    trains inside this, and the module is as it was once training is done."""
+    return module_restored(model_family_module(model_path))
 
 
 def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: dict[str, Any]):
