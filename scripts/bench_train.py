@@ -9,9 +9,15 @@ Both train the config's student with the same LoRA settings, learning rate, prec
 - "ours": `build_trainer` (TRL SFTTrainer, as the train stage builds it) and `trainer.train()`.
 The first `--warmup` steps of each are not timed (CUDA context, kernel selection); the clock stops at the last
 step's end (ours' final checkpoint save excluded). Throughput is real (non-padding) training tokens per second;
-the ratio ours / plain is printed. Then the same with `train.packing=true`: padding-free rows, passed to the plain
-loop as the model needs them (position ids and the examples' boundaries, no mask). On CUDA the model FLOPs
-utilisation is printed against the device's datasheet peak (pipeline/hardware.py), or `--peak-tflops`.
+the ratio ours / plain is printed. With `--rounds N` the two sides take turns N times over the same batches
+(plain, ours, plain, ours...; each keeps its model and optimizer, so both models stay resident and each peak GPU
+memory figure includes the other's weights) and the medians are printed, with each round's ratio: on an H200 the
+plain loop's own speed moved 15% between runs minutes apart, more than the margin a one-window ratio is judged by.
+The plain loop runs transformers' own model code: the Liger kernels that building our trainer patches into the
+model's module (the stage's CUDA default) are set aside while it runs, as the stage sets them aside once it has
+trained. Then the same with `train.packing=true`: padding-free rows, passed to the plain loop as the model needs
+them (position ids and the examples' boundaries, no mask). On CUDA the model FLOPs utilisation is printed against
+the device's datasheet peak (pipeline/hardware.py), or `--peak-tflops`.
 Data: the run's `filter/train.jsonl` if it exists, else the task's train prompts with canned replies.
 """
 
@@ -22,7 +28,7 @@ import itertools
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,15 +96,33 @@ def ours(trainer, tokens: list[int], warmup: int) -> tuple[int, float]:
     """`trainer.train()` as the stage runs it, timed from the end of step `warmup` to the end of the last step."""
     clock = step_clock(warmup, len(tokens))
     trainer.add_callback(clock)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.remove_callback(clock)
     return sum(tokens[warmup:]), clock.stamps[len(tokens)] - clock.stamps[warmup]
 
 
-def plain(config, model_path: str, batches, device, bf16: bool, attention: str, warmup: int) -> tuple[int, float]:
+@contextmanager
+def stock_code(module, stock: dict):
+    """The model's module with transformers' own attributes (`stock`, read before our trainer was built) while the
+    plain loop builds and runs its model; the patched ones (Liger's, if any) back afterwards, for ours."""
+    from pipeline.train.trainer import module_restored
+
+    with module_restored(module):
+        if module is not None:
+            for name, value in stock.items():
+                setattr(module, name, value)
+        yield
+
+
+def plain_loop(config, model_path: str, device, bf16: bool, attention: str):
     """The loop a user would write by hand: PEFT model, AdamW, forward/backward/step; with the stage's attention
-    kernels (no cuDNN attention on CUDA), so that the ratio compares the loops, not the kernels. It runs first: with
-    cuDNN attention it used to plan every padded length that ours then found planned, and the unpacked ratios on an
-    H200 read 1.6-2.3 (three runs, 0.4B and 1.4B shapes) where the loops, on equal kernels, were at 0.89 and 1.16."""
+    kernels (no cuDNN attention on CUDA), so that the ratio compares the loops, not the kernels. Returns a function
+    that runs it over a list of batches and times it after `warmup` steps; it keeps one model and optimizer across
+    calls. It ran before ours in one window: with cuDNN attention it used to plan every padded length that ours
+    then found planned, and the unpacked ratios on an H200 read 1.6-2.3 (three runs, 0.4B and 1.4B shapes) where
+    the loops, on equal kernels, were at 0.89 and 1.16."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -121,20 +145,24 @@ def plain(config, model_path: str, batches, device, bf16: bool, attention: str, 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    started = 0.0
-    with attention_without_cudnn(device.type):
-        for step, batch in enumerate(batches):
-            if step == warmup:
-                synchronize()
-                started = time.perf_counter()
-            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            with autocast:
-                loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        synchronize()
-    return sum(real_tokens(b) for b in batches[warmup:]), time.perf_counter() - started
+
+    def run(batches, warmup: int) -> tuple[int, float]:
+        started = 0.0
+        with attention_without_cudnn(device.type):
+            for step, batch in enumerate(batches):
+                if step == warmup:
+                    synchronize()
+                    started = time.perf_counter()
+                inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+                with autocast:
+                    loss = model(**inputs).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            synchronize()
+        return sum(real_tokens(b) for b in batches[warmup:]), time.perf_counter() - started
+
+    return run
 
 
 def profile_steps(trainer, steps: int = 2) -> None:
@@ -178,57 +206,82 @@ def sync_sites(trainer, steps: int = 3) -> None:
 
 
 def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> dict:
-    """One side-by-side measurement, unpacked or packed; prints three lines and returns the figures."""
+    """One side-by-side measurement, unpacked or packed, in `args.rounds` turns; prints its lines and returns the
+    figures (medians over the rounds, and each round's)."""
+    import statistics
+
     import torch
 
     from pipeline.config import load_config
     from pipeline.hardware import mfu
     from pipeline.models import resolve_model
-    from pipeline.train.trainer import attention_implementation, build_trainer, model_parameters
+    from pipeline.train.trainer import (
+        attention_implementation,
+        build_trainer,
+        model_code_restored,
+        model_family_module,
+        model_parameters,
+    )
 
     count = (args.packed_steps or args.steps) if packing else args.steps
     overrides = [*base, f"train.packing={str(packing).lower()}", f"train.max_steps={count}"]
     config = load_config(args.config, [*overrides, f"train.logging_steps={count}"])
     model_path = resolve_model(config.student.model)
-    with tempfile.TemporaryDirectory() as tmp:
+    module = model_family_module(model_path)
+    stock = dict(vars(module)) if module is not None else {}
+    cuda = torch.cuda.is_available()
+    rounds = []  # (ours tokens, ours seconds, plain tokens, plain seconds)
+    plain_memory = memory = None
+    with model_code_restored(model_path), tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(config, model_path, rows, [], Path(tmp) / "out")
         batches = list(itertools.islice(trainer.get_train_dataloader(), count))
+        batch_tokens = [real_tokens(b) for b in batches]
         device, bf16 = trainer.args.device, trainer.args.bf16
         attention = attention_implementation(config.train)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        plain_tokens, plain_seconds = plain(config, model_path, batches, device, bf16, attention, args.warmup)
-        plain_memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        tokens, seconds = ours(trainer, [real_tokens(b) for b in batches], args.warmup)
-        memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        with stock_code(module, stock):
+            plain = plain_loop(config, model_path, device, bf16, attention)
+        for _ in range(args.rounds):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            with stock_code(module, stock):
+                plain_tokens, plain_seconds = plain(batches, args.warmup)
+            if cuda:
+                plain_memory = max(plain_memory or 0, torch.cuda.max_memory_allocated() / 2**30)
+                torch.cuda.reset_peak_memory_stats()
+            rounds.append((*ours(trainer, batch_tokens, args.warmup), plain_tokens, plain_seconds))
+            if cuda:
+                memory = max(memory or 0, torch.cuda.max_memory_allocated() / 2**30)
         if args.profile and not packing:
             profile_steps(trainer)
-        if args.profile and packing and torch.cuda.is_available():
+        if args.profile and packing and cuda:
             sync_sites(trainer)
+    ratios = [(t / s) / (pt / ps) for t, s, pt, ps in rounds]
+    tokens, seconds, plain_tokens, plain_seconds = rounds[-1]
     name = "packed  " if packing else "unpacked"
     timed = count - args.warmup
     result = {
         "packing": packing,
-        "ours_tok_s": tokens / seconds,
-        "plain_tok_s": plain_tokens / plain_seconds,
+        "ours_tok_s": statistics.median(t / s for t, s, _, _ in rounds),
+        "plain_tok_s": statistics.median(pt / ps for _, _, pt, ps in rounds),
         "tokens_per_step": tokens / timed,
-        "ratio": (tokens / seconds) / (plain_tokens / plain_seconds),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
         "attention": attention,
         "bf16": bf16,
         "gradient_checkpointing": trainer.args.gradient_checkpointing,
         "peak_memory_gib": {"ours": memory, "plain": plain_memory},
     }
-    print(
-        f"{name} ours : {tokens} real tokens in {seconds:.2f} s = {tokens / seconds:.0f} tok/s "
-        f"({tokens / timed:.0f} real tokens/step, {timed} timed steps; attention {attention}, bf16 {bf16})"
-    )
-    print(f"{name} plain: {plain_tokens} real tokens in {plain_seconds:.2f} s = {result['plain_tok_s']:.0f} tok/s")
+    for k, (t, s, pt, ps) in enumerate(rounds):
+        turn = f" (round {k + 1} of {len(rounds)})" if len(rounds) > 1 else ""
+        print(
+            f"{name} ours : {t} real tokens in {s:.2f} s = {t / s:.0f} tok/s "
+            f"({t / timed:.0f} real tokens/step, {timed} timed steps; attention {attention}, bf16 {bf16}){turn}"
+        )
+        print(f"{name} plain: {pt} real tokens in {ps:.2f} s = {pt / ps:.0f} tok/s{turn}")
     if memory is not None:
         print(f"{name} peak GPU memory: ours {memory:.1f} GiB, plain {plain_memory:.1f} GiB")
-    print(f"{name} ratio ours/plain = {result['ratio']:.3f}")
+    spread = f" (median of {len(ratios)} rounds: {', '.join(f'{r:.3f}' for r in ratios)})" if len(ratios) > 1 else ""
+    print(f"{name} ratio ours/plain = {result['ratio']:.3f}{spread}")
     if peak:
         full = config.train.method == "full"
         result["mfu"] = mfu(result["ours_tok_s"], model_parameters(trainer.model), full, peak)
@@ -245,6 +298,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--packed-steps", type=int, default=None, help="steps for the packed run (default --steps)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps of each side (at least 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="turns of plain then ours; medians are reported")
     parser.add_argument("--peak-tflops", type=float, help="the accelerator's peak (default: its datasheet on CUDA)")
     parser.add_argument("--only", choices=("unpacked", "packed"), help="measure one of the two")
     parser.add_argument(
@@ -257,6 +311,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup < 1 or args.steps <= args.warmup or (args.packed_steps or args.steps) <= args.warmup:
         parser.error("--warmup must be at least 1, and --steps and --packed-steps must exceed it")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     from pipeline.config import load_config
     from pipeline.hardware import cuda_accelerator

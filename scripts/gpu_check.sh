@@ -25,10 +25,12 @@
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
 # Steps run in the order of the summary, the checks first, the option costs last. By default the workers step
 # (1.13x the plain loop on two days), torch.compile, token metrics and checkpointing are left out
-# (SKIP="workers compile token_metrics checkpointing"): the rest took 368 s of steps on an H200 (tests 101, benches
-# 64 and 53, pipeline 87, the Liger and workers steps 31 and 32) when a bench timed 10 unpacked and 6 packed steps;
-# it now times 18 and 12 (a 6-step packed ratio of one setup read 1.37 and 0.78 on two days), not yet timed on a
-# GPU. Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
+# (SKIP="workers compile token_metrics checkpointing"): the rest took 407 s of steps on an H200 (tests 136, benches
+# 73 and 62, pipeline 68, the no-Liger and no-fused-head steps 33 and 35; 450 s with the setup, 2026-11-27) when a
+# bench timed 18 unpacked and 12 packed steps in one window each side. A bench now takes three turns (plain, ours,
+# three times) of 10 and 6 timed steps and reports the medians: the plain loop's own speed moved 15% between runs
+# minutes apart on one H200, and one-window 0.4B ratios read 0.73 / 0.91 / 0.90 unpacked. Not yet timed on a GPU.
+# Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
 # model compiled twice (static shapes at step 1, dynamic at step 2's new length: 35 + 50 s), then no more.
 # SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
 set -uo pipefail
@@ -64,7 +66,7 @@ step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_tra
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
   benches+=("$name")
-  step "$name" 150 $PY scripts/bench_train.py --steps 20 --packed-steps 14 --warmup 2 "${options[@]}" \
+  step "$name" 150 $PY scripts/bench_train.py --steps 12 --packed-steps 8 --warmup 2 --rounds 3 "${options[@]}" \
     --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
 }
 bench bench_05b --profile -- "student.model=$M05"
@@ -97,6 +99,7 @@ $PY - "$OUT_DIR" "${benches[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+print("\nmedians of the rounds (plain, ours, plain, ours...); ours/plain with the rounds' range")
 print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name in sys.argv[2:]:
@@ -110,8 +113,11 @@ for name in sys.argv[2:]:
             mem = r["peak_memory_gib"]
             mems = f"{mem['ours']:.1f} / {mem['plain']:.1f}" if mem["ours"] is not None else "-"
             label = Path(data["model"]).name + ("" if name.startswith("bench") else f" ({name})")
+            turns = r.get("round_ratios", [r["ratio"]])
+            spread = f" ({min(turns):.2f}-{max(turns):.2f})" if len(turns) > 1 else ""
             print(f"| {label} | {mode} | {r['ours_tok_s']:,.0f} | {r['plain_tok_s']:,.0f} | "
-                  f"{r['ratio']:.2f} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']} | {mems} |")
+                  f"{r['ratio']:.2f}{spread} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']} | "
+                  f"{mems} |")
 # The train stage's floors on a GPU: ours >= 0.9 of the plain loop, unpacked and packed; packed MFU >= 10% on the
 # 0.5B shape and >= 20% on the 1.5B one.
 floors = []
