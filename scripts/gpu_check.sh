@@ -28,7 +28,7 @@
 # (SKIP="workers compile token_metrics checkpointing"): the rest took 407 s of steps on an H200 (tests 136, benches
 # 73 and 62, pipeline 68, the no-Liger and no-fused-head steps 33 and 35; 450 s with the setup, 2026-11-27) when a
 # bench timed 18 unpacked and 12 packed steps in one window each side. A bench now takes three turns (plain, ours,
-# three times) of 10 and 6 timed steps and reports the medians: the plain loop's own speed moved 15% between runs
+# three times) of 8 and 5 timed steps and reports the medians: the plain loop's own speed moved 15% between runs
 # minutes apart on one H200, and one-window 0.4B ratios read 0.73 / 0.91 / 0.90 unpacked. Not yet timed on a GPU.
 # Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
 # model compiled twice (static shapes at step 1, dynamic at step 2's new length: 35 + 50 s), then no more.
@@ -66,7 +66,7 @@ step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_tra
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
   benches+=("$name")
-  step "$name" 150 $PY scripts/bench_train.py --steps 12 --packed-steps 8 --warmup 2 --rounds 3 "${options[@]}" \
+  step "$name" 150 $PY scripts/bench_train.py --steps 10 --packed-steps 7 --warmup 2 --rounds 3 "${options[@]}" \
     --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
 }
 bench bench_05b --profile -- "student.model=$M05"
