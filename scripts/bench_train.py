@@ -256,14 +256,13 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
         if args.profile and packing and cuda:
             sync_sites(trainer)
     ratios = [(t / s) / (pt / ps) for t, s, pt, ps in rounds]
-    tokens, seconds, plain_tokens, plain_seconds = rounds[-1]
     name = "packed  " if packing else "unpacked"
     timed = count - args.warmup
     result = {
         "packing": packing,
         "ours_tok_s": statistics.median(t / s for t, s, _, _ in rounds),
         "plain_tok_s": statistics.median(pt / ps for _, _, pt, ps in rounds),
-        "tokens_per_step": tokens / timed,
+        "tokens_per_step": sum(batch_tokens[args.warmup :]) / timed,
         "ratio": statistics.median(ratios),
         "round_ratios": ratios,
         "attention": attention,
