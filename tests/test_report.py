@@ -384,3 +384,21 @@ def test_only_the_same_weights_with_the_same_prompt_are_measured_once():
         System("tuned_again", "/m/a", "full", probe=False, adapter="/run/adapter"),
     ]
     assert twins(systems) == {"student_prompted": "teacher", "tuned_again": "student_tuned"}
+
+
+def test_the_cost_sentence_names_the_systems_priced_by_the_token():
+    """A hosted teacher's cost is its list price by the token, not machine time over throughput: the report's
+    sentence on how serving cost was reached says which systems are priced that way."""
+    from pipeline import names
+    from pipeline.benchmark.report import _cost_note
+
+    basis = "vllm serve at concurrency 8"
+    systems = {name: {"cost_basis": basis} for name in ("teacher", "student_base", "student_tuned")}
+    assert _cost_note({"systems": systems}) == (
+        f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
+    )
+    systems["teacher"]["cost_basis"] = names.LIST_PRICE_BASIS
+    assert _cost_note({"systems": systems}) == (
+        f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}), except `teacher`, "
+        "priced by the token at its list price; "
+    )

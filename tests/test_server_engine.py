@@ -144,6 +144,7 @@ def test_a_hosted_teacher_is_benchmarked_through_its_server_at_its_list_price(
     text = config.layout.report_md.read_text()
     assert f"`teacher` was measured through its server ({vllm_server})" in text
     assert "priced at its list price ($2.5 / $10 per 1M input / output tokens)" in text
+    assert "measured throughput (" in text and "except `teacher`, priced by the token at its list price" in text
     assert "the hosted teacher's tokens at its list price" in text
     assert (
         "Systems and the one-off train are priced on `cpu-" in text and "(systems on their own server: below)" in text

@@ -213,6 +213,14 @@ def _servers_note(report: dict[str, Any]) -> str:
     return "".join(said)
 
 
+def _cost_note(report: dict[str, Any]) -> str:
+    """How serving cost was reached: machine time over measured throughput, save for systems priced by the token."""
+    basis = report["systems"][names.STUDENT_TUNED].get("cost_basis", "the offline engine's batched throughput")
+    listed = [f"`{name}`" for name, m in report["systems"].items() if m.get("cost_basis") == names.LIST_PRICE_BASIS]
+    by_token = f", except {', '.join(listed)}, priced by the token at its list price" if listed else ""
+    return f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}){by_token}; "
+
+
 def _twins_note(report: dict[str, Any]) -> str:
     """Systems measured once because they are another's model with its prompt (systems.twins)."""
     said = [
@@ -252,8 +260,6 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
     """Write report.md to `path` (the verdict by `rules`, default `benchmark.verdict`'s) and its plots beside it;
     return the paths written."""
     plots = _plots(report, path.parent)
-    tuned = report["systems"][names.STUDENT_TUNED]
-    basis = tuned.get("cost_basis", "the offline engine's batched throughput")
     lines = [
         f"# Distillation report: {report['run_name']}",
         "",
@@ -264,7 +270,7 @@ def write_report(report: dict[str, Any], path: Path, rules: VerdictConfig | None
         + _hardware_note(report)
         + _servers_note(report)
         + _twins_note(report)
-        + f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
+        + _cost_note(report)
         + _latency_note(report.get("engine", "vllm"))
         + " The prompt's share of request time is time to first token over end-to-end "
         "time through the server at the lowest concurrency: the part of a request's serving time its prompt takes. "
