@@ -243,6 +243,11 @@ def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def load_unit(system: str) -> str:
+    """The finished-unit key of a system's load-test rows (runs.FinishedUnits)."""
+    return f"load:{system}"
+
+
 def run_load_tests(
     config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -253,12 +258,12 @@ def run_load_tests(
     bench = config.benchmark
     sampling = task_sampling(config, task)
     copied_from = twins(systems)
-    todo = [s for s in systems if f"load:{s.name}" not in units and s.name not in copied_from]
+    todo = [s for s in systems if load_unit(s.name) not in units and s.name not in copied_from]
 
     def measure(system: System, base_url: str, served_name: str, api_key: str = "unused") -> None:
         conversations = [task.messages(ex, system.prompt_style) for ex in examples]
         rows = load_test(base_url, served_name, conversations, sampling, bench.load_test, system.name, api_key)
-        units.save(f"load:{system.name}", [{"system": system.name, "kind": "load", **row} for row in rows])
+        units.save(load_unit(system.name), [{"system": system.name, "kind": "load", **row} for row in rows])
 
     for system in todo:
         if system.on_server:  # measured where it is served (a hosted API: latency over the network, its price)
@@ -282,9 +287,9 @@ def run_load_tests(
     records: list[dict[str, Any]] = []
     for system in systems:
         source = copied_from.get(system.name)  # the same model and prompt as a system measured: its rows
-        if source and f"load:{system.name}" not in units:
-            units.save(f"load:{system.name}", copy_rows(units.get(f"load:{source}"), source, system.name, ("load",)))
-        rows = units.get(f"load:{system.name}")
+        if source and load_unit(system.name) not in units:
+            units.save(load_unit(system.name), copy_rows(units.get(load_unit(source)), source, system.name, ("load",)))
+        rows = units.get(load_unit(system.name))
         records += rows
         levels = sorted({row["concurrency"] for row in rows})
         summaries[system.name] = {

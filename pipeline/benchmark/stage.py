@@ -126,6 +126,11 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     return layout.report_json
 
 
+def offline_unit(system: str) -> str:
+    """The finished-unit key of a system's offline figures and records (runs.FinishedUnits)."""
+    return f"offline:{system}"
+
+
 def _evaluate_offline(
     config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -139,18 +144,18 @@ def _evaluate_offline(
         by_model.setdefault((system.model, system.adapter, engine_config.model_dump_json()), []).append(system)
     copied_from = twins(systems)
     for (model, adapter, _), group in by_model.items():
-        todo = [system for system in group if f"offline:{system.name}" not in units]
+        todo = [system for system in group if offline_unit(system.name) not in units]
         if not todo:
             continue
         engine = load_engine(model, group[0].engine or config.benchmark.engine, config.seed, adapter)
         try:
             for system in todo:
                 source = copied_from.get(system.name)
-                twin = units.get(f"offline:{source}") if source else None
-                units.save(f"offline:{system.name}", _measure(config, system, engine, task, examples, source, twin))
+                twin = units.get(offline_unit(source)) if source else None
+                units.save(offline_unit(system.name), _measure(config, system, engine, task, examples, source, twin))
         finally:
             engine.close()
-    done = {system.name: units.get(f"offline:{system.name}") for group in by_model.values() for system in group}
+    done = {system.name: units.get(offline_unit(system.name)) for group in by_model.values() for system in group}
     results = {name: unit["results"] for name, unit in done.items()}
     forgetting = {name: unit["forgetting"] for name, unit in done.items() if unit["forgetting"] is not None}
     return results, forgetting, [record for unit in done.values() for record in unit["records"]]
