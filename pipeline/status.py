@@ -6,7 +6,8 @@ anything (a scheduled job's owner checks this before queueing hours of GPU time)
 Per stage, one of: `done` (its manifest matches the config and inputs: a run skips it), `stale` (it ran under
 another config or on other inputs, and says which), `in progress` (a killed run's saved work under this
 config: generated rows, a training checkpoint, benchmark units: a run resumes it), `not run`, or `after
-<stage>` (an earlier stage will run first, so this one's inputs are not final).
+<stage>` (an earlier stage will run first, so this one's inputs are not final; they are not read, and whether its
+saved work, if any, still holds is judged when it runs).
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def run_status(config: ExperimentConfig) -> list[StageStatus]:
     statuses: list[StageStatus] = []
     waiting: str | None = None  # the first earlier stage that a run will redo
     for name in STAGES:
+        if waiting:  # its inputs are not final: not hashed (a merged student can be gigabytes)
+            statuses.append(StageStatus(name, f"after {waiting}", ""))
+            continue
         stage = _stage(config, task, name)
         manifest = stage.manifest()
-        if waiting:
-            statuses.append(StageStatus(name, f"after {waiting}", _saved_work(config, task, stage) or ""))
-            continue
         if stage.is_fresh():
             verdict = _verdict(config) if name == "benchmark" else None
             statuses.append(StageStatus(name, "done", _finished(manifest) + (f"; {verdict}" if verdict else "")))

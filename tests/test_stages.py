@@ -593,9 +593,11 @@ def test_finished_units_hold_only_this_fingerprints_work(tmp_path, tiny_model):
     assert "y" not in FinishedUnits(changed, force=False) and not units.path.exists()
 
 
-def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tiny_model, capsys):
+def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tiny_model, capsys, monkeypatch):
     import yaml
 
+    import pipeline.runs
+    from pipeline.benchmark.systems import tuned_student_dir
     from pipeline.cli import main
     from pipeline.status import format_status, run_status
     from pipeline.train.stage import train_stage
@@ -620,7 +622,12 @@ def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tin
     checkpoints = config.layout.checkpoints
     (checkpoints / "checkpoint-2").mkdir(parents=True)  # a killed training, under this config
     (checkpoints / "fingerprint").write_text(train_stage(config).fingerprint)
+    hashed = []
+    real_sha256_tree = pipeline.runs.sha256_tree
+    monkeypatch.setattr(pipeline.runs, "sha256_tree", lambda path: hashed.append(path) or real_sha256_tree(path))
     statuses = run_status(config)
+    # A stage after one that reruns has inputs that are not final: status reads none of them (the merged student).
+    assert hashed and tuned_student_dir(config) not in hashed
     assert [(s.stage, s.state) for s in statuses] == [
         ("generate", "done"),
         ("filter", "done"),
