@@ -218,9 +218,9 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
     from pipeline.train.trainer import (
         attention_implementation,
         build_trainer,
-        model_code_restored,
         model_family_module,
         model_parameters,
+        module_restored,
     )
 
     count = (args.packed_steps or args.steps) if packing else args.steps
@@ -232,7 +232,8 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
     cuda = torch.cuda.is_available()
     rounds = []  # (ours tokens, ours seconds, plain tokens, plain seconds)
     plain_memory = memory = None
-    with model_code_restored(model_path), tempfile.TemporaryDirectory() as tmp:
+    # Ours' Liger patches, applied as the trainer is built, end with the measurement (as the stage's do).
+    with module_restored(module), tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(config, model_path, rows, [], Path(tmp) / "out")
         batches = list(itertools.islice(trainer.get_train_dataloader(), count))
         batch_tokens = [real_tokens(b) for b in batches]
