@@ -269,13 +269,16 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
         "attention": attention,
         "bf16": bf16,
         "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        "fused_lm_head": getattr(trainer, "fused_head", False),
+        "liger_kernels": bool(trainer.args.use_liger_kernel),
         "peak_memory_gib": {"ours": memory, "plain": plain_memory},
     }
     for k, (t, s, pt, ps) in enumerate(rounds):
         turn = f" (round {k + 1} of {len(rounds)})" if len(rounds) > 1 else ""
         print(
             f"{name} ours : {t} real tokens in {s:.2f} s = {t / s:.0f} tok/s "
-            f"({t / timed:.0f} real tokens/step, {timed} timed steps; attention {attention}, bf16 {bf16}){turn}"
+            f"({t / timed:.0f} real tokens/step, {timed} timed steps; attention {attention}, bf16 {bf16}, "
+            f"fused LM head {result['fused_lm_head']}, Liger {result['liger_kernels']}){turn}"
         )
         print(f"{name} plain: {pt} real tokens in {ps:.2f} s = {pt / ps:.0f} tok/s{turn}")
     if memory is not None:

@@ -18,8 +18,8 @@
 #    0.84 s on an H200 before 9bf5caf);
 # 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
 #    Liger kernels (on by default where liger-kernel is installed), two collating workers
-#    (train.dataloader_workers) and torch.compile; unpacked, without TRL's fused LM head (train.fused_lm_head:
-#    its two syncs a step are the stage's only ones beside transformers'), with TRL's per-step token metrics
+#    (train.dataloader_workers) and torch.compile; unpacked, with TRL's fused LM head (train.fused_lm_head, which
+#    the size rule leaves off for these shapes on a large GPU: two syncs a step), with TRL's per-step token metrics
 #    (train.token_metrics) and with gradient checkpointing.
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
@@ -90,7 +90,7 @@ else
   skipped no_liger "no liger-kernel: the default runs without it"; benches+=(no_liger)
 fi
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
-bench no_fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=false
+bench fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=true
 bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
@@ -100,7 +100,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print("\nmedians of the rounds (plain, ours, plain, ours...); ours/plain with the rounds' range")
-print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention | peak GiB ours/plain |")
+print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention, head, Liger | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name in sys.argv[2:]:
     path = out / f"{name}.json"
@@ -116,7 +116,8 @@ for name in sys.argv[2:]:
             turns = r.get("round_ratios", [r["ratio"]])
             spread = f" ({min(turns):.2f}-{max(turns):.2f})" if len(turns) > 1 else ""
             print(f"| {label} | {mode} | {r['ours_tok_s']:,.0f} | {r['plain_tok_s']:,.0f} | "
-                  f"{r['ratio']:.2f}{spread} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']} | "
+                  f"{r['ratio']:.2f}{spread} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']}"
+                  f"{', fused head' if r.get('fused_lm_head') else ''}{', Liger' if r.get('liger_kernels') else ''} | "
                   f"{mems} |")
 # The train stage's floors on a GPU: ours >= 0.9 of the plain loop, unpacked and packed; packed MFU >= 10% on the
 # 0.5B shape and >= 20% on the 1.5B one.
@@ -137,7 +138,8 @@ metrics = next((out / "runs").glob("*/train/train_metrics.json"), None)
 if metrics:
     m = json.loads(metrics.read_text())
     print(f"\nwhole pipeline, QLoRA train stage: {m['steps']} steps, {m.get('train_tokens_per_s')} tok/s, "
-          f"MFU {m.get('mfu')}, on {m.get('accelerator')}")
+          f"MFU {m.get('mfu')}, on {m.get('accelerator')}; bf16 {m.get('bf16')}, fused LM head "
+          f"{m.get('fused_lm_head')}, Liger {m.get('liger_kernels')}")
 report = next((out / "runs").glob("*/benchmark/report.json"), None)
 if report:  # the detected hardware profile and each system's distance to its limits
     r = json.loads(report.read_text())

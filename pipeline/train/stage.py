@@ -111,7 +111,8 @@ def _train(trainer: Any, train: TrainConfig, resume: str | None) -> Any:
     try:
         return trainer.train(resume_from_checkpoint=resume)
     except torch.OutOfMemoryError:
-        fix = "set train.gradient_checkpointing=true, or " if not train.gradient_checkpointing else ""
+        fix = "set train.fused_lm_head=true, or " if not getattr(trainer, "fused_head", True) else ""
+        fix += "set train.gradient_checkpointing=true, or " if not train.gradient_checkpointing else ""
         raise PipelineError(
             f"train: out of GPU memory at per_device_train_batch_size={train.per_device_train_batch_size}, "
             f"max_length={train.max_length}; {fix}lower train.per_device_train_batch_size (raise "
@@ -183,6 +184,11 @@ def _metrics(
         "val_examples": val_examples,
         "steps": result.global_step,
         "train_runtime_s": round(runtime, 2),
+        # The speed options as this run resolved them (unset keys are chosen by device and size)
+        "bf16": trainer.args.bf16,
+        "fused_lm_head": getattr(trainer, "fused_head", False),
+        "liger_kernels": bool(trainer.args.use_liger_kernel),
+        "gradient_checkpointing": trainer.args.gradient_checkpointing,
         **throughput_metrics(trainer, runtime, config.train.method == "full"),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
