@@ -477,8 +477,9 @@ def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypat
 def test_the_stage_leaves_the_students_model_code_as_it_found_it(monkeypatch, tmp_path, tiny_model):
     """Liger kernels, applied when the trainer is built on CUDA, replace the student's modeling module's RoPE and
     RMSNorm for the whole process, and a later Llama on the CPU then fails inside Triton (seen on an H200). No Triton
-    here: Liger's patching is imitated inside the real build_trainer, with the stock functions under new names.
-    Training runs on them; after the stage, a new Llama is the stock one again."""
+    here: Liger's patching is imitated inside the real build_trainer, with the stock functions under new names
+    (and the real kernels kept off on a GPU, where they would replace the imitation: seen on an H200). Training
+    runs on them; after the stage, a new Llama is the stock one again."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
@@ -498,7 +499,7 @@ def test_the_stage_leaves_the_students_model_code_as_it_found_it(monkeypatch, tm
         return build_trainer(*args, **kwargs)
 
     monkeypatch.setattr(stage, "build_trainer", build_with_liger)
-    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False})
+    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False, "train.use_liger_kernel": False})
     raw["train"]["max_steps"] = 1
     config = validate_config(raw)
     write_filtered(config, ROWS)
