@@ -18,18 +18,18 @@
 #    0.84 s on an H200 before 9bf5caf);
 # 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
 #    Liger kernels (on by default where liger-kernel is installed), two collating workers
-#    (train.dataloader_workers) and torch.compile; unpacked, with TRL's fused LM head (train.fused_lm_head, which
-#    the size rule leaves off for these shapes on a large GPU: two syncs a step), with TRL's per-step token metrics
+#    (train.dataloader_workers) and torch.compile; unpacked, without TRL's fused LM head (train.fused_lm_head:
+#    its two syncs a step are the stage's only ones beside transformers'), with TRL's per-step token metrics
 #    (train.token_metrics) and with gradient checkpointing.
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
 # Steps run in the order of the summary, the checks first, the option costs last. By default the workers step
 # (1.13x the plain loop on two days), torch.compile, token metrics and checkpointing are left out
-# (SKIP="workers compile token_metrics checkpointing"): the rest took 407 s of steps on an H200 (tests 136, benches
-# 73 and 62, pipeline 68, the no-Liger and no-fused-head steps 33 and 35; 450 s with the setup, 2026-11-27) when a
-# bench timed 18 unpacked and 12 packed steps in one window each side. A bench now takes three turns (plain, ours,
-# three times) of 8 and 5 timed steps and reports the medians: the plain loop's own speed moved 15% between runs
-# minutes apart on one H200, and one-window 0.4B ratios read 0.73 / 0.91 / 0.90 unpacked. Not yet timed on a GPU.
+# (SKIP="workers compile token_metrics checkpointing"). Each bench takes three turns (plain, ours, three times) and
+# reports the medians: the plain loop's own speed moved up to 44% between turns seconds apart on one H200. The rest
+# took 402 s on an H200 with the setup (2026-11-27: tests 100 s, benches 64 and 66, pipeline 51, the two option
+# benches 38 and 46) with 8 unpacked timed steps a turn; unpacked turns now time 18 (~0.2 s a step on either
+# shape, so ~12 s more a bench), as 8-step windows of 1.3-2.3 s gave ratios of 0.75-1.13 for one bench.
 # Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
 # model compiled twice (static shapes at step 1, dynamic at step 2's new length: 35 + 50 s), then no more.
 # SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
@@ -66,7 +66,7 @@ step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_tra
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
   benches+=("$name")
-  step "$name" 150 $PY scripts/bench_train.py --steps 10 --packed-steps 7 --warmup 2 --rounds 3 "${options[@]}" \
+  step "$name" 150 $PY scripts/bench_train.py --steps 20 --packed-steps 7 --warmup 2 --rounds 3 "${options[@]}" \
     --json "$OUT_DIR/$name.json" train.per_device_train_batch_size=16 train.max_length=1024 "$@"
 }
 bench bench_05b --profile -- "student.model=$M05"
@@ -90,7 +90,7 @@ else
   skipped no_liger "no liger-kernel: the default runs without it"; benches+=(no_liger)
 fi
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
-bench fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=true
+bench no_fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=false
 bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
