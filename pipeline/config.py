@@ -395,7 +395,9 @@ class TrainConfig(_Strict):
     token_metrics: bool = False
     # CUDA: TRL's fused LM head (log-probabilities of the trained tokens in tiles, never the batch x length x vocab
     # logits: less memory) or, when false, the model's own logits and cross-entropy. Elsewhere always the latter.
-    fused_lm_head: bool = True
+    # Unset: on when a full batch's logits would take more than an eighth of the GPU's memory (the head saves
+    # memory; its syncs cost ~5% packed on a 0.4B shape: pipeline/train/trainer.fused_head_wanted).
+    fused_lm_head: bool | None = None
     # Processes that collate the next batches while the device trains on this one. 0: collation in the training
     # loop (on this 2-core CPU the workers would take the cores the step needs). A packed 16k-token batch takes
     # 5-23 ms to collate here, against ~260 ms for a 0.4B training step on an H200, where the collation overlaps

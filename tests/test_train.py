@@ -73,10 +73,13 @@ def test_labels_mask_everything_but_the_assistant_turn_and_keep_eos(tmp_path, te
 
 
 def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
-    """Also on a GPU (scripts/gpu_check.sh), with its defaults: TRL's fused LM head there, beside Liger's kernels
-    where liger-kernel is installed (it used to be turned off with them, and the full logits computed)."""
+    """Also on a GPU (scripts/gpu_check.sh), with TRL's fused LM head there (asked for: the size rule leaves it off
+    for so small a model), beside Liger's kernels where liger-kernel is installed (it used to be turned off with
+    them, and the full logits computed). On the CPU the key changes nothing: the model's own cross-entropy."""
     raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
+    raw["train"].update(
+        {"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "fused_lm_head": True}
+    )
     config = validate_config(raw)
     trainer = support_trainer(config, tiny_model, tmp_path)
     assert trainer.fused_head == (trainer.args.device.type == "cuda")
@@ -525,10 +528,26 @@ def test_out_of_gpu_memory_names_the_keys_that_fix_it():
 
     with pytest.raises(PipelineError, match=r"train.gradient_checkpointing=true, or lower train.per_device_train"):
         _train(SimpleNamespace(train=out_of_memory), TrainConfig(), None)
-    # a CUDA run with TRL's fused LM head turned off (its logits take memory): that key first
+    # a CUDA run whose size rule left TRL's fused LM head off: that key first
     lean = SimpleNamespace(train=out_of_memory, fused_head=False)
     with pytest.raises(PipelineError, match=r"set train.fused_lm_head=true, or set train.gradient_checkpointing"):
         _train(lean, TrainConfig(), None)
+
+
+def test_the_fused_lm_head_goes_on_by_the_size_of_the_logits():
+    """Unset, the fused head is on when a full batch's logits would take more than an eighth of the GPU's memory:
+    not for the gpu_check 0.4B shape (49k vocabulary, 16 x 1024 tokens, 7.5 GiB) on an H200, but for Qwen's 152k
+    vocabulary on a 24 GB L4 and for a 7B run of 8 x 4096 tokens on an 80 GB H100. Set, the key wins."""
+    from pipeline.config import TrainConfig
+    from pipeline.train.trainer import fused_head_wanted
+
+    gib = 2**30
+    gpu_check = TrainConfig(per_device_train_batch_size=16, max_length=1024)
+    assert not fused_head_wanted(gpu_check, 49_152, 141 * gib)
+    assert fused_head_wanted(gpu_check, 151_936, 24 * gib)
+    assert fused_head_wanted(TrainConfig(per_device_train_batch_size=8, max_length=4096), 151_936, 80 * gib)
+    assert fused_head_wanted(TrainConfig(fused_lm_head=True), 49_152, 141 * gib)
+    assert not fused_head_wanted(TrainConfig(fused_lm_head=False, max_length=65_536), 151_936, 24 * gib)
 
 
 def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
