@@ -404,10 +404,10 @@ class TrainConfig(_Strict):
     # the step once nothing syncs (2 workers measured 1.13x the plain loop packed, the default 0.91x-1.23x).
     dataloader_workers: int = Field(0, ge=0)
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its own fused LM head beside them; the
-    # liger-kernel package, which scripts/setup.sh installs on a GPU node). Unset: on for LoRA and full SFT on CUDA
-    # when installed (on an H200, packed, without the fused head: 1.37x then 0.78x the plain loop on a 0.4B shape,
-    # 1.20x then 0.96x on a 1.4B one at 23.4% and 22.3% MFU, the same loss to 4 digits; README "Speed and
-    # precision"); off for QLoRA, KD and without CUDA. true without the package: a one-line error.
+    # liger-kernel package, which scripts/setup.sh installs on a GPU node). Unset: on for packed LoRA and full SFT
+    # on CUDA when installed (packed 1.4B shape on an H200: 1.19x the plain loop, MFU 23.3% against 19.6%; unpacked,
+    # where launching kernels bounds the step, 0.81-0.89x against 0.99x without; README "Speed and precision"); off
+    # unpacked, for QLoRA, KD and without CUDA. true without the package: a one-line error.
     use_liger_kernel: bool | None = None
     torch_compile: bool = False  # torch.compile the model (first steps pay the compilation)
     merge: bool = True  # also save merged weights that vLLM serves directly

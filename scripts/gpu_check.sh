@@ -4,9 +4,9 @@
 #   bash scripts/gpu_check.sh                     # Qwen2.5-0.5B / 1.5B from the hub
 #   M05=/tmp/models/m05 M15=/tmp/models/m15 bash scripts/gpu_check.sh   # local folders (e.g. random-weight stand-ins)
 #
-# Liger kernels are the stage's GPU default where liger-kernel is installed (scripts/setup.sh installs it on a GPU
-# node); on a machine without a registry, carry its wheel (pure Python, ~1 MB: `pip download --no-deps
-# liger-kernel`), or the checks below run the stage without it.
+# Liger kernels are the stage's GPU default for packed runs where liger-kernel is installed (scripts/setup.sh
+# installs it on a GPU node); on a machine without a registry, carry its wheel (pure Python, ~1 MB: `pip download
+# --no-deps liger-kernel`), or the checks below run the stage without it.
 #
 # 1. the tests marked `cuda` and the train/KD tests (not integration), on the GPU;
 # 2. scripts/bench_train.py on a 0.5B- and a 1.5B-shaped student: ours / plain PyTorch+PEFT loop, unpacked and
@@ -16,10 +16,11 @@
 #    share and its single-request latency, warm (timed first) and cold: the same work on this engine, so two
 #    figures far apart mean a cost paid once per new shape (cuDNN attention's plans made warm 2.86 s against cold
 #    0.84 s on an H200 before 9bf5caf);
-# 4. what the stage's options do on the 0.5B shape, each against the plain loop: packed, the default without
-#    Liger kernels (on by default where liger-kernel is installed), two collating workers
-#    (train.dataloader_workers) and torch.compile; unpacked, with TRL's fused LM head (train.fused_lm_head, which
-#    the size rule leaves off for these shapes on a large GPU: two syncs a step), with TRL's per-step token metrics
+# 4. what the stage's options do, each against the plain loop, beside the default bench it changes: on the 1.5B
+#    shape unpacked, with Liger kernels (train.use_liger_kernel: by default on only when packing, as unpacked steps
+#    are bound by launching kernels); on the 0.5B shape packed, with TRL's fused LM head (train.fused_lm_head, which
+#    the size rule leaves off for these shapes on a large GPU: two syncs a step), two collating workers
+#    (train.dataloader_workers) and torch.compile; unpacked, with TRL's per-step token metrics
 #    (train.token_metrics) and with gradient checkpointing.
 # Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
@@ -85,12 +86,12 @@ fi
 step pipeline $pipeline_limit $PY -m pipeline.cli run --config configs/gpu_check.yaml --force "runs_dir=$OUT_DIR/runs" \
   "teacher.model=$M05" "student.model=$M05" ${engines[@]+"${engines[@]}"}
 if $PY -c "import liger_kernel" 2>/dev/null; then
-  bench no_liger --only packed -- "student.model=$M05" train.use_liger_kernel=false
+  bench liger_unpacked --only unpacked -- "student.model=$M15" train.use_liger_kernel=true
 else
-  skipped no_liger "no liger-kernel: the default runs without it"; benches+=(no_liger)
+  skipped liger_unpacked "no liger-kernel: the default runs without it"; benches+=(liger_unpacked)
 fi
+bench fused_head --only packed -- "student.model=$M05" train.fused_lm_head=true
 bench workers --only packed -- "student.model=$M05" train.dataloader_workers=2
-bench fused_head --only unpacked -- "student.model=$M05" train.fused_lm_head=true
 bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true

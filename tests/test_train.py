@@ -74,15 +74,22 @@ def test_labels_mask_everything_but_the_assistant_turn_and_keep_eos(tmp_path, te
 
 def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
     """Also on a GPU (scripts/gpu_check.sh), with TRL's fused LM head there (asked for: the size rule leaves it off
-    for so small a model), beside Liger's kernels where liger-kernel is installed (it used to be turned off with
-    them, and the full logits computed). On the CPU the key changes nothing: the model's own cross-entropy."""
+    for so small a model), beside Liger's kernels where liger-kernel is installed (asked for: unpacked, they are off
+    by default; they used to turn the head off, and the full logits were computed). On the CPU neither key is set:
+    the model's own cross-entropy."""
+    import torch
+
+    from pipeline.train.trainer import installed
+
+    cuda = torch.cuda.is_available()
+    liger = cuda and installed("liger_kernel")
     raw = tiny_config(tmp_path, tiny_model)
-    raw["train"].update(
-        {"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "fused_lm_head": True}
-    )
+    raw["train"].update({"max_steps": 8, "learning_rate": 1e-2, "per_device_train_batch_size": 8})
+    if cuda:
+        raw["train"].update({"fused_lm_head": True, "use_liger_kernel": liger})
     config = validate_config(raw)
     trainer = support_trainer(config, tiny_model, tmp_path)
-    assert trainer.fused_head == (trainer.args.device.type == "cuda")
+    assert trainer.fused_head == cuda and bool(trainer.args.use_liger_kernel) == liger
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 8
@@ -448,8 +455,8 @@ def test_packing_never_goes_through_a_dense_mask(tmp_path, tiny_model):
 
 
 def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypatch):
-    """Unset, Liger is on for LoRA and full SFT on CUDA when installed; off on the CPU, for QLoRA and KD, or when
-    the package is missing; an explicit false wins. The CUDA device and the installed package are faked."""
+    """Unset, Liger is on for packed LoRA and full SFT on CUDA when installed; off unpacked, on the CPU, for QLoRA
+    and KD, or when the package is missing; an explicit value wins. The CUDA device and the package are faked."""
     import importlib.util
 
     from pipeline.config import TrainConfig
@@ -464,10 +471,11 @@ def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypat
     )
     cuda, cpu = {"use_cpu": False}, {"use_cpu": True}
 
-    def liger(device, **train):
-        return fast_path_options(TrainConfig(**train), device)["use_liger_kernel"]
+    def liger(device, packing=True, **train):
+        return fast_path_options(TrainConfig(packing=packing, **train), device)["use_liger_kernel"]
 
     assert liger(cuda) and liger(cuda, method="full")
+    assert not liger(cuda, packing=False) and liger(cuda, packing=False, use_liger_kernel=True)
     assert not liger(cpu) and not liger(cuda, method="qlora") and not liger(cuda, objective="kd")
     assert not liger(cuda, use_liger_kernel=False)
     installed["liger_kernel"] = False
@@ -635,12 +643,15 @@ def test_packed_attention_compiles_the_same_graphs_for_any_number_of_examples():
 
 @pytest.mark.cuda
 def test_a_cuda_training_records_its_mfu(tmp_path, tiny_model):
-    """On a GPU the train stage runs the CUDA defaults and train_metrics.json names the device and its MFU."""
+    """On a GPU the train stage runs the CUDA defaults, packed, and train_metrics.json names the device, its MFU
+    and the options the defaults chose: bf16, Liger's kernels where installed, no fused head for so small a model
+    (its logits take a sliver of the GPU), no checkpointing."""
     import json
 
     from pipeline.train import run_train
+    from pipeline.train.trainer import installed
 
-    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False})
+    raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False, "train.packing": True})
     raw["tracking"] = {"wandb": False}
     config = validate_config(raw)
     write_filtered(config, ROWS)
@@ -648,6 +659,8 @@ def test_a_cuda_training_records_its_mfu(tmp_path, tiny_model):
     metrics = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())
     assert metrics["train_tokens_per_s"] > 0 and metrics["accelerator"]
     assert 0 < metrics.get("mfu", 1e-9) < 1
+    assert metrics["bf16"] and not metrics["fused_lm_head"] and not metrics["gradient_checkpointing"]
+    assert metrics["liger_kernels"] == installed("liger_kernel")
 
 
 def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model):
