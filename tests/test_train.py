@@ -252,6 +252,9 @@ def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_pa
     assert [e["step"] for e in metrics["log_history"] if "loss" in e] == [1, 3]
     assert metrics["first_loss"] is not None and metrics["last_loss"] is not None
     assert metrics["first_loss"] != metrics["last_loss"]
+    if metrics.get("accelerator") is None:  # the CPU defaults, as resolved (a GPU's: test_a_cuda_training_records_...)
+        options = ("bf16", "fused_lm_head", "liger_kernels", "gradient_checkpointing")
+        assert {key: metrics[key] for key in options} == dict.fromkeys(options, False)
 
 
 def test_the_stage_after_training_starts_with_the_trainers_memory_handed_back(tmp_path, tiny_model, tokenizer):
