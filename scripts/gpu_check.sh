@@ -22,7 +22,8 @@
 #    the size rule leaves off for these shapes on a large GPU: two syncs a step), two collating workers
 #    (train.dataloader_workers) and torch.compile; unpacked, with TRL's per-step token metrics
 #    (train.token_metrics) and with gradient checkpointing.
-# Then one summary table. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
+# Then one summary table, the floors met or missed, and whether the rules of the Liger and fused-head defaults
+# held against their options measured here. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
 # time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
 # Steps run in the order of the summary, the checks first, the option costs last. By default the workers step
 # (1.13x the plain loop on two days), torch.compile, token metrics and checkpointing are left out
@@ -135,6 +136,19 @@ for name, packed_mfu in (("bench_05b", 0.10), ("bench_15b", 0.20)):
             mfu = r.get("mfu") or 0
             floors.append(f"{name} packed: MFU {mfu:.1%} {'met' if mfu >= packed_mfu else 'MISSED'} (>= {packed_mfu:.0%})")
 print("\nfloors:\n  " + "\n  ".join(floors))
+# The defaults' rules, each against its option measured in the same check (ratios: each side has its own plain loop)
+rules = []
+for default, option, mode, what, rule in (
+    ("bench_15b", "liger_unpacked", "unpacked", "Liger, 1.5B unpacked", "off unpacked"),
+    ("bench_05b", "fused_head", "packed", "fused LM head, 0.5B packed", "off by size"),
+):
+    a, b = (json.loads((out / f"{n}.json").read_text()).get(mode) if (out / f"{n}.json").is_file() else None
+            for n in (default, option))
+    if a and b:
+        verdict = "holds" if a["ratio"] >= b["ratio"] else "NOT borne out"
+        rules.append(f"{what}: {b['ratio']:.2f} with, {a['ratio']:.2f} without (default: {rule}): {verdict}")
+if rules:
+    print("\nrules:\n  " + "\n  ".join(rules))
 metrics = next((out / "runs").glob("*/train/train_metrics.json"), None)
 if metrics:
     m = json.loads(metrics.read_text())
