@@ -221,6 +221,7 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
         model_family_module,
         model_parameters,
         module_restored,
+        speed_options,
     )
 
     count = (args.packed_steps or args.steps) if packing else args.steps
@@ -267,10 +268,7 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
         "ratio": statistics.median(ratios),
         "round_ratios": ratios,
         "attention": attention,
-        "bf16": bf16,
-        "gradient_checkpointing": trainer.args.gradient_checkpointing,
-        "fused_lm_head": getattr(trainer, "fused_head", False),
-        "liger_kernels": bool(trainer.args.use_liger_kernel),
+        **speed_options(trainer),
         "peak_memory_gib": {"ours": memory, "plain": plain_memory},
     }
     for k, (t, s, pt, ps) in enumerate(rounds):

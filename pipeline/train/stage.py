@@ -26,6 +26,7 @@ from pipeline.train.trainer import (
     max_length_overflow,
     model_code_restored,
     model_init_kwargs,
+    speed_options,
     throughput_metrics,
 )
 
@@ -184,11 +185,7 @@ def _metrics(
         "val_examples": val_examples,
         "steps": result.global_step,
         "train_runtime_s": round(runtime, 2),
-        # The speed options as this run resolved them (unset keys are chosen by device and size)
-        "bf16": trainer.args.bf16,
-        "fused_lm_head": getattr(trainer, "fused_head", False),
-        "liger_kernels": bool(trainer.args.use_liger_kernel),
-        "gradient_checkpointing": trainer.args.gradient_checkpointing,
+        **speed_options(trainer),
         **throughput_metrics(trainer, runtime, config.train.method == "full"),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

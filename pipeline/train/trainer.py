@@ -424,6 +424,17 @@ def sft_trainer_class():
     return LeanSFTTrainer
 
 
+def speed_options(trainer: Any) -> dict[str, bool]:
+    """The speed options as a built trainer resolved them (unset keys are chosen by device, packing and size): what
+    train_metrics.json and scripts/bench_train.py record."""
+    return {
+        "bf16": bool(trainer.args.bf16),
+        "fused_lm_head": bool(getattr(trainer, "fused_head", False)),  # a KD trainer has none
+        "liger_kernels": bool(trainer.args.use_liger_kernel),
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
+    }
+
+
 def model_parameters(model: Any) -> int:
     """Parameters a token is multiplied by (4-bit weights counted unpacked; LoRA's included): all of them but an
     input embedding table that is not also the head (one row looked up per token, no FLOPs)."""
