@@ -101,14 +101,16 @@ $PY - "$OUT_DIR" "${benches[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
+def figures(name):  # a bench's JSON, {} where it did not run or finish
+    path = out / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 print("\nmedians of the rounds (plain, ours, plain, ours...); ours/plain with the rounds' range")
 print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention, head, Liger | peak GiB ours/plain |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name in sys.argv[2:]:
-    path = out / f"{name}.json"
-    if not path.is_file():
+    data = figures(name)
+    if not data:
         print(f"| {name} | (no result: {name}.log, if it ran) |"); continue
-    data = json.loads(path.read_text())
     for mode in ("unpacked", "packed"):
         r = data.get(mode)
         if r:
@@ -125,8 +127,7 @@ for name in sys.argv[2:]:
 # 0.5B shape and >= 20% on the 1.5B one.
 floors = []
 for name, packed_mfu in (("bench_05b", 0.10), ("bench_15b", 0.20)):
-    path = out / f"{name}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    data = figures(name)
     for mode in ("unpacked", "packed"):
         r = data.get(mode)
         if r is None:
@@ -142,8 +143,7 @@ for default, option, mode, what, rule in (
     ("bench_15b", "liger_unpacked", "unpacked", "Liger, 1.5B unpacked", "off unpacked"),
     ("bench_05b", "fused_head", "packed", "fused LM head, 0.5B packed", "off by size"),
 ):
-    a, b = (json.loads((out / f"{n}.json").read_text()).get(mode) if (out / f"{n}.json").is_file() else None
-            for n in (default, option))
+    a, b = figures(default).get(mode), figures(option).get(mode)
     if a and b:
         verdict = "holds" if a["ratio"] >= b["ratio"] else "NOT borne out"
         rules.append(f"{what}: {b['ratio']:.2f} with, {a['ratio']:.2f} without (default: {rule}): {verdict}")
