@@ -18,6 +18,10 @@ model's module (the stage's CUDA default) are set aside while it runs, as the st
 trained. Then the same with `train.packing=true`: padding-free rows, passed to the plain loop as the model needs
 them (position ids and the examples' boundaries, no mask). On CUDA the model FLOPs utilisation is printed against
 the device's datasheet peak (pipeline/hardware.py), or `--peak-tflops`.
+With `--host-bound`, the student is a random-weight stand-in with its tokenizer and the depth of a 1.5B student
+(28 layers, LoRA on every linear layer) but 32 wide, at batch 1: its steps cost little arithmetic, so the host's work
+per step (Python, operator dispatch, the trainer's bookkeeping) bounds them on a CPU, as it bounds an unpacked step of
+short examples on a GPU (~170-220 ms a step on an H200, where the GPU's share is small).
 Data: the run's `filter/train.jsonl` if it exists, else the task's train prompts with canned replies.
 """
 
@@ -59,6 +63,34 @@ def training_rows(config, limit: int) -> list[dict]:
         print(f"data: {len(rows)} task prompts with canned replies ({data} not found)")
     # Packing fits several examples per row: repeat a small file so both runs have `limit` examples.
     return [to_prompt_completion(row) for row in itertools.islice(itertools.cycle(rows), limit)]
+
+
+def host_bound_model(student: str, out: Path) -> str:
+    """The `--host-bound` stand-in: Qwen2.5-1.5B's depth and attention layout (28 layers, 12 heads to 2 KV heads
+    there; 2 to 1 here) at hidden size 32, random weights, the student's tokenizer and vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pipeline.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(student))
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
 
 
 def real_tokens(batch) -> int:
@@ -307,6 +339,11 @@ def main() -> int:
         action="store_true",
         help="torch.profiler table of two of our unpacked steps; on CUDA, the lines that sync in three packed steps",
     )
+    parser.add_argument(
+        "--host-bound",
+        action="store_true",
+        help="a 28-layer, 32-wide stand-in for the student at batch 1: the host bounds its steps, as on a GPU unpacked",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
@@ -321,6 +358,11 @@ def main() -> int:
 
     base = [*args.overrides, "tracking.wandb=false", "train.save_steps=100000"]
     config = load_config(args.config, base)
+    stand_in = tempfile.TemporaryDirectory() if args.host_bound else None
+    if stand_in:
+        model = host_bound_model(config.student.model, Path(stand_in.name))
+        base += [f"student.model={model}", "train.per_device_train_batch_size=1"]
+        config = load_config(args.config, base)
     cuda = cuda_accelerator()
     peak = args.peak_tflops or (cuda[1].peak_tflops if cuda and cuda[1] else None)
     print(f"device: {cuda[0] if cuda else 'cpu'}; model {config.student.model}")

@@ -805,3 +805,49 @@ def test_on_cuda_neither_training_nor_generation_calls_cudnn_attention(tmp_path,
     for ops in (generated, trained):
         assert any("scaled_dot_product" in op for op in ops), ops
         assert not any("cudnn" in op for op in ops), ops
+
+
+def test_per_step_housekeeping_walks_the_model_only_when_its_mode_changes(tmp_path, tiny_model):
+    """Transformers' loop puts the model in training mode and zeroes its gradients every step; the stage does both
+    over what changes (the mode after an evaluation; the trained weights' gradients). Dropout still trains in every
+    training forward and is off in every evaluation, and the model's own methods are back after training."""
+    import torch
+
+    config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_steps": 4, "train.save_steps": 2}))
+    rows = [to_prompt_completion(r) for r in ROWS]
+    trainer = support_trainer(config, tiny_model, tmp_path, rows[:6], rows[6:])
+    dropout = [m for name, m in trainer.model.named_modules() if name.endswith("lora_dropout.default")][-1]
+    seen, walks = [], []  # (grad enabled, dropout training) per forward; the modes a deep module was walked to
+    dropout.register_forward_pre_hook(lambda module, _: seen.append((torch.is_grad_enabled(), module.training)))
+    dropout.train = lambda mode=True: walks.append(mode) or torch.nn.Module.train(dropout, mode)
+    trainer.train()
+    training = [mode for grad, mode in seen if grad]
+    evaluating = [mode for grad, mode in seen if not grad]
+    assert len(training) == 4 and all(training)
+    assert evaluating and not any(evaluating)  # two evaluations, at steps 2 and 4
+    # The trainer hands over the model in training mode: walked out of it for each evaluation and back in after the
+    # first (the step after the second is the last), not at every step (once per step before: True x 4).
+    assert walks[:3] == [False, True, False] and walks.count(True) == 1, walks
+    assert "train" not in vars(trainer.model) and "zero_grad" not in vars(trainer.model)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_gradients_are_clipped_by_their_norm_over_the_whole_model(tmp_path, tiny_model):
+    """The stage clips over the weights the optimizer updates; frozen weights have no gradient, so the norm and the
+    clipped gradients are those of a clip over every parameter, as transformers does it."""
+    import torch
+
+    config = validate_config(tiny_config(tmp_path, tiny_model))
+    trainer = support_trainer(config, tiny_model, tmp_path)
+    trainer.create_optimizer()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model(**batch).loss.backward()
+    trained = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert 0 < len(trained) < len(list(trainer.model.parameters()))
+    everything = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    expected_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in everything]))
+    trainer.args.max_grad_norm = 1e-3
+    norm = trainer._clip_grad_norm(trainer.model)
+    assert norm == pytest.approx(float(expected_norm), rel=1e-5) and float(norm) > 1e-3
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trained]))
+    assert float(clipped) == pytest.approx(1e-3, rel=1e-3)
