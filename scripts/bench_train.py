@@ -375,7 +375,8 @@ def main() -> int:
         if args.only in (None, mode):
             results[mode] = measure(args, base, rows, mode == "packed", peak)
             if args.json:  # after each mode: a run cut off by a time limit (scripts/gpu_check.sh) keeps what finished
-                summary = {"device": cuda[0] if cuda else "cpu", "model": config.student.model, **results}
+                model = "host-bound stand-in" if args.host_bound else config.student.model
+                summary = {"device": cuda[0] if cuda else "cpu", "model": model, **results}
                 write_json(args.json, summary)  # atomic: a kill mid-write leaves the previous mode's figures
     if len(results) == 2:
         gain = results["packed"]["tokens_per_step"] / results["unpacked"]["tokens_per_step"]

@@ -186,6 +186,20 @@ def test_train_benchmark_script_prints_both_ratios(tmp_path, capsys):
         assert f"{mode:<8} ours : " in stdout and "(round 2 of 2)" in stdout
 
 
+def test_the_host_bound_train_benchmark_trains_a_deep_narrow_stand_in_one_example_a_step(tmp_path, capsys):
+    """`--host-bound`: the 28-layer, 32-wide stand-in at batch 1, both sides on the same single-example batches."""
+    figures = tmp_path / "figures.json"
+    run_in_process(
+        "bench_train.py",
+        *("--host-bound", "--only", "unpacked", "--steps", "3", "--warmup", "1", "--json", str(figures)),
+        *("student.prompt_style=short", "train.max_length=64", f"runs_dir={tmp_path}"),
+    )
+    assert "unpacked ratio ours/plain = " in capsys.readouterr().out
+    written = json.loads(figures.read_text())
+    assert written["model"] == "host-bound stand-in" and set(written) == {"device", "model", "unpacked"}
+    assert 0 < written["unpacked"]["tokens_per_step"] <= 64  # one example, cut at max_length
+
+
 @pytest.mark.integration
 def test_constrained_benchmark_script_prints_free_and_constrained_rows(tmp_path, capsys):
     """bench_constrained.py on the bundled teacher, transformers engine, 4 prompts per data set: with the
