@@ -360,12 +360,13 @@ def main() -> int:
     config = load_config(args.config, base)
     stand_in = tempfile.TemporaryDirectory() if args.host_bound else None
     if stand_in:
-        model = host_bound_model(config.student.model, Path(stand_in.name))
-        base += [f"student.model={model}", "train.per_device_train_batch_size=1"]
+        stand_in_path = host_bound_model(config.student.model, Path(stand_in.name))
+        base += [f"student.model={stand_in_path}", "train.per_device_train_batch_size=1"]
         config = load_config(args.config, base)
+    model_name = "host-bound stand-in" if args.host_bound else config.student.model
     cuda = cuda_accelerator()
     peak = args.peak_tflops or (cuda[1].peak_tflops if cuda and cuda[1] else None)
-    print(f"device: {cuda[0] if cuda else 'cpu'}; model {config.student.model}")
+    print(f"device: {cuda[0] if cuda else 'cpu'}; model {model_name}")
     batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
     steps = max(args.steps, args.packed_steps or 0)
     rows = training_rows(config, steps * batch * 16)  # enough for the packed steps
@@ -375,8 +376,7 @@ def main() -> int:
         if args.only in (None, mode):
             results[mode] = measure(args, base, rows, mode == "packed", peak)
             if args.json:  # after each mode: a run cut off by a time limit (scripts/gpu_check.sh) keeps what finished
-                model = "host-bound stand-in" if args.host_bound else config.student.model
-                summary = {"device": cuda[0] if cuda else "cpu", "model": model, **results}
+                summary = {"device": cuda[0] if cuda else "cpu", "model": model_name, **results}
                 write_json(args.json, summary)  # atomic: a kill mid-write leaves the previous mode's figures
     if len(results) == 2:
         gain = results["packed"]["tokens_per_step"] / results["unpacked"]["tokens_per_step"]

@@ -344,23 +344,19 @@ class ParametersCountedOnce:
         return 6 * inputs[main_input].numel() * self._counted[1]
 
 
-def trainable_parameters(model: Any) -> list[Any]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 @contextmanager
-def housekeeping_on_trainable(model: Any) -> Iterator[None]:
-    """The model's `train()` a no-op while it is already in training mode, and its `zero_grad()` over the weights that
-    train, until exit (instance attributes over the class's methods). Transformers' loop calls both every step over
-    the whole model. Mode changes go through the model itself (the trainer's `model.eval()` for an evaluation, then
-    `model.train()`, which walks every module again), so a module left in eval mode below it is not expected."""
-    trainable, model_class = trainable_parameters(model), type(model)
+def housekeeping_on(model: Any, trained: list[Any]) -> Iterator[None]:
+    """The model's `train()` a no-op while it is already in training mode, and its `zero_grad()` over the `trained`
+    weights only, until exit (instance attributes over the class's methods). Transformers' loop calls both every step
+    over the whole model. Mode changes go through the model itself (the trainer's `model.eval()` for an evaluation,
+    then `model.train()`, which walks every module again), so a module left in eval mode below it is not expected."""
+    model_class = type(model)
 
     def train(mode: bool = True) -> Any:
         return model if mode and model.training else model_class.train(model, mode)
 
     def zero_grad(set_to_none: bool = True) -> None:
-        for parameter in trainable:
+        for parameter in trained:
             if parameter.grad is None:
                 continue
             if set_to_none:
@@ -382,19 +378,21 @@ class HousekeepingOnTrainable:
     1.0). An unpacked GPU step of short examples is bound by the host, so it paid all of that: on a CPU stand-in
     bound the same way (scripts/bench_train.py --host-bound), the stage ran 0.87 of the plain loop, 0.95-0.99 now."""
 
-    _clipped: tuple[int, list[Any]] | None = None  # (id of the optimizer, the parameters it updates)
+    _trained: tuple[int, list[Any]] | None = None  # (id of the model, its parameters that train)
+
+    def trained_parameters(self) -> list[Any]:
+        if self._trained is None or self._trained[0] != id(self.model):
+            self._trained = (id(self.model), [p for p in self.model.parameters() if p.requires_grad])
+        return self._trained[1]
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        with housekeeping_on_trainable(self.model):
+        with housekeeping_on(self.model, self.trained_parameters()):
             return super().train(*args, **kwargs)
 
     def _clip_grad_norm(self, model: Any) -> Any:
         if self.accelerator.distributed_type not in ("NO", "MULTI_CPU", "MULTI_GPU"):  # sharded gradients
             return super()._clip_grad_norm(model)
-        if self._clipped is None or self._clipped[0] != id(self.optimizer):
-            groups = self.optimizer.param_groups
-            self._clipped = (id(self.optimizer), [p for group in groups for p in group["params"]])
-        return self.accelerator.clip_grad_norm_(self._clipped[1], self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(self.trained_parameters(), self.args.max_grad_norm)
 
 
 class StageTrainer(AttentionWithoutCudnn, HousekeepingOnTrainable, TokenCounter, ParametersCountedOnce):
