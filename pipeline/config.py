@@ -409,7 +409,7 @@ class TrainConfig(_Strict):
     # where launching kernels bounds the step, 0.81-0.89x against 0.99x without; README "Speed and precision"); off
     # unpacked, for QLoRA, KD and without CUDA. true without the package: a one-line error.
     use_liger_kernel: bool | None = None
-    torch_compile: bool = False  # torch.compile the model (first steps pay the compilation)
+    torch_compile: bool = False  # torch.compile each decoder layer in place (the first steps pay the compilation)
     merge: bool = True  # also save merged weights that vLLM serves directly
     # Checkpoints every `save_steps` steps (the last `save_total_limit` kept): a killed training resumes from
     # the newest. With a val split, validation loss is computed at each checkpoint and the best one is kept

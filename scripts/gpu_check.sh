@@ -32,8 +32,9 @@
 # took 402 s on an H200 with the setup (2026-11-27: tests 100 s, benches 64 and 66, pipeline 51, the two option
 # benches 38 and 46) with 8 unpacked timed steps a turn; unpacked turns now time 18 (~0.2 s a step on either
 # shape, so ~12 s more a bench), as 8-step windows of 1.3-2.3 s gave ratios of 0.75-1.13 for one bench.
-# Compiling the 0.4B model ran ~150 s without finishing its first step; on a 2-core CPU the 2-layer test
-# model compiled twice (static shapes at step 1, dynamic at step 2's new length: 35 + 50 s), then no more.
+# Compiling the whole 0.4B model ran ~150 s without finishing its first step; the stage now compiles each decoder
+# layer in place, one compilation for all (SmolLM2-135M on a 2-core CPU: 17 + 21 s for the first two unpacked steps
+# against 123 + 165 s whole), not yet timed on a GPU: `SKIP=` runs its bench.
 # SKIP= (empty) runs every step; SKIP="..." leaves out the steps it names.
 set -uo pipefail
 cd "$(dirname "$0")/.."
