@@ -669,6 +669,7 @@ def test_torch_compile_compiles_each_decoder_layer_in_place_and_trains_as_eager(
     assert len(losses[True]) == 3
     rounding = 2e-2 if trainer.args.bf16 else 2e-3  # fused kernels round differently (bf16: the CUDA default)
     assert losses[True] == pytest.approx(losses[False], rel=rounding)
+    torch._dynamo.reset()  # the compiled layers' caches hold the model
 
 
 @pytest.mark.cuda
