@@ -330,9 +330,9 @@ class AttentionWithoutCudnn:
 def heap_frozen() -> Iterator[None]:
     """Python's objects alive now (the model, the libraries: ~0.5 million) moved out of the garbage collector's
     reach until the block ends, so that its full collections scan only what training allocates. Unfrozen, a full
-    collection walked them all every ~100 steps: 288 ms at once, ~2.5 steps of a host-bound step of ~110 ms on this
-    CPU (scripts/bench_train.py --host-bound), and a stall of every rank under DDP. Garbage is collected first; a
-    caller's freeze is left as it was."""
+    collection walked them all about every 100 steps: 288 ms at once, ~2.5 host-bound steps of ~110 ms on this CPU
+    (scripts/bench_train.py --host-bound); under DDP one rank's pause stalls them all. Garbage is collected first;
+    a caller's freeze is left as it was."""
     import gc
 
     frozen_before = gc.get_freeze_count() > 0
