@@ -23,8 +23,8 @@
 #    (train.dataloader_workers) and torch.compile; unpacked, with TRL's per-step token metrics
 #    (train.token_metrics) and with gradient checkpointing.
 # Then one summary table, the floors met or missed, and whether the rules of the Liger and fused-head defaults
-# held against their options measured here. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each step has its own
-# time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
+# held against their options measured here. Logs and JSON figures go to $OUT_DIR (default gpu_check_out/). Each
+# step has its own time limit and a failed step does not stop the others; the exit status is non-zero if any failed.
 # Steps run in the order of the summary, the checks first, the option costs last. By default the workers step
 # (1.13x the plain loop on two days), torch.compile, token metrics and checkpointing are left out
 # (SKIP="workers compile token_metrics checkpointing"). Each bench takes three turns (plain, ours, three times) and
