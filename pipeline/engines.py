@@ -9,9 +9,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +151,22 @@ def run_offline_engine_in_process() -> None:
     os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
 
+RPC_BASE_ENV = "VLLM_RPC_BASE_PATH"
+
+
+@contextmanager
+def vllm_rpc_folder() -> Iterator[str]:
+    """A new folder for vLLM's ZMQ socket files (give it as VLLM_RPC_BASE_PATH), removed on exit, after the engine
+    has stopped. vLLM 0.32 leaves those files behind: 7 per offline engine in multiprocess mode (the GPU default)
+    and 7 per `vllm serve`, in the system temp folder, or under the user's VLLM_RPC_BASE_PATH, where this folder
+    goes. A socket's whole path must fit in 107 characters."""
+    folder = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(RPC_BASE_ENV))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def serve_env() -> dict[str, str]:
     """The environment for `vllm serve`: ours, without the in-process default meant for the offline engine."""
     env = dict(os.environ)
@@ -238,7 +257,20 @@ class VLLMEngine(Engine):
             self.lora_request = LoRARequest("student", 1, adapter)
         self.model = model
         self.on_gpu = on_gpu
-        self.llm = LLM(**kwargs)
+        self._rpc = ExitStack()
+        rpc_folder = self._rpc.enter_context(vllm_rpc_folder())
+        user_rpc_base = os.environ.get(RPC_BASE_ENV)
+        os.environ[RPC_BASE_ENV] = rpc_folder  # read while the engine starts; its processes inherit it
+        try:
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            self._rpc.close()
+            raise
+        finally:
+            if user_rpc_base is None:
+                del os.environ[RPC_BASE_ENV]
+            else:
+                os.environ[RPC_BASE_ENV] = user_rpc_base
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
@@ -330,6 +362,7 @@ class VLLMEngine(Engine):
             if callable(shutdown):
                 shutdown()
             del self.llm
+            self._rpc.close()
         release_memory()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,12 +28,14 @@ from pipeline.benchmark.stats import percentile
 from pipeline.benchmark.systems import copy_rows, twins
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
 from pipeline.engines import (
+    RPC_BASE_ENV,
     adapter_rank,
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
     vllm_dtype_and_eager,
     vllm_kv_cache_bytes,
+    vllm_rpc_folder,
 )
 from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
 from pipeline.runs import FinishedUnits, PipelineError, log
@@ -66,41 +67,39 @@ def vllm_server(
     yields the base URL and stops the server (its whole process group) on exit.
 
     Started as `python -m vllm.entrypoints.openai.api_server`: the `vllm` CLI wrapper fails under vllm-cpu.
-    The server's processes talk over ZMQ socket files in `VLLM_RPC_BASE_PATH` and leave them behind when
-    stopped (7 a server with vllm-cpu 0.32), so they go in a folder of their own, removed with the server. The
-    server's log is removed after a clean stop and kept (the error names it) when anything failed.
+    Its ZMQ socket files go in a folder removed with it (`vllm_rpc_folder`); its log is removed after a clean
+    stop and kept (the error names it) when anything failed.
     """
     on_gpu = has_cuda()
     if not on_gpu:
         prepare_vllm_cpu_env()
     port = _free_port()
     command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
-    rpc_dir = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get("VLLM_RPC_BASE_PATH"))
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        command,
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=serve_env() | {"VLLM_RPC_BASE_PATH": rpc_dir},
-    )
     stopped_cleanly = False
-    try:
-        _wait_until_healthy(process, port, timeout_s, server_log.name)
-        yield f"http://127.0.0.1:{port}/v1"
-        stopped_cleanly = True
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        server_log.close()
-        shutil.rmtree(rpc_dir, ignore_errors=True)
-        if stopped_cleanly:
-            Path(server_log.name).unlink(missing_ok=True)
+    with vllm_rpc_folder() as rpc_folder:
+        process = subprocess.Popen(
+            command,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=serve_env() | {RPC_BASE_ENV: rpc_folder},
+        )
+        try:
+            _wait_until_healthy(process, port, timeout_s, server_log.name)
+            yield f"http://127.0.0.1:{port}/v1"
+            stopped_cleanly = True
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            server_log.close()
+            if stopped_cleanly:
+                Path(server_log.name).unlink(missing_ok=True)
 
 
 def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, log_name: str) -> None:
