@@ -60,6 +60,19 @@ class ServerConfig(_Strict):
         return (os.environ.get(self.api_key_env) if self.api_key_env else None) or "none"
 
 
+# Server settings that say where and how requests are sent, not which model answers or how it samples: changing
+# one keeps the teacher's rows (generate) and the filter judge's grades.
+NOT_IN_A_REPLY = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries")
+
+
+def engine_identity(engine: dict[str, Any]) -> dict[str, Any]:
+    """What decides an engine's replies, from a dumped `engine` section: all of it but how requests are sent."""
+    server = engine.get("server")
+    if not isinstance(server, dict):
+        return engine
+    return engine | {"server": {key: value for key, value in server.items() if key not in NOT_IN_A_REPLY}}
+
+
 class EngineConfig(_Strict):
     """Inference engine options; the vLLM ones pass straight through to `vllm.LLM`."""
 

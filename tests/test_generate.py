@@ -157,3 +157,25 @@ def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tm
     output = run_generate(validate_config(raw))
     metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
     assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 8)
+
+
+def test_how_the_teacher_is_asked_keeps_its_rows_but_another_served_model_does_not(tmp_path, tiny_model):
+    """A teacher behind a server: its address, concurrency, timeout, retries or key variable change nothing a row
+    says (the stage stays fresh, its rows reusable); the model the server answers with, or sending seeds, do."""
+    from pipeline.config import NOT_IN_A_REPLY
+    from pipeline.generate.stage import teacher_identity
+
+    raw = greedy_config(tmp_path, tiny_model, "served", num_train=4)
+    raw["teacher"]["engine"] = {"backend": "openai", "server": {"base_url": "http://gpu-a:8000/v1"}}
+    teacher = validate_config(raw).teacher.model_dump()
+
+    def served(**server):
+        return teacher_identity(
+            teacher | {"engine": teacher["engine"] | {"server": teacher["engine"]["server"] | server}}
+        )
+
+    moved = {"base_url": "http://gpu-b:9000/v1", "api_key_env": "OTHER", "max_concurrency": 2, "timeout_s": 9.0}
+    assert served(**moved, max_retries=0) == teacher_identity(teacher)
+    assert set(moved) | {"max_retries"} == set(NOT_IN_A_REPLY)
+    assert served(model="another-model") != teacher_identity(teacher)
+    assert served(send_seed=False) != teacher_identity(teacher)

@@ -461,6 +461,21 @@ def test_llm_judge_drops_low_and_unparseable_grades(tmp_path, tiny_model, monkey
     assert [r["prompt_id"] for r in read_jsonl(out / "train.jsonl")] == ["parity-train-0", "parity-train-1"]
     assert len(grader.conversations) == 3
 
+    # How the judge's requests are sent is not what it answers (a hosted judge's grades cost money): only another
+    # model behind the server is asked again, and that redoes the stage.
+    judge = {"enabled": True, "batch_size": 2, "threshold": 3}
+    for server, forced, asked in (
+        ({"base_url": "http://elsewhere:8000/v1", "max_concurrency": 2, "timeout_s": 30.0}, True, 3),
+        ({"model": "another-judge"}, False, 6),
+    ):
+        moved = strict_config(
+            tmp_path,
+            tiny_model,
+            **{"filter.correctness": {"enabled": False}, "filter.judge": judge, "teacher.engine.server": server},
+        )
+        run_filter(moved, force=forced)
+        assert len(grader.conversations) == asked
+
 
 @pytest.mark.integration
 def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 
-from pipeline.config import ExperimentConfig, SamplingConfig
+from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity
 from pipeline.judging import grade_prompt, parse_grade, rubric_for
 from pipeline.runs import read_jsonl
 from pipeline.tasks import task_for
@@ -30,7 +30,7 @@ class Judge:
 
     def _key(self, conversation: list[dict[str, str]]) -> str:
         teacher = self.config.teacher
-        shape = [teacher.model, teacher.engine.model_dump(), self.config.seed, conversation]
+        shape = [teacher.model, engine_identity(teacher.engine.model_dump()), self.config.seed, conversation]
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, engine_identity
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge
@@ -36,7 +36,11 @@ def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
         "filter": config.filter.model_dump(),
         "student": config.student.model_dump(),
         "probe": config.benchmark.probe,
-        "teacher": config.teacher.model if "judge" in config.filter.active() else None,
+        "judge": (
+            {"model": config.teacher.model, "engine": engine_identity(config.teacher.engine.model_dump())}
+            if "judge" in config.filter.active()
+            else None
+        ),
         "replay": config.train.replay.model_dump(),
     }
     replay = [replay_input(config)] if config.train.replay.fraction > 0 else []

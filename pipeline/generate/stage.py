@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, SamplingConfig, resolved_dict
+from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity, resolved_dict
 from pipeline.engines import Completion, Generation, load_engine, model_for
 from pipeline.layout import TEACHER_OUTPUTS, RunLayout, partial_file
 from pipeline.runs import PipelineError, Stage, json_line, log, parse_json_object
@@ -57,7 +57,7 @@ def shard_of(prompt_id: str, count: int) -> int:
 def teacher_identity(teacher: dict[str, Any]) -> dict[str, Any]:
     """What decides a teacher row besides its prompt, from a dumped `teacher` config section."""
     identity = {key: value for key, value in teacher.items() if key not in NOT_IN_A_ROW}
-    identity["engine"] = {k: v for k, v in identity["engine"].items() if k != "server"}  # where it runs: no
+    identity["engine"] = engine_identity(identity["engine"])
     return identity
 
 
