@@ -66,11 +66,12 @@ NOT_IN_A_REPLY = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "ma
 
 
 def engine_identity(engine: dict[str, Any]) -> dict[str, Any]:
-    """What decides an engine's replies, from a dumped `engine` section: all of it but how requests are sent."""
-    server = engine.get("server")
-    if not isinstance(server, dict):
-        return engine
-    return engine | {"server": {key: value for key, value in server.items() if key not in NOT_IN_A_REPLY}}
+    """What decides an engine's replies, from a dumped `engine` section: all of it but how requests are sent, and
+    no server settings at all for an engine that uses none."""
+    identity = {key: value for key, value in engine.items() if key != "server"}
+    if engine.get("backend") == "openai" and isinstance(engine.get("server"), dict):
+        identity["server"] = {key: value for key, value in engine["server"].items() if key not in NOT_IN_A_REPLY}
+    return identity
 
 
 class EngineConfig(_Strict):

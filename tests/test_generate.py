@@ -179,3 +179,5 @@ def test_how_the_teacher_is_asked_keeps_its_rows_but_another_served_model_does_n
     assert set(moved) | {"max_retries"} == set(NOT_IN_A_REPLY)
     assert served(model="another-model") != teacher_identity(teacher)
     assert served(send_seed=False) != teacher_identity(teacher)
+    offline = teacher | {"engine": teacher["engine"] | {"backend": "vllm"}}  # a server's settings mean nothing there
+    assert teacher_identity(offline) == teacher_identity(offline | {"engine": offline["engine"] | {"server": {}}})

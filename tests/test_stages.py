@@ -461,20 +461,18 @@ def test_llm_judge_drops_low_and_unparseable_grades(tmp_path, tiny_model, monkey
     assert [r["prompt_id"] for r in read_jsonl(out / "train.jsonl")] == ["parity-train-0", "parity-train-1"]
     assert len(grader.conversations) == 3
 
-    # How the judge's requests are sent is not what it answers (a hosted judge's grades cost money): only another
-    # model behind the server is asked again, and that redoes the stage.
-    judge = {"enabled": True, "batch_size": 2, "threshold": 3}
-    for server, forced, asked in (
-        ({"base_url": "http://elsewhere:8000/v1", "max_concurrency": 2, "timeout_s": 30.0}, True, 3),
-        ({"model": "another-judge"}, False, 6),
-    ):
-        moved = strict_config(
-            tmp_path,
-            tiny_model,
-            **{"filter.correctness": {"enabled": False}, "filter.judge": judge, "teacher.engine.server": server},
-        )
-        run_filter(moved, force=forced)
-        assert len(grader.conversations) == asked
+    # How a hosted judge's requests are sent is not what it answers (its grades cost money): only another model
+    # behind the server is asked again, and that redoes the stage.
+    def judged_behind(server: dict, force: bool) -> int:
+        overrides = {"filter.correctness": {"enabled": False}, "filter.judge": {"enabled": True, "threshold": 3}}
+        overrides |= {"teacher.engine.backend": "openai", "teacher.engine.server": server}
+        run_filter(strict_config(tmp_path, tiny_model, **overrides), force=force)
+        return len(grader.conversations)
+
+    assert judged_behind({"base_url": "http://gpu-a:8000/v1"}, force=False) == 6  # another judge: asked afresh
+    moved = {"base_url": "http://gpu-b:9000/v1", "max_concurrency": 2, "timeout_s": 30.0, "max_retries": 0}
+    assert judged_behind(moved, force=True) == 6
+    assert judged_behind(moved | {"model": "another-judge"}, force=False) == 9
 
 
 @pytest.mark.integration
