@@ -60,17 +60,29 @@ class ServerConfig(_Strict):
         return (os.environ.get(self.api_key_env) if self.api_key_env else None) or "none"
 
 
-# Server settings that say where and how requests are sent, not which model answers or how it samples: changing
-# one keeps the teacher's rows (generate) and the filter judge's grades.
-NOT_IN_A_REPLY = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries")
+# How the same model is run, not what it answers: engine settings that size memory, batch or split the model over
+# GPUs, and server settings that say where and how requests are sent. Changing one (say, to get past an out-of-
+# memory error) keeps the teacher's rows (generate resumes and reuses them), the filter judge's grades and the
+# replay answers. Which model answers, its dtype, context length and chat template, and the sampling, do not.
+HOW_AN_ENGINE_RUNS = (
+    "gpu_memory_utilization",
+    "kv_cache_gb",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "batch_size",
+)
+HOW_A_SERVER_IS_ASKED = ("base_url", "api_key_env", "max_concurrency", "timeout_s", "max_retries")
 
 
 def engine_identity(engine: dict[str, Any]) -> dict[str, Any]:
-    """What decides an engine's replies, from a dumped `engine` section: all of it but how requests are sent, and
-    no server settings at all for an engine that uses none."""
-    identity = {key: value for key, value in engine.items() if key != "server"}
+    """What decides an engine's replies, from a dumped `engine` section: all of it but how it runs, and no server
+    settings at all for an engine that uses none."""
+    identity = {key: value for key, value in engine.items() if key != "server" and key not in HOW_AN_ENGINE_RUNS}
     if engine.get("backend") == "openai" and isinstance(engine.get("server"), dict):
-        identity["server"] = {key: value for key, value in engine["server"].items() if key not in NOT_IN_A_REPLY}
+        server = engine["server"]
+        identity["server"] = {key: value for key, value in server.items() if key not in HOW_A_SERVER_IS_ASKED}
     return identity
 
 

@@ -158,11 +158,19 @@ def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tm
     metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
     assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 8)
 
+    # How the teacher runs does not (memory, prefix caching): the stage stays fresh, its output and manifest as
+    # they were.
+    manifest, rows = (output.parent / "manifest.json").read_text(), output.read_bytes()
+    raw["teacher"]["engine"] |= {"gpu_memory_utilization": 0.4, "enable_prefix_caching": False}
+    output = run_generate(validate_config(raw))
+    assert (output.parent / "manifest.json").read_text() == manifest and output.read_bytes() == rows
 
-def test_how_the_teacher_is_asked_keeps_its_rows_but_another_served_model_does_not(tmp_path, tiny_model):
-    """A teacher behind a server: its address, concurrency, timeout, retries or key variable change nothing a row
-    says (the stage stays fresh, its rows reusable); the model the server answers with, or sending seeds, do."""
-    from pipeline.config import NOT_IN_A_REPLY
+
+def test_how_the_teacher_is_run_keeps_its_rows_but_another_served_model_does_not(tmp_path, tiny_model):
+    """A teacher's memory, batching and GPU split, and its server's address, concurrency, timeout, retries or key
+    variable, change nothing a row says (the stage resumes and reuses its rows); the model the server answers
+    with, sending seeds, the dtype or the context length do."""
+    from pipeline.config import HOW_A_SERVER_IS_ASKED
     from pipeline.generate.stage import teacher_identity
 
     raw = greedy_config(tmp_path, tiny_model, "served", num_train=4)
@@ -170,14 +178,23 @@ def test_how_the_teacher_is_asked_keeps_its_rows_but_another_served_model_does_n
     teacher = validate_config(raw).teacher.model_dump()
 
     def served(**server):
-        return teacher_identity(
-            teacher | {"engine": teacher["engine"] | {"server": teacher["engine"]["server"] | server}}
-        )
+        engine = teacher["engine"] | {"server": teacher["engine"]["server"] | server}
+        return teacher_identity(teacher | {"engine": engine})
 
     moved = {"base_url": "http://gpu-b:9000/v1", "api_key_env": "OTHER", "max_concurrency": 2, "timeout_s": 9.0}
     assert served(**moved, max_retries=0) == teacher_identity(teacher)
-    assert set(moved) | {"max_retries"} == set(NOT_IN_A_REPLY)
+    assert set(moved) | {"max_retries"} == set(HOW_A_SERVER_IS_ASKED)
     assert served(model="another-model") != teacher_identity(teacher)
     assert served(send_seed=False) != teacher_identity(teacher)
-    offline = teacher | {"engine": teacher["engine"] | {"backend": "vllm"}}  # a server's settings mean nothing there
-    assert teacher_identity(offline) == teacher_identity(offline | {"engine": offline["engine"] | {"server": {}}})
+
+    offline = teacher | {"engine": teacher["engine"] | {"backend": "vllm"}}
+
+    def run_with(**engine):
+        return teacher_identity(offline | {"engine": offline["engine"] | engine})
+
+    assert run_with(server={}) == teacher_identity(offline)  # a server's settings mean nothing to vLLM offline
+    assert run_with(gpu_memory_utilization=0.9, kv_cache_gb=20.0, tensor_parallel_size=4, enforce_eager=True) == (
+        teacher_identity(offline)
+    )
+    assert run_with(dtype="float16") != teacher_identity(offline)
+    assert run_with(max_model_len=1024) != teacher_identity(offline)

@@ -316,6 +316,13 @@ def test_replay_answered_by_the_untuned_student_is_generated_once(tmp_path, tiny
     config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 5}})
     with pytest.raises(pytest.fail.Exception, match="answers regenerated"):
         run_filter(config)
+    # How the student's engine runs (batch, memory) is not what it answers: read from the cache; its dtype is,
+    # and redoes the stage.
+    runs_otherwise = {"benchmark.engine.batch_size": 3, "benchmark.engine.gpu_memory_utilization": 0.3}
+    replay = {"train.replay": {"fraction": 0.5, "max_tokens": 4}}
+    assert run_filter(strict_config(tmp_path, tiny_model, **replay, **runs_otherwise), force=True) == out
+    with pytest.raises(pytest.fail.Exception, match="answers regenerated"):
+        run_filter(strict_config(tmp_path, tiny_model, **replay, **{"benchmark.engine.dtype": "bfloat16"}))
 
 
 def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_model, monkeypatch):

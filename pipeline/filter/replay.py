@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import EngineConfig, ExperimentConfig, engine_identity
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
 from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
@@ -91,22 +91,34 @@ def general_prompts(config: ExperimentConfig) -> list[str]:
     return [row["prompt"] for row in read_jsonl(prompts_file)]
 
 
+def answerer(config: ExperimentConfig) -> tuple[str, EngineConfig]:
+    """The model that answers the general prompts, and its engine: the untuned student on the benchmark's engine
+    ("self", as it is served), or the teacher on its own."""
+    if config.train.replay.source == "self":
+        return config.student.model, config.benchmark.engine
+    return config.teacher.model, config.teacher.engine
+
+
+def answerer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
+    """What decides the replay answers besides their prompts (the filter's fingerprint holds it); None when
+    replay is off or brings its own answers."""
+    replay = config.train.replay
+    if replay.fraction == 0 or replay.source == "dataset":
+        return None
+    model, engine = answerer(config)
+    return {"model": model, "engine": engine_identity(engine.model_dump()), "max_tokens": replay.max_tokens}
+
+
 def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list[tuple[Chat, str | None]]:
     """`prompts` with answers from the untuned student ("self") or the teacher, greedy. Answers are cached per
-    prompt in the filter's folder under a key of what shapes them (model, engine, max_tokens, seed): only the
+    prompt in the filter's folder under a key of what shapes them (`answerer_identity`, the seed): only the
     prompts without one are generated, and a rerun generates none."""
     from pipeline.config import SamplingConfig
     from pipeline.engines import load_engine, model_for
 
     replay = config.train.replay
-    model, engine = (
-        (config.student.model, config.benchmark.engine)
-        if replay.source == "self"
-        else (config.teacher.model, config.teacher.engine)
-    )
-    key = hashlib.sha256(
-        json.dumps([model, engine.model_dump(), replay.max_tokens, config.seed], sort_keys=True).encode()
-    ).hexdigest()
+    model, engine = answerer(config)
+    key = hashlib.sha256(json.dumps([answerer_identity(config), config.seed], sort_keys=True).encode()).hexdigest()
     cache = folder / ANSWERS
     rows = {r["prompt"]: r for r in read_jsonl(cache) if r.get("key") == key} if cache.is_file() else {}
     missing = list(dict.fromkeys(p for p in prompts if p not in rows))

@@ -23,7 +23,7 @@ from pipeline.config import ExperimentConfig, engine_identity
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge
-from pipeline.filter.replay import replay_input, replay_wanted, screened_replay
+from pipeline.filter.replay import answerer_identity, replay_input, replay_wanted, screened_replay
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
 from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
 from pipeline.tasks import Example, Task, task_for
@@ -41,7 +41,7 @@ def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
             if "judge" in config.filter.active()
             else None
         ),
-        "replay": config.train.replay.model_dump(),
+        "replay": config.train.replay.model_dump() | {"answerer": answerer_identity(config)},
     }
     replay = [replay_input(config)] if config.train.replay.fraction > 0 else []
     inputs = [config.layout.teacher_outputs, *task.data_files(), *(path for path in replay if path.is_file())]
