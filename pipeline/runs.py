@@ -312,6 +312,7 @@ class Stage:
             "stage": self.name,
             "fingerprint": self.fingerprint,
             "seed": self.config.seed,
+            "sections": self.sections,  # what the fingerprint holds of the config: `distill status` names a change
             "config": resolved_dict(self.config),
             "versions": package_versions(),
             "command": sys.argv,

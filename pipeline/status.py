@@ -12,6 +12,7 @@ saved work, if any, still holds is judged when it runs).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,8 +132,12 @@ def _why_stale(config: ExperimentConfig, stage: Stage, manifest: dict) -> str:
         for name, digest in stage.inputs.items()
         if manifest.get("inputs", {}).get(name) != digest
     ]
-    before, now = manifest.get("config", {}), resolved_dict(config)
-    changed += [f"config {key}" for key in stage.sections if key in now and before.get(key) != now[key]]
+    if "sections" in manifest:  # the fingerprint's own parts (manifests since 2026-11-28): "config replay"
+        now = json.loads(json.dumps(stage.sections))
+        changed += [f"config {key}" for key, value in now.items() if manifest["sections"].get(key) != value]
+    else:
+        before, now = manifest.get("config", {}), resolved_dict(config)
+        changed += [f"config {key}" for key in stage.sections if key in now and before.get(key) != now[key]]
     missing = [rel for rel in manifest.get("outputs", {}) if not (stage.dir / rel).exists()]
     changed += [f"output {rel} missing" for rel in missing]
     when = manifest.get("started_at", "")

@@ -677,6 +677,9 @@ def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tin
         ("benchmark", "after filter"),
     ]
     assert statuses[1].detail.startswith("changed: config filter (last run ")
+    # A part of the filter's fingerprint that is not a config section of its own is named too.
+    statuses = run_status(parity_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.2}}))
+    assert ", config replay (last run " in statuses[1].detail  # and the general prompts, now an input
     config.layout.teacher_outputs.write_text("")  # generate's output edited by hand: the filter reruns on it
     statuses = run_status(config)
     assert [s.state for s in statuses] == ["done", "stale", "after filter", "after filter"]
