@@ -155,6 +155,20 @@ RPC_BASE_ENV = "VLLM_RPC_BASE_PATH"
 
 
 @contextmanager
+def environ_set(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` in this process's environment inside the block, as it was after it."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextmanager
 def vllm_rpc_folder() -> Iterator[str]:
     """A new folder for vLLM's ZMQ socket files (give it as VLLM_RPC_BASE_PATH), removed on exit, after the engine
     has stopped. vLLM 0.32 leaves those files behind: 7 per offline engine in multiprocess mode (the GPU default)
@@ -259,18 +273,12 @@ class VLLMEngine(Engine):
         self.on_gpu = on_gpu
         self._rpc = ExitStack()
         rpc_folder = self._rpc.enter_context(vllm_rpc_folder())
-        user_rpc_base = os.environ.get(RPC_BASE_ENV)
-        os.environ[RPC_BASE_ENV] = rpc_folder  # read while the engine starts; its processes inherit it
         try:
-            self.llm = LLM(**kwargs)
+            with environ_set(RPC_BASE_ENV, rpc_folder):  # read while the engine starts; its processes inherit it
+                self.llm = LLM(**kwargs)
         except BaseException:
             self._rpc.close()
             raise
-        finally:
-            if user_rpc_base is None:
-                del os.environ[RPC_BASE_ENV]
-            else:
-                os.environ[RPC_BASE_ENV] = user_rpc_base
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 

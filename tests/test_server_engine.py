@@ -4,7 +4,6 @@ and its retry policy against a local server that fails on purpose (vLLM cannot b
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig, ServerConfig, validate_config
-from pipeline.engines import RPC_BASE_ENV, load_engine
+from pipeline.engines import RPC_BASE_ENV, environ_set, load_engine
 from pipeline.runs import PipelineError, read_jsonl
 from tests.conftest import tiny_config
 
@@ -52,17 +51,10 @@ def vllm_server(tiny_model, rpc_base):
     from pipeline.benchmark.serving import vllm_server as serve
 
     logs_before = set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log"))
-    user_base = os.environ.get(RPC_BASE_ENV)
-    os.environ[RPC_BASE_ENV] = str(rpc_base)
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
-    try:
+    with environ_set(RPC_BASE_ENV, str(rpc_base)):
         with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
             yield url
-    finally:
-        if user_base is None:
-            del os.environ[RPC_BASE_ENV]
-        else:
-            os.environ[RPC_BASE_ENV] = user_base
     assert list(rpc_base.iterdir()) == []
     assert set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log")) == logs_before
 
