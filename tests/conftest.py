@@ -142,6 +142,18 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     return base, adapter, merged
 
 
+@pytest.fixture(scope="module")
+def rpc_base() -> Any:
+    """A short folder for vLLM's ZMQ socket files (VLLM_RPC_BASE_PATH; a socket's whole path must fit in 107
+    characters, which pytest's own folders may not), for tests that check what vLLM leaves there."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="rpc-"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
     """The ping-pong student at the device's default precision (fp32 on CPU, bf16 on CUDA)."""

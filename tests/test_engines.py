@@ -89,46 +89,41 @@ import json, os, stat, sys
 from pathlib import Path
 if __name__ == "__main__":
     from pipeline.config import EngineConfig, SamplingConfig
-    from pipeline.engines import load_engine
-    base = Path(os.environ["VLLM_RPC_BASE_PATH"])
+    from pipeline.engines import RPC_BASE_ENV, load_engine
+    base = Path(os.environ[RPC_BASE_ENV])
     engine = load_engine(sys.argv[1], EngineConfig(max_model_len=256, kv_cache_gb=0.25), seed=0)
     up = [p for p in base.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
     engine.generate([[{"role": "user", "content": "Hi"}]], SamplingConfig(n=1, max_tokens=2), progress=False)
     engine.close()
     print(json.dumps({"sockets_up": len(up), "in_own_folder": all(p.parent.parent == base for p in up),
-                      "base_restored": os.environ["VLLM_RPC_BASE_PATH"] == str(base)}))
+                      "base_restored": os.environ[RPC_BASE_ENV] == str(base)}))
 """
 
 
 @pytest.mark.integration
-def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model):
+def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model, rpc_base):
     """vLLM's multiprocess engine (the GPU default; set here by VLLM_ENABLE_V1_MULTIPROCESSING=1, in a fresh
     process, since vLLM caches its settings once an in-process engine has run) left 7 ZMQ socket files in
     VLLM_RPC_BASE_PATH per engine; the engine now gives them a folder that close() removes."""
     import os
-    import shutil
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
-    rpc_base = Path(tempfile.mkdtemp(prefix="rpc-"))  # short: a socket's path must fit in 107 characters
-    env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_RPC_BASE_PATH": str(rpc_base)}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", MULTIPROCESS_ENGINE, str(tiny_model)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=Path(__file__).parent.parent,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        seen = json.loads(done.stdout.strip().splitlines()[-1])
-        assert seen["sockets_up"] > 0 and seen["in_own_folder"] and seen["base_restored"]
-        assert list(rpc_base.iterdir()) == []
-    finally:
-        shutil.rmtree(rpc_base, ignore_errors=True)
+    from pipeline.engines import MULTIPROCESSING_ENV, RPC_BASE_ENV
+
+    done = subprocess.run(
+        [sys.executable, "-c", MULTIPROCESS_ENGINE, str(tiny_model)],
+        env=os.environ | {MULTIPROCESSING_ENV: "1", RPC_BASE_ENV: str(rpc_base)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["sockets_up"] > 0 and seen["in_own_folder"] and seen["base_restored"]
+    assert list(rpc_base.iterdir()) == []
 
 
 def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import stat
 import tempfile
@@ -32,14 +31,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def rpc_base():
-    """A short folder for vLLM's socket files (VLLM_RPC_BASE_PATH): a socket's path must fit in 107 characters."""
-    base = Path(tempfile.mkdtemp(prefix="rpc-"))
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
