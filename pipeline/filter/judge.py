@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
 from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity
 from pipeline.judging import grade_prompt, parse_grade, rubric_for
@@ -15,6 +16,12 @@ from pipeline.runs import read_jsonl
 from pipeline.tasks import task_for
 
 GRADES = "judge_grades.jsonl"  # the judge's replies, in the filter's folder
+
+
+def judge_identity(config: ExperimentConfig) -> dict[str, Any]:
+    """What decides the judge's replies besides their prompts: the teacher and what its engine answers with (the
+    filter's fingerprint holds it, and each cached reply's key)."""
+    return {"model": config.teacher.model, "engine": engine_identity(config.teacher.engine.model_dump())}
 
 
 class Judge:
@@ -29,8 +36,7 @@ class Judge:
         self.replies = {row["key"]: row["reply"] for row in rows}  # a torn last line is skipped
 
     def _key(self, conversation: list[dict[str, str]]) -> str:
-        teacher = self.config.teacher
-        shape = [teacher.model, engine_identity(teacher.engine.model_dump()), self.config.seed, conversation]
+        shape = [judge_identity(self.config), self.config.seed, conversation]
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, engine_identity
+from pipeline.config import ExperimentConfig
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
-from pipeline.filter.judge import Judge
+from pipeline.filter.judge import Judge, judge_identity
 from pipeline.filter.replay import answerer_identity, replay_input, replay_wanted, screened_replay
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
 from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
@@ -36,11 +36,7 @@ def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
         "filter": config.filter.model_dump(),
         "student": config.student.model_dump(),
         "probe": config.benchmark.probe,
-        "judge": (
-            {"model": config.teacher.model, "engine": engine_identity(config.teacher.engine.model_dump())}
-            if "judge" in config.filter.active()
-            else None
-        ),
+        "judge": judge_identity(config) if "judge" in config.filter.active() else None,
         "replay": config.train.replay.model_dump() | {"answerer": answerer_identity(config)},
     }
     replay = [replay_input(config)] if config.train.replay.fraction > 0 else []

@@ -119,11 +119,11 @@ def require(module: str, what: str) -> None:
 
 
 def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, Any]:
-    """Liger kernels, a config key; a missing package is a one-line error. Unset: on
-    where it was measured to pay and is installed: LoRA or full SFT on CUDA, packed. Packed steps are bound by the
-    GPU, where its fused kernels gained (1.4B shape on an H200: 1.19 of the plain loop, MFU 23.3% against 19.6%);
-    unpacked steps of short examples are bound by the host launching kernels, where it did not (0.81 and 0.89
-    against 0.99 without it, 1.4B; 0.96 on the 0.4B)."""
+    """Liger kernels (`train.use_liger_kernel`); a missing package is a one-line error. Unset: on where it was
+    measured to pay and is installed: LoRA or full SFT on CUDA, packed. Packed steps are bound by the GPU, where its
+    fused kernels gained (1.4B shape on an H200: 1.19 of the plain loop, MFU 23.3% against 19.6%); unpacked steps of
+    short examples are bound by the host launching kernels, where it did not (0.81 and 0.89 against 0.99 without
+    it, 1.4B; 0.96 on the 0.4B)."""
     liger = train.use_liger_kernel
     if liger:
         require("liger_kernel", "train.use_liger_kernel:")
