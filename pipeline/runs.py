@@ -207,6 +207,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def input_label(config: ExperimentConfig, path: Path) -> str:
+    """A stage input's name in its manifest: relative to the run directory when inside it, else its path."""
+    try:
+        return str(path.relative_to(config.run_dir))
+    except ValueError:
+        return str(path)
+
+
+def _fingerprint(sections: dict[str, Any], inputs: Any) -> str:
+    payload = json.dumps({"sections": sections, "inputs": inputs, "version": _own_version()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _own_version() -> str:
     from pipeline import __version__
 
@@ -248,9 +261,13 @@ class Stage:
         self.lock_dir = lock_dir or config.run_dir
         self.logs_artifact = artifact
         self.sections = sections
-        self.inputs = {str(p): sha256_tree(p) for p in inputs}
-        payload = json.dumps({"sections": sections, "inputs": self.inputs, "version": _own_version()}, sort_keys=True)
-        self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        hashed = {path: sha256_tree(path) for path in inputs}
+        self.inputs = {input_label(config, path): digest for path, digest in hashed.items()}  # the manifest's
+        # The inputs' contents in the stage's order, not their paths: a run directory copied or moved elsewhere
+        # (another disk, another node's mount point) is the same run, fresh there.
+        self.fingerprint = _fingerprint(sections, list(hashed.values()))
+        # What manifests written before 2026-11-28 hold (inputs keyed by absolute path): still fresh after upgrading.
+        self._fingerprint_by_path = _fingerprint(sections, {str(path): digest for path, digest in hashed.items()})
         self.started = time.time()
         self._tracker: NoTracker | None = None
         self._locks = ExitStack()
@@ -274,7 +291,7 @@ class Stage:
     def is_fresh(self) -> bool:
         """True when a finished manifest matches this fingerprint and its outputs are still there."""
         manifest = self.manifest()
-        if not manifest or manifest.get("fingerprint") != self.fingerprint:
+        if not manifest or manifest.get("fingerprint") not in (self.fingerprint, self._fingerprint_by_path):
             return False
         return all((self.dir / rel).exists() for rel in manifest.get("outputs", {}))
 

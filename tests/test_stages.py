@@ -505,6 +505,11 @@ def test_whole_pipeline_on_a_tiny_model_writes_the_report(tmp_path, tiny_model):
 
     statuses = run_status(config)  # every stage done, and the benchmark's verdict said
     assert [s.state for s in statuses] == ["done"] * 4 and "; Verdict: not worth it" in statuses[3].detail
+    import shutil
+
+    moved = parity_config(tmp_path, tiny_model, runs_dir=str(tmp_path / "elsewhere"))  # copied to another disk
+    shutil.copytree(config.run_dir, moved.run_dir)
+    assert [s.state for s in run_status(moved)] == ["done"] * 4
 
     # The same student served as base + unmerged adapter: a new benchmark, which says what it measured.
     lora = parity_config(tmp_path, tiny_model, **{"benchmark.student_serving": "lora"})
@@ -639,6 +644,16 @@ def test_status_says_what_each_stage_did_and_what_a_run_would_redo(tmp_path, tin
         ("benchmark", "after generate"),
     ]
     run_pipeline(config, stages=("generate", "filter"))
+    # The run copied elsewhere (another disk, another node's mount point) is the same run: done there too.
+    import shutil
+
+    moved = parity_config(tmp_path, tiny_model, runs_dir=str(tmp_path / "elsewhere"))
+    shutil.copytree(config.run_dir, moved.run_dir)
+    assert [s.state for s in run_status(moved)][:2] == ["done", "done"]
+    filter_manifest = moved.layout.stage_dir("filter") / "manifest.json"
+    before = filter_manifest.read_text()
+    run_filter(moved)
+    assert filter_manifest.read_text() == before  # skipped, not redone
     checkpoints = config.layout.checkpoints
     (checkpoints / "checkpoint-2").mkdir(parents=True)  # a killed training, under this config
     (checkpoints / "fingerprint").write_text(train_stage(config).fingerprint)

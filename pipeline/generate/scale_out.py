@@ -20,7 +20,7 @@ from pipeline.generate.stage import (
     train_examples,
 )
 from pipeline.layout import TEACHER_OUTPUTS
-from pipeline.runs import PipelineError, atomic_path, log, parse_json_object, sha256_file
+from pipeline.runs import PipelineError, atomic_path, input_label, log, parse_json_object, sha256_file
 from pipeline.tasks import task_for
 
 
@@ -81,7 +81,8 @@ def merge_shards(config: ExperimentConfig, num_shards: int) -> Path:
             )
         files.append(finished.dir / TEACHER_OUTPUTS)
     with generate_stage(config, task) as stage:
-        stage.inputs |= {str(f): sha256_file(f) for f in files}  # recorded; the fingerprint stays the unsharded one
+        # The shard files are recorded as inputs; the fingerprint stays the unsharded one.
+        stage.inputs |= {input_label(config, f): sha256_file(f) for f in files}
         output = stage.dir / TEACHER_OUTPUTS
         readers = [f.open("rb") for f in files]
         counts = {"prompts": 0, "output_tokens": 0, "prompt_errors": 0}
