@@ -196,6 +196,10 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     assert table[3].startswith("| kd | kd | lora | 16 |") and "| 0.600 | +0.500 | 75% |" in table[3]
     assert table[3].endswith("| 0.5 | wrong_kb_article 65%, truncated 5% |")  # McNemar 2 discordant: p 0.5
     assert table[2].endswith("| - | wrong_kb_article 65%, truncated 5% |")  # the first run is the reference
+    # Runs of one name from two runs folders (a config run twice, runs_dir changed): told apart by folder.
+    same_name = [fake_run(f"{folder}/support", "sft", 0.4) for folder in ("runs_a", "runs_b")]
+    table = compare_runs(same_name).splitlines()
+    assert table[2].startswith(f"| {same_name[0]} | sft |") and table[3].startswith(f"| {same_name[1]} | sft |")
     with pytest.raises(PipelineError, match="compare takes run folders whose benchmark has run"):
         compare_runs([tmp_path / "missing"])
 

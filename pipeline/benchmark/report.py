@@ -580,8 +580,11 @@ def compare_runs(run_dirs: list[Path]) -> str:
         "| p vs first run | tuned failure modes |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    labels = [run_dir.name for run_dir in run_dirs]
+    if len(set(labels)) < len(labels):  # one run name from several runs folders: the folders as given
+        labels = [str(run_dir) for run_dir in run_dirs]
     first: dict[str, bool] | None = None
-    for index, run_dir in enumerate(run_dirs):
+    for index, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
         layout = RunLayout(run_dir)
         for path in (layout.report_json, layout.manifest("train")):
             if not path.is_file():
@@ -600,7 +603,7 @@ def compare_runs(run_dirs: list[Path]) -> str:
             versus_first = _paired_p(first, outcomes)
         per_request = tuned.get("cost_per_1k_requests")
         lines.append(
-            f"| {run_dir.name} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
+            f"| {label} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
             f"| {config['lora']['r']} | {_number(config.get('learning_rate'))} "
             f"| {_number(config.get('num_train_epochs'))} | {config.get('packing', False)} "
             f"| {config.get('replay', {}).get('fraction', 0):g} | {prompt} | {metrics.get('steps')} "
