@@ -16,12 +16,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.hardware import attention_without_cudnn, release_memory
-from pipeline.runs import PipelineError
+from pipeline.runs import PipelineError, log
 
 Conversation = list[dict[str, str]]
 
@@ -234,11 +235,34 @@ def _chat_template(value: str | None) -> str | None:
     return value
 
 
+PLAIN_CHAT_TEMPLATE = Path(__file__).parent / "data" / "plain_chat.jinja"
+
+
+def chat_template_for(tokenizer: Any, configured: str | None, model: str) -> str | None:
+    """The chat template `model` is prompted and trained with in place of its own: `configured` (engine.chat_template,
+    a template or a file); else, for a model without one (a base model, which otherwise fails at its first chat
+    message), the plain template shipped in `pipeline/data/`, said once. None: the model's own."""
+    if configured is not None:
+        return _chat_template(configured)
+    if tokenizer.chat_template is not None:
+        return None
+    _say_plain_template(model)
+    return PLAIN_CHAT_TEMPLATE.read_text()
+
+
+@cache
+def _say_plain_template(model: str) -> None:
+    log(
+        f"{model} has no chat template (a base model): it is prompted, trained and served with the plain one in "
+        f"{PLAIN_CHAT_TEMPLATE.relative_to(PLAIN_CHAT_TEMPLATE.parents[2])} (engine.chat_template sets another)"
+    )
+
+
 class VLLMEngine(Engine):
     def __init__(self, model: str, config: EngineConfig, seed: int, adapter: str | None = None) -> None:
         on_gpu = has_cuda()
         _check_parallelism(config, on_gpu)
-        self.chat_template = _chat_template(config.chat_template)
+        configured_template = _chat_template(config.chat_template)  # a bad value fails before the engine loads
         if not on_gpu:
             prepare_vllm_cpu_env()
             run_offline_engine_in_process()
@@ -280,6 +304,7 @@ class VLLMEngine(Engine):
             self._rpc.close()
             raise
         self.tokenizer = self.llm.get_tokenizer()
+        self.chat_template = chat_template_for(self.tokenizer, configured_template, model)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
@@ -399,6 +424,7 @@ class TransformersEngine(Engine):
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.chat_template = chat_template_for(self.tokenizer, config.chat_template, model)
         self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype != "auto" else "auto").to(
             self.device
         )
@@ -427,7 +453,12 @@ class TransformersEngine(Engine):
         label = _label(progress, "generate (transformers)")
         for start in tqdm(batches, desc=label, unit="batch", disable=not progress):
             batch = conversations[start : start + self.config.batch_size]
-            texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in batch]
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    c, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+                )
+                for c in batch
+            ]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             do_sample = sampling.temperature > 0
             with torch.no_grad(), attention_without_cudnn(self.device):

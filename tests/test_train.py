@@ -216,16 +216,27 @@ def ping_pong_student_bf16(tmp_path_factory, tokenizer):
     return train_ping_pong(tmp_path_factory.mktemp("ping-pong-bf16"), tokenizer, bf16=True)
 
 
-@pytest.mark.parametrize("precision", ["device default", "bf16"])
-def test_a_tuned_tiny_model_learns_to_stop(request, precision):
+STUDENTS = {
+    "device default": "ping_pong_student",
+    "bf16": "ping_pong_student_bf16",
+    "base model without a chat template": "ping_pong_base_student",
+}
+
+
+@pytest.mark.parametrize("student", list(STUDENTS))
+def test_a_tuned_tiny_model_learns_to_stop(request, student):
     """Overfit a few examples, merge, generate: the tuned model answers and ends with EOS before max_tokens,
     where the untuned random model runs to the limit. Catches EOS masked out of the loss (pad == EOS here).
-    In bf16 too: on an H200 the student of an earlier version of this test never stopped (`ongong...`)."""
-    from pipeline.config import EngineConfig, SamplingConfig
-    from pipeline.engines import load_engine
+    In bf16 too: on an H200 the student of an earlier version of this test never stopped (`ongong...`). And from
+    a base model, which has no chat template: the plain one the pipeline gives it must end its turns with EOS."""
+    from transformers import AutoTokenizer
 
-    fixture = "ping_pong_student" if precision == "device default" else "ping_pong_student_bf16"
-    base, _, tuned = request.getfixturevalue(fixture)
+    from pipeline.config import EngineConfig, SamplingConfig
+    from pipeline.engines import PLAIN_CHAT_TEMPLATE, load_engine
+
+    base, _, tuned = request.getfixturevalue(STUDENTS[student])
+    if student.startswith("base model"):  # served as it was trained: with the template its folder keeps
+        assert AutoTokenizer.from_pretrained(tuned).chat_template == PLAIN_CHAT_TEMPLATE.read_text()
     prompts = [ping(3), ping(42)]
     greedy = SamplingConfig(max_tokens=20)
     for model, expected in ((base, "length"), (tuned, "stop")):

@@ -30,6 +30,7 @@ from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, Samp
 from pipeline.engines import (
     RPC_BASE_ENV,
     adapter_rank,
+    chat_template_for,
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
@@ -74,10 +75,11 @@ def vllm_server(
     if not on_gpu:
         prepare_vllm_cpu_env()
     port = _free_port()
-    command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     stopped_cleanly = False
     with vllm_rpc_folder() as rpc_folder:
+        template = _chat_template_file(model, engine, Path(rpc_folder))
+        command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu, template)
         process = subprocess.Popen(
             command,
             stdout=server_log,
@@ -119,6 +121,23 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, 
         time.sleep(1)
 
 
+def _chat_template_file(model: str, engine: EngineConfig, folder: Path) -> Path | None:
+    """The chat template the offline engine gives `model` where it is not the model's own (a base model's plain
+    one, or engine.chat_template), written into `folder` for `--chat-template`; None: the model's own."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError):  # no model there: the server fails to start, and its log says so
+        return None
+    template = chat_template_for(tokenizer, engine.chat_template, model)
+    if template is None:
+        return None
+    path = folder / "chat_template.jinja"
+    path.write_text(template)
+    return path
+
+
 def _serve_command(
     model: str,
     engine: EngineConfig,
@@ -128,12 +147,15 @@ def _serve_command(
     served_name: str,
     api_key: str | None,
     on_gpu: bool,
+    chat_template: Path | None = None,
 ) -> list[str]:
     """`vllm serve`'s command line, with the engine options the offline engine gets."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
     if api_key:
         command += ["--api-key", api_key]
+    if chat_template:
+        command += ["--chat-template", str(chat_template)]
     command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
     command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     if engine.max_model_len:

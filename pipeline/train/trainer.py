@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.engines import chat_template_for
 from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
@@ -237,6 +238,20 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
     )
 
 
+def student_tokenizer(config: ExperimentConfig, model_path: str) -> Any:
+    """The student's tokenizer carrying the chat template it is served with, where that is not its own (a base
+    model's plain one, or benchmark.engine.chat_template: see engines.chat_template_for); None, for TRL to load
+    the model's as it is. Saved with the adapter and the merged student, so vLLM serves them with it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = chat_template_for(tokenizer, config.benchmark.engine.chat_template, model_path)
+    if template is None:
+        return None
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def build_trainer(
     config: ExperimentConfig, model_path: str, train_rows: list[dict], val_rows: list[dict], output_dir: Path
 ):
@@ -275,6 +290,7 @@ def build_trainer(
         args=sft_args(config, output_dir, has_val, device),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
+        processing_class=student_tokenizer(config, model_path),
         peft_config=lora,
         callbacks=callbacks,
         **extra,
