@@ -247,6 +247,22 @@ def test_a_tuned_tiny_model_learns_to_stop(request, student):
     assert answer.text == "Pong." and answer.output_tokens < 20
 
 
+def test_the_student_trains_with_the_chat_template_it_is_served_with(tmp_path, tiny_model):
+    """benchmark.engine.chat_template, the student's serving template, is its training template too, and part of
+    the train stage's fingerprint; unset, the student's own template is used as TRL loads it."""
+    from pipeline.train.stage import train_stage
+    from pipeline.train.trainer import student_tokenizer
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    own = validate_config(tiny_config(tmp_path, tiny_model))
+    served = validate_config(tiny_config(tmp_path, tiny_model, **{"benchmark.engine.chat_template": template}))
+    assert student_tokenizer(own, str(tiny_model)) is None
+    assert student_tokenizer(served, str(tiny_model)).chat_template == template
+    assert train_stage(served).fingerprint != train_stage(own).fingerprint
+    batch = validate_config(tiny_config(tmp_path, tiny_model, **{"benchmark.engine.batch_size": 3}))
+    assert train_stage(batch).fingerprint == train_stage(own).fingerprint  # how it is served is not training's
+
+
 def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_path, tiny_model):
     """3 steps with logging_steps 5: the first and the last step's losses are logged all the same (a real data
     set that left 2 examples ran 3 steps and recorded `loss None -> None`)."""

@@ -37,6 +37,8 @@ def train_stage(config: ExperimentConfig) -> Stage:
     if config.train.objective == "kd":
         sections["teacher"] = config.teacher.model
         inputs.append(config.layout.teacher_outputs)  # the logprobs distilled from
+    if config.benchmark.engine.chat_template is not None:  # the student trains with the template it is served with
+        sections["chat_template"] = config.benchmark.engine.chat_template
     return Stage(config, "train", sections, inputs=inputs)
 
 
