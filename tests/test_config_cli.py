@@ -138,6 +138,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
             "absent.csv",
         ),
         (["filter", "--config", str(_write(tmp_path, _minimal()))], "teacher_outputs.jsonl"),
+        (  # a later stage's typo fails `run` before it generates (the filter's is the first to read it)
+            ["run", "--config", str(_write(tmp_path, _minimal(student={"model": "m", "prompt_style": "retreived"})))],
+            "student.prompt_style: 'retreived' is not a prompt style of this task; choose one of ('short', 'full', ",
+        ),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

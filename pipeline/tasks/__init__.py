@@ -42,5 +42,12 @@ def build_task(name: str, params: dict[str, Any], seed: int, base_dir: Path) -> 
 
 def task_for(config: Any) -> Task:
     """The experiment's task (`task.name` with `task.params`, the run's seed, paths relative to the working
-    directory): what every stage builds its prompts, splits and scores from."""
-    return build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    directory): what every stage builds its prompts, splits and scores from. Every prompt style the config names
+    must be one of the task's: a typo in a later stage's fails before the first stage, not after generation."""
+    task = build_task(config.task.name, config.task.params, config.seed, config.base_dir)
+    named = {"teacher.prompt_style": config.teacher.prompt_style, "student.prompt_style": config.student.prompt_style}
+    named |= {f"benchmark.systems.{s.name}.prompt_style": s.prompt_style for s in config.benchmark.systems}
+    for key, style in named.items():
+        if style not in task.prompt_styles:
+            raise TaskError(f"{key}: {style!r} is not a prompt style of this task; choose one of {task.prompt_styles}")
+    return task
