@@ -99,7 +99,9 @@ class EngineConfig(_Strict):
     kv_cache_gb: float | None = Field(None, gt=0)  # None: 4 GiB on a CPU, gpu_memory_utilization on a GPU
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
-    chat_template: str | None = None  # a Jinja template, or a path to one, instead of the model's own
+    # A Jinja template, or a path to one, instead of the model's own; None: the model's own, or for a model without
+    # one (a base model) the plain pipeline/data/plain_chat.jinja (engines.chat_template_for).
+    chat_template: str | None = None
     batch_size: int = Field(16, ge=1)  # transformers backend only
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword
 
