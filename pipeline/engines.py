@@ -250,6 +250,25 @@ def chat_template_for(tokenizer: Any, configured: str | None, model: str) -> str
     return PLAIN_CHAT_TEMPLATE.read_text()
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the tokenizer's chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, or EOS itself): what a model tuned on that template emits when its answer is done. None where
+    the template closes a turn with no special token, or cannot render a plain exchange."""
+    from jinja2 import TemplateError
+
+    mark = "@@answer@@"
+    exchange = [{"role": "user", "content": "question"}, {"role": "assistant", "content": mark}]
+    try:
+        text = tokenizer.apply_chat_template(exchange, tokenize=False)
+    except (TemplateError, ValueError):
+        return None
+    if mark not in text:
+        return None
+    after = tokenizer(text[text.rindex(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
+    added = tokenizer.added_tokens_decoder
+    return after[0] if after and after[0] in added and added[after[0]].special else None
+
+
 @cache
 def _say_plain_template(model: str) -> None:
     log(

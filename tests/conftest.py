@@ -135,7 +135,7 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import validate_config
-    from pipeline.train.trainer import build_trainer, to_prompt_completion
+    from pipeline.train.trainer import build_trainer, stop_at_end_of_turn, to_prompt_completion
 
     base = build_tiny_model(out / "base", tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -153,8 +153,10 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     trainer.train()
     adapter, merged = out / "adapter", out / "merged"
     trainer.model.save_pretrained(adapter)
-    trainer.model.merge_and_unload().save_pretrained(merged)
-    trainer.processing_class.save_pretrained(merged)  # as the train stage saves it: with the template it trained on
+    tuned = trainer.model.merge_and_unload()
+    stop_at_end_of_turn(tuned, trainer.processing_class)  # as the train stage saves it, with the template it used
+    tuned.save_pretrained(merged)
+    trainer.processing_class.save_pretrained(merged)
     return base, adapter, merged
 
 
@@ -174,6 +176,17 @@ def rpc_base() -> Any:
 def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
     """The ping-pong student at the device's default precision (fp32 on CPU, bf16 on CUDA)."""
     return train_ping_pong(tmp_path_factory.mktemp("ping-pong"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ping_pong_qwen_like_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
+    """The ping-pong student from a model whose EOS (`<|endoftext|>`) is not the token its chat template closes a
+    turn with (`<|im_end|>`), as Qwen2.5's base models are: the tuned student must stop at the latter."""
+    import copy
+
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.eos_token = "<|endoftext|>"
+    return train_ping_pong(tmp_path_factory.mktemp("ping-pong-qwen-like"), qwen_like)
 
 
 @pytest.fixture(scope="session")

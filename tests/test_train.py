@@ -220,6 +220,7 @@ STUDENTS = {
     "device default": "ping_pong_student",
     "bf16": "ping_pong_student_bf16",
     "base model without a chat template": "ping_pong_base_student",
+    "EOS unlike the template's end of turn": "ping_pong_qwen_like_student",
 }
 
 
@@ -228,7 +229,10 @@ def test_a_tuned_tiny_model_learns_to_stop(request, student):
     """Overfit a few examples, merge, generate: the tuned model answers and ends with EOS before max_tokens,
     where the untuned random model runs to the limit. Catches EOS masked out of the loss (pad == EOS here).
     In bf16 too: on an H200 the student of an earlier version of this test never stopped (`ongong...`). And from
-    a base model, which has no chat template: the plain one the pipeline gives it must end its turns with EOS."""
+    a base model, which has no chat template: the plain one the pipeline gives it must end its turns with EOS.
+    And from a model whose EOS is not its template's end of turn (Qwen2.5 base): it answered `Pong.\nPong.\n...`
+    to the limit, the `<|im_end|>` it learned after each one not a stop token, until the tuned student's
+    generation config stopped at it."""
     from transformers import AutoTokenizer
 
     from pipeline.config import EngineConfig, SamplingConfig
@@ -245,6 +249,29 @@ def test_a_tuned_tiny_model_learns_to_stop(request, student):
         assert finishes == {expected}, (model, finishes)
     (answer, *_), *_ = [g.completions for g in engine.generate(prompts[:1], greedy, progress=False)]
     assert answer.text == "Pong." and answer.output_tokens < 20
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_saved_student_stops_at_its_templates_end_of_turn(tmp_path, tokenizer, method):
+    """When the EOS token is not the one the chat template closes a turn with (Qwen2.5 base: `<|endoftext|>`
+    against `<|im_end|>`), the train stage saves the latter among the tuned student's stop tokens, merged or
+    fully tuned; a student whose template closes turns with its EOS keeps its generation config as it was."""
+    import copy
+    import json
+
+    from pipeline.train import run_train
+
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.eos_token = "<|endoftext|>"
+    for tok, expected in ((qwen_like, [qwen_like.eos_token_id, tokenizer.eos_token_id]), (tokenizer, None)):
+        model = build_tiny_model(tmp_path / f"model-{tok.eos_token_id}", tok)
+        config = validate_config(
+            tiny_config(tmp_path / str(tok.eos_token_id), model, **{"train.max_steps": 1, "train.method": method})
+        )
+        write_filtered(config, ROWS)
+        run_train(config)
+        saved = json.loads((config.layout.merged / "generation_config.json").read_text())["eos_token_id"]
+        assert saved == (expected or tokenizer.eos_token_id), (tok.eos_token, saved)
 
 
 def test_the_student_trains_with_the_chat_template_it_is_served_with(tmp_path, tiny_model):

@@ -27,6 +27,7 @@ from pipeline.train.trainer import (
     model_code_restored,
     model_init_kwargs,
     speed_options,
+    stop_at_end_of_turn,
     throughput_metrics,
 )
 
@@ -146,6 +147,8 @@ def _save_student(config: ExperimentConfig, trainer: Any, model_path: str) -> li
     """The adapter (or, for `train.method: full`, the whole tuned model as `merged/`) and, with `train.merge`,
     the adapter folded into the base weights: what vLLM serves. Returns the folders written."""
     layout, full = config.layout, config.train.method == "full"
+    if full:
+        stop_at_end_of_turn(trainer.model, trainer.processing_class)
     saved = _save_atomic(trainer, layout.merged if full else layout.adapter)
     if not trainer.is_world_process_zero():
         return [saved]
@@ -155,6 +158,7 @@ def _save_student(config: ExperimentConfig, trainer: Any, model_path: str) -> li
     if not config.train.merge:
         return [saved]
     merged = _merged_student(config.train, model_path, layout.adapter)
+    stop_at_end_of_turn(merged, trainer.processing_class)
     tmp = layout.merged.with_name(f".{layout.merged.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)

@@ -17,8 +17,8 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.engines import chat_template_for
-from pipeline.runs import PipelineError, read_jsonl
+from pipeline.engines import chat_template_for, end_of_turn_id
+from pipeline.runs import PipelineError, log, read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
 from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs, kd_trainer_class
@@ -250,6 +250,23 @@ def student_tokenizer(config: ExperimentConfig, model_path: str) -> Any:
         return None
     tokenizer.chat_template = template
     return tokenizer
+
+
+def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
+    """Add the chat template's end-of-turn token to the stop tokens in the model's generation config (saved with
+    the tuned student). A student whose EOS is not the token its template closes a turn with (Qwen2.5 base:
+    `<|endoftext|>` against `<|im_end|>`) learns to emit the latter, and served from its folder never stops."""
+    end = end_of_turn_id(tokenizer)
+    config = model.generation_config
+    ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    ids = [i for i in ids if i is not None]
+    if end is None or end in ids:
+        return
+    config.eos_token_id = [*ids, end]
+    log(
+        f"train: the chat template closes a turn with {tokenizer.convert_ids_to_tokens(end)}, not the EOS token "
+        f"{tokenizer.eos_token}: the tuned student's generation_config.json stops at both"
+    )
 
 
 def build_trainer(
