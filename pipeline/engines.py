@@ -250,16 +250,16 @@ def chat_template_for(tokenizer: Any, configured: str | None, model: str) -> str
     return PLAIN_CHAT_TEMPLATE.read_text()
 
 
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the tokenizer's chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
-    `<end_of_turn>`, or EOS itself): what a model tuned on that template emits when its answer is done. None where
-    the template closes a turn with no special token, or cannot render a plain exchange."""
+def end_of_turn_id(tokenizer: Any, template: str | None = None) -> int | None:
+    """The special token a chat template (`template`, else the tokenizer's) closes an assistant turn with
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, or EOS itself): what a model tuned on it emits when its answer
+    is done. None where the template closes a turn with no special token, or cannot render a plain exchange."""
     from jinja2 import TemplateError
 
     mark = "@@answer@@"
     exchange = [{"role": "user", "content": "question"}, {"role": "assistant", "content": mark}]
     try:
-        text = tokenizer.apply_chat_template(exchange, tokenize=False)
+        text = tokenizer.apply_chat_template(exchange, tokenize=False, chat_template=template)
     except (TemplateError, ValueError):
         return None
     if mark not in text:
@@ -267,6 +267,13 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     after = tokenizer(text[text.rindex(mark) + len(mark) :], add_special_tokens=False)["input_ids"]
     added = tokenizer.added_tokens_decoder
     return after[0] if after and after[0] in added and added[after[0]].special else None
+
+
+def stop_token_ids(tokenizer: Any, template: str | None) -> list[int]:
+    """Where the template's end-of-turn token is not the EOS token every engine stops at (Qwen2.5 base:
+    `<|im_end|>` against `<|endoftext|>`), that token too: every engine stops there, for every model alike."""
+    end = end_of_turn_id(tokenizer, template)
+    return [end] if end is not None and end != tokenizer.eos_token_id else []
 
 
 @cache
@@ -324,6 +331,7 @@ class VLLMEngine(Engine):
             raise
         self.tokenizer = self.llm.get_tokenizer()
         self.chat_template = chat_template_for(self.tokenizer, configured_template, model)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.chat_template)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(
@@ -347,7 +355,7 @@ class VLLMEngine(Engine):
             stop=sampling.stop or None,
             logprobs=sampling.logprobs,
             structured_outputs=structured,
-            **sampling.extra,
+            **sampling.extra | {"stop_token_ids": [*sampling.extra.get("stop_token_ids", []), *self.stop_token_ids]},
         )
         too_long = self._too_long(conversations)
         accepted = [c for i, c in enumerate(conversations) if i not in too_long]
@@ -444,6 +452,7 @@ class TransformersEngine(Engine):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat_template = chat_template_for(self.tokenizer, config.chat_template, model)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.chat_template)
         self.lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype if dtype != "auto" else "auto").to(
             self.device
         )
@@ -537,9 +546,10 @@ class TransformersEngine(Engine):
 
     def _eos_ids(self) -> list[int]:
         ids = self.lm.generation_config.eos_token_id
-        ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
+        ids = list(ids) if isinstance(ids, list) else [ids] if ids is not None else []
+        for extra in (self.tokenizer.eos_token_id, *self.stop_token_ids):
+            if extra is not None and extra not in ids:
+                ids.append(extra)
         return ids
 
     def close(self) -> None:

@@ -174,12 +174,15 @@ def test_transformers_engine_cuts_at_stop_strings_and_refuses_logprobs(tiny_mode
 
 @pytest.mark.integration
 @pytest.mark.parametrize("backend", ["vllm", "transformers"])
-def test_unmerged_adapter_serves_what_the_merged_weights_serve(backend, ping_pong_base_student):
+@pytest.mark.parametrize("student", ["ping_pong_base_student", "ping_pong_qwen_like_student"])
+def test_unmerged_adapter_serves_what_the_merged_weights_serve(request, backend, student):
     """Base + unmerged LoRA adapter (vLLM `enable_lora`) answers as the merged weights do, and unlike the base:
     the adapter is really applied. The base's own answer is read once, on the transformers engine (a third vLLM
-    engine would add a minute on this CPU to learn what the weights, not the engine, decide). The student is
-    tuned from a base model, which has no chat template: the engines prompt it with the one it trained on."""
-    base, adapter, merged = ping_pong_base_student
+    engine would add a minute on this CPU to learn what the weights, not the engine, decide). Students tuned from
+    a base model without a chat template (the engines prompt it with the one it trained on), and from one whose
+    EOS is not its template's end of turn (Qwen2.5 base): served on the base's own files, whose stop tokens lack
+    `<|im_end|>`, it stops there all the same (engines.stop_token_ids)."""
+    base, adapter, merged = request.getfixturevalue(student)
     prompts = [ping(3), ping(11)]
     greedy = SamplingConfig(max_tokens=12)
     served = EngineConfig(backend=backend, max_model_len=512)

@@ -272,6 +272,34 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
     assert MULTIPROCESSING_ENV not in serve_env()
 
 
+def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(tmp_path, tokenizer, base_tokenizer):
+    """A base model's plain chat template, and a stop at the template's end of turn where the model's own files
+    stop only at EOS (Qwen2.5 base), go to `vllm serve` as files; a model whose own files serve needs nothing."""
+    import copy
+    import json
+
+    from pipeline.benchmark.serving import _as_the_engines_serve_it
+    from pipeline.engines import PLAIN_CHAT_TEMPLATE
+    from tests.conftest import build_tiny_model
+
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.eos_token = "<|endoftext|>"
+    for name, tok in (("own", tokenizer), ("base", base_tokenizer), ("qwen-like", qwen_like)):
+        folder = tmp_path / name
+        folder.mkdir()
+        flags = _as_the_engines_serve_it(str(build_tiny_model(tmp_path / f"model-{name}", tok)), EngineConfig(), folder)
+        files = dict(zip(flags[::2], flags[1::2], strict=True))
+        if name == "own":
+            assert flags == []
+        elif name == "base":  # the plain template closes a turn with EOS itself: no other stop
+            assert files == {"--chat-template": str(folder / "chat_template.jinja")}
+            assert Path(files["--chat-template"]).read_text() == PLAIN_CHAT_TEMPLATE.read_text()
+        else:
+            generation = json.loads((Path(files["--generation-config"]) / "generation_config.json").read_text())
+            assert list(files) == ["--generation-config"]
+            assert generation["eos_token_id"] == [qwen_like.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
 @pytest.mark.integration
 def test_a_server_that_fails_to_start_keeps_its_log_and_names_it(tmp_path, monkeypatch):
     """A clean stop removes the server's log (the module's server checks it); a failed start keeps it for the user

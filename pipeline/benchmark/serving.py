@@ -34,6 +34,7 @@ from pipeline.engines import (
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
+    stop_token_ids,
     vllm_dtype_and_eager,
     vllm_kv_cache_bytes,
     vllm_rpc_folder,
@@ -78,8 +79,8 @@ def vllm_server(
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     stopped_cleanly = False
     with vllm_rpc_folder() as rpc_folder:
-        template = _chat_template_file(model, engine, Path(rpc_folder))
-        command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu, template)
+        command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
+        command += _as_the_engines_serve_it(model, engine, Path(rpc_folder))
         process = subprocess.Popen(
             command,
             stdout=server_log,
@@ -121,21 +122,33 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, 
         time.sleep(1)
 
 
-def _chat_template_file(model: str, engine: EngineConfig, folder: Path) -> Path | None:
-    """The chat template the offline engine gives `model` where it is not the model's own (a base model's plain
-    one, or engine.chat_template), written into `folder` for `--chat-template`; None: the model's own."""
-    from transformers import AutoTokenizer
+def _as_the_engines_serve_it(model: str, engine: EngineConfig, folder: Path) -> list[str]:
+    """`vllm serve` flags, with their files written into `folder`, for what the offline engines give `model` and
+    its own files do not: a chat template (a base model's plain one, or engine.chat_template) and a stop at the
+    template's end-of-turn token where that is not EOS (engines.stop_token_ids; the model's generation config
+    with that token added, which is where vLLM reads the tokens it stops at)."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError):  # no model there: the server fails to start, and its log says so
-        return None
+        return []
+    flags = []
     template = chat_template_for(tokenizer, engine.chat_template, model)
-    if template is None:
-        return None
-    path = folder / "chat_template.jinja"
-    path.write_text(template)
-    return path
+    if template is not None:
+        (folder / "chat_template.jinja").write_text(template)
+        flags += ["--chat-template", str(folder / "chat_template.jinja")]
+    try:
+        generation = GenerationConfig.from_pretrained(model)
+    except OSError:  # the model has none
+        generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
+    ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    missing = [i for i in stop_token_ids(tokenizer, template) if i not in ids]
+    if missing:
+        generation.eos_token_id = [i for i in ids if i is not None] + missing
+        generation.save_pretrained(folder / "generation")
+        flags += ["--generation-config", str(folder / "generation")]
+    return flags
 
 
 def _serve_command(
@@ -147,15 +160,12 @@ def _serve_command(
     served_name: str,
     api_key: str | None,
     on_gpu: bool,
-    chat_template: Path | None = None,
 ) -> list[str]:
     """`vllm serve`'s command line, with the engine options the offline engine gets."""
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     command += ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "--seed", str(seed)]
     if api_key:
         command += ["--api-key", api_key]
-    if chat_template:
-        command += ["--chat-template", str(chat_template)]
     command += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
     command += ["--tensor-parallel-size", str(engine.tensor_parallel_size)]
     if engine.max_model_len:
