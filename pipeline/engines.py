@@ -269,6 +269,15 @@ def end_of_turn_id(tokenizer: Any, template: str | None = None) -> int | None:
     return after[0] if after and after[0] in added and added[after[0]].special else None
 
 
+def eos_ids_with(eos_token_id: int | list[int] | None, *more: int | None) -> list[int]:
+    """A generation config's `eos_token_id` (one id, a list or None) as a list, with `more` ids not in it yet."""
+    ids = list(eos_token_id) if isinstance(eos_token_id, list) else [eos_token_id]
+    for extra in more:
+        if extra not in ids:
+            ids.append(extra)
+    return [i for i in ids if i is not None]
+
+
 def stop_token_ids(tokenizer: Any, template: str | None) -> list[int]:
     """Where the template's end-of-turn token is not the EOS token every engine stops at (Qwen2.5 base:
     `<|im_end|>` against `<|endoftext|>`), that token too: every engine stops there, for every model alike."""
@@ -545,12 +554,7 @@ class TransformersEngine(Engine):
         return for_prompt
 
     def _eos_ids(self) -> list[int]:
-        ids = self.lm.generation_config.eos_token_id
-        ids = list(ids) if isinstance(ids, list) else [ids] if ids is not None else []
-        for extra in (self.tokenizer.eos_token_id, *self.stop_token_ids):
-            if extra is not None and extra not in ids:
-                ids.append(extra)
-        return ids
+        return eos_ids_with(self.lm.generation_config.eos_token_id, self.tokenizer.eos_token_id, *self.stop_token_ids)
 
     def close(self) -> None:
         del self.lm

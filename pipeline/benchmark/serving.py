@@ -31,6 +31,7 @@ from pipeline.engines import (
     RPC_BASE_ENV,
     adapter_rank,
     chat_template_for,
+    eos_ids_with,
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
@@ -142,10 +143,9 @@ def _as_the_engines_serve_it(model: str, engine: EngineConfig, folder: Path) -> 
         generation = GenerationConfig.from_pretrained(model)
     except OSError:  # the model has none
         generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-    ids = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    missing = [i for i in stop_token_ids(tokenizer, template) if i not in ids]
-    if missing:
-        generation.eos_token_id = [i for i in ids if i is not None] + missing
+    stops = eos_ids_with(generation.eos_token_id, *stop_token_ids(tokenizer, template))
+    if stops != eos_ids_with(generation.eos_token_id):
+        generation.eos_token_id = stops
         generation.save_pretrained(folder / "generation")
         flags += ["--generation-config", str(folder / "generation")]
     return flags

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.engines import chat_template_for, end_of_turn_id
+from pipeline.engines import chat_template_for, end_of_turn_id, eos_ids_with
 from pipeline.runs import PipelineError, log, read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
@@ -258,11 +258,9 @@ def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
     `<|endoftext|>` against `<|im_end|>`) learns to emit the latter, and served from its folder never stops."""
     end = end_of_turn_id(tokenizer)
     config = model.generation_config
-    ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    ids = [i for i in ids if i is not None]
-    if end is None or end in ids:
+    if end is None or end in eos_ids_with(config.eos_token_id):
         return
-    config.eos_token_id = [*ids, end]
+    config.eos_token_id = eos_ids_with(config.eos_token_id, end)
     log(
         f"train: the chat template closes a turn with {tokenizer.convert_ids_to_tokens(end)}, not the EOS token "
         f"{tokenizer.eos_token}: the tuned student's generation_config.json stops at both"
