@@ -65,7 +65,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT_DIR
 
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), 'torch', torch.__version__)" || exit 2
 
-step tests 180 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
+# 240 s: 100 s on an H200 on 2026-11-27, since then the compile test and five more trainings of tiny students.
+step tests 240 $PY -m pytest -q $PYTEST_ARGS -m "not integration" tests/test_train.py tests/test_kd.py
 bench() {  # bench NAME [OPTIONS...] -- [OVERRIDES...]: options before the config overrides (argparse)
   local name=$1; shift; local options=(); while [ "$1" != -- ]; do options+=("$1"); shift; done; shift
   benches+=("$name")
