@@ -127,11 +127,11 @@ def _saved_work(config: ExperimentConfig, task: Task, stage: Stage) -> str | Non
 
 def _why_stale(config: ExperimentConfig, stage: Stage, manifest: dict) -> str:
     """Which inputs and config sections differ from the manifest's; a run redoes the stage."""
-    before = manifest.get("inputs", {})  # keyed by absolute path in manifests before 2026-11-28
+    inputs = manifest.get("inputs", {})  # keyed by absolute path in manifests before 2026-11-28
     changed = [
         f"input {_shown(config, name)}"
         for name, digest in stage.inputs.items()
-        if before.get(name, before.get(str(config.run_dir / name))) != digest
+        if inputs.get(name, inputs.get(str(config.run_dir / name))) != digest
     ]
     if "sections" in manifest:  # the fingerprint's own parts (manifests since 2026-11-28): "config replay"
         now = json.loads(json.dumps(stage.sections))
