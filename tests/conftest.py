@@ -107,6 +107,17 @@ def base_tokenizer(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def qwen_like_tokenizer(tokenizer):
+    """The tokenizer with `<|endoftext|>` as EOS while its chat template closes a turn with `<|im_end|>`, as Qwen2.5's
+    base models' do."""
+    import copy
+
+    qwen_like = copy.deepcopy(tokenizer)
+    qwen_like.eos_token = "<|endoftext|>"
+    return qwen_like
+
+
+@pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory, base_tokenizer) -> Path:
     """The tiny model as a base model: no chat template of its own."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-base", base_tokenizer)
@@ -179,14 +190,10 @@ def ping_pong_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def ping_pong_qwen_like_student(tmp_path_factory, tokenizer) -> tuple[Path, Path, Path]:
+def ping_pong_qwen_like_student(tmp_path_factory, qwen_like_tokenizer) -> tuple[Path, Path, Path]:
     """The ping-pong student from a model whose EOS (`<|endoftext|>`) is not the token its chat template closes a
     turn with (`<|im_end|>`), as Qwen2.5's base models are: the tuned student must stop at the latter."""
-    import copy
-
-    qwen_like = copy.deepcopy(tokenizer)
-    qwen_like.eos_token = "<|endoftext|>"
-    return train_ping_pong(tmp_path_factory.mktemp("ping-pong-qwen-like"), qwen_like)
+    return train_ping_pong(tmp_path_factory.mktemp("ping-pong-qwen-like"), qwen_like_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -272,18 +272,18 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
     assert MULTIPROCESSING_ENV not in serve_env()
 
 
-def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(tmp_path, tokenizer, base_tokenizer):
+def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(
+    tmp_path, tokenizer, base_tokenizer, qwen_like_tokenizer
+):
     """A base model's plain chat template, and a stop at the template's end of turn where the model's own files
     stop only at EOS (Qwen2.5 base), go to `vllm serve` as files; a model whose own files serve needs nothing."""
-    import copy
     import json
 
     from pipeline.benchmark.serving import _as_the_engines_serve_it
     from pipeline.engines import PLAIN_CHAT_TEMPLATE
     from tests.conftest import build_tiny_model
 
-    qwen_like = copy.deepcopy(tokenizer)
-    qwen_like.eos_token = "<|endoftext|>"
+    qwen_like = qwen_like_tokenizer
     for name, tok in (("own", tokenizer), ("base", base_tokenizer), ("qwen-like", qwen_like)):
         folder = tmp_path / name
         folder.mkdir()

@@ -252,17 +252,15 @@ def test_a_tuned_tiny_model_learns_to_stop(request, student):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_the_saved_student_stops_at_its_templates_end_of_turn(tmp_path, tokenizer, method):
+def test_the_saved_student_stops_at_its_templates_end_of_turn(tmp_path, tokenizer, qwen_like_tokenizer, method):
     """When the EOS token is not the one the chat template closes a turn with (Qwen2.5 base: `<|endoftext|>`
     against `<|im_end|>`), the train stage saves the latter among the tuned student's stop tokens, merged or
     fully tuned; a student whose template closes turns with its EOS keeps its generation config as it was."""
-    import copy
     import json
 
     from pipeline.train import run_train
 
-    qwen_like = copy.deepcopy(tokenizer)
-    qwen_like.eos_token = "<|endoftext|>"
+    qwen_like = qwen_like_tokenizer
     for tok, expected in ((qwen_like, [qwen_like.eos_token_id, tokenizer.eos_token_id]), (tokenizer, None)):
         model = build_tiny_model(tmp_path / f"model-{tok.eos_token_id}", tok)
         config = validate_config(
