@@ -52,11 +52,14 @@ def one_hot_teacher(rows, ids_per_row, offset=0):
     ]
 
 
-def test_teacher_targets_go_to_the_same_token_at_the_same_place(tmp_path, tiny_model, tokenizer):
+@pytest.mark.parametrize("student", ["tiny_model", "tiny_base_model"])
+def test_teacher_targets_go_to_the_same_token_at_the_same_place(tmp_path, student, tokenizer, request):
+    """Also for a base student, which trains with the plain template the pipeline gives it (nothing after EOS)."""
+    tiny_model = request.getfixturevalue(student)
     ids = completion_ids(tmp_path, tiny_model)
     # Row 0: the teacher sampled exactly the student's tokens. Row 1: the teacher's text had a leading space
     # the filter stripped, so its first word is one token where the student's has others, and it ended with
-    # EOS, where the chat template adds a newline after it.
+    # EOS, where the ChatML template adds a newline after it (the plain one nothing).
     content = ROWS[1]["messages"][-1]["content"]
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sampled = tokenizer.encode(" " + content, add_special_tokens=False) + [eos]
@@ -73,8 +76,10 @@ def test_teacher_targets_go_to_the_same_token_at_the_same_place(tmp_path, tiny_m
         if row == 0:
             assert all(mask)
         else:
-            first_word = len(ids[1]) - len(sampled)  # student tokens of "Parcel" (the teacher had " Parcel")
-            assert mask == [False] * first_word + [True] * (len(sampled) - 1) + [False], mask
+            after_eos = [False] if student == "tiny_model" else []
+            # student tokens of "Parcel" (the teacher had " Parcel": one token)
+            first_word = len(ids[1]) - len(after_eos) - (len(sampled) - 1)
+            assert mask == [False] * first_word + [True] * (len(sampled) - 1) + after_eos, mask
 
 
 def test_kd_on_a_one_hot_teacher_is_exactly_the_cross_entropy(tmp_path, tiny_model):
