@@ -99,76 +99,7 @@ bench compile --only packed -- "student.model=$M05" train.torch_compile=true
 bench token_metrics --only unpacked -- "student.model=$M05" train.token_metrics=true
 bench checkpointing --only unpacked -- "student.model=$M05" train.gradient_checkpointing=true
 
-$PY - "$OUT_DIR" "${benches[@]}" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-def figures(name):  # a bench's JSON, {} where it did not run or finish
-    path = out / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-print("\nmedians of the rounds (plain, ours, plain, ours...); ours/plain with the rounds' range")
-print(f"\n| model | packing | ours tok/s | plain tok/s | ours/plain | MFU ours | MFU plain | attention, head, Liger | peak GiB ours/plain |")
-print("|---|---|---|---|---|---|---|---|---|")
-for name in sys.argv[2:]:
-    data = figures(name)
-    if not data:
-        print(f"| {name} | (no result: {name}.log, if it ran) |"); continue
-    for mode in ("unpacked", "packed"):
-        r = data.get(mode)
-        if r:
-            mem = r["peak_memory_gib"]
-            mems = f"{mem['ours']:.1f} / {mem['plain']:.1f}" if mem["ours"] is not None else "-"
-            label = Path(data["model"]).name + ("" if name.startswith("bench") else f" ({name})")
-            turns = r.get("round_ratios", [r["ratio"]])
-            spread = f" ({min(turns):.2f}-{max(turns):.2f})" if len(turns) > 1 else ""
-            print(f"| {label} | {mode} | {r['ours_tok_s']:,.0f} | {r['plain_tok_s']:,.0f} | "
-                  f"{r['ratio']:.2f}{spread} | {r.get('mfu', 0):.1%} | {r.get('plain_mfu', 0):.1%} | {r['attention']}"
-                  f"{', fused head' if r.get('fused_lm_head') else ''}{', Liger' if r.get('liger_kernels') else ''} | "
-                  f"{mems} |")
-# The train stage's floors on a GPU: ours >= 0.9 of the plain loop, unpacked and packed; packed MFU >= 10% on the
-# 0.5B shape and >= 20% on the 1.5B one.
-floors = []
-for name, packed_mfu in (("bench_05b", 0.10), ("bench_15b", 0.20)):
-    data = figures(name)
-    for mode in ("unpacked", "packed"):
-        r = data.get(mode)
-        if r is None:
-            floors.append(f"{name} {mode}: no figures"); continue
-        floors.append(f"{name} {mode}: ours/plain {r['ratio']:.2f} {'met' if r['ratio'] >= 0.9 else 'MISSED'} (>= 0.9)")
-        if mode == "packed":
-            mfu = r.get("mfu") or 0
-            floors.append(f"{name} packed: MFU {mfu:.1%} {'met' if mfu >= packed_mfu else 'MISSED'} (>= {packed_mfu:.0%})")
-print("\nfloors:\n  " + "\n  ".join(floors))
-# The defaults' rules, each against its option measured in the same check (ratios: each side has its own plain loop)
-rules = []
-for default, option, mode, what, rule in (
-    ("bench_15b", "liger_unpacked", "unpacked", "Liger, 1.5B unpacked", "off unpacked"),
-    ("bench_05b", "fused_head", "packed", "fused LM head, 0.5B packed", "off by size"),
-):
-    a, b = figures(default).get(mode), figures(option).get(mode)
-    if a and b:
-        verdict = "holds" if a["ratio"] >= b["ratio"] else "NOT borne out"
-        rules.append(f"{what}: {b['ratio']:.2f} with, {a['ratio']:.2f} without (default: {rule}): {verdict}")
-if rules:
-    print("\nrules:\n  " + "\n  ".join(rules))
-metrics = next((out / "runs").glob("*/train/train_metrics.json"), None)
-if metrics:
-    m = json.loads(metrics.read_text())
-    print(f"\nwhole pipeline, QLoRA train stage: {m['steps']} steps, {m.get('train_tokens_per_s')} tok/s, "
-          f"MFU {m.get('mfu')}, on {m.get('accelerator')}; bf16 {m.get('bf16')}, fused LM head "
-          f"{m.get('fused_lm_head')}, Liger {m.get('liger_kernels')}")
-report = next((out / "runs").glob("*/benchmark/report.json"), None)
-if report:  # the detected hardware profile and each system's distance to its limits
-    r = json.loads(report.read_text())
-    hw = r["hardware"]
-    print(f"benchmark on {hw['device']} x{hw['count']}: profile {hw['serving_hardware']} ({hw['serving_source']}), "
-          f"{hw['profiles'][hw['serving_hardware']]}")
-    for name, m in r["systems"].items():
-        print(f"  {name}: decode {m.get('decode_tokens_per_s', 0):.1f} of {m.get('decode_ceiling_tokens_per_s', 0):,.0f} "
-              f"tok/s = {m.get('decode_roofline_share', 0):.2%} of the roofline ({m.get('decode_basis')}), "
-              f"batched {m.get('batched_compute_share', 0):.3%} of peak, ${m.get('cost_per_1k_requests', 0):.4f}/1k, "
-              f"p50 one at a time warm {m.get('latency_p50_s', 0):.2f} / cold {m.get('latency_cold_p50_s', 0):.2f} s")
-PY
+$PY scripts/gpu_check_summary.py "$OUT_DIR" "${benches[@]}"  # the table, floors, rules and pipeline figures
 echo
 failed=0
 for name in "${steps[@]}"; do

@@ -74,6 +74,14 @@ def test_stage_scripts_then_the_demo_reruns_only_what_an_override_reaches(tiny_e
         assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((run_dir / "benchmark" / "report.json").read_text())
     assert set(report["systems"]) == {"teacher", "student_base", "student_prompted", "student_tuned"}
+    # gpu_check.sh's summary of its whole-pipeline step reads this run (its runs/ folder), benches or none.
+    summary = run_python("gpu_check_summary.py", str(run_dir.parents[1]), "bench_05b")
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    steps = json.loads((run_dir / "train" / "train_metrics.json").read_text())["steps"]
+    assert f"whole pipeline, QLoRA train stage: {steps} steps, " in summary.stdout
+    assert f"benchmark on {report['hardware']['device']} x" in summary.stdout
+    assert all(f"\n  {name}: decode " in summary.stdout for name in report["systems"])
+    assert "bench_05b unpacked: no figures" in summary.stdout
 
     again = run("demo.sh", env, "benchmark.latency_requests=1")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -184,6 +192,27 @@ def test_train_benchmark_script_prints_both_ratios(tmp_path, capsys):
         assert len(figures["round_ratios"]) == 2 and figures["ratio"] == statistics.median(figures["round_ratios"])
         assert f"{mode:<8} ratio ours/plain = {figures['ratio']:.3f} (median of 2 rounds: " in stdout
         assert f"{mode:<8} ours : " in stdout and "(round 2 of 2)" in stdout
+
+    # gpu_check.sh's summary reads these figures: its table, floors and rules, here on copies made to miss a floor
+    # and to beat the default's rule (a bench that did not run gets a row saying so).
+    check = tmp_path / "check"
+    check.mkdir()
+    (check / "bench_05b.json").write_text(json.dumps(written))
+    slow = json.loads(json.dumps(written))
+    slow["packed"].update(ratio=0.5, round_ratios=[0.4, 0.5, 0.6], mfu=0.3)
+    (check / "bench_15b.json").write_text(json.dumps(slow))
+    (check / "fused_head.json").write_text(json.dumps({**written, "packed": slow["packed"] | {"ratio": 9.0}}))
+    result = run_python("gpu_check_summary.py", str(check), "bench_05b", "bench_15b", "liger_unpacked", "fused_head")
+    assert result.returncode == 0, result.stderr[-2000:]
+    unpacked = written["unpacked"]
+    row = f"| unpacked | {unpacked['ours_tok_s']:,.0f} | {unpacked['plain_tok_s']:,.0f} | {unpacked['ratio']:.2f} ("
+    assert row in result.stdout and "| liger_unpacked | (no result: liger_unpacked.log, if it ran) |" in result.stdout
+    assert "| packed | " in result.stdout and " (fused_head) | packed | " in result.stdout
+    met = "met" if unpacked["ratio"] >= 0.9 else "MISSED"
+    assert f"bench_05b unpacked: ours/plain {unpacked['ratio']:.2f} {met} (>= 0.9)" in result.stdout
+    assert "bench_15b packed: ours/plain 0.50 MISSED (>= 0.9)" in result.stdout
+    assert "bench_15b packed: MFU 30.0% met (>= 20%)" in result.stdout
+    assert "fused LM head, 0.5B packed: 9.00 with" in result.stdout and "NOT borne out" in result.stdout
 
 
 def test_the_host_bound_train_benchmark_trains_a_deep_narrow_stand_in_one_example_a_step(tmp_path, capsys):
