@@ -250,9 +250,10 @@ def test_unreachable_server_is_a_one_line_error():
         load_engine("anything", config, seed=0)
 
 
-def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiprocessing(monkeypatch):
+def test_serve_command_reserves_the_configured_kv_cache_and_runs_the_model_in_the_engine_core(monkeypatch):
     """`vllm serve` gets the offline engine's KV cache size (4 GiB by default on a CPU, capped by
-    gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set) and not its in-process default."""
+    gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set); on a CPU its engine core runs the model
+    itself (no worker process), on a GPU vLLM's default stands, and a value the user set wins on both."""
     from pipeline.benchmark.serving import _serve_command
     from pipeline.engines import CPU_KV_CACHE_GIB, MULTIPROCESSING_ENV, run_offline_engine_in_process, serve_env
 
@@ -269,7 +270,11 @@ def test_serve_command_reserves_the_configured_kv_cache_and_keeps_vllm_multiproc
     monkeypatch.setenv(MULTIPROCESSING_ENV, "1")  # records the variable's state, so teardown restores it
     monkeypatch.delenv(MULTIPROCESSING_ENV)
     run_offline_engine_in_process()
-    assert MULTIPROCESSING_ENV not in serve_env()
+    assert MULTIPROCESSING_ENV not in serve_env(on_gpu=True)
+    assert serve_env(on_gpu=False)[MULTIPROCESSING_ENV] == "0"
+    monkeypatch.setattr("pipeline.engines._USER_SET_MULTIPROCESSING", True)
+    monkeypatch.setenv(MULTIPROCESSING_ENV, "1")
+    assert serve_env(on_gpu=False)[MULTIPROCESSING_ENV] == serve_env(on_gpu=True)[MULTIPROCESSING_ENV] == "1"
 
 
 def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(

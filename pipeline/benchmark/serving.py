@@ -87,7 +87,7 @@ def vllm_server(
             stdout=server_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=serve_env() | {RPC_BASE_ENV: rpc_folder},
+            env=serve_env(on_gpu) | {RPC_BASE_ENV: rpc_folder},
         )
         try:
             _wait_until_healthy(process, port, timeout_s, server_log.name)
