@@ -236,7 +236,7 @@ def tiny_config(tmp_path: Path, model: Path, **overrides: Any) -> dict[str, Any]
             "engine": {"backend": "transformers", "batch_size": 8},
             "sampling": {"max_tokens": 8},
             "latency_requests": 2,
-            "load_test": {"enabled": False},  # vllm serve takes ~30 s to start: on in the tests about it
+            "load_test": {"enabled": False},  # vllm serve takes ~20 s to start: on in the tests about it
             "probe_max_tokens": 4,
         },
         "tracking": {"wandb": False},
