@@ -172,8 +172,8 @@ def environ_set(name: str, value: str) -> Iterator[None]:
 def vllm_rpc_folder() -> Iterator[str]:
     """A new folder for vLLM's ZMQ socket files (give it as VLLM_RPC_BASE_PATH), removed on exit, after the engine
     has stopped. vLLM 0.32 leaves those files behind: 7 per offline engine in multiprocess mode (the GPU default)
-    and per `vllm serve` (3 on a CPU, see serve_env), in the system temp folder, or under the user's VLLM_RPC_BASE_PATH, where this folder
-    goes. A socket's whole path must fit in 107 characters."""
+    and per `vllm serve` (3 on a CPU, see serve_env), in the system temp folder, or under the user's
+    VLLM_RPC_BASE_PATH, where this folder goes. A socket's whole path must fit in 107 characters."""
     folder = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(RPC_BASE_ENV))
     try:
         yield folder
