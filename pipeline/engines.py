@@ -284,6 +284,17 @@ def eos_ids_with(eos_token_id: int | list[int] | None, *more: int | None) -> lis
     return [i for i in ids if i is not None]
 
 
+def add_end_of_turn_stop(generation_config: Any, tokenizer: Any, template: str | None = None) -> bool:
+    """Add the chat template's end-of-turn token to a generation config's `eos_token_id` (the stop tokens a saved
+    model is served with) where it is not there yet; True when it was added. Without it, a model whose EOS is not
+    that token (Qwen2.5 base) and that learned to close its turns with it, served from its folder, never stops."""
+    end = end_of_turn_id(tokenizer, template)
+    if end is None or end in eos_ids_with(generation_config.eos_token_id):
+        return False
+    generation_config.eos_token_id = eos_ids_with(generation_config.eos_token_id, end)
+    return True
+
+
 def stop_token_ids(tokenizer: Any, template: str | None) -> list[int]:
     """Where the template's end-of-turn token is not the EOS token every engine stops at (Qwen2.5 base:
     `<|im_end|>` against `<|endoftext|>`), that token too: every engine stops there, for every model alike."""

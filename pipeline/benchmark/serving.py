@@ -30,12 +30,11 @@ from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, Samp
 from pipeline.engines import (
     RPC_BASE_ENV,
     adapter_rank,
+    add_end_of_turn_stop,
     chat_template_for,
-    eos_ids_with,
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
-    stop_token_ids,
     vllm_dtype_and_eager,
     vllm_kv_cache_bytes,
     vllm_rpc_folder,
@@ -126,8 +125,8 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, 
 def _as_the_engines_serve_it(model: str, engine: EngineConfig, folder: Path) -> list[str]:
     """`vllm serve` flags, with their files written into `folder`, for what the offline engines give `model` and
     its own files do not: a chat template (a base model's plain one, or engine.chat_template) and a stop at the
-    template's end-of-turn token where that is not EOS (engines.stop_token_ids; the model's generation config
-    with that token added, which is where vLLM reads the tokens it stops at)."""
+    template's end-of-turn token where its stop tokens lack it (engines.add_end_of_turn_stop; the model's generation
+    config with that token added, which is where vLLM reads the tokens it stops at)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     try:
@@ -143,9 +142,7 @@ def _as_the_engines_serve_it(model: str, engine: EngineConfig, folder: Path) -> 
         generation = GenerationConfig.from_pretrained(model)
     except OSError:  # the model has none
         generation = GenerationConfig(eos_token_id=tokenizer.eos_token_id)
-    stops = eos_ids_with(generation.eos_token_id, *stop_token_ids(tokenizer, template))
-    if stops != eos_ids_with(generation.eos_token_id):
-        generation.eos_token_id = stops
+    if add_end_of_turn_stop(generation, tokenizer, template):
         generation.save_pretrained(folder / "generation")
         flags += ["--generation-config", str(folder / "generation")]
     return flags

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
-from pipeline.engines import chat_template_for, end_of_turn_id, eos_ids_with
+from pipeline.engines import add_end_of_turn_stop, chat_template_for, end_of_turn_id
 from pipeline.runs import PipelineError, log, read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
@@ -256,15 +256,12 @@ def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
     """Add the chat template's end-of-turn token to the stop tokens in the model's generation config (saved with
     the tuned student). A student whose EOS is not the token its template closes a turn with (Qwen2.5 base:
     `<|endoftext|>` against `<|im_end|>`) learns to emit the latter, and served from its folder never stops."""
-    end = end_of_turn_id(tokenizer)
-    config = model.generation_config
-    if end is None or end in eos_ids_with(config.eos_token_id):
-        return
-    config.eos_token_id = eos_ids_with(config.eos_token_id, end)
-    log(
-        f"train: the chat template closes a turn with {tokenizer.convert_ids_to_tokens(end)}, not the EOS token "
-        f"{tokenizer.eos_token}: the tuned student's generation_config.json stops at both"
-    )
+    if add_end_of_turn_stop(model.generation_config, tokenizer):
+        end = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+        log(
+            f"train: the chat template closes a turn with {end}, not the EOS token {tokenizer.eos_token}: the tuned "
+            "student's generation_config.json stops at both"
+        )
 
 
 def build_trainer(
