@@ -247,13 +247,21 @@ PLAIN_CHAT_TEMPLATE = Path(__file__).parent / "data" / "plain_chat.jinja"
 def chat_template_for(tokenizer: Any, configured: str | None, model: str) -> str | None:
     """The chat template `model` is prompted and trained with in place of its own: `configured` (engine.chat_template,
     a template or a file); else, for a model without one (a base model, which otherwise fails at its first chat
-    message), the plain template shipped in `pipeline/data/`, said once. None: the model's own."""
+    message), the plain template shipped in `pipeline/data/`, said once, led by the BOS token where the tokenizer
+    adds one to plain text (Gemma, Llama, Mistral: every engine and TRL tokenize a rendered chat without special
+    tokens, and such a model prompted without its BOS answers poorly). None: the model's own."""
     if configured is not None:
         return _chat_template(configured)
     if tokenizer.chat_template is not None:
         return None
     _say_plain_template(model)
-    return PLAIN_CHAT_TEMPLATE.read_text()
+    return ("{{- bos_token }}" if adds_bos(tokenizer) else "") + PLAIN_CHAT_TEMPLATE.read_text()
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts plain text with its BOS token, as the model saw its pre-training text."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def end_of_turn_id(tokenizer: Any, template: str | None = None) -> int | None:

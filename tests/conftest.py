@@ -107,6 +107,18 @@ def base_tokenizer(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def bos_base_tokenizer(base_tokenizer):
+    """The base tokenizer starting plain text with its BOS token, as Gemma's, Llama's and Mistral's base models'
+    do (SmolLM2's BOS is `<|im_start|>`, which it never adds)."""
+    import copy
+
+    with_bos = copy.deepcopy(base_tokenizer)
+    with_bos.add_bos_token = True
+    assert with_bos("a")["input_ids"][0] == with_bos.bos_token_id
+    return with_bos
+
+
+@pytest.fixture(scope="session")
 def qwen_like_tokenizer(tokenizer):
     """The tokenizer with `<|endoftext|>` as EOS while its chat template closes a turn with `<|im_end|>`, as Qwen2.5's
     base models' do."""

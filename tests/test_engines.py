@@ -201,6 +201,31 @@ def test_unmerged_adapter_serves_what_the_merged_weights_serve(request, backend,
     assert answers["base"] != answers["merged"]
 
 
+@pytest.mark.integration
+def test_a_base_model_is_prompted_behind_the_bos_its_tokenizer_adds(tmp_path, base_tokenizer, bos_base_tokenizer):
+    """The plain chat template of a base model leads with BOS where its tokenizer adds one to plain text (Gemma,
+    Llama, Mistral): both engines tokenize the rendered chat without special tokens, so without it the model is
+    prompted without the BOS it was pre-trained behind. One token more than the same chat for a tokenizer that adds
+    none, on vLLM as on transformers (a BOS added twice would be two more)."""
+    from tests.conftest import build_tiny_model
+
+    greedy = SamplingConfig(max_tokens=2)
+    prompt_tokens = {}
+    for name, tokenizer, backend in (
+        ("plain", base_tokenizer, "transformers"),
+        ("bos", bos_base_tokenizer, "transformers"),
+        ("bos", bos_base_tokenizer, "vllm"),
+    ):
+        model = build_tiny_model(tmp_path / name, tokenizer)
+        engine = load_engine(str(model), EngineConfig(backend=backend, max_model_len=512, kv_cache_gb=0.25), seed=0)
+        try:
+            prompt_tokens[name, backend] = [g.prompt_tokens for g in engine.generate(CONVERSATIONS, greedy, False)]
+        finally:
+            engine.close()
+    with_bos = [n + 1 for n in prompt_tokens["plain", "transformers"]]
+    assert prompt_tokens["bos", "transformers"] == prompt_tokens["bos", "vllm"] == with_bos, prompt_tokens
+
+
 def test_transformers_engine_generates_without_cudnn_attention_on_cuda(monkeypatch, tiny_model):
     """cuDNN attention plans every new key length, so a generated request paid it at each decode step (H200: 1.8-3.3
     s against 0.55 s). No GPU here: the context is told the device is CUDA; its flags are global, in CPU torch too."""

@@ -288,6 +288,20 @@ def test_the_student_trains_with_the_chat_template_it_is_served_with(tmp_path, t
     assert train_stage(batch).fingerprint == train_stage(own).fingerprint  # how it is served is not training's
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_base_student_trains_behind_the_bos_its_tokenizer_adds(request, tmp_path, adds_bos):
+    """A base model has no chat template; the plain one it gets leads with the BOS token where its tokenizer starts
+    plain text with one (Gemma, Llama, Mistral), since TRL tokenizes a rendered chat without special tokens and
+    such a model without its BOS is off its pre-training distribution (Gemma 3 270M base completes "The capital of
+    France is" with "France. The The The..."). Exactly one BOS; none where the tokenizer adds none (SmolLM2)."""
+    tok = request.getfixturevalue("bos_base_tokenizer" if adds_bos else "base_tokenizer")
+    model = build_tiny_model(tmp_path / "base", tok)
+    trainer = support_trainer(validate_config(tiny_config(tmp_path, model)), model, tmp_path)
+    for example in trainer.train_dataset:
+        ids = example["input_ids"]
+        assert (ids[0] == tok.bos_token_id) is adds_bos and ids.count(tok.bos_token_id) == int(adds_bos), ids[:4]
+
+
 def test_a_run_shorter_than_logging_steps_records_its_first_and_last_loss(tmp_path, tiny_model):
     """3 steps with logging_steps 5: the first and the last step's losses are logged all the same (a real data
     set that left 2 examples ran 3 steps and recorded `loss None -> None`)."""
