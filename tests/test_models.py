@@ -37,5 +37,36 @@ def test_bundled_model_materialises_once_and_loads_like_any_hf_model(tmp_path, m
     assert "Paris" in answer  # real weights, not random ones
 
 
+@pytest.mark.integration
+def test_the_bundled_base_model_materialises_with_the_bos_it_was_trained_behind(tmp_path, monkeypatch):
+    """Gemma 3 270M, a base model shipped as GGUF parts: assembled, converted, and its tokenizer adds BOS as the
+    GGUF says (transformers' GGUF tokenizer never does). Its real weights need it: with BOS they complete "Paris is
+    the capital of" with France, without it with "the capital of the capital...". No chat template, so the plain
+    one the pipeline gives it leads with the BOS too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.engines import chat_template_for
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    path = resolve_model("bundled:gemma3-270m")
+    folder = tmp_path / "models" / "gemma3-270m"
+    assert path == str(folder) and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    assert not (folder / "gguf").exists()  # the assembled GGUF file is not kept beside its weights
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+
+    def complete(text: str, bos: bool) -> str:
+        prompt = tokenizer(text, return_tensors="pt", add_special_tokens=bos)
+        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
+
+    assert complete("Paris is the capital of", bos=True).split()[0] == "France"
+    assert "France" not in complete("Paris is the capital of", bos=False)
+    assert tokenizer.chat_template is None
+    template = chat_template_for(tokenizer, None, path)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=template, tokenize=False)
+    assert chat.startswith("<bos>User:\nHi") and chat.count("<bos>") == 1, chat
+
+
 def test_local_folder_resolves_to_its_absolute_path(tiny_model):
     assert resolve_model(str(tiny_model)) == str(tiny_model.resolve())
