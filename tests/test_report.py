@@ -390,6 +390,35 @@ def test_only_the_same_weights_with_the_same_prompt_are_measured_once():
     assert twins(systems) == {"student_prompted": "teacher", "tuned_again": "student_tuned"}
 
 
+def test_the_teacher_is_measured_with_the_chat_template_it_generated_with(tmp_path, tiny_model):
+    """benchmark.engine.chat_template is the student's (it trains with it); a system on the teacher's model is
+    prompted with teacher.engine.chat_template, as in generate. A run that set the student's template for a base
+    student measured the teacher under it: 14 of 30 of its greedy answers changed. The prompted student, on the
+    teacher's weights but the student's template, is then no longer the teacher's twin."""
+    from pipeline.benchmark.stage import benchmark_stage
+    from pipeline.benchmark.systems import systems_for, twins
+    from pipeline.config import validate_config
+    from pipeline.tasks import task_for
+    from tests.conftest import tiny_config
+
+    student_template, teacher_template = "{{ 'student' }}", "{{ 'teacher' }}"
+
+    def systems(**overrides):
+        config = validate_config(tiny_config(tmp_path, tiny_model, **overrides))
+        config.layout.merged.mkdir(parents=True, exist_ok=True)
+        (config.layout.merged / "config.json").write_text("{}")
+        found = systems_for(config)
+        return {s.name: s.engine.chat_template for s in found}, twins(found), benchmark_stage(config, task_for(config))
+
+    templates, copies, unset = systems()
+    assert set(templates.values()) == {None} and copies == {"student_prompted": "teacher"}
+    templates, copies, _ = systems(**{"benchmark.engine.chat_template": student_template})
+    assert templates.pop("teacher") is None and set(templates.values()) == {student_template} and copies == {}
+    templates, copies, teachers = systems(**{"teacher.engine.chat_template": teacher_template})
+    assert templates.pop("teacher") == teacher_template and set(templates.values()) == {None} and copies == {}
+    assert teachers.fingerprint != unset.fingerprint
+
+
 def test_the_cost_sentence_names_the_systems_priced_by_the_token():
     """A hosted teacher's cost is its list price by the token, not machine time over throughput: the report's
     sentence on how serving cost was reached says which systems are priced that way."""

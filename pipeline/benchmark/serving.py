@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.benchmark.evaluate import task_sampling
 from pipeline.benchmark.stats import percentile
-from pipeline.benchmark.systems import copy_rows, twins
+from pipeline.benchmark.systems import copy_rows, engine_key, twins
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
 from pipeline.engines import (
     RPC_BASE_ENV,
@@ -314,18 +314,19 @@ def run_load_tests(
         if system.on_server:  # measured where it is served (a hosted API: latency over the network, its price)
             assert system.engine is not None
             measure(system, system.engine.server.base_url, system.model, system.engine.server.api_key())
-    by_model: dict[str, list[System]] = {}
+    by_model: dict[tuple[str, str], list[System]] = {}
     for system in systems:
         if not system.on_server:
-            by_model.setdefault(system.model, []).append(system)
-    for model, group in by_model.items():
+            by_model.setdefault((system.model, engine_key(system.engine)), []).append(system)
+    for (model, _), group in by_model.items():
         started = [system for system in group if system in todo]
         if not started:
             continue
         served = {s.name: f"adapter-{i}" if s.adapter else "base" for i, s in enumerate(group)}
         adapters = {served[s.name]: s.adapter for s in group if s.adapter}
+        engine = group[0].engine or bench.engine  # a system on the teacher's model: its chat template (system_engine)
         log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in started)}")
-        with vllm_server(model, bench.engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+        with vllm_server(model, engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
             for system in started:
                 measure(system, url, served[system.name])
     summaries: dict[str, dict[str, Any]] = {}

@@ -44,10 +44,13 @@ REPORT_SCHEMA_VERSION = 3  # report.json's layout; README "report.json" document
 
 
 def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
+    teacher: dict[str, Any] = {"model": config.teacher.model, "prompt_style": config.teacher.prompt_style}
+    if config.teacher.engine.chat_template is not None:  # the teacher is measured with it (system_engine)
+        teacher["chat_template"] = config.teacher.engine.chat_template
     sections = {
         "seed": config.seed,
         "task": config.task.model_dump(),
-        "teacher": {"model": config.teacher.model, "prompt_style": config.teacher.prompt_style},
+        "teacher": teacher,
         "student": config.student.model_dump(),
         "benchmark": config.benchmark.model_dump(),
     }

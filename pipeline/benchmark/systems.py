@@ -35,15 +35,20 @@ def twins(systems: list[System]) -> dict[str, str]:
     They are one system (in the embedded default the teacher and the prompted student are one model with one
     prompt), so the benchmark measures it once and copies its rows: two measurements differed only by noise
     (4.5% and 14.5% in cost per request in two demo runs), and cost the demo ~3 minutes."""
-    first: dict[tuple[str, str | None, str, bool], str] = {}
+    first: dict[tuple[str, str | None, str, str], str] = {}
     copies = {}
     for system in systems:
-        key = (system.model, system.adapter, system.prompt_style, system.on_server)
+        key = (system.model, system.adapter, system.prompt_style, engine_key(system.engine))
         if key in first:
             copies[system.name] = first[key]
         else:
             first[key] = system.name
     return copies
+
+
+def engine_key(engine: EngineConfig | None) -> str:
+    """Systems on equal engine settings (chat template included) can share an engine: one key for them."""
+    return engine.model_dump_json() if engine is not None else ""
 
 
 def copy_rows(records: list[dict], source: str, name: str, kinds: tuple[str, ...]) -> list[dict]:
@@ -95,9 +100,14 @@ def systems_for(config: ExperimentConfig) -> list[System]:
 
 def system_engine(config: ExperimentConfig, declared: SystemConfig) -> EngineConfig:
     """Where a system runs: its own `engine`, else the teacher's server for a system on the teacher's model
-    (a hosted or remote teacher may exist nowhere else), else benchmark.engine."""
+    (a hosted or remote teacher may exist nowhere else), else benchmark.engine, with the teacher's chat template
+    for a system on the teacher's model: it is measured as it generated (benchmark.engine.chat_template is the
+    student's, which it trains with)."""
     if declared.engine is not None:
         return declared.engine
-    if declared.model == names.TEACHER_MODEL and config.teacher.engine.backend == "openai":
-        return config.teacher.engine
+    teacher = config.teacher.engine
+    if declared.model == names.TEACHER_MODEL and teacher.backend == "openai":
+        return teacher
+    if declared.model == names.TEACHER_MODEL and teacher.chat_template != config.benchmark.engine.chat_template:
+        return config.benchmark.engine.model_copy(update={"chat_template": teacher.chat_template})
     return config.benchmark.engine
