@@ -41,9 +41,16 @@ def test_verdicts():
     assert "Verdict: not worth it — fine-tuning did not measurably beat" in verdict(report(0.0, 0.0, 0.0))
     assert "regression on base capabilities" in verdict(report(0.37, -0.38, 0.75))  # measured on the demo, lr 2e-3
     assert "regression on base capabilities" in verdict(report(0.37, 0.0, 0.15))
-    assert "Verdict: mixed" in verdict(report(0.28, 0.04, 0.08))  # measured on the demo, lr 1e-3
-    assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_p50=2.5))  # slower than the teacher
-    assert "Verdict: mixed" in verdict(report(0.84, -0.01, 0.02, tuned_cost=0.6))  # dearer than the teacher
+    # Mixed names what falls short of "worth it", each with the setting that draws its line.
+    low = verdict(report(0.28, 0.04, 0.08))  # measured on the demo, lr 1e-3
+    assert "Verdict: mixed — fine-tuning helped, but it keeps 33% of the teacher's accuracy, under the 90%" in low
+    assert low.endswith("(benchmark.verdict.min_kept_of_teacher); weigh that before shipping it.")
+    slow = verdict(report(0.84, -0.01, 0.02, tuned_p50=2.5))  # slower than the teacher
+    assert "helped, but its p50 latency is 1.25x the teacher's (faster counts below 0.80x, benchmark." in slow
+    both = verdict(report(0.84, -0.01, 0.02, tuned_p50=2.5, tuned_cost=0.6))  # and dearer
+    assert "1.25x the teacher's (faster counts below 0.80x, benchmark.verdict.min_serving_gain) and it costs " in both
+    assert "it costs 1.20x the teacher per 1M output tokens (cheaper counts below 0.80x" in both
+    assert "teacher's accuracy" not in both  # it keeps 99%: not a reason
 
 
 def test_the_verdict_says_which_probe_categories_its_forgetting_figures_leave_out():

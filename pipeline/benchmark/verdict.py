@@ -326,15 +326,32 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
                 else "."
             )
         )
-    near_teacher = (
-        facts.as_good_as_teacher if facts.as_good_as_teacher is not None else facts.kept >= rules.min_kept_of_teacher
-    )
-    if near_teacher and lower_beyond_noise(facts.latency_ratio, rules) and lower_beyond_noise(facts.cost_ratio, rules):
+    short = _short_of_worth_it(facts, rules)
+    if not short:
         judged = " (as the judge sees it: weigh its reliability above)" if facts.as_good_as_teacher is not None else ""
         return (
             f"Verdict: worth it — the tuned student does the task near the teacher's level{judged}, faster and cheaper."
         )
-    return "Verdict: mixed — fine-tuning helped, but see the numbers above before shipping it."
+    return f"Verdict: mixed — fine-tuning helped, but {' and '.join(short)}; weigh that before shipping it."
+
+
+def _short_of_worth_it(facts: _Facts, rules: VerdictConfig) -> list[str]:
+    """What keeps a tuned student that beat its untuned self from "worth it": the teacher's level, faster, cheaper
+    (each with the setting that draws its line). Empty: worth it."""
+    short = []
+    if facts.as_good_as_teacher is False:
+        short.append("the judge does not rate it as good as the teacher")
+    elif facts.as_good_as_teacher is None and facts.kept < rules.min_kept_of_teacher:
+        short.append(
+            f"it keeps {facts.kept:.0%} of the teacher's accuracy, under the {rules.min_kept_of_teacher:.0%} that "
+            "counts as the teacher's level (benchmark.verdict.min_kept_of_teacher)"
+        )
+    line = f"{1 - rules.min_serving_gain:.2f}x, benchmark.verdict.min_serving_gain"
+    if not lower_beyond_noise(facts.latency_ratio, rules):
+        short.append(f"its p50 latency is {facts.latency_ratio:.2f}x the teacher's (faster counts below {line})")
+    if not lower_beyond_noise(facts.cost_ratio, rules):
+        short.append(f"it costs {facts.cost_ratio:.2f}x the teacher {facts.unit} (cheaper counts below {line})")
+    return short
 
 
 def _within_noise(facts: _Facts, *ratios: float) -> str:
