@@ -258,6 +258,11 @@ def chat_template_for(tokenizer: Any, configured: str | None, model: str) -> str
     return ("{{- bos_token }}" if adds_bos(tokenizer) else "") + PLAIN_CHAT_TEMPLATE.read_text()
 
 
+def is_plain_template(template: str | None) -> bool:
+    """Whether a template `chat_template_for` returned is the plain one: a model with no chat format of its own."""
+    return template is not None and template.endswith(PLAIN_CHAT_TEMPLATE.read_text())
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer starts plain text with its BOS token, as the model saw its pre-training text."""
     bos = tokenizer.bos_token_id

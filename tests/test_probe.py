@@ -251,3 +251,29 @@ def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
         "Tuned against untuned on the same questions (exact McNemar): accuracy -100.0 points (the tuned student "
         "right and the untuned not on 0 questions, the reverse on 8; p = 0.0078); leakage +25.0 points"
     )
+
+
+def test_a_base_students_probe_says_it_was_asked_in_a_chat_format_it_never_learned(
+    tmp_path, tiny_model, tiny_base_model
+):
+    """A base student has no chat template: untuned, it takes the probe in the plain format (a real one, Gemma 3
+    270M, repeated the question and its role headers on all 134), so the report says the change against it
+    measures that format learned as well as ability kept. Not said of a student with a template of its own."""
+    from pipeline.benchmark.evaluate import run_probe
+    from pipeline.benchmark.report import _forgetting_section
+    from pipeline.benchmark.systems import System
+    from pipeline.config import EngineConfig, validate_config
+    from pipeline.engines import load_engine
+    from pipeline.tasks import task_for
+    from tests.conftest import tiny_config
+
+    config = validate_config(tiny_config(tmp_path, tiny_model))
+    probed = {}
+    for name, model in (("student_base", tiny_base_model), ("student_tuned", tiny_model)):
+        engine = load_engine(str(model), EngineConfig(backend="transformers", batch_size=64), seed=0)
+        probed[name], _ = run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config)
+    assert probed["student_base"]["plain_chat_template"] and "plain_chat_template" not in probed["student_tuned"]
+    said = "The untuned student is a base model (no chat template of its own), asked the probe's questions in the "
+    assert any(line.startswith(said) for line in _forgetting_section(probed))
+    probed["student_base"].pop("plain_chat_template")
+    assert not any(line.startswith(said) for line in _forgetting_section(probed))

@@ -14,7 +14,7 @@ from pipeline.benchmark.probe import load_probe, probe_correct, probe_messages, 
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.engines import Engine, Generation, timed_single_requests
+from pipeline.engines import Engine, Generation, is_plain_template, timed_single_requests
 from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text
@@ -165,7 +165,10 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
         }
         for q, t in zip(questions, texts, strict=True)
     ]
-    return summarize_probe(texts, questions, task.leaks, config.benchmark.probe_task_categories), records
+    summary = summarize_probe(texts, questions, task.leaks, config.benchmark.probe_task_categories)
+    if is_plain_template(getattr(engine, "chat_template", None)):
+        summary["plain_chat_template"] = True  # a base model, asked in a chat format it never learned
+    return summary, records
 
 
 def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
