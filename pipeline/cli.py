@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
 from pipeline.layout import STAGES
-from pipeline.models import ModelError
+from pipeline.models import BUNDLED, ModelError
 from pipeline.promote import PromotionRefused
 from pipeline.runs import LockedError, PipelineError, run_lock
 from pipeline.tasks import TaskError
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="put finished runs side by side (e.g. SFT against KD)")
     compare.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/sft runs/kd")
     mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
-    mat.add_argument("model", nargs="?", default="bundled:smollm2-135m-instruct")
+    mat.add_argument("model", nargs="?", default="bundled:smollm2-135m-instruct", help=f"one of {', '.join(BUNDLED)}")
     return parser
 
 
