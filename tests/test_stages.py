@@ -355,6 +355,26 @@ def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_mod
     assert report["kept"] == report["wanted"] == 12 and not set(again) & set(asked)  # cached answers reused
 
 
+def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_model, monkeypatch, capsys):
+    """A base student answering its own replay prompts never stops (Gemma 3 270M base: 155 of 155 cut at
+    train.replay.max_tokens, 0 of 28 rows kept): the filter says what dropped them and the keys that fix it."""
+    import pipeline.engines as engines
+
+    class NeverStops(ScriptedEngine):
+        def generate(self, conversations, sampling, progress=True):
+            return [Generation([Completion("User: " + c[-1]["content"], "length", 4)], 20) for c in conversations]
+
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: NeverStops())
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
+    write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
+    report = json.loads((run_filter(config) / "filter_report.json").read_text())["replay"]
+    assert report["kept"] == 0 and set(report["dropped"]) == {"truncated"}
+    err = capsys.readouterr().err
+    assert "filter: replay kept 0 of the 4 wanted, of 155 available (self)" in err
+    assert f"filter: replay dropped {report['dropped']['truncated']} truncated; answers ran past train.replay." in err
+    assert "set train.replay.source to teacher or dataset" in err
+
+
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):
     """Every filter off, decontamination included: the test split's prompts are still dropped."""
     from pipeline.tasks import build_task

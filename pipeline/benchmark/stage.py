@@ -245,7 +245,7 @@ def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate")
+    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate", "replay")
     return {key: report.get(key) for key in keys}
 
 

@@ -366,7 +366,11 @@ def _levers(report: dict[str, Any]) -> str:
     recipe = report.get("recipe")
     if not recipe:
         return "train gentler (lower learning rate, fewer epochs, smaller rank) or mix general data in."
-    knobs = [f"mix general chats in (train.replay.fraction, now {recipe['replay_fraction']:g})"]
+    now = f"now {recipe['replay_fraction']:g}"
+    replayed = (report.get("filter") or {}).get("replay")
+    if replayed and replayed["kept"] < replayed["wanted"]:  # the filter could not find the rows: DATASET.md says why
+        now += f", which kept {replayed['kept']} of the {replayed['wanted']} rows wanted: see the filter's DATASET.md"
+    knobs = [f"mix general chats in (train.replay.fraction, {now})"]
     knobs.append(f"a lower train.learning_rate (now {recipe['learning_rate']:g})")
     knobs.append(f"fewer train.num_train_epochs (now {recipe['num_train_epochs']:g})")
     if recipe.get("lora_r"):

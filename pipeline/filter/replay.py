@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, ExperimentConfig, engine_identity
+from pipeline.config import EngineConfig, ExperimentConfig, ReplayConfig, engine_identity
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
 from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
@@ -148,6 +148,20 @@ def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list
         )
         for p in prompts
     ]
+
+
+def replay_shortfall(replay: ReplayConfig, dropped: dict[str, int]) -> str:
+    """Why replay fell short of the rows wanted, most drops first, and the key that fixes the commonest cause."""
+    if not dropped:
+        return "filter: replay: none dropped, the rows ran out; a larger train.replay.prompts file or dataset has more"
+    reasons = sorted(dropped.items(), key=lambda item: -item[1])
+    said = f"filter: replay dropped {', '.join(f'{n} {reason}' for reason, n in reasons)}"
+    if reasons[0][0] == "truncated":
+        said += (
+            f"; answers ran past train.replay.max_tokens ({replay.max_tokens}): raise it, or, for an answerer "
+            "that never stops (a base student answering itself), set train.replay.source to teacher or dataset"
+        )
+    return said
 
 
 def screened_replay(

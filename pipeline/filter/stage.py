@@ -23,7 +23,13 @@ from pipeline.config import ExperimentConfig
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge, judge_identity
-from pipeline.filter.replay import answerer_identity, replay_input, replay_wanted, screened_replay
+from pipeline.filter.replay import (
+    answerer_identity,
+    replay_input,
+    replay_shortfall,
+    replay_wanted,
+    screened_replay,
+)
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
 from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
 from pipeline.tasks import Example, Task, task_for
@@ -199,6 +205,7 @@ class DatasetWriter:
         }
         if len(rows) < wanted:
             log(f"filter: replay kept {len(rows)} of the {wanted} wanted, of {available} available ({replay.source})")
+            log(replay_shortfall(replay, dropped))
 
     def malformed(self, source: Path, number: int, problem: str) -> None:
         message = malformed_line_message(source, number, problem)
