@@ -361,13 +361,13 @@ def test_a_forgetting_verdict_names_the_levers_with_this_tasks_other_runs():
     numbers["other_runs"][0]["recipe"].update(prompt_style="retrieved", num_train_epochs=2.0)
     assert "`replay-20` (replay 0.2, prompt retrieved, lr 0.002, r 16, 2 epochs): probe -1.0%" in verdict(numbers)
     # Replay asked for but short of rows (a base student's own answers never stop): the lever says what it did.
-    numbers["recipe"]["replay_fraction"] = 0.3
-    numbers["filter"] = {"replay": {"wanted": 28, "kept": 0, "dropped": {"truncated": 155}}}
-    assert "(train.replay.fraction, now 0.3, which kept 0 of the 28 rows wanted: see the filter's DATASET.md)" in (
-        verdict(numbers)
-    )
-    numbers["filter"]["replay"]["kept"] = 28
+    numbers["recipe"].update(replay_fraction=0.3, replay_source="self", replay_rows=0, replay_wanted=28)
+    assert "(train.replay.fraction, now 0.3, which added 0 of the 28 rows wanted: see DATASET.md)" in verdict(numbers)
+    numbers["recipe"]["replay_rows"] = 28
     assert "(train.replay.fraction, now 0.3), a lower" in verdict(numbers)
+    # Two runs that differ in the replay's source alone say so, with the rows each added.
+    numbers["other_runs"][0]["recipe"].update(replay_source="teacher", replay_rows=24)
+    assert "`replay-20` (replay 0.2 (teacher, 24 rows), prompt retrieved, lr 0.002" in verdict(numbers)
 
 
 def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):

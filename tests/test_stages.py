@@ -359,6 +359,7 @@ def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_mod
     """A base student answering its own replay prompts never stops (Gemma 3 270M base: 155 of 155 cut at
     train.replay.max_tokens, 0 of 28 rows kept): the filter says what dropped them and the keys that fix it."""
     import pipeline.engines as engines
+    from pipeline.benchmark.stage import recipe
 
     class NeverStops(ScriptedEngine):
         def generate(self, conversations, sampling, progress=True):
@@ -373,6 +374,12 @@ def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_mod
     assert "filter: replay kept 0 of the 4 wanted, of 155 available (self)" in err
     assert f"filter: replay dropped {report['dropped']['truncated']} truncated; answers ran past train.replay." in err
     assert "set train.replay.source to teacher or dataset" in err
+    # The report's recipe carries the rows replay really added: the verdict's levers say "0 of the 4 wanted".
+    assert {k: recipe(config)[k] for k in ("replay_fraction", "replay_rows", "replay_wanted")} == {
+        "replay_fraction": 0.5,
+        "replay_rows": 0,
+        "replay_wanted": 4,
+    }
 
 
 def test_benchmark_test_prompts_never_reach_training(tmp_path, tiny_model):

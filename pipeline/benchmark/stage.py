@@ -198,11 +198,16 @@ def _measure(
 
 def recipe(config: ExperimentConfig) -> dict[str, Any]:
     """The training knobs that move forgetting, as this run set them, and the prompt the student trained with
-    (other runs differ in it too): the verdict names them."""
+    (other runs differ in it too): the verdict names them. With the replay rows the filter really added, and how
+    many were wanted (a base student answering itself may add none): a fraction alone can mislead."""
     train = config.train
+    path = config.layout.filter_report
+    replayed = (json.loads(path.read_text()).get("replay") if path.is_file() else None) or {}
     return {
         "replay_fraction": train.replay.fraction,
         "replay_source": train.replay.source,
+        "replay_rows": replayed.get("kept"),
+        "replay_wanted": replayed.get("wanted"),
         "learning_rate": train.learning_rate,
         "lora_r": train.lora.r if train.method != "full" else None,
         "num_train_epochs": train.num_train_epochs,
@@ -245,7 +250,7 @@ def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate", "replay")
+    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate")
     return {key: report.get(key) for key in keys}
 
 

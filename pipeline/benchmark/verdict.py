@@ -367,9 +367,8 @@ def _levers(report: dict[str, Any]) -> str:
     if not recipe:
         return "train gentler (lower learning rate, fewer epochs, smaller rank) or mix general data in."
     now = f"now {recipe['replay_fraction']:g}"
-    replayed = (report.get("filter") or {}).get("replay")
-    if replayed and replayed["kept"] < replayed["wanted"]:  # the filter could not find the rows: DATASET.md says why
-        now += f", which kept {replayed['kept']} of the {replayed['wanted']} rows wanted: see the filter's DATASET.md"
+    if (recipe.get("replay_rows") or 0) < (recipe.get("replay_wanted") or 0):  # DATASET.md says why
+        now += f", which added {recipe['replay_rows']} of the {recipe['replay_wanted']} rows wanted: see DATASET.md"
     knobs = [f"mix general chats in (train.replay.fraction, {now})"]
     knobs.append(f"a lower train.learning_rate (now {recipe['learning_rate']:g})")
     knobs.append(f"fewer train.num_train_epochs (now {recipe['num_train_epochs']:g})")
@@ -386,6 +385,8 @@ def _levers(report: dict[str, Any]) -> str:
 def _recipe_said(recipe: dict[str, Any]) -> str:
     """'replay 0.1, prompt retrieved, lr 0.001, r 16, 2 epochs': the knobs a run recorded (older runs, fewer)."""
     said = [f"replay {recipe['replay_fraction']:g}"]
+    if recipe["replay_fraction"] and recipe.get("replay_rows") is not None:  # recorded since the rows were counted
+        said[0] += f" ({recipe['replay_source']}, {recipe['replay_rows']} rows)"
     if recipe.get("prompt_style"):
         said.append(f"prompt {recipe['prompt_style']}")
     said.append(f"lr {recipe['learning_rate']:g}")
