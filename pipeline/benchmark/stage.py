@@ -201,8 +201,7 @@ def recipe(config: ExperimentConfig) -> dict[str, Any]:
     (other runs differ in it too): the verdict names them. With the replay rows the filter really added, and how
     many were wanted (a base student answering itself may add none): a fraction alone can mislead."""
     train = config.train
-    path = config.layout.filter_report
-    replayed = (json.loads(path.read_text()).get("replay") if path.is_file() else None) or {}
+    replayed = (_filter_report(config) or {}).get("replay") or {}
     return {
         "replay_fraction": train.replay.fraction,
         "replay_source": train.replay.source,
@@ -243,13 +242,18 @@ def other_runs_of_the_task(config: ExperimentConfig) -> list[dict[str, Any]]:
     return found
 
 
+def _filter_report(config: ExperimentConfig) -> dict[str, Any] | None:
+    """The filter stage's filter_report.json; None where the filter did not run here."""
+    path = config.layout.filter_report
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
     """What the filter made of the teacher's training answers, for a verdict that must say why a teacher
     failed; None where the filter did not run here (a benchmark of an outside dataset)."""
-    path = config.layout.filter_report
-    if not path.is_file():
+    report = _filter_report(config)
+    if report is None:
         return None
-    report = json.loads(path.read_text())
     keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate")
     return {key: report.get(key) for key in keys}
 
