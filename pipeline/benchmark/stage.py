@@ -33,7 +33,15 @@ from pipeline.benchmark.probe import paired_probe_tests, run_lm_eval
 from pipeline.benchmark.report import write_report
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
-from pipeline.benchmark.systems import System, copy_rows, system_engine, systems_for, tuned_student_dir, twins
+from pipeline.benchmark.systems import (
+    System,
+    copy_rows,
+    engine_key,
+    system_engine,
+    systems_for,
+    tuned_student_dir,
+    twins,
+)
 from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import ExperimentConfig
 from pipeline.engines import Engine, load_engine
@@ -144,7 +152,7 @@ def _evaluate_offline(
     by_model: dict[tuple[str, str | None, str], list[System]] = {}
     for system in systems:
         engine_config = system.engine or config.benchmark.engine
-        by_model.setdefault((system.model, system.adapter, engine_config.model_dump_json()), []).append(system)
+        by_model.setdefault((system.model, system.adapter, engine_key(engine_config)), []).append(system)
     copied_from = twins(systems)
     for (model, adapter, _), group in by_model.items():
         todo = [system for system in group if offline_unit(system.name) not in units]
