@@ -70,11 +70,24 @@ def _check_hub_id(name: str) -> str:
 
 
 def materialize_bundled(alias: str) -> Path:
-    """Convert the bundled GGUF to a safetensors folder once; later calls return the cached folder."""
-    package, filename = BUNDLED[alias]
+    """Convert the bundled GGUF to a safetensors folder once; later calls return the cached folder.
+
+    Processes that start at once on one machine (two workers, two array tasks with one home) convert it once:
+    the first holds a file lock beside the folder, the others wait for it and then find the folder made."""
+    from filelock import FileLock
+
     target = cache_dir() / "models" / alias.removeprefix("bundled:")
     if (target / "model.safetensors").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_name(target.name + ".lock")):
+        if not (target / "model.safetensors").exists():
+            _convert_bundled(alias, target)
+    return target
+
+
+def _convert_bundled(alias: str, target: Path) -> None:
+    package, filename = BUNDLED[alias]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ModelError(
@@ -112,4 +125,3 @@ def materialize_bundled(alias: str) -> Path:
     shutil.rmtree(tmp / "gguf", ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return target

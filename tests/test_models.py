@@ -37,6 +37,43 @@ def test_bundled_model_materialises_once_and_loads_like_any_hf_model(tmp_path, m
     assert "Paris" in answer  # real weights, not random ones
 
 
+def test_processes_starting_at_once_convert_a_bundled_model_once(tmp_path, monkeypatch):
+    """While one process converts (it holds the lock beside the folder), another waits for it, then finds the folder
+    made and converts nothing. The conversion itself is replaced by a recorder: the test is about who converts."""
+    import threading
+
+    from filelock import FileLock
+
+    from pipeline import models
+
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
+    converted = []
+
+    def convert(alias, target):
+        converted.append(alias)
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_text("converted")
+
+    monkeypatch.setattr(models, "_convert_bundled", convert)
+    alias = "bundled:smollm2-135m-instruct"
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    folder.parent.mkdir(parents=True)
+    found = []
+    with FileLock(folder.with_name(folder.name + ".lock")):  # another process is converting
+        waiter = threading.Thread(target=lambda: found.append(materialize_bundled(alias)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not converted  # it waits for the lock instead of converting beside it
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("made by the other process")
+    waiter.join(10)
+    assert found == [folder] and not converted
+    assert (folder / "model.safetensors").read_text() == "made by the other process"
+
+    other = materialize_bundled("bundled:gemma3-270m")  # nobody holds its lock: converted here, once
+    assert converted == ["bundled:gemma3-270m"] and materialize_bundled("bundled:gemma3-270m") == other
+
+
 @pytest.mark.integration
 def test_the_bundled_base_model_materialises_with_the_bos_it_was_trained_behind(tmp_path, monkeypatch):
     """Gemma 3 270M, a base model shipped as GGUF parts: assembled, converted, and its tokenizer adds BOS as the
