@@ -26,10 +26,19 @@ QWEN_STYLE_TEMPLATE = (
 )
 
 
+# Module fixtures that cost a vLLM server or a benchmark run: their tests go to one pytest-xdist worker
+# (scripts/test.sh runs `-n 2 --dist loadgroup`), so each is built once, not once per worker.
+EXPENSIVE_MODULE_FIXTURES = ("vllm_server", "judged_run")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` need a CUDA GPU: skipped, with the reason, where there is none (CI, this CPU)."""
     import torch
 
+    for item in items:
+        shared = [name for name in EXPENSIVE_MODULE_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
