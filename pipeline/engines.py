@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -179,6 +181,59 @@ def vllm_rpc_folder() -> Iterator[str]:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# The watcher `stopped_if_this_process_dies` starts: it notes its owner's new descendants twice a second, and when
+# the pipe from its owner closes without a release (the owner died, by SIGKILL too), stops them: SIGTERM, then
+# SIGKILL after 10 s.
+WATCHER = """
+import os, select, sys
+import psutil
+owner, before = psutil.Process(int(sys.argv[1])), {os.getpid(), *map(int, sys.argv[2:])}
+seen = {}
+while True:
+    if select.select([sys.stdin], [], [], 0.5)[0]:
+        if sys.stdin.buffer.read():  # released: its owner stops its processes itself
+            sys.exit(0)
+        break
+    try:
+        seen |= {child.pid: child for child in owner.children(recursive=True) if child.pid not in before | set(seen)}
+    except psutil.NoSuchProcess:
+        break
+alive = [process for process in seen.values() if process.is_running()]
+for process in alive:
+    try:
+        process.terminate()
+    except psutil.NoSuchProcess:
+        pass
+for process in psutil.wait_procs(alive, timeout=10)[1]:
+    process.kill()
+"""
+
+
+@contextmanager
+def stopped_if_this_process_dies() -> Iterator[None]:
+    """Processes this one starts inside the block (vLLM's engine core and workers, `vllm serve`) are stopped if it
+    dies inside it, SIGKILL included. Without this, a generate or benchmark stage killed by a scheduler's time limit
+    or the OOM killer left them running (seen: vLLM's engine core and worker, and `vllm serve`, still up a minute
+    after the kill), holding memory (a GPU's, on a GPU node) that the resumed stage then lacks. Leaving the block,
+    by return or exception, releases the watcher: what the block started is then its owner's to stop."""
+    import psutil
+
+    before = [child.pid for child in psutil.Process().children(recursive=True)]
+    watcher = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, str(os.getpid()), *map(str, before)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to this process's group is this process's to handle, not the watcher's
+    )
+    try:
+        yield
+    finally:
+        assert watcher.stdin is not None
+        watcher.stdin.write(b"released")
+        watcher.stdin.close()
+        watcher.wait()
 
 
 def serve_env(on_gpu: bool) -> dict[str, str]:
@@ -360,8 +415,9 @@ class VLLMEngine(Engine):
             self.lora_request = LoRARequest("student", 1, adapter)
         self.model = model
         self.on_gpu = on_gpu
-        self._rpc = ExitStack()
+        self._rpc = ExitStack()  # closed once the engine has stopped: its socket folder and its watcher
         rpc_folder = self._rpc.enter_context(vllm_rpc_folder())
+        self._rpc.enter_context(stopped_if_this_process_dies())
         try:
             with environ_set(RPC_BASE_ENV, rpc_folder):  # read while the engine starts; its processes inherit it
                 self.llm = LLM(**kwargs)

@@ -32,11 +32,16 @@ def assert_every_answer_is_a_label(generations) -> None:
 def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model, capsys):
     import psutil
 
-    children_before = {child.pid for child in psutil.Process().children(recursive=True)}
+    from pipeline.engines import WATCHER
+
+    def children() -> set[int]:  # but the watcher that stops them if this process dies
+        return {child.pid for child in psutil.Process().children(recursive=True) if WATCHER not in child.cmdline()}
+
+    children_before = children()
     engine = load_engine(str(tiny_model), EngineConfig(backend="vllm", max_model_len=512, kv_cache_gb=0.25), seed=0)
     try:
         # On a CPU the engine runs in this process (no engine-core or worker children), with the KV cache asked for.
-        assert {child.pid for child in psutil.Process().children(recursive=True)} <= children_before
+        assert children() <= children_before
         assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**28
         greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
         first = engine.generate(CONVERSATIONS, greedy, progress=False)
@@ -124,6 +129,57 @@ def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model, rp
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["sockets_up"] > 0 and seen["in_own_folder"] and seen["base_restored"]
     assert list(rpc_base.iterdir()) == []
+
+
+def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_released_is_not():
+    """vLLM's multiprocess engine core and worker, and `vllm serve` (in a session of its own), outlived a stage
+    killed by SIGKILL (seen: all still up a minute later), holding the memory a resumed stage needs. Started inside
+    `stopped_if_this_process_dies`, a stand-in (`sleep`, in a session of its own as the server is) is stopped when
+    its starter is killed; one started in a block its starter left is its starter's, and runs on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time\n"
+            "from pipeline.engines import stopped_if_this_process_dies\n"
+            "with stopped_if_this_process_dies():\n"
+            "    kept = subprocess.Popen(['/bin/sleep', '600'])\n"
+            "print(kept.pid, flush=True)\n"
+            "with stopped_if_this_process_dies():\n"
+            "    server = subprocess.Popen(['/bin/sleep', '600'], start_new_session=True)\n"
+            "    time.sleep(1.5)  # the watcher looks twice a second\n"
+            "    print(server.pid, flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    kept, server = (psutil.Process(int(starter.stdout.readline())) for _ in range(2))
+    try:
+        assert server.is_running() and kept.is_running()
+        starter.send_signal(signal.SIGKILL)
+        starter.wait()
+
+        def gone(process: psutil.Process) -> bool:
+            return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+        deadline = time.time() + 15
+        while time.time() < deadline and not gone(server):
+            time.sleep(0.1)
+        assert gone(server) and not gone(kept)
+    finally:
+        for process in (kept, server):
+            if process.is_running():
+                process.kill()
 
 
 def test_transformers_engine_matches_shapes_and_stops_at_max_tokens(tiny_model, capsys):

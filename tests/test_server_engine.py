@@ -256,47 +256,6 @@ def test_unreachable_server_is_a_one_line_error():
         load_engine("anything", config, seed=0)
 
 
-def test_a_server_started_by_a_process_killed_with_sigkill_stops_with_it():
-    """`vllm serve` is started in a session of its own, out of reach of its starter's process group; a benchmark
-    killed by SIGKILL left it serving (seen: the server and its engine core still up after the kill). Started as
-    vllm_server starts it, a stand-in server (`sleep`) gets SIGTERM when its starter dies. With the real server,
-    SIGTERM to it stops its engine core too (checked by hand: both gone 6 s after the kill)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    import psutil
-
-    starter = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import subprocess, time\n"
-            "from pipeline.benchmark.serving import dies_with_this_process\n"
-            "server = subprocess.Popen(dies_with_this_process(['/bin/sleep', '600']), start_new_session=True)\n"
-            "print(server.pid, flush=True)\n"
-            "time.sleep(600)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).parent.parent,
-    )
-    server = psutil.Process(int(starter.stdout.readline()))
-    try:
-        time.sleep(0.5)
-        assert server.is_running() and server.cmdline() == ["/bin/sleep", "600"]  # the wrapper exec'd the server
-        starter.send_signal(signal.SIGKILL)
-        starter.wait()
-        deadline = time.time() + 10
-        while time.time() < deadline and psutil.pid_exists(server.pid) and server.status() != psutil.STATUS_ZOMBIE:
-            time.sleep(0.1)
-        assert not psutil.pid_exists(server.pid) or server.status() == psutil.STATUS_ZOMBIE
-    finally:
-        if psutil.pid_exists(server.pid):
-            os.kill(server.pid, signal.SIGKILL)
-
-
 def test_serve_command_reserves_the_configured_kv_cache_and_runs_the_model_in_the_engine_core(monkeypatch):
     """`vllm serve` gets the offline engine's KV cache size (4 GiB by default on a CPU, capped by
     gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set); on a CPU its engine core runs the model

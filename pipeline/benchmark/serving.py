@@ -35,6 +35,7 @@ from pipeline.engines import (
     has_cuda,
     prepare_vllm_cpu_env,
     serve_env,
+    stopped_if_this_process_dies,
     vllm_dtype_and_eager,
     vllm_kv_cache_bytes,
     vllm_rpc_folder,
@@ -47,26 +48,6 @@ if TYPE_CHECKING:
     from pipeline.tasks import Example, Task
 
 Conversation = list[dict[str, str]]
-
-
-# `vllm serve` runs in a session of its own (stopped as a process group), so nothing of this process's group
-# reaches it: a benchmark killed by SIGKILL (a scheduler's time limit, the OOM killer) left it serving, holding its
-# port and memory (its GPU, on a GPU node) for the resumed run to run short of. Started through this wrapper it
-# gets SIGTERM when the thread that started it dies (Linux's parent-death signal, kept across exec), and stops with
-# its engine core.
-DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    if os.getppid() != int(sys.argv[1]):  # the parent died before the signal was set
-        sys.exit(1)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def dies_with_this_process(command: list[str]) -> list[str]:
-    """`command` (its program an absolute path) wrapped to get SIGTERM when the calling thread's process dies."""
-    return [sys.executable, "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
 
 
 def _free_port() -> int:
@@ -98,11 +79,11 @@ def vllm_server(
     port = _free_port()
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     stopped_cleanly = False
-    with vllm_rpc_folder() as rpc_folder:
+    with vllm_rpc_folder() as rpc_folder, stopped_if_this_process_dies():  # its own session: out of our group's reach
         command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
         command += _as_the_engines_serve_it(model, engine, Path(rpc_folder))
         process = subprocess.Popen(
-            dies_with_this_process(command),
+            command,
             stdout=server_log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
