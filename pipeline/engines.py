@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -184,13 +185,13 @@ def vllm_rpc_folder() -> Iterator[str]:
 
 
 # The watcher `stopped_if_this_process_dies` starts: it notes its owner's new descendants twice a second, and when
-# the pipe from its owner closes without a release (the owner died, by SIGKILL too), stops them: SIGTERM, then
-# SIGKILL after 10 s.
+# the pipe from its owner closes without a release (the owner died, by SIGKILL too), stops them (SIGTERM, then
+# SIGKILL after 10 s) and removes the folders they leave (vLLM's socket files).
 WATCHER = """
-import os, select, sys
+import json, os, select, shutil, sys
 import psutil
-owner, before = psutil.Process(int(sys.argv[1])), {os.getpid(), *map(int, sys.argv[2:])}
-seen = {}
+owner, told = psutil.Process(int(sys.argv[1])), json.loads(sys.argv[2])
+before, seen = {os.getpid(), *told["before"]}, {}
 while True:
     if select.select([sys.stdin], [], [], 0.5)[0]:
         if sys.stdin.buffer.read():  # released: its owner stops its processes itself
@@ -208,21 +209,25 @@ for process in alive:
         pass
 for process in psutil.wait_procs(alive, timeout=10)[1]:
     process.kill()
+psutil.wait_procs(alive, timeout=5)
+for folder in told["leftovers"]:
+    shutil.rmtree(folder, ignore_errors=True)
 """
 
 
 @contextmanager
-def stopped_if_this_process_dies() -> Iterator[None]:
+def stopped_if_this_process_dies(leftovers: Sequence[str] = ()) -> Iterator[None]:
     """Processes this one starts inside the block (vLLM's engine core and workers, `vllm serve`) are stopped if it
-    dies inside it, SIGKILL included. Without this, a generate or benchmark stage killed by a scheduler's time limit
-    or the OOM killer left them running (seen: vLLM's engine core and worker, and `vllm serve`, still up a minute
-    after the kill), holding memory (a GPU's, on a GPU node) that the resumed stage then lacks. Leaving the block,
-    by return or exception, releases the watcher: what the block started is then its owner's to stop."""
+    dies inside it, SIGKILL included, and then the `leftovers` folders are removed. Without this, a generate or
+    benchmark stage killed by a scheduler's time limit or the OOM killer left them running (seen: vLLM's engine core
+    and worker, and `vllm serve`, still up a minute after the kill), holding memory (a GPU's, on a GPU node) that the
+    resumed stage then lacks, and their socket folder behind. Leaving the block, by return or exception, releases
+    the watcher: what the block started is then its owner's to stop."""
     import psutil
 
-    before = [child.pid for child in psutil.Process().children(recursive=True)]
+    told = {"before": [child.pid for child in psutil.Process().children(recursive=True)], "leftovers": [*leftovers]}
     watcher = subprocess.Popen(
-        [sys.executable, "-c", WATCHER, str(os.getpid()), *map(str, before)],
+        [sys.executable, "-c", WATCHER, str(os.getpid()), json.dumps(told)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to this process's group is this process's to handle, not the watcher's
@@ -417,7 +422,7 @@ class VLLMEngine(Engine):
         self.on_gpu = on_gpu
         self._rpc = ExitStack()  # closed once the engine has stopped: its socket folder and its watcher
         rpc_folder = self._rpc.enter_context(vllm_rpc_folder())
-        self._rpc.enter_context(stopped_if_this_process_dies())
+        self._rpc.enter_context(stopped_if_this_process_dies(leftovers=[rpc_folder]))
         try:
             with environ_set(RPC_BASE_ENV, rpc_folder):  # read while the engine starts; its processes inherit it
                 self.llm = LLM(**kwargs)

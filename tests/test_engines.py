@@ -131,11 +131,12 @@ def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model, rp
     assert list(rpc_base.iterdir()) == []
 
 
-def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_released_is_not():
+def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_released_is_not(tmp_path):
     """vLLM's multiprocess engine core and worker, and `vllm serve` (in a session of its own), outlived a stage
     killed by SIGKILL (seen: all still up a minute later), holding the memory a resumed stage needs. Started inside
     `stopped_if_this_process_dies`, a stand-in (`sleep`, in a session of its own as the server is) is stopped when
-    its starter is killed; one started in a block its starter left is its starter's, and runs on."""
+    its starter is killed, and its socket folder removed; one started in a block its starter left is its
+    starter's, and runs on, its folder kept."""
     import signal
     import subprocess
     import sys
@@ -144,16 +145,19 @@ def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_relea
 
     import psutil
 
+    kept_folder, sockets = tmp_path / "kept", tmp_path / "sockets"
+    kept_folder.mkdir()
+    sockets.mkdir()
     starter = subprocess.Popen(
         [
             sys.executable,
             "-c",
             "import subprocess, time\n"
             "from pipeline.engines import stopped_if_this_process_dies\n"
-            "with stopped_if_this_process_dies():\n"
+            f"with stopped_if_this_process_dies(leftovers=[{str(kept_folder)!r}]):\n"
             "    kept = subprocess.Popen(['/bin/sleep', '600'])\n"
             "print(kept.pid, flush=True)\n"
-            "with stopped_if_this_process_dies():\n"
+            f"with stopped_if_this_process_dies(leftovers=[{str(sockets)!r}]):\n"
             "    server = subprocess.Popen(['/bin/sleep', '600'], start_new_session=True)\n"
             "    time.sleep(1.5)  # the watcher looks twice a second\n"
             "    print(server.pid, flush=True)\n"
@@ -176,6 +180,10 @@ def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_relea
         while time.time() < deadline and not gone(server):
             time.sleep(0.1)
         assert gone(server) and not gone(kept)
+        deadline = time.time() + 10  # the folder goes once the server has
+        while time.time() < deadline and sockets.exists():
+            time.sleep(0.1)
+        assert not sockets.exists() and kept_folder.exists()
     finally:
         for process in (kept, server):
             if process.is_running():

@@ -79,7 +79,8 @@ def vllm_server(
     port = _free_port()
     server_log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
     stopped_cleanly = False
-    with vllm_rpc_folder() as rpc_folder, stopped_if_this_process_dies():  # its own session: out of our group's reach
+    # The server runs in a session of its own, out of reach of this process's group: the watcher stops it.
+    with vllm_rpc_folder() as rpc_folder, stopped_if_this_process_dies(leftovers=[rpc_folder]):
         command = _serve_command(model, engine, seed, port, adapters, served_name, api_key, on_gpu)
         command += _as_the_engines_serve_it(model, engine, Path(rpc_folder))
         process = subprocess.Popen(
