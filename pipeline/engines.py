@@ -17,7 +17,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -236,8 +236,9 @@ def stopped_if_this_process_dies(leftovers: Sequence[str] = ()) -> Iterator[None
         yield
     finally:
         assert watcher.stdin is not None
-        watcher.stdin.write(b"released")
-        watcher.stdin.close()
+        with suppress(OSError):  # a watcher that has died (it says why on stderr) must not hide the block's error
+            watcher.stdin.write(b"released")
+            watcher.stdin.close()
         watcher.wait()
 
 

@@ -32,7 +32,8 @@ EXPENSIVE_MODULE_FIXTURES = ("vllm_server", "judged_run")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` need a CUDA GPU: skipped, with the reason, where there is none (CI, this CPU)."""
+    """Tests sharing an expensive module fixture are grouped for the workers; tests marked `cuda` need a CUDA GPU:
+    skipped, with the reason, where there is none (CI, this CPU)."""
     import torch
 
     for item in items:
