@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -184,23 +185,45 @@ def vllm_rpc_folder() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The watcher `stopped_if_this_process_dies` starts: it notes its owner's new descendants twice a second, and when
-# the pipe from its owner closes without a release (the owner died, by SIGKILL too), stops them (SIGTERM, then
-# SIGKILL after 10 s) and removes the folders they leave (vLLM's socket files).
+# The watcher `stopped_if_this_process_dies` starts. When the pipe from its owner closes without a release (the
+# owner died, by SIGKILL too), it stops the block's processes (SIGTERM, then SIGKILL after 10 s) and removes the
+# folders they leave (vLLM's socket files). It finds them two ways: by a marker the block sets in its owner's
+# environment, which every process started inside it inherits (so also one started a moment before the kill, which
+# a poll would miss), and by noting its owner's new descendants twice a second (one started with an environment of
+# its own). Watchers carry no marker and skip each other: each cleans up after its own block.
 WATCHER = """
 import json, os, select, shutil, sys
 import psutil
-owner, told = psutil.Process(int(sys.argv[1])), json.loads(sys.argv[2])
-before, seen = {os.getpid(), *told["before"]}, {}
-while True:
-    if select.select([sys.stdin], [], [], 0.5)[0]:
-        if sys.stdin.buffer.read():  # released: its owner stops its processes itself
-            sys.exit(0)
-        break
+told = json.loads(sys.argv[1])
+skip, seen = {os.getpid(), *told["before"]}, {}
+
+def environ(process):
     try:
-        seen |= {child.pid: child for child in owner.children(recursive=True) if child.pid not in before | set(seen)}
-    except psutil.NoSuchProcess:
-        break
+        return process.environ()
+    except psutil.Error:
+        return {}
+
+def note(process):
+    if process.pid not in skip and process.pid not in seen:
+        if told["watcher"] in environ(process):
+            skip.add(process.pid)
+        else:
+            seen[process.pid] = process
+
+try:
+    owner = psutil.Process(told["owner"])
+    while True:
+        if select.select([sys.stdin], [], [], 0.5)[0]:
+            if sys.stdin.buffer.read():  # released: its owner stops its processes itself
+                sys.exit(0)
+            break
+        for child in owner.children(recursive=True):
+            note(child)
+except psutil.NoSuchProcess:  # its owner has died
+    pass
+for process in psutil.process_iter():
+    if told["marker"] in environ(process):
+        note(process)
 alive = [process for process in seen.values() if process.is_running()]
 for process in alive:
     try:
@@ -213,6 +236,7 @@ psutil.wait_procs(alive, timeout=5)
 for folder in told["leftovers"]:
     shutil.rmtree(folder, ignore_errors=True)
 """
+WATCHER_ENV, STARTED_UNDER_WATCH_PREFIX = "DISTILL_WATCHER", "DISTILL_STARTED_UNDER_WATCH_"
 
 
 @contextmanager
@@ -225,15 +249,25 @@ def stopped_if_this_process_dies(leftovers: Sequence[str] = ()) -> Iterator[None
     the watcher: what the block started is then its owner's to stop."""
     import psutil
 
-    told = {"before": [child.pid for child in psutil.Process().children(recursive=True)], "leftovers": [*leftovers]}
+    marker = STARTED_UNDER_WATCH_PREFIX + uuid.uuid4().hex[:12]
+    told = {
+        "owner": os.getpid(),
+        "before": [child.pid for child in psutil.Process().children(recursive=True)],
+        "marker": marker,
+        "watcher": WATCHER_ENV,
+        "leftovers": [*leftovers],
+    }
+    watcher_env = {name: value for name, value in os.environ.items() if not name.startswith(STARTED_UNDER_WATCH_PREFIX)}
     watcher = subprocess.Popen(
-        [sys.executable, "-c", WATCHER, str(os.getpid()), json.dumps(told)],
+        [sys.executable, "-c", WATCHER, json.dumps(told)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        env=watcher_env | {WATCHER_ENV: "1"},
         start_new_session=True,  # a Ctrl-C to this process's group is this process's to handle, not the watcher's
     )
     try:
-        yield
+        with environ_set(marker, "1"):
+            yield
     finally:
         assert watcher.stdin is not None
         with suppress(OSError):  # a watcher that has died (it says why on stderr) must not hide the block's error

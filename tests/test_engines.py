@@ -134,10 +134,12 @@ def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model, rp
 def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_released_is_not(tmp_path):
     """vLLM's multiprocess engine core and worker, and `vllm serve` (in a session of its own), outlived a stage
     killed by SIGKILL (seen: all still up a minute later), holding the memory a resumed stage needs. Started inside
-    `stopped_if_this_process_dies`, a stand-in (`sleep`, in a session of its own as the server is) is stopped when
-    its starter is killed, and its socket folder removed; one started in a block its starter left is its
+    `stopped_if_this_process_dies`, a stand-in is stopped when its starter is killed, and its socket folder
+    removed: a server (`sleep`, in a session of its own as `vllm serve` is) started a moment before the kill,
+    too soon for the watcher's twice-a-second look (its environment's marker tells), and a process started with an
+    environment of its own that ignores SIGTERM (killed after 10 s), in nested blocks whose outer watcher must not
+    stop the inner one before it has removed its folder. One started in a block its starter left is its
     starter's, and runs on, its folder kept."""
-    import signal
     import subprocess
     import sys
     import time
@@ -145,47 +147,43 @@ def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_relea
 
     import psutil
 
-    kept_folder, sockets = tmp_path / "kept", tmp_path / "sockets"
-    kept_folder.mkdir()
-    sockets.mkdir()
+    folders = {name: tmp_path / name for name in ("kept", "outer", "sockets")}
+    for folder in folders.values():
+        folder.mkdir()
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     starter = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import subprocess, time\n"
-            "from pipeline.engines import stopped_if_this_process_dies\n"
-            f"with stopped_if_this_process_dies(leftovers=[{str(kept_folder)!r}]):\n"
+            "import os, signal, subprocess, sys, time\n"
+            "from pipeline.engines import stopped_if_this_process_dies as watched\n"
+            f"with watched(leftovers=[{str(folders['kept'])!r}]):\n"
             "    kept = subprocess.Popen(['/bin/sleep', '600'])\n"
-            "print(kept.pid, flush=True)\n"
-            f"with stopped_if_this_process_dies(leftovers=[{str(sockets)!r}]):\n"
+            f"with watched(leftovers=[{str(folders['outer'])!r}]), watched(leftovers=[{str(folders['sockets'])!r}]):\n"
+            f"    stubborn = subprocess.Popen([sys.executable, '-c', {stubborn!r}], env={{}})\n"
+            "    time.sleep(1.5)  # the watchers look twice a second: both have noted it, the outer one the inner\n"
             "    server = subprocess.Popen(['/bin/sleep', '600'], start_new_session=True)\n"
-            "    time.sleep(1.5)  # the watcher looks twice a second\n"
-            "    print(server.pid, flush=True)\n"
-            "    time.sleep(600)\n",
+            "    print(kept.pid, stubborn.pid, server.pid, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n",
         ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parent.parent,
     )
-    kept, server = (psutil.Process(int(starter.stdout.readline())) for _ in range(2))
+    kept, stubborn, server = (psutil.Process(int(pid)) for pid in starter.stdout.readline().split())
     try:
-        assert server.is_running() and kept.is_running()
-        starter.send_signal(signal.SIGKILL)
         starter.wait()
 
         def gone(process: psutil.Process) -> bool:
             return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
 
-        deadline = time.time() + 15
-        while time.time() < deadline and not gone(server):
+        deadline = time.time() + 30  # the stubborn one is killed 10 s after it ignored SIGTERM, then folders go
+        while time.time() < deadline and (not gone(server) or folders["outer"].exists() or folders["sockets"].exists()):
             time.sleep(0.1)
-        assert gone(server) and not gone(kept)
-        deadline = time.time() + 10  # the folder goes once the server has
-        while time.time() < deadline and sockets.exists():
-            time.sleep(0.1)
-        assert not sockets.exists() and kept_folder.exists()
+        assert gone(server) and gone(stubborn) and not gone(kept)
+        assert not folders["outer"].exists() and not folders["sockets"].exists() and folders["kept"].exists()
     finally:
-        for process in (kept, server):
+        for process in (kept, stubborn, server):
             if process.is_running():
                 process.kill()
 
