@@ -640,6 +640,11 @@ class BenchmarkConfig(_Strict):
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
+    # Worked examples (question, short answer) shown before each probe question, the same to both students. None:
+    # all of them (5) where the students are base models prompted with the plain chat template, which asked bare
+    # only repeat the question (Gemma 3 270M base: 0.02 bare, 0.32 with 5), none for a chat model (SmolLM2-135M-
+    # Instruct: 0.54 bare, 0.27 with 5, answering tersely and wrongly).
+    probe_shots: int | None = Field(None, ge=0)
     # Probe categories the task itself trains (`arithmetic` for an arithmetic task): left out of the forgetting
     # figures (probe accuracy and leakage, and so the verdict and the promotion gate), shown apart per category,
     # so the task's own skill rising cannot hide a loss elsewhere.
@@ -647,6 +652,15 @@ class BenchmarkConfig(_Strict):
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
     judge: BenchmarkJudgeConfig = Field(default_factory=BenchmarkJudgeConfig)
+
+    @field_validator("probe_shots")
+    @classmethod
+    def _shots_shipped(cls, value: int | None) -> int | None:
+        from pipeline.benchmark.probe import load_probe_shots
+
+        if value is not None and value > len(load_probe_shots()):
+            raise ValueError(f"the probe ships {len(load_probe_shots())} worked examples")
+        return value
 
     @field_validator("probe_task_categories")
     @classmethod

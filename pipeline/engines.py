@@ -358,6 +358,18 @@ def is_plain_template(template: str | None) -> bool:
     return template is not None and template.endswith(PLAIN_CHAT_TEMPLATE.read_text())
 
 
+# Where the plain template opens the next turn: the end of an answer that a model not closing it with EOS (a base
+# model, untuned) goes on past, writing the next question itself.
+PLAIN_NEXT_TURN = "\n\nUser:"
+
+
+def prompted_in_plain_chat(engine: Engine) -> bool:
+    """Whether `engine` prompts its model with the plain template: a base model, untuned (given the template here)
+    or tuned with it (its saved tokenizer carries it). False for a server: its template is its own."""
+    own = getattr(getattr(engine, "tokenizer", None), "chat_template", None)
+    return is_plain_template(getattr(engine, "chat_template", None) or own)
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer starts plain text with its BOS token, as the model saw its pre-training text."""
     bos = tokenizer.bos_token_id

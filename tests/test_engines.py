@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig
-from pipeline.engines import load_engine, timed_single_requests
+from pipeline.engines import load_engine, prompted_in_plain_chat, timed_single_requests
 from pipeline.runs import PipelineError
 from tests.conftest import ping
 
@@ -243,12 +243,13 @@ def test_unmerged_adapter_serves_what_the_merged_weights_serve(request, backend,
     engine would add a minute on this CPU to learn what the weights, not the engine, decide). Students tuned from
     a base model without a chat template (the engines prompt it with the one it trained on), and from one whose
     EOS is not its template's end of turn (Qwen2.5 base): served on the base's own files, whose stop tokens lack
-    `<|im_end|>`, it stops there all the same (engines.stop_token_ids)."""
+    `<|im_end|>`, it stops there all the same (engines.stop_token_ids). All three prompt a student tuned from a
+    base model in the plain chat format, so the probe shows both students the same worked examples."""
     base, adapter, merged = request.getfixturevalue(student)
     prompts = [ping(3), ping(11)]
     greedy = SamplingConfig(max_tokens=12)
     served = EngineConfig(backend=backend, max_model_len=512)
-    answers = {}
+    answers, plain = {}, {}
     for name, model, lora, engine_config in (
         ("merged", merged, None, served),
         ("lora", base, adapter, served),
@@ -257,10 +258,12 @@ def test_unmerged_adapter_serves_what_the_merged_weights_serve(request, backend,
         engine = load_engine(str(model), engine_config, seed=0, adapter=str(lora) if lora else None)
         try:
             answers[name] = [g.completions[0].text for g in engine.generate(prompts, greedy, progress=False)]
+            plain[name] = prompted_in_plain_chat(engine)
         finally:
             engine.close()
     assert answers["lora"] == answers["merged"] == ["Pong.", "Pong."]
     assert answers["base"] != answers["merged"]
+    assert set(plain.values()) == {student == "ping_pong_base_student"}
 
 
 @pytest.mark.integration

@@ -253,13 +253,15 @@ def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
     )
 
 
-def test_a_base_students_probe_says_it_was_asked_in_a_chat_format_it_never_learned(
+def test_a_base_student_is_shown_worked_examples_before_each_probe_question_and_the_report_says_so(
     tmp_path, tiny_model, tiny_base_model
 ):
-    """A base student has no chat template: untuned, it takes the probe in the plain format (a real one, Gemma 3
-    270M, repeated the question and its role headers on all 134), so the report says the change against it
-    measures that format learned as well as ability kept. Not said of a student with a template of its own."""
+    """A base student has no chat template: asked the probe bare in the plain one, it repeats the question (a real
+    one, Gemma 3 270M: 0.02), so it is shown the shipped worked examples first (with 5: 0.32), and the report
+    says so; `benchmark.probe_shots: 0` asks it bare, and the report says what the change then measures. A chat
+    student is asked bare (SmolLM2-135M-Instruct lost half its score to worked examples)."""
     from pipeline.benchmark.evaluate import run_probe
+    from pipeline.benchmark.probe import load_probe_shots
     from pipeline.benchmark.report import _forgetting_section
     from pipeline.benchmark.systems import System
     from pipeline.config import EngineConfig, validate_config
@@ -267,13 +269,39 @@ def test_a_base_students_probe_says_it_was_asked_in_a_chat_format_it_never_learn
     from pipeline.tasks import task_for
     from tests.conftest import tiny_config
 
-    config = validate_config(tiny_config(tmp_path, tiny_model))
-    probed = {}
-    for name, model in (("student_base", tiny_base_model), ("student_tuned", tiny_model)):
+    def probe(model, name: str, shots: int | None) -> tuple[dict, list]:
+        raw = tiny_config(tmp_path, tiny_model)
+        raw.setdefault("benchmark", {})["probe_shots"] = shots
+        config = validate_config(raw)
         engine = load_engine(str(model), EngineConfig(backend="transformers", batch_size=64), seed=0)
-        probed[name], _ = run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config)
-    assert probed["student_base"]["plain_chat_template"] and "plain_chat_template" not in probed["student_tuned"]
-    said = "The untuned student is a base model (no chat template of its own), asked the probe's questions in the "
-    assert any(line.startswith(said) for line in _forgetting_section(probed))
-    probed["student_base"].pop("plain_chat_template")
-    assert not any(line.startswith(said) for line in _forgetting_section(probed))
+        return run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config)
+
+    (base, base_rows), (bare, bare_rows) = (
+        probe(tiny_base_model, "student_base", None),
+        probe(tiny_base_model, "student_base", 0),
+    )
+    chat, _ = probe(tiny_model, "student_tuned", None)
+    assert base["shots"] == len(load_probe_shots()) == 5 and bare["shots"] == 0 and chat["shots"] == 0
+    assert base["plain_chat_template"] and bare["plain_chat_template"] and "plain_chat_template" not in chat
+    longer = [
+        shown["prompt_tokens"] - asked["prompt_tokens"] for shown, asked in zip(base_rows, bare_rows, strict=True)
+    ]
+    assert min(longer) > 5 * 4  # each worked example is a question and an answer in turns of their own
+
+    shown_said = (
+        "The untuned student is a base model (no chat template of its own): it and the tuned student were shown 5 "
+    )
+    bare_said = "The untuned student is a base model (no chat template of its own), asked the probe's questions in the "
+    for probed, said in ((base, shown_said), (bare, bare_said)):
+        lines = _forgetting_section({"student_base": probed, "student_tuned": chat})
+        assert sum(line.startswith((shown_said, bare_said)) for line in lines) == 1
+        assert any(line.startswith(said) for line in lines)
+    assert not any(line.startswith((shown_said, bare_said)) for line in _forgetting_section({"student_base": chat}))
+
+
+def test_the_worked_examples_are_no_probe_questions():
+    from pipeline.benchmark.probe import load_probe, load_probe_shots
+    from pipeline.tasks.base import normalize_text
+
+    asked = {normalize_text(q.question) for q in load_probe()}
+    assert not [question for question, _ in load_probe_shots() if normalize_text(question) in asked]

@@ -10,11 +10,11 @@ import time
 from typing import Any
 
 from pipeline import names
-from pipeline.benchmark.probe import load_probe, probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.probe import load_probe, load_probe_shots, probe_correct, probe_messages, summarize_probe
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.engines import Engine, Generation, is_plain_template, timed_single_requests
+from pipeline.engines import PLAIN_NEXT_TURN, Engine, Generation, prompted_in_plain_chat, timed_single_requests
 from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text
@@ -149,10 +149,19 @@ def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str
 
 
 def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConfig) -> tuple[dict, list]:
-    """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour."""
+    """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour. A base model
+    (the plain chat template) is shown worked examples first (`benchmark.probe_shots`) and read up to the next
+    turn it would write itself."""
+    bench = config.benchmark
     questions = load_probe()
-    sampling = config.benchmark.sampling.model_copy(update={"max_tokens": config.benchmark.probe_max_tokens, "n": 1})
-    generations = engine.generate([probe_messages(q) for q in questions], sampling, progress=f"probe {system.name}")
+    plain = prompted_in_plain_chat(engine)
+    shots = load_probe_shots()  # unset: all of them for a base model, none for a chat model (config.py says why)
+    if bench.probe_shots is not None or not plain:
+        shots = shots[: bench.probe_shots or 0]
+    stop = [*bench.sampling.stop, PLAIN_NEXT_TURN] if plain else bench.sampling.stop
+    sampling = bench.sampling.model_copy(update={"max_tokens": bench.probe_max_tokens, "n": 1, "stop": stop})
+    asked = [probe_messages(q, shots) for q in questions]
+    generations = engine.generate(asked, sampling, progress=f"probe {system.name}")
     texts = [g.completions[0].text for g in generations]
     records = [
         {
@@ -162,11 +171,13 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
             "completion": t,
             "correct": probe_correct(t, q),
             "leak": task.leaks(t),
+            "prompt_tokens": g.prompt_tokens,
         }
-        for q, t in zip(questions, texts, strict=True)
+        for q, t, g in zip(questions, texts, generations, strict=True)
     ]
-    summary = summarize_probe(texts, questions, task.leaks, config.benchmark.probe_task_categories)
-    if is_plain_template(getattr(engine, "chat_template", None)):
+    summary = summarize_probe(texts, questions, task.leaks, bench.probe_task_categories)
+    summary["shots"] = len(shots)
+    if plain:
         summary["plain_chat_template"] = True  # a base model, asked in a chat format it never learned
     return summary, records
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pipeline.config import LmEvalConfig
 
 PROBE_PATH = Path(__file__).parent / "data" / "general_probe.jsonl"
+SHOTS_PATH = Path(__file__).parent / "data" / "probe_shots.jsonl"  # none of them a probe question (a test)
 PROBE_SYSTEM = "You are a helpful assistant."
 
 
@@ -52,9 +53,18 @@ def probe_categories() -> set[str]:
     return {q.category for q in load_probe()}
 
 
-def probe_messages(question: ProbeQuestion) -> list[dict[str, str]]:
-    """A neutral system prompt and the question: no task instruction."""
-    return [{"role": "system", "content": PROBE_SYSTEM}, {"role": "user", "content": question.question}]
+def load_probe_shots() -> list[tuple[str, str]]:
+    """The worked examples (question, answer) a base student is shown before each probe question."""
+    rows = [json.loads(line) for line in SHOTS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(row["question"], row["answer"]) for row in rows]
+
+
+def probe_messages(question: ProbeQuestion, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
+    """A neutral system prompt, the worked examples as earlier turns, and the question: no task instruction."""
+    messages = [{"role": "system", "content": PROBE_SYSTEM}]
+    for asked, answered in shots:
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    return [*messages, {"role": "user", "content": question.question}]
 
 
 def _words(text: str) -> str:

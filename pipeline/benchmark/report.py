@@ -379,12 +379,21 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     probed = {name: f for name, f in forgetting.items() if name not in ("change", "lm_eval")}
     for name, f in probed.items():
         lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
-    if probed.get(names.STUDENT_BASE, {}).get("plain_chat_template"):
+    base = probed.get(names.STUDENT_BASE, {})
+    if base.get("plain_chat_template") and base.get("shots"):
+        lines += [
+            "",
+            f"The untuned student is a base model (no chat template of its own): it and the tuned student were shown "
+            f"{base['shots']} worked examples before each probe question (`benchmark.probe_shots`) and read up to the "
+            "next turn they began themselves, so the untuned one answers in the plain chat format too and the "
+            "change measures general ability kept.",
+        ]
+    elif base.get("plain_chat_template"):
         lines += [
             "",
             "The untuned student is a base model (no chat template of its own), asked the probe's questions in the "
-            "plain chat format it was never trained on: a change against it measures that format learned as well "
-            "as general ability kept.",
+            "plain chat format it was never trained on without worked examples (`benchmark.probe_shots` 0): a change "
+            "against it measures that format learned as well as general ability kept.",
         ]
     change = forgetting.get("change") or {}
     if "accuracy_test" in change:
