@@ -640,10 +640,10 @@ class BenchmarkConfig(_Strict):
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
-    # Worked examples (question, short answer) shown before each probe question, the same to both students. None:
-    # all of them (5) where the students are base models prompted with the plain chat template, which asked bare
-    # only repeat the question (Gemma 3 270M base: 0.02 bare, 0.32 with 5), none for a chat model (SmolLM2-135M-
-    # Instruct: 0.54 bare, 0.27 with 5, answering tersely and wrongly).
+    # Worked examples (question, short answer) shown before each probe question. None: all of them (5) to an
+    # untuned base model (no chat template: the plain one), which asked bare repeats the question (Gemma 3 270M
+    # base: 0.02 bare, 0.32 with 5), none to a chat model or a tuned student, asked as it is served (shown them,
+    # they copy their answers: SmolLM2-135M-Instruct 0.54 bare, 0.27 with 5). A number: that many to every system.
     probe_shots: int | None = Field(None, ge=0)
     # Probe categories the task itself trains (`arithmetic` for an arithmetic task): left out of the forgetting
     # figures (probe accuracy and leakage, and so the verdict and the promotion gate), shown apart per category,

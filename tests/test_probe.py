@@ -253,13 +253,16 @@ def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
     )
 
 
-def test_a_base_student_is_shown_worked_examples_before_each_probe_question_and_the_report_says_so(
-    tmp_path, tiny_model, tiny_base_model
+def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_question_and_the_report_says_so(
+    tmp_path, tiny_model, tiny_base_model, ping_pong_base_student
 ):
     """A base student has no chat template: asked the probe bare in the plain one, it repeats the question (a real
-    one, Gemma 3 270M: 0.02), so it is shown the shipped worked examples first (with 5: 0.32), and the report
-    says so; `benchmark.probe_shots: 0` asks it bare, and the report says what the change then measures. A chat
-    student is asked bare (SmolLM2-135M-Instruct lost half its score to worked examples)."""
+    one, Gemma 3 270M: 0.02), so it is shown the shipped worked examples first (with 5: 0.32), as base models are
+    evaluated, and the report says so. The tuned student (merged, its folder carrying the plain template) and a
+    chat model are asked bare, as they are served: shown them, they copy their answers (SmolLM2-135M-Instruct
+    0.54 bare, 0.27 with 5; Gemma tuned on arithmetic answered "Quito" to 21 of 25 capitals).
+    `benchmark.probe_shots` sets one number for every system; 0 asks the base bare, and the report says what the
+    change then measures."""
     from pipeline.benchmark.evaluate import run_probe
     from pipeline.benchmark.probe import load_probe_shots
     from pipeline.benchmark.report import _forgetting_section
@@ -276,27 +279,31 @@ def test_a_base_student_is_shown_worked_examples_before_each_probe_question_and_
         engine = load_engine(str(model), EngineConfig(backend="transformers", batch_size=64), seed=0)
         return run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config)
 
-    (base, base_rows), (bare, bare_rows) = (
-        probe(tiny_base_model, "student_base", None),
-        probe(tiny_base_model, "student_base", 0),
-    )
+    tuned_from_base = ping_pong_base_student[2]
+    base, base_rows = probe(tiny_base_model, "student_base", None)
+    bare, bare_rows = probe(tiny_base_model, "student_base", 0)
+    tuned, _ = probe(tuned_from_base, "student_tuned", None)
+    tuned_shown, _ = probe(tuned_from_base, "student_tuned", 5)
     chat, _ = probe(tiny_model, "student_tuned", None)
-    assert base["shots"] == len(load_probe_shots()) == 5 and bare["shots"] == 0 and chat["shots"] == 0
-    assert base["plain_chat_template"] and bare["plain_chat_template"] and "plain_chat_template" not in chat
-    longer = [
-        shown["prompt_tokens"] - asked["prompt_tokens"] for shown, asked in zip(base_rows, bare_rows, strict=True)
-    ]
+    assert [f["shots"] for f in (base, bare, tuned, tuned_shown, chat)] == [len(load_probe_shots()), 0, 0, 5, 0]
+    assert base["plain_chat_template"] and bare["plain_chat_template"]
+    assert not any("plain_chat_template" in f for f in (tuned, tuned_shown, chat))
+    longer = [s["prompt_tokens"] - a["prompt_tokens"] for s, a in zip(base_rows, bare_rows, strict=True)]
     assert min(longer) > 5 * 4  # each worked example is a question and an answer in turns of their own
 
-    shown_said = (
-        "The untuned student is a base model (no chat template of its own): it and the tuned student were shown 5 "
-    )
-    bare_said = "The untuned student is a base model (no chat template of its own), asked the probe's questions in the "
-    for probed, said in ((base, shown_said), (bare, bare_said)):
-        lines = _forgetting_section({"student_base": probed, "student_tuned": chat})
-        assert sum(line.startswith((shown_said, bare_said)) for line in lines) == 1
-        assert any(line.startswith(said) for line in lines)
-    assert not any(line.startswith((shown_said, bare_said)) for line in _forgetting_section({"student_base": chat}))
+    said = {
+        "shown": "The untuned student is a base model (no chat template of its own), shown 5 worked examples before ",
+        "bare": "The untuned student is a base model (no chat template of its own), asked the probe's questions in ",
+    }
+    for probed_base, probed_tuned, sentence, tuned_asked in (
+        (base, tuned, "shown", "and the tuned student bare, as it is served;"),
+        (base, tuned_shown, "shown", "and the tuned student after 5;"),
+        (bare, tuned, "bare", "never trained on"),
+    ):
+        lines = _forgetting_section({"student_base": probed_base, "student_tuned": probed_tuned})
+        found = [line for line in lines if line.startswith(tuple(said.values()))]
+        assert len(found) == 1 and found[0].startswith(said[sentence]) and tuned_asked in found[0]
+    assert not any(line.startswith(tuple(said.values())) for line in _forgetting_section({"student_base": chat}))
 
 
 def test_the_worked_examples_are_no_probe_questions():

@@ -14,7 +14,14 @@ from pipeline.benchmark.probe import load_probe, load_probe_shots, probe_correct
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
 from pipeline.config import ExperimentConfig, SamplingConfig
-from pipeline.engines import PLAIN_NEXT_TURN, Engine, Generation, prompted_in_plain_chat, timed_single_requests
+from pipeline.engines import (
+    PLAIN_NEXT_TURN,
+    Engine,
+    Generation,
+    is_plain_template,
+    prompted_in_plain_chat,
+    timed_single_requests,
+)
 from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text
@@ -149,14 +156,15 @@ def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str
 
 
 def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConfig) -> tuple[dict, list]:
-    """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour. A base model
-    (the plain chat template) is shown worked examples first (`benchmark.probe_shots`) and read up to the next
-    turn it would write itself."""
+    """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour. An untuned
+    base model is shown worked examples first (`benchmark.probe_shots`), as base models are evaluated; any model
+    in the plain chat format is read up to the next turn it would write itself."""
     bench = config.benchmark
     questions = load_probe()
     plain = prompted_in_plain_chat(engine)
-    shots = load_probe_shots()  # unset: all of them for a base model, none for a chat model (config.py says why)
-    if bench.probe_shots is not None or not plain:
+    base_model = is_plain_template(getattr(engine, "chat_template", None)) and system.adapter is None
+    shots = load_probe_shots()  # unset: all of them for an untuned base model, none otherwise (config.py says why)
+    if bench.probe_shots is not None or not base_model:
         shots = shots[: bench.probe_shots or 0]
     stop = [*bench.sampling.stop, PLAIN_NEXT_TURN] if plain else bench.sampling.stop
     sampling = bench.sampling.model_copy(update={"max_tokens": bench.probe_max_tokens, "n": 1, "stop": stop})
@@ -177,7 +185,7 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
     ]
     summary = summarize_probe(texts, questions, task.leaks, bench.probe_task_categories)
     summary["shots"] = len(shots)
-    if plain:
+    if base_model:
         summary["plain_chat_template"] = True  # a base model, asked in a chat format it never learned
     return summary, records
 

@@ -379,14 +379,19 @@ def _forgetting_section(forgetting: dict[str, Any]) -> list[str]:
     probed = {name: f for name, f in forgetting.items() if name not in ("change", "lm_eval")}
     for name, f in probed.items():
         lines.append(f"| {name} | {f['accuracy']:.3f} | {f['leakage_rate']:.3f} | {f['n']} |")
-    base = probed.get(names.STUDENT_BASE, {})
+    base, tuned = probed.get(names.STUDENT_BASE, {}), probed.get(names.STUDENT_TUNED, {})
     if base.get("plain_chat_template") and base.get("shots"):
+        tuned_asked = (
+            "the tuned student bare, as it is served"
+            if not tuned.get("shots")
+            else f"the tuned student after {tuned['shots']}"
+        )
         lines += [
             "",
-            f"The untuned student is a base model (no chat template of its own): it and the tuned student were shown "
-            f"{base['shots']} worked examples before each probe question (`benchmark.probe_shots`) and read up to the "
-            "next turn they began themselves, so the untuned one answers in the plain chat format too and the "
-            "change measures general ability kept.",
+            f"The untuned student is a base model (no chat template of its own), shown {base['shots']} worked "
+            f"examples before each probe question (`benchmark.probe_shots`), as base models are evaluated, and "
+            f"{tuned_asked}; each answer read up to the next turn it began itself. The change is general ability "
+            "kept, the tuned student as asked against what the base model could do.",
         ]
     elif base.get("plain_chat_template"):
         lines += [
