@@ -796,29 +796,8 @@ class OpenAIEngine(Engine):
 
         seed = sampling.seed if self.server.send_seed else None
         try:
-            options: dict[str, Any] = {}
-            if sampling.stop:
-                options["stop"] = sampling.stop
-            if sampling.logprobs:
-                options.update(logprobs=True, top_logprobs=sampling.logprobs)
-            if sampling.json_schema is not None:
-                options["response_format"] = {
-                    "type": "json_schema",
-                    "json_schema": {"name": "output", "schema": sampling.json_schema},
-                }
-            extra_body = dict(sampling.extra)
-            if sampling.choices is not None:  # vLLM's server; the OpenAI API has no equivalent
-                extra_body["structured_outputs"] = {"choice": sampling.choices}
             response = await client.chat.completions.create(
-                model=self.model,
-                messages=conversation,
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=seed,
-                extra_body=extra_body or None,  # server-specific parameters (e.g. vLLM's top_k)
-                **options,
+                model=self.model, messages=conversation, n=sampling.n, seed=seed, **chat_request_options(sampling)
             )
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             return Generation([], 0, error=f"rejected by the server ({exc.status_code}): {_first_line(exc)}")
@@ -840,6 +819,31 @@ class OpenAIEngine(Engine):
         ]
         extra = {"usage": usage.model_dump(exclude_none=True)} if usage else {}
         return Generation(completions, usage.prompt_tokens if usage else 0, extra=extra)
+
+
+def chat_request_options(sampling: SamplingConfig) -> dict[str, Any]:
+    """A chat completions request's arguments for `sampling`, but for n and the seed: the server engine's and the
+    load test's, so the load test times the answers the benchmark scores (stop strings and `extra` included)."""
+    options: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+    }
+    if sampling.stop:
+        options["stop"] = sampling.stop
+    if sampling.logprobs:
+        options.update(logprobs=True, top_logprobs=sampling.logprobs)
+    if sampling.json_schema is not None:
+        options["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": sampling.json_schema},
+        }
+    extra_body = dict(sampling.extra)  # server-specific parameters (e.g. vLLM's top_k)
+    if sampling.choices is not None:  # vLLM's server; the OpenAI API has no equivalent
+        extra_body["structured_outputs"] = {"choice": sampling.choices}
+    if extra_body:
+        options["extra_body"] = extra_body
+    return options
 
 
 def _first_line(exc: Exception) -> str:

@@ -100,6 +100,29 @@ def test_server_backend_against_real_vllm_serve(vllm_server, rpc_base, monkeypat
 
 
 @pytest.mark.integration
+def test_the_load_test_sends_the_sampling_the_benchmark_scores_with(vllm_server, monkeypatch):
+    """The load test times the answers the offline figures score: a stop string (here the first two characters of
+    the greedy answer) ends its requests too. Before, it sent max_tokens, temperature, top_p and the choices
+    alone, so a task with stop strings was timed and priced on answers run past them."""
+    from pipeline.benchmark.serving import load_test
+    from pipeline.config import LoadTestConfig
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    greedy = SamplingConfig(n=1, temperature=0.0, max_tokens=8)
+    engine = load_engine("tiny", server_engine(vllm_server), seed=0)
+    answer = engine.generate(CONVERSATIONS[:1], greedy, progress=False)[0].completions[0]
+    assert answer.output_tokens == 8 and answer.text.strip()  # random weights: no EOS within 8 tokens
+    stopped = greedy.model_copy(update={"stop": [answer.text.strip()[:2]]})
+    levels = LoadTestConfig(concurrency=[1], requests=2, warmup=0)
+    timed = {
+        name: load_test(vllm_server, "tiny", CONVERSATIONS[:1], sampling, levels, "tiny", API_KEY)
+        for name, sampling in (("greedy", greedy), ("stopped", stopped))
+    }
+    assert [row["output_tokens"] for row in timed["greedy"]] == [8, 8]
+    assert all(row["output_tokens"] < 8 for row in timed["stopped"])
+
+
+@pytest.mark.integration
 def test_generate_stage_through_the_server_never_writes_the_key(vllm_server, tmp_path, tiny_model, monkeypatch):
     from pipeline.generate import run_generate
 

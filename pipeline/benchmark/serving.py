@@ -31,6 +31,7 @@ from pipeline.engines import (
     RPC_BASE_ENV,
     adapter_rank,
     add_end_of_turn_stop,
+    chat_request_options,
     chat_template_for,
     has_cuda,
     prepare_vllm_cpu_env,
@@ -192,12 +193,9 @@ async def _one_request(client: Any, model: str, conversation: Conversation, samp
     stream = await client.chat.completions.create(
         model=model,
         messages=conversation,
-        max_tokens=sampling.max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body={"structured_outputs": {"choice": sampling.choices}} if sampling.choices else None,
+        **chat_request_options(sampling),
     )
     async for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].delta.content:
