@@ -370,6 +370,21 @@ def prompted_in_plain_chat(engine: Engine) -> bool:
     return is_plain_template(getattr(engine, "chat_template", None) or own)
 
 
+def stops_for(engine: Engine, stop: Sequence[str]) -> list[str]:
+    """`stop`, and the plain template's next turn where `engine` prompts in it: where a base model's answer ends."""
+    return [*stop, PLAIN_NEXT_TURN] if prompted_in_plain_chat(engine) else list(stop)
+
+
+def worked_example_turns(examples: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """(question, answer) pairs as earlier user and assistant turns: how a base model, which has no chat format of
+    its own, is shown the format of an answer (the probe, replay answers)."""
+    return [
+        turn
+        for asked, answer in examples
+        for turn in ({"role": "user", "content": asked}, {"role": "assistant", "content": answer})
+    ]
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer starts plain text with its BOS token, as the model saw its pre-training text."""
     bos = tokenizer.bos_token_id

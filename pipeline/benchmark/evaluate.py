@@ -15,11 +15,10 @@ from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson
 from pipeline.benchmark.systems import System
 from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.engines import (
-    PLAIN_NEXT_TURN,
     Engine,
     Generation,
     is_plain_template,
-    prompted_in_plain_chat,
+    stops_for,
     timed_single_requests,
 )
 from pipeline.runs import PipelineError, read_jsonl
@@ -161,12 +160,11 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
     in the plain chat format is read up to the next turn it would write itself."""
     bench = config.benchmark
     questions = load_probe()
-    plain = prompted_in_plain_chat(engine)
     base_model = is_plain_template(getattr(engine, "chat_template", None)) and system.adapter is None
     shots = load_probe_shots()  # unset: all of them for an untuned base model, none otherwise (config.py says why)
     if bench.probe_shots is not None or not base_model:
         shots = shots[: bench.probe_shots or 0]
-    stop = [*bench.sampling.stop, PLAIN_NEXT_TURN] if plain else bench.sampling.stop
+    stop = stops_for(engine, bench.sampling.stop)
     sampling = bench.sampling.model_copy(update={"max_tokens": bench.probe_max_tokens, "n": 1, "stop": stop})
     asked = [probe_messages(q, shots) for q in questions]
     generations = engine.generate(asked, sampling, progress=f"probe {system.name}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.engines import worked_example_turns
 from pipeline.tasks.base import NUMBER, find_numbers
 
 if TYPE_CHECKING:
@@ -61,10 +62,8 @@ def load_probe_shots() -> list[tuple[str, str]]:
 
 def probe_messages(question: ProbeQuestion, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
     """A neutral system prompt, the worked examples as earlier turns, and the question: no task instruction."""
-    messages = [{"role": "system", "content": PROBE_SYSTEM}]
-    for asked, answered in shots:
-        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
-    return [*messages, {"role": "user", "content": question.question}]
+    system = {"role": "system", "content": PROBE_SYSTEM}
+    return [system, *worked_example_turns(shots), {"role": "user", "content": question.question}]
 
 
 def _words(text: str) -> str:
