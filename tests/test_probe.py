@@ -150,11 +150,11 @@ def test_lm_eval_refuses_a_tuned_student_that_answers_like_the_base(monkeypatch)
 
 
 def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test_split():
-    """No general replay prompt is a probe question or a test prompt of the embedded default, nor shares a
-    13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
+    """No general replay prompt (nor worked answer) is a probe question or a test prompt of the embedded default,
+    nor shares a 13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
     from pipeline.config import load_config
     from pipeline.filter.filters import NgramIndex
-    from pipeline.filter.replay import GENERAL_PROMPTS
+    from pipeline.filter.replay import GENERAL_PROMPTS, worked_examples
     from pipeline.filter.screen import protected_prompts
     from pipeline.runs import read_jsonl
     from pipeline.tasks import task_for
@@ -165,6 +165,10 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
     assert len(prompts) == len(set(prompts)) >= 150
     assert [p for p in prompts if index.match(p)] == []
+    # The worked answers a base student is shown first: none is a general prompt, and none is near a protected one.
+    shown = [text for pair in worked_examples() for text in pair]
+    assert not {prompt for prompt, _ in worked_examples()} & set(prompts)
+    assert [text for text in shown if index.match(text)] == []
 
 
 def test_the_report_shows_probe_accuracy_per_category_largest_loss_first():

@@ -325,6 +325,32 @@ def test_replay_answered_by_the_untuned_student_is_generated_once(tmp_path, tiny
         run_filter(strict_config(tmp_path, tiny_model, **replay, **{"benchmark.engine.dtype": "bfloat16"}))
 
 
+def test_a_base_student_answers_replay_prompts_after_worked_answers_read_up_to_its_next_turn(
+    tmp_path, tiny_model, tiny_base_model, capsys
+):
+    """source self with a base student: asked bare in the plain template, Gemma 3 270M base repeated every prompt
+    until max_tokens (155 of 155 cut, 0 of 28 rows kept), so each prompt follows the shipped worked answers and its
+    answer ends at the next turn it writes itself (117 of 155 ended). A chat student is asked bare."""
+    from pipeline.config import EngineConfig
+    from pipeline.engines import PLAIN_NEXT_TURN, load_engine, stops_for
+    from pipeline.filter.replay import answered, worked_examples
+
+    prompts = ["Name a colour.", "Name a fruit."]
+    cached, stops = {}, {}
+    for name, model in (("base", tiny_base_model), ("chat", tiny_model)):
+        config = strict_config(tmp_path / name, model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
+        answered(config, tmp_path / name, prompts)
+        cached[name] = list(read_jsonl(tmp_path / name / "replay_answers.jsonl"))
+        engine = load_engine(str(model), EngineConfig(backend="transformers"), seed=0)
+        stops[name] = stops_for(engine, ["###"])
+    shown = len(worked_examples())
+    assert shown >= 2 and [row["worked_examples"] for row in cached["base"]] == [shown, shown]
+    assert [row["worked_examples"] for row in cached["chat"]] == [0, 0]
+    assert stops == {"base": ["###", PLAIN_NEXT_TURN], "chat": ["###"]}
+    err = capsys.readouterr().err
+    assert err.count(f"has no chat format of its own: each prompt after {shown} worked answers") == 1
+
+
 def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_model, monkeypatch):
     """4 rows wanted, every answer good: 6 of the 155 prompts answered (1.5x), not all; a larger fraction later
     answers only the prompts not yet cached. A test prompt planted in the prompts file is dropped unanswered."""

@@ -26,6 +26,9 @@ from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")
 GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"  # written for the project
+# Worked answers shown first to an answerer with no chat format of its own (a base model), also written for the
+# project; a test keeps them clear of the general prompts, the probe and the test split.
+WORKED_EXAMPLES = Path(__file__).parent / "data" / "replay_shots.jsonl"
 ANSWERS = "replay_answers.jsonl"  # the cache of generated answers, in the filter's folder
 
 Chat = list[dict[str, str]]
@@ -99,6 +102,11 @@ def answerer(config: ExperimentConfig) -> tuple[str, EngineConfig]:
     return config.teacher.model, config.teacher.engine
 
 
+def worked_examples() -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs a base answerer is shown before each general prompt."""
+    return [(row["prompt"], row["answer"]) for row in read_jsonl(WORKED_EXAMPLES)]
+
+
 def answerer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
     """What decides the replay answers besides their prompts (the filter's fingerprint holds it); None when
     replay is off or brings its own answers."""
@@ -106,15 +114,24 @@ def answerer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
     if replay.fraction == 0 or replay.source == "dataset":
         return None
     model, engine = answerer(config)
-    return {"model": model, "engine": engine_identity(engine.model_dump()), "max_tokens": replay.max_tokens}
+    return {
+        "model": model,
+        "engine": engine_identity(engine.model_dump()),
+        "max_tokens": replay.max_tokens,
+        "worked_examples": hashlib.sha256(WORKED_EXAMPLES.read_bytes()).hexdigest()[:16],  # what a base model sees
+    }
 
 
 def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list[tuple[Chat, str | None]]:
     """`prompts` with answers from the untuned student ("self") or the teacher, greedy. Answers are cached per
     prompt in the filter's folder under a key of what shapes them (`answerer_identity`, the seed): only the
-    prompts without one are generated, and a rerun generates none."""
+    prompts without one are generated, and a rerun generates none.
+
+    An answerer with no chat format of its own (a base model, in the plain template) is shown worked answers
+    first and read up to the next turn it writes itself, as the probe asks it: asked bare, Gemma 3 270M base
+    repeated each prompt until `max_tokens` (155 of 155 cut), with them 117 of 155 answers ended."""
     from pipeline.config import SamplingConfig
-    from pipeline.engines import load_engine, model_for
+    from pipeline.engines import load_engine, model_for, prompted_in_plain_chat, stops_for, worked_example_turns
 
     replay = config.train.replay
     model, engine = answerer(config)
@@ -126,8 +143,17 @@ def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list
         log(f"filter: replay: {model} answers {len(missing)} general prompts ({replay.source})")
         runner = load_engine(model_for(model, engine), engine, config.seed)
         try:
-            conversations = [[{"role": "user", "content": prompt}] for prompt in missing]
-            sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=config.seed)
+            shown = worked_examples() if prompted_in_plain_chat(runner) else []
+            if shown:
+                log(
+                    f"filter: replay: {model} has no chat format of its own: each prompt after {len(shown)} worked "
+                    "answers, its own answer read up to the next turn"
+                )
+            first = worked_example_turns(shown)
+            conversations = [[*first, {"role": "user", "content": prompt}] for prompt in missing]
+            sampling = SamplingConfig(
+                temperature=0.0, max_tokens=replay.max_tokens, seed=config.seed, stop=stops_for(runner, [])
+            )
             generations = runner.generate(conversations, sampling, progress="replay answers")
         finally:
             runner.close()
@@ -137,6 +163,7 @@ def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list
                 "prompt": prompt,
                 "answer": g.completions[0].text if g.completions else "",
                 "finish_reason": g.completions[0].finish_reason if g.completions else "error",
+                "worked_examples": len(shown),
             }
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache) as partial:
@@ -159,7 +186,8 @@ def replay_shortfall(replay: ReplayConfig, dropped: dict[str, int]) -> str:
     if reasons[0][0] == "truncated":
         said += (
             f"; answers ran past train.replay.max_tokens ({replay.max_tokens}): raise it, or, for an answerer "
-            "that never stops (a base student answering itself), set train.replay.source to teacher or dataset"
+            "that repeats itself until cut (a weak base student answering itself), set train.replay.source to "
+            "teacher or dataset"
         )
     return said
 
