@@ -333,13 +333,14 @@ def test_a_base_student_answers_replay_prompts_after_worked_answers_read_up_to_i
     answer ends at the next turn it writes itself (117 of 155 ended). A chat student is asked bare."""
     from pipeline.config import EngineConfig
     from pipeline.engines import PLAIN_NEXT_TURN, load_engine, stops_for
-    from pipeline.filter.replay import answered, worked_examples
+    from pipeline.filter.replay import ReplayAnswers, worked_examples
 
     prompts = ["Name a colour.", "Name a fruit."]
     cached, stops = {}, {}
     for name, model in (("base", tiny_base_model), ("chat", tiny_model)):
         config = strict_config(tmp_path / name, model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
-        answered(config, tmp_path / name, prompts)
+        with ReplayAnswers(config, tmp_path / name) as answered:
+            answered(prompts)
         cached[name] = list(read_jsonl(tmp_path / name / "replay_answers.jsonl"))
         engine = load_engine(str(model), EngineConfig(backend="transformers"), seed=0)
         stops[name] = stops_for(engine, ["###"])
@@ -382,20 +383,25 @@ def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_mod
 
 
 def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_model, monkeypatch, capsys):
-    """A base student answering its own replay prompts never stops (Gemma 3 270M base: 155 of 155 cut at
-    train.replay.max_tokens, 0 of 28 rows kept): the filter says what dropped them and the keys that fix it."""
+    """An answerer whose answers are all cut at train.replay.max_tokens (Gemma 3 270M base asked bare: 155 of 155,
+    0 of 28 rows kept): the filter answers every prompt in rounds, on one engine, and says what dropped them and
+    the keys that fix it."""
     import pipeline.engines as engines
     from pipeline.benchmark.stage import recipe
 
     class NeverStops(ScriptedEngine):
         def generate(self, conversations, sampling, progress=True):
+            self.calls.append([c[-1]["content"] for c in conversations])
             return [Generation([Completion("User: " + c[-1]["content"], "length", 4)], 20) for c in conversations]
 
-    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: NeverStops())
+    loaded = []
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: loaded.append(NeverStops()) or loaded[-1])
     config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
     write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
     report = json.loads((run_filter(config) / "filter_report.json").read_text())["replay"]
     assert report["kept"] == 0 and set(report["dropped"]) == {"truncated"}
+    assert len(loaded) == 1 and len(loaded[0].calls) >= 4  # rounds of 6, 6, 12, 24, ... prompts: one engine
+    assert sum(map(len, loaded[0].calls)) == report["dropped"]["truncated"] == 155
     err = capsys.readouterr().err
     assert "filter: replay kept 0 of the 4 wanted, of 155 available (self)" in err
     assert f"filter: replay dropped {report['dropped']['truncated']} truncated; answers ran past train.replay." in err

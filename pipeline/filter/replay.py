@@ -122,59 +122,80 @@ def answerer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
     }
 
 
-def answered(config: ExperimentConfig, folder: Path, prompts: list[str]) -> list[tuple[Chat, str | None]]:
-    """`prompts` with answers from the untuned student ("self") or the teacher, greedy. Answers are cached per
-    prompt in the filter's folder under a key of what shapes them (`answerer_identity`, the seed): only the
-    prompts without one are generated, and a rerun generates none.
+class ReplayAnswers:
+    """General prompts answered by the untuned student ("self") or the teacher, greedy, one engine for every
+    round (loaded at the first prompt not yet answered, closed on exit: a 7B teacher loads once, not per round).
+    Answers are cached per prompt in the filter's folder under a key of what shapes them (`answerer_identity`, the
+    seed): only the prompts without one are generated, and a rerun generates none.
 
     An answerer with no chat format of its own (a base model, in the plain template) is shown worked answers
     first and read up to the next turn it writes itself, as the probe asks it: asked bare, Gemma 3 270M base
     repeated each prompt until `max_tokens` (155 of 155 cut), with them 117 of 155 answers ended."""
-    from pipeline.config import SamplingConfig
-    from pipeline.engines import load_engine, model_for, prompted_in_plain_chat, stops_for, worked_example_turns
 
-    replay = config.train.replay
-    model, engine = answerer(config)
-    key = hashlib.sha256(json.dumps([answerer_identity(config), config.seed], sort_keys=True).encode()).hexdigest()
-    cache = folder / ANSWERS
-    rows = {r["prompt"]: r for r in read_jsonl(cache) if r.get("key") == key} if cache.is_file() else {}
-    missing = list(dict.fromkeys(p for p in prompts if p not in rows))
-    if missing:
-        log(f"filter: replay: {model} answers {len(missing)} general prompts ({replay.source})")
-        runner = load_engine(model_for(model, engine), engine, config.seed)
-        try:
-            shown = worked_examples() if prompted_in_plain_chat(runner) else []
-            if shown:
-                log(
-                    f"filter: replay: {model} has no chat format of its own: each prompt after {len(shown)} worked "
-                    "answers, its own answer read up to the next turn"
-                )
-            first = worked_example_turns(shown)
-            conversations = [[*first, {"role": "user", "content": prompt}] for prompt in missing]
-            sampling = SamplingConfig(
-                temperature=0.0, max_tokens=replay.max_tokens, seed=config.seed, stop=stops_for(runner, [])
+    def __init__(self, config: ExperimentConfig, folder: Path) -> None:
+        self.config = config
+        self.cache = folder / ANSWERS
+        identity = [answerer_identity(config), config.seed]
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        cached = read_jsonl(self.cache) if self.cache.is_file() else []
+        self.rows = {row["prompt"]: row for row in cached if row.get("key") == self.key}
+        self.engine: Any = None
+        self.first_turns: list[dict[str, str]] = []
+
+    def __enter__(self) -> ReplayAnswers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _load(self) -> Any:
+        from pipeline.engines import load_engine, model_for, prompted_in_plain_chat, worked_example_turns
+
+        model, engine_config = answerer(self.config)
+        self.engine = load_engine(model_for(model, engine_config), engine_config, self.config.seed)
+        shown = worked_examples() if prompted_in_plain_chat(self.engine) else []
+        if shown:
+            log(
+                f"filter: replay: {model} has no chat format of its own: each prompt after {len(shown)} worked "
+                "answers, its own answer read up to the next turn"
             )
-            generations = runner.generate(conversations, sampling, progress="replay answers")
-        finally:
-            runner.close()
-        for prompt, g in zip(missing, generations, strict=True):
-            rows[prompt] = {
-                "key": key,
-                "prompt": prompt,
-                "answer": g.completions[0].text if g.completions else "",
-                "finish_reason": g.completions[0].finish_reason if g.completions else "error",
-                "worked_examples": len(shown),
-            }
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as partial:
-            partial.write_text("".join(json_line(row) for row in rows.values()))
-    return [
-        (
-            [{"role": "user", "content": p}, {"role": "assistant", "content": rows[p]["answer"]}],
-            rows[p]["finish_reason"],
-        )
-        for p in prompts
-    ]
+        self.first_turns = worked_example_turns(shown)
+        return self.engine
+
+    def __call__(self, prompts: list[str]) -> list[tuple[Chat, str | None]]:
+        """`prompts` with their answers and finish reasons, the missing ones generated and cached."""
+        from pipeline.config import SamplingConfig
+        from pipeline.engines import stops_for
+
+        replay = self.config.train.replay
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.rows))
+        if missing:
+            log(f"filter: replay: {answerer(self.config)[0]} answers {len(missing)} general prompts ({replay.source})")
+            engine = self.engine or self._load()
+            conversations = [[*self.first_turns, {"role": "user", "content": prompt}] for prompt in missing]
+            stop = stops_for(engine, [])
+            sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=self.config.seed, stop=stop)
+            generations = engine.generate(conversations, sampling, progress="replay answers")
+            for prompt, g in zip(missing, generations, strict=True):
+                self.rows[prompt] = {
+                    "key": self.key,
+                    "prompt": prompt,
+                    "answer": g.completions[0].text if g.completions else "",
+                    "finish_reason": g.completions[0].finish_reason if g.completions else "error",
+                    "worked_examples": len(self.first_turns) // 2,
+                }
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.cache) as partial:
+                partial.write_text("".join(json_line(row) for row in self.rows.values()))
+        return [
+            (
+                [{"role": "user", "content": p}, {"role": "assistant", "content": self.rows[p]["answer"]}],
+                self.rows[p]["finish_reason"],
+            )
+            for p in prompts
+        ]
 
 
 def replay_shortfall(replay: ReplayConfig, dropped: dict[str, int]) -> str:
@@ -226,38 +247,35 @@ def screened_replay(
         dropped[reason] = dropped.get(reason, 0) + 1
 
     position = 0
-    while len(kept) < wanted and position < len(order):
-        size = max(math.ceil((wanted - len(kept)) * ANSWER_MARGIN), position)
-        batch = order[position : position + size]
-        position += len(batch)
-        examples = {i: Example(f"replay-{i}", users[i], {}, "replay") for i in batch}
-        allowed = [i for i in batch if filters.guard(examples[i]) is None]
-        for _ in range(len(batch) - len(allowed)):
-            drop(TEST_GUARD)
-        batch_chats = (
-            [chats[i] for i in allowed]
-            if source == "dataset"
-            else answered(config, folder, [users[i] for i in allowed])
-        )
-        for index, (messages, finish) in zip(allowed, batch_chats, strict=True):
-            if len(kept) >= wanted:
-                break
-            sample = Sample(examples[index].id, 0, messages[-1]["content"], finish)
-            failed = ("empty", "no answer") if not sample.text.strip() else None
-            if failed is None and finish == "length":
-                failed = ("truncated", "cut at train.replay.max_tokens")
-            failed = failed or filters.check(examples[index], sample)
-            if failed is not None:
-                drop(failed[0])
-                continue
-            kept.append(
-                {
-                    "messages": [*messages[:-1], {**messages[-1], "content": sample.text.strip()}],
-                    "prompt_id": examples[index].id,
-                    "category": "replay",
-                    "sample_index": 0,
-                    "replay": True,
-                    "replay_source": source,
-                }
-            )
+    with ReplayAnswers(config, folder) as answered:
+        while len(kept) < wanted and position < len(order):
+            size = max(math.ceil((wanted - len(kept)) * ANSWER_MARGIN), position)
+            batch = order[position : position + size]
+            position += len(batch)
+            examples = {i: Example(f"replay-{i}", users[i], {}, "replay") for i in batch}
+            allowed = [i for i in batch if filters.guard(examples[i]) is None]
+            for _ in range(len(batch) - len(allowed)):
+                drop(TEST_GUARD)
+            batch_chats = [chats[i] for i in allowed] if source == "dataset" else answered([users[i] for i in allowed])
+            for index, (messages, finish) in zip(allowed, batch_chats, strict=True):
+                if len(kept) >= wanted:
+                    break
+                sample = Sample(examples[index].id, 0, messages[-1]["content"], finish)
+                failed = ("empty", "no answer") if not sample.text.strip() else None
+                if failed is None and finish == "length":
+                    failed = ("truncated", "cut at train.replay.max_tokens")
+                failed = failed or filters.check(examples[index], sample)
+                if failed is not None:
+                    drop(failed[0])
+                    continue
+                kept.append(
+                    {
+                        "messages": [*messages[:-1], {**messages[-1], "content": sample.text.strip()}],
+                        "prompt_id": examples[index].id,
+                        "category": "replay",
+                        "sample_index": 0,
+                        "replay": True,
+                        "replay_source": source,
+                    }
+                )
     return kept, dropped, len(users)
