@@ -658,8 +658,9 @@ class BenchmarkConfig(_Strict):
     def _shots_shipped(cls, value: int | None) -> int | None:
         from pipeline.benchmark.probe import load_probe_shots
 
-        if value is not None and value > len(load_probe_shots()):
-            raise ValueError(f"the probe ships {len(load_probe_shots())} worked examples")
+        shipped = len(load_probe_shots())
+        if value is not None and value > shipped:
+            raise ValueError(f"the probe ships {shipped} worked examples")
         return value
 
     @field_validator("probe_task_categories")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engines import worked_example_turns
+from pipeline.runs import read_jsonl
 from pipeline.tasks.base import NUMBER, find_numbers
 
 if TYPE_CHECKING:
@@ -56,8 +57,7 @@ def probe_categories() -> set[str]:
 
 def load_probe_shots() -> list[tuple[str, str]]:
     """The worked examples (question, answer) a base student is shown before each probe question."""
-    rows = [json.loads(line) for line in SHOTS_PATH.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(row["question"], row["answer"]) for row in rows]
+    return [(row["question"], row["answer"]) for row in read_jsonl(SHOTS_PATH)]
 
 
 def probe_messages(question: ProbeQuestion, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
