@@ -382,6 +382,33 @@ def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_mod
     assert report["kept"] == report["wanted"] == 12 and not set(again) & set(asked)  # cached answers reused
 
 
+def test_a_replay_answer_that_copies_a_worked_answer_is_dropped(tmp_path, tiny_model, monkeypatch):
+    """Shown worked answers, Gemma 3 270M base handed one back as its answer to another prompt (1 of 155): an
+    answer that repeats a worked answer, whole or inside its own text, is dropped and counted, and replay draws
+    other prompts for the rows wanted."""
+    import pipeline.engines as engines
+    from pipeline.filter.replay import COPIES_WORKED_ANSWER, worked_examples
+
+    worked = worked_examples()[0][1]
+
+    class Copies(ScriptedEngine):
+        def generate(self, conversations, sampling, progress=True):
+            self.calls.append([c[-1]["content"] for c in conversations])
+            copies = [worked, f"Sure. {worked.lower()} Anything else?"]  # whole, then inside its own text
+            answers = [*copies, *(f"Here is one: {c[-1]['content']}" for c in conversations[2:])]
+            return [Generation([Completion(a, "stop", 5)], 20) for a in answers[: len(conversations)]]
+
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: Copies())
+    config = strict_config(tmp_path, tiny_model, **{"train.replay": {"fraction": 0.5}})
+    write_teacher_outputs(config, [teacher_row(i, ["even" if i % 2 == 0 else "odd"]) for i in range(4)])
+    out = run_filter(config)
+    report = json.loads((out / "filter_report.json").read_text())["replay"]
+    assert report["kept"] == report["wanted"] == 4 and report["dropped"] == {COPIES_WORKED_ANSWER: 2}
+    answers = [row["messages"][-1]["content"] for row in read_jsonl(out / "train.jsonl") if row.get("replay")]
+    assert len(answers) == 4 and all(a.startswith("Here is one: ") for a in answers)
+    assert f"{COPIES_WORKED_ANSWER} 2" in (out / "DATASET.md").read_text()
+
+
 def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_model, monkeypatch, capsys):
     """An answerer whose answers are all cut at train.replay.max_tokens (Gemma 3 270M base asked bare: 155 of 155,
     0 of 28 rows kept): the filter answers every prompt in rounds, on one engine, and says what dropped them and

@@ -5,8 +5,8 @@ rows need, each answer cached in the filter's folder under a key of what shapes 
 (a local JSONL/JSON file or a Hugging Face id). Each is screened like a teacher answer: dropped when its user turn
 is a benchmark test prompt or a probe question or shares an n-gram with one (always on for replay: general chats
 are where probe-like questions live; a test prompt or probe question is not even answered), when its answer is
-empty or was cut at max_tokens, or when it repeats an earlier replay row. Enough are kept, in a seeded order, for
-replay to be `fraction` of the training mix.
+empty, was cut at max_tokens or copies a worked answer it was shown, or when it repeats an earlier replay row.
+Enough are kept, in a seeded order, for replay to be `fraction` of the training mix.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, ExperimentConfig, ReplayConfig, engine_identity
-from pipeline.filter.filters import DatasetFilters, Sample
+from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
 from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
 from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")
+COPIES_WORKED_ANSWER = "copies_worked_answer"  # the drop reason of a generated answer that repeats a worked one
 GENERAL_PROMPTS = Path(__file__).parent / "data" / "general_prompts.jsonl"  # written for the project
 # Worked answers shown first to an answerer with no chat format of its own (a base model), also written for the
 # project; a test keeps them clear of the general prompts, the probe and the test split.
@@ -213,6 +214,17 @@ def replay_shortfall(replay: ReplayConfig, dropped: dict[str, int]) -> str:
     return said
 
 
+def _failure(sample: Sample, example: Example, filters: DatasetFilters, shown: NgramIndex) -> tuple[str, str] | None:
+    """Why a replay answer is dropped (filter, detail), or None to keep it."""
+    if not sample.text.strip():
+        return "empty", "no answer"
+    if sample.finish_reason == "length":
+        return "truncated", "cut at train.replay.max_tokens"
+    if shown.match(sample.text) is not None:
+        return COPIES_WORKED_ANSWER, "repeats a worked answer shown before the prompt"
+    return filters.check(example, sample)
+
+
 def screened_replay(
     config: ExperimentConfig, task: Task, wanted: int, folder: Path
 ) -> tuple[list[dict[str, Any]], dict, int]:
@@ -238,6 +250,12 @@ def screened_replay(
         users = [next(m["content"] for m in reversed(chat) if m["role"] == "user") for chat, _ in chats]
     else:
         users = general_prompts(config)
+    # A base answerer may hand back a worked answer it was shown (1 of 155 by Gemma 3 270M): an answer to
+    # another question. An n-gram as long as decontamination's marks the copy.
+    shown = NgramIndex(
+        [] if source == "dataset" else [("a worked answer", answer) for _, answer in worked_examples()],
+        settings.decontaminate.ngram,
+    )
     order = list(range(len(users)))
     random.Random(config.seed).shuffle(order)
     kept: list[dict[str, Any]] = []
@@ -261,10 +279,7 @@ def screened_replay(
                 if len(kept) >= wanted:
                     break
                 sample = Sample(examples[index].id, 0, messages[-1]["content"], finish)
-                failed = ("empty", "no answer") if not sample.text.strip() else None
-                if failed is None and finish == "length":
-                    failed = ("truncated", "cut at train.replay.max_tokens")
-                failed = failed or filters.check(examples[index], sample)
+                failed = _failure(sample, examples[index], filters, shown)
                 if failed is not None:
                     drop(failed[0])
                     continue
