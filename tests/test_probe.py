@@ -153,7 +153,7 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     """No general replay prompt (nor worked answer) is a probe question or a test prompt of the embedded default,
     nor shares a 13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
     from pipeline.config import load_config
-    from pipeline.filter.filters import NgramIndex
+    from pipeline.filter.filters import NgramIndex, words
     from pipeline.filter.replay import GENERAL_PROMPTS, worked_examples
     from pipeline.filter.screen import protected_prompts
     from pipeline.runs import read_jsonl
@@ -165,9 +165,16 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
     assert len(prompts) == len(set(prompts)) >= 150
     assert [p for p in prompts if index.match(p)] == []
-    # The worked answers a base student is shown first: none is a general prompt, and none is near a protected one.
+
+    # The worked answers a base student is shown first: none is near a general prompt (shown "Give me two tips for
+    # drinking more water.", Gemma 3 270M handed its answer back for "Give me two practical tips for drinking more
+    # water."; word overlap 0.89, the next closest pair 0.42), and none is near a protected one.
+    def overlap(a: str, b: str) -> float:
+        a_words, b_words = set(words(a)), set(words(b))
+        return len(a_words & b_words) / len(a_words | b_words)
+
     shown = [text for pair in worked_examples() for text in pair]
-    assert not {prompt for prompt, _ in worked_examples()} & set(prompts)
+    assert [(q, p) for q, _ in worked_examples() for p in prompts if overlap(q, p) >= 0.6] == []
     assert [text for text in shown if index.match(text)] == []
 
 

@@ -330,7 +330,7 @@ def test_a_base_student_answers_replay_prompts_after_worked_answers_read_up_to_i
 ):
     """source self with a base student: asked bare in the plain template, Gemma 3 270M base repeated every prompt
     until max_tokens (155 of 155 cut, 0 of 28 rows kept), so each prompt follows the shipped worked answers and its
-    answer ends at the next turn it writes itself (117 of 155 ended). A chat student is asked bare."""
+    answer ends at the next turn it writes itself (115 of 155 ended). A chat student is asked bare."""
     from pipeline.config import EngineConfig
     from pipeline.engines import PLAIN_NEXT_TURN, load_engine, stops_for
     from pipeline.filter.replay import ReplayAnswers, worked_examples
@@ -383,9 +383,9 @@ def test_replay_answers_only_the_prompts_the_wanted_rows_need(tmp_path, tiny_mod
 
 
 def test_a_replay_answer_that_copies_a_worked_answer_is_dropped(tmp_path, tiny_model, monkeypatch):
-    """Shown worked answers, Gemma 3 270M base handed one back as its answer to another prompt (1 of 155): an
-    answer that repeats a worked answer, whole or inside its own text, is dropped and counted, and replay draws
-    other prompts for the rows wanted."""
+    """Shown worked answers, Gemma 3 270M base handed one back as its answer to a prompt that nearly repeated a
+    worked one (1 of 155): an answer that repeats a worked answer, whole or inside its own text, is dropped and
+    counted, and replay draws other prompts for the rows wanted."""
     import pipeline.engines as engines
     from pipeline.filter.replay import COPIES_WORKED_ANSWER, worked_examples
 

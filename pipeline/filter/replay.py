@@ -131,7 +131,7 @@ class ReplayAnswers:
 
     An answerer with no chat format of its own (a base model, in the plain template) is shown worked answers
     first and read up to the next turn it writes itself, as the probe asks it: asked bare, Gemma 3 270M base
-    repeated each prompt until `max_tokens` (155 of 155 cut), with them 117 of 155 answers ended."""
+    repeated each prompt until `max_tokens` (155 of 155 cut), with them 115 of 155 answers ended."""
 
     def __init__(self, config: ExperimentConfig, folder: Path) -> None:
         self.config = config
@@ -250,8 +250,8 @@ def screened_replay(
         users = [next(m["content"] for m in reversed(chat) if m["role"] == "user") for chat, _ in chats]
     else:
         users = general_prompts(config)
-    # A base answerer may hand back a worked answer it was shown (1 of 155 by Gemma 3 270M): an answer to
-    # another question. An n-gram as long as decontamination's marks the copy.
+    # A base answerer may hand back a worked answer it was shown as its own: an answer to another question (Gemma 3
+    # 270M did, for a prompt that nearly repeated a worked one). An n-gram as long as decontamination's marks it.
     shown = NgramIndex(
         [] if source == "dataset" else [("a worked answer", answer) for _, answer in worked_examples()],
         settings.decontaminate.ngram,
