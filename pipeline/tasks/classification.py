@@ -75,8 +75,13 @@ class ClassificationTask(TabularTask):
         return {"invalid_label": not self._is_label(completion)}
 
     def _is_label(self, completion: str) -> bool:
-        return normalize_answer(completion) in {normalize_answer(label) for label in self.labels()}
+        return normalize_answer(completion) in self._normalized_labels()
 
     def leaks(self, completion: str) -> bool:
-        """A general question answered with a bare label of this task."""
-        return self._is_label(completion)
+        """A general question answered with a label of this task: bare, or leading the answer as whole words
+        (a tuned Gemma 3 270M answered "What is 14 plus 16?" with "positive 14")."""
+        answer = normalize_answer(completion)
+        return any(answer == label or answer.startswith(f"{label} ") for label in self._normalized_labels())
+
+    def _normalized_labels(self) -> set[str]:
+        return {normalize_answer(label) for label in self.labels()}
