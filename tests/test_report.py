@@ -352,8 +352,8 @@ def test_a_forgetting_verdict_names_the_levers_with_this_tasks_other_runs():
     ]
     text = verdict(numbers)
     assert (
-        "the levers: mix general chats in (train.replay.fraction, now 0), a lower train.learning_rate (now 0.002)"
-        in text
+        "the levers (this run: probe -38.0%, leakage +75.0%): mix general chats in (train.replay.fraction, now 0), "
+        "a lower train.learning_rate (now 0.002)" in text
     )
     assert "a smaller train.lora.r (now 16)" in text
     assert "This task's other runs: `replay-20` (replay 0.2, lr 0.002, r 16): probe -1.0%, leakage +3.0%" in text
@@ -368,6 +368,47 @@ def test_a_forgetting_verdict_names_the_levers_with_this_tasks_other_runs():
     # Two runs that differ in the replay's source alone say so, with the rows each added.
     numbers["other_runs"][0]["recipe"].update(replay_source="teacher", replay_rows=24)
     assert "`replay-20` (replay 0.2 (teacher, 24 rows), prompt retrieved, lr 0.002" in verdict(numbers)
+
+
+def test_a_run_that_differs_in_one_lever_is_cited_at_that_lever_with_which_forgot_more():
+    numbers = report(0.37, -0.08, 0.24)
+    numbers["recipe"] = {
+        "replay_fraction": 0.3,
+        "replay_source": "self",
+        "learning_rate": 2e-4,
+        "num_train_epochs": 2.0,
+        "lora_r": 16,
+        "prompt_style": "short",
+    }
+
+    def run(name: str, probe: float, leakage: float, **knobs: object) -> dict:
+        recipe = {**numbers["recipe"], **knobs}
+        return {"run": name, "recipe": recipe, "tuned_accuracy": 1.0, "probe_change": probe, "leakage_change": leakage}
+
+    # The four lever runs of docs/measurements.md (Gemma 3 270M on sentiment), seen from the replay-0.3 run.
+    numbers["other_runs"] = [
+        run("lr1e4", -0.149, 0.47, learning_rate=1e-4),
+        run("ep1", -0.194, 0.634, num_train_epochs=1.0),
+        run("r05", -0.119, 0.03, replay_fraction=0.5),
+        run("r05-lr1e4", -0.02, 0.01, replay_fraction=0.5, learning_rate=1e-4),
+        run("teacher-replay", -0.05, 0.1, replay_source="teacher"),
+    ]
+    text = verdict(numbers)
+    assert (
+        "a lower train.learning_rate (now 0.0002; 0.0001 in `lr1e4`: probe -14.9%, leakage +47.0%, accuracy 100.0%, "
+        "forgot more than this run)" in text
+    )
+    assert "fewer train.num_train_epochs (now 2; 1 in `ep1`: probe -19.4%, leakage +63.4%" in text
+    # Less leakage but a bigger probe loss: neither more nor less forgetting is claimed.
+    assert "(train.replay.fraction, now 0.3; 0.5 in `r05`: probe -11.9%, leakage +3.0%, accuracy 100.0%)" in text
+    assert "a smaller train.lora.r (now 16)" in text
+    # Runs that differ in two knobs, or in a knob that is not a lever, are listed apart, not credited to a lever.
+    assert (
+        "other runs: `r05-lr1e4` (replay 0.5, prompt short, lr 0.0001" in text
+        and "; `teacher-replay` (replay 0.3" in text
+    )
+    numbers["other_runs"] = [run("r05", -0.01, 0.03, replay_fraction=0.5)]
+    assert "0.5 in `r05`: probe -1.0%, leakage +3.0%, accuracy 100.0%, forgot less than this run)" in verdict(numbers)
 
 
 def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):

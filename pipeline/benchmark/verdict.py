@@ -361,25 +361,65 @@ def _within_noise(facts: _Facts, *ratios: float) -> str:
     return f" (a difference under {facts.min_gain:.0%}, within one load test's noise, is not counted)"
 
 
+# The recipe knobs a lever turns, each with the lever as the verdict names it.
+_LEVERS = (
+    ("replay_fraction", "mix general chats in (train.replay.fraction, "),
+    ("learning_rate", "a lower train.learning_rate ("),
+    ("num_train_epochs", "fewer train.num_train_epochs ("),
+    ("lora_r", "a smaller train.lora.r ("),
+)
+# What else makes two runs differ: a run that differs from this one in one lever and none of these shows the lever.
+_RECIPE_KNOBS = ("replay_fraction", "replay_source", "learning_rate", "num_train_epochs", "lora_r", "prompt_style")
+
+
 def _levers(report: dict[str, Any]) -> str:
-    """The knobs that move forgetting, as this run set them, and what this task's other runs measured."""
+    """The knobs that move forgetting, as this run set them; where another run of this task differs from this one
+    in that knob alone, what it measured there, and whether it forgot more or less than this run."""
     recipe = report.get("recipe")
     if not recipe:
         return "train gentler (lower learning rate, fewer epochs, smaller rank) or mix general data in."
-    now = f"now {recipe['replay_fraction']:g}"
-    if (recipe.get("replay_rows") or 0) < (recipe.get("replay_wanted") or 0):  # DATASET.md says why
-        now += f", which added {recipe['replay_rows']} of the {recipe['replay_wanted']} rows wanted: see DATASET.md"
-    knobs = [f"mix general chats in (train.replay.fraction, {now})"]
-    knobs.append(f"a lower train.learning_rate (now {recipe['learning_rate']:g})")
-    knobs.append(f"fewer train.num_train_epochs (now {recipe['num_train_epochs']:g})")
-    if recipe.get("lora_r"):
-        knobs.append(f"a smaller train.lora.r (now {recipe['lora_r']})")
-    text = "the levers: " + ", ".join(knobs) + "."
     runs = [r for r in report.get("other_runs", []) if r.get("probe_change") is not None]
-    if runs:
-        said = [f"`{r['run']}` ({_recipe_said(r['recipe'])}): {_forgetting_said(r)}" for r in runs]
+    change = report["forgetting"]["change"]
+    cited: set[str] = set()
+    knobs = []
+    for key, lever in _LEVERS:
+        if recipe.get(key) is None:
+            continue
+        said = f"{lever}now {recipe[key]:g}"
+        if key == "replay_fraction" and (recipe.get("replay_rows") or 0) < (recipe.get("replay_wanted") or 0):
+            said += (
+                f", which added {recipe['replay_rows']} of the {recipe['replay_wanted']} rows wanted: see DATASET.md"
+            )
+        for run in runs:
+            if _differs_in(recipe, run["recipe"]) == [key]:
+                cited.add(run["run"])
+                said += f"; {run['recipe'][key]:g} in `{run['run']}`: {_forgetting_said(run)}{_compared(run, change)}"
+        knobs.append(said + ")")
+    here = f"probe {change['accuracy']:+.1%}, leakage {change['leakage_rate']:+.1%}"
+    text = f"the levers (this run: {here}): " + ", ".join(knobs) + "."
+    rest = [r for r in runs if r["run"] not in cited]
+    if rest:
+        said = [f"`{r['run']}` ({_recipe_said(r['recipe'])}): {_forgetting_said(r)}" for r in rest]
         text += " This task's other runs: " + "; ".join(said) + "."
     return text
+
+
+def _differs_in(recipe: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The recipe knobs two runs set differently; the replay's source only where both replay."""
+    knobs = [k for k in _RECIPE_KNOBS if k != "replay_source" and recipe.get(k) != other.get(k)]
+    if recipe.get("replay_fraction") and other.get("replay_fraction"):
+        knobs += ["replay_source"] if recipe.get("replay_source") != other.get("replay_source") else []
+    return knobs
+
+
+def _compared(run: dict[str, Any], change: dict[str, float]) -> str:
+    """', forgot less than this run' when both measures are no worse and one better; 'more' the reverse."""
+    probe, leakage = run["probe_change"] - change["accuracy"], run["leakage_change"] - change["leakage_rate"]
+    if probe >= 0 and leakage <= 0 and (probe, leakage) != (0, 0):
+        return ", forgot less than this run"
+    if probe <= 0 and leakage >= 0 and (probe, leakage) != (0, 0):
+        return ", forgot more than this run"
+    return ""
 
 
 def _recipe_said(recipe: dict[str, Any]) -> str:
