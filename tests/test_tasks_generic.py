@@ -100,9 +100,10 @@ def test_classification_full_prompt_lists_labels_and_train_examples_only(tmp_pat
 def test_classification_given_labels_are_listed_and_leaks_detect_answers_led_by_a_label(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     task = classification(tmp_path, labels=["positive", "negative", "neutral", "very good"])
-    assert "Allowed labels: positive, negative, neutral, very good." in task.messages(task.split("test")[0], "full")[0][
-        "content"
-    ]
+    assert (
+        "Allowed labels: positive, negative, neutral, very good."
+        in task.messages(task.split("test")[0], "full")[0]["content"]
+    )
     assert task.leaks("Neutral.") and not task.leaks("The capital of France is Paris.")
     # A tuned Gemma 3 270M answered "What is 14 plus 16?" with "positive 14": the label first, then an attempt.
     assert task.leaks("positive 14") and task.leaks("Negative: 4 plus 20") and task.leaks("very good, it is 45")
