@@ -231,6 +231,8 @@ def screened_replay(
     """Up to `wanted` replay rows in a seeded order, as training rows; the drops by filter; rows available.
     Generated answers are made in rounds, only as many as the rows still missing need (`ANSWER_MARGIN`), and
     cached in `folder` (the filter stage's); a protected prompt is dropped before it is answered."""
+    if wanted == 0:
+        return [], {}, 0
     settings = config.filter
     filters = DatasetFilters(
         settings.model_copy(
@@ -242,8 +244,6 @@ def screened_replay(
         ),
         protected_prompts(config, task, probe=True),
     )
-    if wanted == 0:
-        return [], {}, 0
     source = config.train.replay.source
     if source == "dataset":
         chats = read_replay_chats(config)
