@@ -407,6 +407,11 @@ def test_a_run_that_differs_in_one_lever_is_cited_at_that_lever_with_which_forgo
         "other runs: `r05-lr1e4` (replay 0.5, prompt short, lr 0.0001" in text
         and "; `teacher-replay` (replay 0.3" in text
     )
+    # A run from before the epochs were recorded differs in them alone as far as anyone can tell: listed apart.
+    numbers["other_runs"] = [run("old", -0.01, 0.03, num_train_epochs=None)]
+    assert "fewer train.num_train_epochs (now 2)" in verdict(numbers) and "other runs: `old` (replay 0.3" in verdict(
+        numbers
+    )
     numbers["other_runs"] = [run("r05", -0.01, 0.03, replay_fraction=0.5)]
     assert "0.5 in `r05`: probe -1.0%, leakage +3.0%, accuracy 100.0%, forgot less than this run)" in verdict(numbers)
 

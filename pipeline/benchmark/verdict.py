@@ -368,7 +368,8 @@ _LEVERS = (
     ("num_train_epochs", "fewer train.num_train_epochs ("),
     ("lora_r", "a smaller train.lora.r ("),
 )
-# What else makes two runs differ: a run that differs from this one in one lever and none of these shows the lever.
+# Every knob that tells two recipes apart: a run that differs from this one in one lever and nothing else shows
+# what that lever did.
 _RECIPE_KNOBS = ("replay_fraction", "replay_source", "learning_rate", "num_train_epochs", "lora_r", "prompt_style")
 
 
@@ -391,7 +392,7 @@ def _levers(report: dict[str, Any]) -> str:
                 f", which added {recipe['replay_rows']} of the {recipe['replay_wanted']} rows wanted: see DATASET.md"
             )
         for run in runs:
-            if _differs_in(recipe, run["recipe"]) == [key]:
+            if _differs_in(recipe, run["recipe"]) == [key] and run["recipe"].get(key) is not None:
                 cited.add(run["run"])
                 said += f"; {run['recipe'][key]:g} in `{run['run']}`: {_forgetting_said(run)}{_compared(run, change)}"
         knobs.append(said + ")")
@@ -405,10 +406,10 @@ def _levers(report: dict[str, Any]) -> str:
 
 
 def _differs_in(recipe: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """The recipe knobs two runs set differently; the replay's source only where both replay."""
-    knobs = [k for k in _RECIPE_KNOBS if k != "replay_source" and recipe.get(k) != other.get(k)]
-    if recipe.get("replay_fraction") and other.get("replay_fraction"):
-        knobs += ["replay_source"] if recipe.get("replay_source") != other.get("replay_source") else []
+    """The recipe knobs two runs set differently (one that recorded a knob and one that did not differ in it)."""
+    knobs = [k for k in _RECIPE_KNOBS if recipe.get(k) != other.get(k)]
+    if not (recipe.get("replay_fraction") and other.get("replay_fraction")):
+        knobs = [k for k in knobs if k != "replay_source"]  # where either run has no replay, its source is moot
     return knobs
 
 
