@@ -370,7 +370,7 @@ _LEVERS = (
 )
 # Every knob that tells two recipes apart: a run that differs from this one in one lever and nothing else shows
 # what that lever did.
-_RECIPE_KNOBS = ("replay_fraction", "replay_source", "learning_rate", "num_train_epochs", "lora_r", "prompt_style")
+_RECIPE_KNOBS = (*(key for key, _ in _LEVERS), "replay_source", "prompt_style")
 
 
 def _levers(report: dict[str, Any]) -> str:
@@ -406,7 +406,8 @@ def _levers(report: dict[str, Any]) -> str:
 
 
 def _differs_in(recipe: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """The recipe knobs two runs set differently (one that recorded a knob and one that did not differ in it)."""
+    """The recipe knobs two runs set differently; a knob one run recorded and the other did not counts as set
+    differently."""
     knobs = [k for k in _RECIPE_KNOBS if recipe.get(k) != other.get(k)]
     if not (recipe.get("replay_fraction") and other.get("replay_fraction")):
         knobs = [k for k in knobs if k != "replay_source"]  # where either run has no replay, its source is moot
