@@ -20,10 +20,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.console import PipelineError
 from pipeline.layout import STAGES
 from pipeline.models import BUNDLED, ModelError
 from pipeline.promote import PromotionRefused
-from pipeline.runs import LockedError, PipelineError, run_lock
+from pipeline.runs import LockedError, run_lock
 from pipeline.tasks import TaskError
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.console import PipelineError, log
 from pipeline.hardware import attention_without_cudnn, release_memory
-from pipeline.runs import PipelineError, log
 
 Conversation = list[dict[str, str]]
 

@@ -21,9 +21,10 @@ from typing import Any
 from pipeline import names
 from pipeline.benchmark.verdict import lowest_load_level, regressions
 from pipeline.config import ExperimentConfig
+from pipeline.console import PipelineError, log
+from pipeline.files import sha256_tree, write_json
 from pipeline.layout import read_manifest
 from pipeline.names import latency_key
-from pipeline.runs import PipelineError, log, sha256_tree, write_json
 from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
 
 PROMOTED_REPORT = "report.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, resolved_dict
+from pipeline.console import log
 from pipeline.layout import STAGES, read_manifest
 
 
@@ -89,8 +90,6 @@ class WandbTracker(NoTracker):
             try:
                 self.run.use_artifact(derived_from)
             except (wandb.errors.CommError, ValueError) as exc:  # upstream logged offline, never synced
-                from pipeline.runs import log
-
                 log(f"tracking: could not link {derived_from} ({exc}); kept in the artifact's metadata")
         kind = STAGE_ARTIFACTS[stage][1]
         metadata = {"stage": stage, "fingerprint": fingerprint, "derived_from": derived_from, "run": config.run_name}

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def training_rows(config, limit: int) -> list[dict]:
-    from pipeline.runs import read_jsonl
+    from pipeline.files import read_jsonl
     from pipeline.tasks import task_for
     from pipeline.train.trainer import to_prompt_completion
 
@@ -353,8 +353,8 @@ def main() -> int:
         parser.error("--rounds must be at least 1")
 
     from pipeline.config import load_config
+    from pipeline.files import write_json
     from pipeline.hardware import cuda_accelerator
-    from pipeline.runs import write_json
 
     base = [*args.overrides, "tracking.wandb=false", "train.save_steps=100000"]
     config = load_config(args.config, base)

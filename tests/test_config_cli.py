@@ -198,7 +198,7 @@ def test_json_logs_for_log_systems(tmp_path, capsys, monkeypatch):
     import json
 
     monkeypatch.setenv("DISTILL_LOG_FORMAT", "json")
-    from pipeline.runs import log
+    from pipeline.console import log
 
     log("filter: 3/4 samples kept")
     record = json.loads(capsys.readouterr().err)

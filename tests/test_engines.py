@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig
+from pipeline.console import PipelineError
 from pipeline.engines import load_engine, prompted_in_plain_chat, timed_single_requests
-from pipeline.runs import PipelineError
 from tests.conftest import ping
 
 CONVERSATIONS = [

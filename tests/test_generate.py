@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from pipeline.config import validate_config
+from pipeline.console import PipelineError
+from pipeline.files import read_jsonl
 from pipeline.generate import Shard, merge_shards, run_generate, shard_of
-from pipeline.runs import PipelineError, read_jsonl
 from tests.conftest import append_csv_rows, kill_midway, tiny_config
 
 

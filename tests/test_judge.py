@@ -16,8 +16,8 @@ from pipeline.benchmark.judge import length_controlled_win_rate, pair_outcome, s
 from pipeline.benchmark.stats import wilson_interval
 from pipeline.cli import run_pipeline
 from pipeline.config import validate_config
+from pipeline.files import read_jsonl
 from pipeline.judging import parse_grade, parse_preference
-from pipeline.runs import read_jsonl
 from pipeline.tasks import TaskError, build_task
 from tests.conftest import tiny_config
 

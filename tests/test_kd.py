@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import validate_config
-from pipeline.runs import PipelineError
+from pipeline.console import PipelineError
 from pipeline.train.trainer import build_trainer, to_prompt_completion
 from tests.conftest import tiny_config
 

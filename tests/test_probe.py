@@ -126,7 +126,7 @@ def test_lm_eval_refuses_a_tuned_student_that_answers_like_the_base(monkeypatch)
 
     from pipeline.benchmark.probe import run_lm_eval
     from pipeline.config import LmEvalConfig
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     calls = []
 
@@ -153,10 +153,10 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     """No general replay prompt (nor worked answer) is a probe question or a test prompt of the embedded default,
     nor shares a 13-gram with one (what the filter would drop, so the shipped set is not wasted on it)."""
     from pipeline.config import load_config
+    from pipeline.files import read_jsonl
     from pipeline.filter.filters import NgramIndex, words
     from pipeline.filter.replay import GENERAL_PROMPTS, worked_examples
     from pipeline.filter.screen import protected_prompts
-    from pipeline.runs import read_jsonl
     from pipeline.tasks import task_for
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2_support.yaml")

@@ -152,7 +152,7 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     import json
 
     from pipeline.benchmark.report import compare_runs
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     def fake_run(name, objective, tuned_accuracy):
         system = {"accuracy": 0.5, "latency_p50_s": 1.0, "cost_per_1m_output_tokens": 0.2}

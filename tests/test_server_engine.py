@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig, ServerConfig, validate_config
+from pipeline.console import PipelineError
 from pipeline.engines import RPC_BASE_ENV, environ_set, load_engine
-from pipeline.runs import PipelineError, read_jsonl
+from pipeline.files import read_jsonl
 from tests.conftest import tiny_config
 
 API_KEY = "test-key-1f3a"  # the test's own server; must never appear in a run directory

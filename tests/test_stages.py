@@ -10,10 +10,11 @@ import pytest
 import pipeline.generate.stage as generate_module
 from pipeline.cli import STAGES, run_pipeline
 from pipeline.config import validate_config
+from pipeline.console import PipelineError
 from pipeline.engines import Completion, Generation
+from pipeline.files import read_jsonl
 from pipeline.filter import run_filter
 from pipeline.generate import run_generate
-from pipeline.runs import PipelineError, read_jsonl
 from pipeline.tasks import build_task, task_for
 from tests.conftest import tiny_config
 

@@ -132,7 +132,7 @@ def test_cpu_defaults_avoid_bf16_and_checkpointing(tmp_path, tiny_model):
 
 
 def test_row_without_final_assistant_turn_is_rejected():
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     with pytest.raises(PipelineError, match="assistant"):
         to_prompt_completion({"prompt_id": "p1", "messages": [{"role": "user", "content": "hi"}]})
@@ -371,7 +371,7 @@ def test_the_stage_after_training_starts_with_the_trainers_memory_handed_back(tm
 def test_a_max_length_that_leaves_no_completion_token_is_refused_in_one_line(tmp_path, tiny_model):
     """Prompts longer than train.max_length leave TRL nothing to train on: a PipelineError naming the key, not
     torch's `num_samples=0` from deep in the data loader."""
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.max_length": 16}))
     with pytest.raises(PipelineError, match=r"^train.max_length: no training example keeps a completion token"):
@@ -499,7 +499,7 @@ def test_packing_never_goes_through_a_dense_mask(tmp_path, tiny_model):
     tokens on an H200): refused in one line that names the fix. Missing optional kernels are one line too."""
     import importlib.util
 
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     for attention in ("sdpa", "eager"):
         config = validate_config(
@@ -597,7 +597,7 @@ def test_out_of_gpu_memory_names_the_keys_that_fix_it():
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
     from pipeline.train.stage import _train
 
     def out_of_memory(**_):
@@ -782,7 +782,7 @@ def test_full_fine_tuning_saves_the_whole_model(tmp_path, tiny_model):
 
 
 def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model):
-    from pipeline.runs import PipelineError
+    from pipeline.console import PipelineError
 
     config = validate_config(tiny_config(tmp_path, tiny_model, **{"train.method": "qlora", "train.device": "cpu"}))
     with pytest.raises(PipelineError, match=r"^train.method: qlora needs a CUDA GPU"):

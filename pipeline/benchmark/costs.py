@@ -9,9 +9,10 @@ from typing import Any
 
 from pipeline import names
 from pipeline.config import ExperimentConfig, HardwareConfig, SystemConfig, VerdictConfig
+from pipeline.console import log
+from pipeline.files import read_jsonl
 from pipeline.hardware import CPU_USD_PER_CORE_HOUR, UNKNOWN_GPU, Machine, detect_machine, probe_cpu
 from pipeline.layout import read_manifest
-from pipeline.runs import log, read_jsonl
 
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:

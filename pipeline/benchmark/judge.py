@@ -28,6 +28,7 @@ from typing import Any
 from pipeline import names
 from pipeline.benchmark.stats import wilson_interval
 from pipeline.config import EngineConfig, ExperimentConfig, SamplingConfig
+from pipeline.console import log
 from pipeline.engines import Engine, load_engine, model_for
 from pipeline.judging import (
     GRADES,
@@ -38,7 +39,7 @@ from pipeline.judging import (
     parse_preference,
     rubric_for,
 )
-from pipeline.runs import FinishedUnits, log
+from pipeline.runs import FinishedUnits
 from pipeline.tasks import Example, Task
 
 ORDERS = ("system_first", "teacher_first")  # the two orders each pair is asked in

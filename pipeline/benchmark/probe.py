@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engines import worked_example_turns
-from pipeline.runs import read_jsonl
+from pipeline.files import read_jsonl
 from pipeline.tasks.base import NUMBER, find_numbers
 
 if TYPE_CHECKING:
@@ -141,8 +141,8 @@ def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]
 
     A known failure of that harness is an adapter silently not applied; so the per-sample results of the
     tuned and untuned student are compared, and identical ones are an error, not a report."""
+    from pipeline.console import PipelineError, log
     from pipeline.hardware import release_memory
-    from pipeline.runs import PipelineError, log
 
     try:
         import lm_eval

@@ -10,9 +10,10 @@ from typing import Any
 from pipeline import names
 from pipeline.benchmark.verdict import cost, judge_reliability_sentence, latency_p50, lowest_load_level, verdict
 from pipeline.config import VerdictConfig
+from pipeline.console import PipelineError
+from pipeline.files import write_text
 from pipeline.layout import RunLayout, read_manifest
 from pipeline.names import LATENCY_PERCENTILES, latency_key
-from pipeline.runs import PipelineError, write_text
 
 
 def _ci(values: list[float] | None) -> str:
@@ -648,7 +649,7 @@ def _tuned_outcomes(records: Path) -> dict[str, bool] | None:
     if not records.is_file():
         return None
     from pipeline.benchmark.evaluate import task_outcomes
-    from pipeline.runs import read_jsonl
+    from pipeline.files import read_jsonl
 
     return task_outcomes(list(read_jsonl(records)), names.STUDENT_TUNED)
 

@@ -27,6 +27,7 @@ from pipeline.benchmark.evaluate import task_sampling
 from pipeline.benchmark.stats import percentile
 from pipeline.benchmark.systems import copy_rows, engine_key, twins
 from pipeline.config import EngineConfig, ExperimentConfig, LoadTestConfig, SamplingConfig
+from pipeline.console import PipelineError, log
 from pipeline.engines import (
     RPC_BASE_ENV,
     adapter_rank,
@@ -42,7 +43,7 @@ from pipeline.engines import (
     vllm_rpc_folder,
 )
 from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
-from pipeline.runs import FinishedUnits, PipelineError, log
+from pipeline.runs import FinishedUnits
 
 if TYPE_CHECKING:
     from pipeline.benchmark.systems import System

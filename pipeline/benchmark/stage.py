@@ -44,8 +44,10 @@ from pipeline.benchmark.systems import (
 )
 from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import ExperimentConfig
+from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
-from pipeline.runs import FinishedUnits, PipelineError, Stage, log, write_json, write_jsonl
+from pipeline.files import write_json, write_jsonl
+from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
 
 REPORT_SCHEMA_VERSION = 3  # report.json's layout; README "report.json" documents it

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pipeline import names
 from pipeline.config import EngineConfig, ExperimentConfig, SystemConfig
+from pipeline.console import PipelineError
 from pipeline.engines import model_for
 from pipeline.models import resolve_model
-from pipeline.runs import PipelineError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import ExperimentConfig
-from pipeline.runs import atomic_path, write_text
+from pipeline.files import atomic_path, write_text
 
 if TYPE_CHECKING:
     from pipeline.filter.screen import Screened

@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity
+from pipeline.files import read_jsonl
 from pipeline.judging import grade_prompt, parse_grade, rubric_for
-from pipeline.runs import read_jsonl
 from pipeline.tasks import task_for
 
 GRADES = "judge_grades.jsonl"  # the judge's replies, in the filter's folder

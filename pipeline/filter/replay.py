@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, ExperimentConfig, ReplayConfig, engine_identity
+from pipeline.console import PipelineError, log
+from pipeline.files import atomic_path, json_line, read_jsonl
 from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
-from pipeline.runs import PipelineError, atomic_path, json_line, log, read_jsonl
 from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")

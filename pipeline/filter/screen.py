@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig
+from pipeline.files import parse_json_object
 from pipeline.filter.filters import DatasetFilters, Sample, SampleFilters, vote, words
-from pipeline.runs import parse_json_object
 from pipeline.tasks import Example, Task, task_for
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training

@@ -20,6 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
+from pipeline.console import PipelineError, log
+from pipeline.files import atomic_path, json_line, malformed_line_message, write_json
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge, judge_identity
@@ -31,7 +33,7 @@ from pipeline.filter.replay import (
     screened_replay,
 )
 from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
-from pipeline.runs import PipelineError, Stage, atomic_path, json_line, log, malformed_line_message, write_json
+from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
 
 

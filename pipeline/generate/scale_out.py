@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
+from pipeline.console import PipelineError, log
 from pipeline.engines import model_for
+from pipeline.files import atomic_path, parse_json_object, sha256_file
 from pipeline.generate.stage import (
     Shard,
     generate_stage,
@@ -20,7 +22,7 @@ from pipeline.generate.stage import (
     train_examples,
 )
 from pipeline.layout import TEACHER_OUTPUTS
-from pipeline.runs import PipelineError, atomic_path, input_label, log, parse_json_object, sha256_file
+from pipeline.runs import input_label
 from pipeline.tasks import task_for
 
 

@@ -22,9 +22,11 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity, resolved_dict
+from pipeline.console import PipelineError, log
 from pipeline.engines import Completion, Generation, load_engine, model_for
+from pipeline.files import json_line, parse_json_object
 from pipeline.layout import TEACHER_OUTPUTS, RunLayout, partial_file
-from pipeline.runs import PipelineError, Stage, json_line, log, parse_json_object
+from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
 
 # Teacher settings that do not change what a row says (how many prompts per chunk, what to do on an error,

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.runs import PipelineError, read_jsonl
+from pipeline.console import PipelineError
+from pipeline.files import read_jsonl
 
 KD_COLUMNS = ("kd_token_ids", "kd_top_ids", "kd_top_logprobs", "kd_offset")
 

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
+from pipeline.console import PipelineError, log
+from pipeline.files import read_jsonl, write_json
 from pipeline.models import resolve_model
-from pipeline.runs import PipelineError, Stage, log, read_jsonl, write_json
+from pipeline.runs import Stage
 from pipeline.train.kd import check_same_tokenizer
 from pipeline.train.trainer import (
     build_trainer,

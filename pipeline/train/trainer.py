@@ -17,8 +17,9 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.console import PipelineError, log
 from pipeline.engines import add_end_of_turn_stop, chat_template_for, end_of_turn_id
-from pipeline.runs import PipelineError, log, read_jsonl
+from pipeline.files import read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
 from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs, kd_trainer_class
