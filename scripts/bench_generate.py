@@ -86,9 +86,9 @@ async def raw_client(base_url: str, model: str, conversations, sampling, concurr
 def bench_server(config, conversations, levels: list[int], repeats: int) -> None:
     import asyncio
 
-    from pipeline.benchmark.serving import vllm_server
     from pipeline.config import EngineConfig, ServerConfig
     from pipeline.engines import load_engine
+    from pipeline.engines.vllm_serve import vllm_server
     from pipeline.models import resolve_model
 
     # No prefix caching: both clients send the same prompts in turn, and the second must not find the

@@ -32,7 +32,7 @@ def assert_every_answer_is_a_label(generations) -> None:
 def test_vllm_engine_generates_n_samples_with_token_counts(tiny_model, capsys):
     import psutil
 
-    from pipeline.engines import WATCHER
+    from pipeline.engines.vllm_process import WATCHER
 
     def children() -> set[int]:  # but the watcher that stops them if this process dies
         return {child.pid for child in psutil.Process().children(recursive=True) if WATCHER not in child.cmdline()}
@@ -94,7 +94,8 @@ import json, os, stat, sys
 from pathlib import Path
 if __name__ == "__main__":
     from pipeline.config import EngineConfig, SamplingConfig
-    from pipeline.engines import RPC_BASE_ENV, load_engine
+    from pipeline.engines import load_engine
+    from pipeline.engines.vllm_process import RPC_BASE_ENV
     base = Path(os.environ[RPC_BASE_ENV])
     engine = load_engine(sys.argv[1], EngineConfig(max_model_len=256, kv_cache_gb=0.25), seed=0)
     up = [p for p in base.rglob("*") if stat.S_ISSOCK(p.lstat().st_mode)]
@@ -115,7 +116,7 @@ def test_a_closed_multiprocess_vllm_engine_leaves_no_socket_files(tiny_model, rp
     import sys
     from pathlib import Path
 
-    from pipeline.engines import MULTIPROCESSING_ENV, RPC_BASE_ENV
+    from pipeline.engines.vllm_process import MULTIPROCESSING_ENV, RPC_BASE_ENV
 
     done = subprocess.run(
         [sys.executable, "-c", MULTIPROCESS_ENGINE, str(tiny_model)],
@@ -156,7 +157,7 @@ def test_what_a_process_killed_with_sigkill_started_is_stopped_and_what_it_relea
             sys.executable,
             "-c",
             "import os, signal, subprocess, sys, time\n"
-            "from pipeline.engines import stopped_if_this_process_dies as watched\n"
+            "from pipeline.engines.vllm_process import stopped_if_this_process_dies as watched\n"
             f"with watched(leftovers=[{str(folders['kept'])!r}]):\n"
             "    kept = subprocess.Popen(['/bin/sleep', '600'])\n"
             f"with watched(leftovers=[{str(folders['outer'])!r}]), watched(leftovers=[{str(folders['sockets'])!r}]):\n"
@@ -296,9 +297,12 @@ def test_transformers_engine_generates_without_cudnn_attention_on_cuda(monkeypat
     s against 0.55 s). No GPU here: the context is told the device is CUDA; its flags are global, in CPU torch too."""
     import torch
 
-    from pipeline import engines, hardware
+    from pipeline import hardware
+    from pipeline.engines import transformers_engine
 
-    monkeypatch.setattr(engines, "attention_without_cudnn", lambda _device: hardware.attention_without_cudnn("cuda"))
+    monkeypatch.setattr(
+        transformers_engine, "attention_without_cudnn", lambda _device: hardware.attention_without_cudnn("cuda")
+    )
     engine = load_engine(str(tiny_model), EngineConfig(backend="transformers"), seed=0)
     seen = []
     engine.lm.register_forward_pre_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))

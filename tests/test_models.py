@@ -82,7 +82,7 @@ def test_the_bundled_base_model_materialises_with_the_bos_it_was_trained_behind(
     one the pipeline gives it leads with the BOS too."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.engines import chat_template_for
+    from pipeline.chat_templates import chat_template_for
 
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path))
     path = resolve_model("bundled:gemma3-270m")

@@ -17,7 +17,8 @@ import pytest
 
 from pipeline.config import EngineConfig, SamplingConfig, ServerConfig, validate_config
 from pipeline.console import PipelineError
-from pipeline.engines import RPC_BASE_ENV, environ_set, load_engine
+from pipeline.engines import load_engine
+from pipeline.engines.vllm_process import RPC_BASE_ENV, environ_set
 from pipeline.files import read_jsonl
 from tests.conftest import tiny_config
 
@@ -44,7 +45,7 @@ def vllm_server(tiny_base_model, rpc_base):
     temp folder is this fixture's own while the server runs, so a server of another test worker is not counted."""
     import shutil
 
-    from pipeline.benchmark.serving import vllm_server as serve
+    from pipeline.engines.vllm_serve import vllm_server as serve
 
     own_temp = tempfile.mkdtemp(prefix="serve-")
     engine = EngineConfig(max_model_len=512, gpu_memory_utilization=0.5)
@@ -285,7 +286,12 @@ def test_serve_command_reserves_the_configured_kv_cache_and_runs_the_model_in_th
     gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set); on a CPU its engine core runs the model
     itself (no worker process), on a GPU vLLM's default stands, and a value the user set wins on both."""
     from pipeline.benchmark.serving import _serve_command
-    from pipeline.engines import CPU_KV_CACHE_GIB, MULTIPROCESSING_ENV, run_offline_engine_in_process, serve_env
+    from pipeline.engines.vllm_process import (
+        CPU_KV_CACHE_GIB,
+        MULTIPROCESSING_ENV,
+        run_offline_engine_in_process,
+        serve_env,
+    )
 
     def kv_flag(engine: EngineConfig, on_gpu: bool) -> int | None:
         command = _serve_command("m", engine, 0, 8000, None, "m", None, on_gpu)
@@ -302,7 +308,7 @@ def test_serve_command_reserves_the_configured_kv_cache_and_runs_the_model_in_th
     run_offline_engine_in_process()
     assert MULTIPROCESSING_ENV not in serve_env(on_gpu=True)
     assert serve_env(on_gpu=False)[MULTIPROCESSING_ENV] == "0"
-    monkeypatch.setattr("pipeline.engines._USER_SET_MULTIPROCESSING", True)
+    monkeypatch.setattr("pipeline.engines.vllm_process._USER_SET_MULTIPROCESSING", True)
     monkeypatch.setenv(MULTIPROCESSING_ENV, "1")
     assert serve_env(on_gpu=False)[MULTIPROCESSING_ENV] == serve_env(on_gpu=True)[MULTIPROCESSING_ENV] == "1"
 
@@ -315,7 +321,7 @@ def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(
     import json
 
     from pipeline.benchmark.serving import _as_the_engines_serve_it
-    from pipeline.engines import PLAIN_CHAT_TEMPLATE
+    from pipeline.chat_templates import PLAIN_CHAT_TEMPLATE
     from tests.conftest import build_tiny_model
 
     qwen_like = qwen_like_tokenizer
@@ -339,7 +345,7 @@ def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(
 def test_a_server_that_fails_to_start_keeps_its_log_and_names_it(tmp_path, monkeypatch):
     """A clean stop removes the server's log (the module's server checks it); a failed start keeps it for the user
     and names it in the error."""
-    from pipeline.benchmark.serving import vllm_server as serve
+    from pipeline.engines.vllm_serve import vllm_server as serve
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(PipelineError, match=r"vllm serve exited") as failed:

@@ -332,8 +332,9 @@ def test_a_base_student_answers_replay_prompts_after_worked_answers_read_up_to_i
     """source self with a base student: asked bare in the plain template, Gemma 3 270M base repeated every prompt
     until max_tokens (155 of 155 cut, 0 of 28 rows kept), so each prompt follows the shipped worked answers and its
     answer ends at the next turn it writes itself (115 of 155 ended). A chat student is asked bare."""
+    from pipeline.chat_templates import PLAIN_NEXT_TURN
     from pipeline.config import EngineConfig
-    from pipeline.engines import PLAIN_NEXT_TURN, load_engine, stops_for
+    from pipeline.engines import load_engine, stops_for
     from pipeline.filter.replay import ReplayAnswers, worked_examples
 
     prompts = ["Name a colour.", "Name a fruit."]

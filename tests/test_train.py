@@ -235,8 +235,9 @@ def test_a_tuned_tiny_model_learns_to_stop(request, student):
     generation config stopped at it."""
     from transformers import AutoTokenizer
 
+    from pipeline.chat_templates import PLAIN_CHAT_TEMPLATE
     from pipeline.config import EngineConfig, SamplingConfig
-    from pipeline.engines import PLAIN_CHAT_TEMPLATE, load_engine
+    from pipeline.engines import load_engine
 
     base, _, tuned = request.getfixturevalue(STUDENTS[student])
     if student.startswith("base model"):  # served as it was trained: with the template its folder keeps

@@ -13,9 +13,10 @@ from pipeline import names
 from pipeline.benchmark.probe import load_probe, load_probe_shots, probe_correct, probe_messages, summarize_probe
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
+from pipeline.chat_templates import is_plain_template
 from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.console import PipelineError
-from pipeline.engines import Engine, Generation, is_plain_template, stops_for, timed_single_requests
+from pipeline.engines import Engine, Generation, stops_for, timed_single_requests
 from pipeline.files import read_jsonl
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engines import worked_example_turns
+from pipeline.chat_templates import worked_example_turns
 from pipeline.files import read_jsonl
 from pipeline.tasks.base import NUMBER, find_numbers
 

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.benchmark.costs import Hardware
 from pipeline.benchmark.systems import System
 from pipeline.config import EngineConfig, ExperimentConfig
-from pipeline.engines import vllm_dtype_and_eager
+from pipeline.engines.vllm_process import vllm_dtype_and_eager
 from pipeline.names import latency_key
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}

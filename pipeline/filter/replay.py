@@ -153,7 +153,8 @@ class ReplayAnswers:
             self.engine = None
 
     def _load(self) -> Any:
-        from pipeline.engines import load_engine, model_for, prompted_in_plain_chat, worked_example_turns
+        from pipeline.chat_templates import worked_example_turns
+        from pipeline.engines import load_engine, model_for, prompted_in_plain_chat
 
         model, engine_config = answerer(self.config)
         self.engine = load_engine(model_for(model, engine_config), engine_config, self.config.seed)

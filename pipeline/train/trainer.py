@@ -16,9 +16,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pipeline.chat_templates import add_end_of_turn_stop, chat_template_for, end_of_turn_id
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
-from pipeline.engines import add_end_of_turn_stop, chat_template_for, end_of_turn_id
 from pipeline.files import read_jsonl
 from pipeline.tracking import trainer_report_to
 from pipeline.train.attention import register as register_varlen
