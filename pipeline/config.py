@@ -656,7 +656,7 @@ class BenchmarkConfig(_Strict):
     @field_validator("probe_shots")
     @classmethod
     def _shots_shipped(cls, value: int | None) -> int | None:
-        from pipeline.benchmark.probe import load_probe_shots
+        from pipeline.probe_questions import load_probe_shots
 
         shipped = len(load_probe_shots())
         if value is not None and value > shipped:
@@ -668,7 +668,7 @@ class BenchmarkConfig(_Strict):
     def _known_categories(cls, value: list[str]) -> list[str]:
         if not value:
             return value
-        from pipeline.benchmark.probe import probe_categories
+        from pipeline.probe_questions import probe_categories
 
         unknown = sorted(set(value) - probe_categories())
         if unknown:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.benchmark.probe import ProbeQuestion, load_probe, probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.probe import probe_correct, probe_messages, summarize_probe
+from pipeline.probe_questions import ProbeQuestion, load_probe
 
 
 def test_probe_has_100_plus_unique_questions_whose_answers_score():
@@ -275,11 +276,11 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
     `benchmark.probe_shots` sets one number for every system; 0 asks the base bare, and the report says what the
     change then measures."""
     from pipeline.benchmark.evaluate import run_probe
-    from pipeline.benchmark.probe import load_probe_shots
     from pipeline.benchmark.report import _forgetting_section
     from pipeline.benchmark.systems import System
     from pipeline.config import EngineConfig, validate_config
     from pipeline.engines import load_engine
+    from pipeline.probe_questions import load_probe_shots
     from pipeline.tasks import task_for
     from tests.conftest import tiny_config
 
@@ -318,7 +319,7 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
 
 
 def test_the_worked_examples_are_no_probe_questions():
-    from pipeline.benchmark.probe import load_probe, load_probe_shots
+    from pipeline.probe_questions import load_probe, load_probe_shots
     from pipeline.tasks.base import normalize_text
 
     asked = {normalize_text(q.question) for q in load_probe()}

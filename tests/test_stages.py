@@ -253,7 +253,7 @@ def test_guard_names_the_extraction_as_a_suspect_when_answers_rarely_match(tmp_p
 def test_replay_rows_are_screened_counted_apart_and_fingerprinted(tmp_path, tiny_model):
     """train.replay: general chats join train.jsonl as a share of the mix, never a probe question or a test
     prompt (exact or by n-gram), counted apart from the task's examples; a new replay file reruns the filter."""
-    from pipeline.benchmark.probe import load_probe
+    from pipeline.probe_questions import load_probe
 
     probe = load_probe()[0].question
     test_prompt = build_task(PLUGIN["name"], PLUGIN["params"], 7, tmp_path).split("test")[0].user
@@ -472,7 +472,7 @@ def test_benchmark_refuses_a_training_set_holding_a_test_prompt(tmp_path, tiny_m
 
 
 def test_decontamination_drops_a_reworded_probe_question(tmp_path, tiny_model):
-    from pipeline.benchmark.probe import load_probe
+    from pipeline.probe_questions import load_probe
 
     question = max(load_probe(), key=lambda q: len(q.question.split())).question
     config = strict_config(tmp_path, tiny_model, **{"filter.correctness": {"enabled": False}})

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from pipeline import names
-from pipeline.benchmark.probe import load_probe, load_probe_shots, probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.probe import probe_correct, probe_messages, summarize_probe
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
 from pipeline.chat_templates import is_plain_template
@@ -18,6 +18,7 @@ from pipeline.config import ExperimentConfig, SamplingConfig
 from pipeline.console import PipelineError
 from pipeline.engines import Engine, Generation, stops_for, timed_single_requests
 from pipeline.files import read_jsonl
+from pipeline.probe_questions import load_probe, load_probe_shots
 from pipeline.tasks import Example, Task
 from pipeline.tasks.base import normalize_text
 

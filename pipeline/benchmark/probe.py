@@ -6,58 +6,22 @@ the leakage rate counts general answers that drift into the task's behaviour (th
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.benchmark.stats import mcnemar
 from pipeline.chat_templates import worked_example_turns
-from pipeline.files import read_jsonl
+from pipeline.console import PipelineError, log
+from pipeline.hardware import release_memory
+from pipeline.probe_questions import ProbeQuestion, load_probe
 from pipeline.tasks.base import NUMBER, find_numbers
 
 if TYPE_CHECKING:
     from pipeline.config import LmEvalConfig
 
-PROBE_PATH = Path(__file__).parent / "data" / "general_probe.jsonl"
-SHOTS_PATH = Path(__file__).parent / "data" / "probe_shots.jsonl"  # none of them a probe question (a test)
 PROBE_SYSTEM = "You are a helpful assistant."
-
-
-@dataclass(frozen=True)
-class ProbeQuestion:
-    """One closed question; `answers` are the accepted answers (aliases), the first one canonical."""
-
-    id: str
-    category: str
-    question: str
-    answers: tuple[str, ...]
-
-
-def load_probe(path: Path | None = None) -> list[ProbeQuestion]:
-    """Questions of a probe JSONL file (default: the packaged general probe)."""
-    source = path or PROBE_PATH
-    questions = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not row.get("answers"):
-            raise ValueError(f"{source}:{number}: probe question without answers")
-        questions.append(ProbeQuestion(row["id"], row["category"], row["question"], tuple(row["answers"])))
-    return questions
-
-
-def probe_categories() -> set[str]:
-    """The categories of the packaged probe (`benchmark.probe_task_categories` names some of them)."""
-    return {q.category for q in load_probe()}
-
-
-def load_probe_shots() -> list[tuple[str, str]]:
-    """The worked examples (question, answer) a base student is shown before each probe question."""
-    return [(row["question"], row["answer"]) for row in read_jsonl(SHOTS_PATH)]
 
 
 def probe_messages(question: ProbeQuestion, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:
@@ -119,8 +83,6 @@ def paired_probe_tests(
 ) -> dict[str, Any]:
     """Exact McNemar tests of `tuned` against `base` on the same probe questions (outside `task_categories`):
     is its change in probe accuracy, and in leakage, beyond what those questions' noise allows?"""
-    from pipeline.benchmark.stats import mcnemar
-
     category = {q.id: q.category for q in load_probe()}
     rows = [r for r in records if r["kind"] == "probe" and category.get(r["id"]) not in task_categories]
     by_system = {name: {r["id"]: r for r in rows if r["system"] == name} for name in (base, tuned)}
@@ -141,9 +103,6 @@ def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]
 
     A known failure of that harness is an adapter silently not applied; so the per-sample results of the
     tuned and untuned student are compared, and identical ones are an error, not a report."""
-    from pipeline.console import PipelineError, log
-    from pipeline.hardware import release_memory
-
     try:
         import lm_eval
     except ImportError:

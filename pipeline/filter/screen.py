@@ -21,6 +21,8 @@ from typing import Any
 from pipeline.config import ExperimentConfig
 from pipeline.files import parse_json_object
 from pipeline.filter.filters import DatasetFilters, Sample, SampleFilters, vote, words
+from pipeline.models import resolve_model
+from pipeline.probe_questions import load_probe
 from pipeline.tasks import Example, Task, task_for
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
@@ -35,8 +37,6 @@ def token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
     The Rust tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text, and
     loading `tokenizer.json` with `tokenizers` alone skips the ~5 s import of transformers.
     """
-    from pipeline.models import resolve_model
-
     model = resolve_model(config.student.model)
     tokenizer_file = Path(model) / "tokenizer.json"
     if tokenizer_file.is_file():
@@ -56,8 +56,6 @@ def protected_prompts(config: ExperimentConfig, task: Task, probe: bool = False)
     config protects it, or always with `probe`: replay's general chats are where probe-like questions live)."""
     protected = [(ex.id, ex.user) for ex in task.split("test")]
     if probe or (config.filter.decontaminate.probe and config.benchmark.probe):
-        from pipeline.benchmark.probe import load_probe
-
         protected += [(f"probe:{q.id}", q.question) for q in load_probe()]
     return protected
 
