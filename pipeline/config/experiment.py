@@ -1,0 +1,174 @@
+"""The experiment: one YAML per run, its top-level keys, loading with `key=value` overrides, and validation.
+
+Every error names the offending key, e.g. `train.learning_rate: Input should be a valid number`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline import names
+from pipeline.config.base import ConfigError, StrictModel
+from pipeline.config.benchmark import BenchmarkConfig, PromoteConfig
+from pipeline.config.engine import EngineConfig, SamplingConfig
+from pipeline.config.filter import FilterConfig
+from pipeline.config.train import TrainConfig
+from pipeline.layout import RunLayout
+
+
+class TaskConfig(StrictModel):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RayConfig(StrictModel):
+    """Multi-node generation: `workers` shards run as Ray tasks, then merge (see `distill generate --shard`)."""
+
+    workers: int = Field(0, ge=0)  # 0: no Ray, generate in this process
+    address: str | None = None  # None: start Ray here (one machine); "auto" or ray://host:port: join a cluster
+    gpus_per_worker: float = Field(1.0, ge=0)  # 0 on CPU-only clusters
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TeacherConfig(StrictModel):
+    model: str
+    prompt_style: str = "full"
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    chunk_size: int = Field(64, ge=1)  # prompts per resumable chunk
+    # A prompt the engine cannot answer (longer than the context, rejected by the server): "skip" records
+    # it with its reason in the teacher outputs and goes on; "fail" stops the stage.
+    on_prompt_error: Literal["skip", "fail"] = "skip"
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class StudentConfig(StrictModel):
+    model: str
+    prompt_style: str = "short"
+
+
+class TrackingConfig(StrictModel):
+    wandb: bool = True
+    project: str = "distill"
+    mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
+    # Log each stage's outputs as a W&B Artifact (teacher outputs, dataset, student, report), linked to the
+    # artifact it was made from, so the dashboard shows which data made which model.
+    artifacts: bool = True
+
+
+class ExperimentConfig(StrictModel):
+    run_name: str
+    runs_dir: str = "runs"
+    seed: int = 1234
+    task: TaskConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError("must be a plain folder name")
+        return value
+
+    @model_validator(mode="after")
+    def _system_prompts(self) -> ExperimentConfig:
+        """Fill each benchmark system's prompt style; the tuned student is served the prompt it trained on."""
+        for system in self.benchmark.systems:
+            if system.prompt_style is None:
+                by_teacher = system.model == names.TEACHER_MODEL or system.name == names.STUDENT_PROMPTED
+                system.prompt_style = self.teacher.prompt_style if by_teacher else self.student.prompt_style
+            elif system.name == names.STUDENT_TUNED and system.prompt_style != self.student.prompt_style:
+                raise ValueError(
+                    f"benchmark.systems.{names.STUDENT_TUNED}.prompt_style: {system.prompt_style!r} is not "
+                    f"student.prompt_style {self.student.prompt_style!r}, the prompt it trains on; leave it unset, "
+                    "or declare another system (model: tuned) to serve it another prompt"
+                )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in the config (data files, runs_dir) resolve against the working directory."""
+        return Path.cwd()
+
+    @property
+    def run_dir(self) -> Path:
+        runs = Path(self.runs_dir)
+        return (runs if runs.is_absolute() else Path.cwd() / runs) / self.run_name
+
+    @property
+    def layout(self) -> RunLayout:
+        """Every path of this run's directory."""
+        return RunLayout(self.run_dir)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.learning_rate=1e-4", "seed=3"]` -> nested dict; values parse as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is set to a scalar elsewhere")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, merge overrides into, and validate one experiment YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    return validate_config(raw)
+
+
+MOVED_KEYS = {"promote.max_probe_accuracy_drop": "benchmark.verdict.max_probe_accuracy_drop"}
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if key in MOVED_KEYS:
+            msg = f"moved to {MOVED_KEYS[key]}"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{key}: {msg}{more}") from None
+
+
+def resolved_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The config with every default filled in, as written to each run's manifest."""
+    return config.model_dump(mode="json")
