@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 def training_rows(config, limit: int) -> list[dict]:
     from pipeline.files import read_jsonl
     from pipeline.tasks import task_for
-    from pipeline.train.trainer import to_prompt_completion
+    from pipeline.train.data import to_prompt_completion
 
     data = config.layout.train_data
     if data.is_file():
@@ -139,7 +139,7 @@ def ours(trainer, tokens: list[int], warmup: int) -> tuple[int, float]:
 def stock_code(module, stock: dict):
     """The model's module with transformers' own attributes (`stock`, read before our trainer was built) while the
     plain loop builds and runs its model; the patched ones (Liger's, if any) back afterwards, for ours."""
-    from pipeline.train.trainer import module_restored
+    from pipeline.train.options import module_restored
 
     with module_restored(module):
         if module is not None:
@@ -247,14 +247,9 @@ def measure(args, base: list[str], rows, packing: bool, peak: float | None) -> d
     from pipeline.config import load_config
     from pipeline.hardware import mfu
     from pipeline.models import resolve_model
-    from pipeline.train.trainer import (
-        attention_implementation,
-        build_trainer,
-        model_family_module,
-        model_parameters,
-        module_restored,
-        speed_options,
-    )
+    from pipeline.train.options import attention_implementation, model_family_module, module_restored, speed_options
+    from pipeline.train.stage_trainer import model_parameters
+    from pipeline.train.trainer import build_trainer
 
     count = (args.packed_steps or args.steps) if packing else args.steps
     overrides = [*base, f"train.packing={str(packing).lower()}", f"train.max_steps={count}"]

@@ -56,7 +56,7 @@ def llama_code_restored():
     fused-head test, which forces train.device=cpu, after the CUDA training tests)."""
     from transformers.models.llama import modeling_llama
 
-    from pipeline.train.trainer import module_restored
+    from pipeline.train.options import module_restored
 
     with module_restored(modeling_llama):
         yield
@@ -168,7 +168,8 @@ def train_ping_pong(out: Path, tokenizer, **train: Any) -> tuple[Path, Path, Pat
     from transformers import AutoModelForCausalLM
 
     from pipeline.config import validate_config
-    from pipeline.train.trainer import build_trainer, stop_at_end_of_turn, to_prompt_completion
+    from pipeline.train.data import to_prompt_completion
+    from pipeline.train.trainer import build_trainer, stop_at_end_of_turn
 
     base = build_tiny_model(out / "base", tokenizer)
     model = AutoModelForCausalLM.from_pretrained(base)

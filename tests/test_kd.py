@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import validate_config
 from pipeline.console import PipelineError
-from pipeline.train.trainer import build_trainer, to_prompt_completion
+from pipeline.train.data import to_prompt_completion
+from pipeline.train.trainer import build_trainer
 from tests.conftest import tiny_config
 
 ROWS = [

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import validate_config
-from pipeline.train.trainer import build_trainer, device_defaults, to_prompt_completion
+from pipeline.train.data import to_prompt_completion
+from pipeline.train.options import device_defaults
+from pipeline.train.trainer import build_trainer
 from tests.conftest import (
     QWEN_STYLE_TEMPLATE,
     build_tiny_model,
@@ -79,7 +81,7 @@ def test_trainer_runs_and_loss_falls(tmp_path, tiny_model):
     the model's own cross-entropy."""
     import torch
 
-    from pipeline.train.trainer import installed
+    from pipeline.train.options import installed
 
     cuda = torch.cuda.is_available()
     liger = cuda and installed("liger_kernel")
@@ -385,7 +387,7 @@ def test_examples_longer_than_max_length_are_counted_as_trl_cuts_them(tmp_path, 
     import json
 
     from pipeline.train import run_train
-    from pipeline.train.trainer import max_length_overflow
+    from pipeline.train.data import max_length_overflow
 
     long_answer = "Thank you for contacting Acme support. " * 12  # ~120 tokens in all: cut at 96
     long_question = "My parcel never arrived and nobody answers my emails. " * 10  # the prompt alone > 96
@@ -530,7 +532,7 @@ def test_liger_kernels_are_on_by_default_only_where_they_were_measured(monkeypat
     import importlib.util
 
     from pipeline.config import TrainConfig
-    from pipeline.train.trainer import fast_path_options
+    from pipeline.train.options import fast_path_options
 
     real_find_spec = importlib.util.find_spec
     installed = {"liger_kernel": True}
@@ -617,7 +619,7 @@ def test_the_fused_lm_head_goes_on_by_the_size_of_the_logits():
     not for the gpu_check 0.4B shape (49k vocabulary, 16 x 1024 tokens, 7.5 GiB) on an H200, but for Qwen's 152k
     vocabulary on a 24 GB L4 and for a 7B run of 8 x 4096 tokens on an 80 GB H100. Set, the key wins."""
     from pipeline.config import TrainConfig
-    from pipeline.train.trainer import fused_head_wanted
+    from pipeline.train.options import fused_head_wanted
 
     gib = 2**30
     gpu_check = TrainConfig(per_device_train_batch_size=16, max_length=1024)
@@ -632,7 +634,7 @@ def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
     """train_metrics.json carries tokens/s; on a CUDA device the datasheet table knows, MFU against its peak.
     The CUDA device is faked (its name only): there is no GPU here."""
     import pipeline.hardware as hardware
-    from pipeline.train.trainer import model_parameters, throughput_metrics
+    from pipeline.train.stage_trainer import model_parameters, throughput_metrics
 
     config = validate_config(tiny_config(tmp_path, tiny_model))
     trainer = support_trainer(config, tiny_model, tmp_path)
@@ -719,7 +721,7 @@ def test_torch_compile_compiles_each_decoder_layer_in_place_and_trains_as_eager(
     import torch
     import torch._dynamo.utils
 
-    from pipeline.train.trainer import speed_options
+    from pipeline.train.options import speed_options
 
     losses = {}
     for compiled in (False, True):
@@ -747,7 +749,7 @@ def test_a_cuda_training_records_its_mfu(tmp_path, tiny_model):
     import json
 
     from pipeline.train import run_train
-    from pipeline.train.trainer import installed
+    from pipeline.train.options import installed
 
     raw = tiny_config(tmp_path, tiny_model, **{"train.merge": False, "train.packing": True})
     raw["tracking"] = {"wandb": False}
@@ -862,7 +864,7 @@ def test_trl_keeps_its_fused_head_when_liger_kernels_are_on():
     replaces it. (Liger needs CUDA: the trainer's arguments are stand-ins.)"""
     from types import SimpleNamespace
 
-    from pipeline.train.trainer import liger_replaces_the_head
+    from pipeline.train.options import liger_replaces_the_head
 
     trl_1_16 = {"fused_linear_cross_entropy": False}
     assert not liger_replaces_the_head(SimpleNamespace(use_liger_kernel=True, liger_kernel_config=trl_1_16))

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.console import PipelineError
 from pipeline.files import read_jsonl
+from pipeline.train.stage_trainer import StageTrainer
 
 KD_COLUMNS = ("kd_token_ids", "kd_top_ids", "kd_top_logprobs", "kd_offset")
 
@@ -132,8 +133,6 @@ def kd_trainer_class():
     the distilled positions, both summed and divided by the batch's completion tokens."""
     import torch
     from trl import SFTTrainer
-
-    from pipeline.train.trainer import StageTrainer
 
     class KDTrainer(StageTrainer, SFTTrainer):
         def __init__(self, *args: Any, kd_alpha: float, kd_temperature: float, **kwargs: Any) -> None:

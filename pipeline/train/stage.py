@@ -21,17 +21,11 @@ from pipeline.console import PipelineError, log
 from pipeline.files import read_jsonl, write_json
 from pipeline.models import resolve_model
 from pipeline.runs import Stage
+from pipeline.train.data import load_splits, max_length_overflow
 from pipeline.train.kd import check_same_tokenizer
-from pipeline.train.trainer import (
-    build_trainer,
-    load_splits,
-    max_length_overflow,
-    model_code_restored,
-    model_init_kwargs,
-    speed_options,
-    stop_at_end_of_turn,
-    throughput_metrics,
-)
+from pipeline.train.options import model_code_restored, model_init_kwargs, speed_options
+from pipeline.train.stage_trainer import throughput_metrics
+from pipeline.train.trainer import build_trainer, stop_at_end_of_turn
 
 
 def train_stage(config: ExperimentConfig) -> Stage:
