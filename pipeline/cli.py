@@ -116,7 +116,7 @@ def _how_to_resume(args: argparse.Namespace) -> str:
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "compare":
-            from pipeline.benchmark.report import compare_runs
+            from pipeline.compare import compare_runs
 
             print(compare_runs(args.runs))
             return 0

@@ -12,19 +12,17 @@ at once (weights, adapter, report, provenance), keeping the previous one as `<ta
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from pipeline import names
+from pipeline.benchmark.results import Report, SystemResult, read_report
 from pipeline.benchmark.verdict import lowest_load_level, regressions
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, PromoteConfig, VerdictConfig
 from pipeline.console import PipelineError, log
 from pipeline.files import sha256_tree, write_json
 from pipeline.layout import read_manifest
-from pipeline.names import latency_key
 from pipeline.tracking import artifact_name, start_tracking, tracking_enabled
 
 PROMOTED_REPORT = "report.json"
@@ -39,40 +37,41 @@ def target_dir(config: ExperimentConfig) -> Path:
     return target if target.is_absolute() else Path.cwd() / target
 
 
-def gate(config: ExperimentConfig, report: dict[str, Any], current: dict[str, Any] | None) -> list[str]:
-    """The failed rules, each as one readable line; empty when the student may be promoted."""
-    rules = config.promote
-    tuned = report["systems"][names.STUDENT_TUNED]
+def gate(rules: PromoteConfig, forgetting_rules: VerdictConfig, report: Report, current: Report | None) -> list[str]:
+    """The failed rules, each as one readable line; empty when the student may be promoted. Forgetting is judged
+    by `forgetting_rules` (benchmark.verdict), as the report's verdict judges it."""
+    tuned = report.systems[names.STUDENT_TUNED]
     failures = []
     if current is not None:
-        promoted = current["systems"][names.STUDENT_TUNED]["accuracy"]
+        promoted = current.systems[names.STUDENT_TUNED].accuracy
         floor = promoted - rules.max_accuracy_drop
-        if tuned["accuracy"] < floor:
+        if tuned.accuracy < floor:
             failures.append(
-                f"accuracy {tuned['accuracy']:.3f} < {floor:.3f} (the promoted student's "
+                f"accuracy {tuned.accuracy:.3f} < {floor:.3f} (the promoted student's "
                 f"{promoted:.3f} minus {rules.max_accuracy_drop})"
             )
-    if rules.min_accuracy is not None and tuned["accuracy"] < rules.min_accuracy:
-        failures.append(f"accuracy {tuned['accuracy']:.3f} < min_accuracy {rules.min_accuracy}")
-    forgetting = report.get("forgetting", {})
-    leakage = forgetting.get(names.STUDENT_TUNED, {}).get("leakage_rate")
-    if rules.max_leakage_rate is not None and leakage is not None and leakage > rules.max_leakage_rate:
+    if rules.min_accuracy is not None and tuned.accuracy < rules.min_accuracy:
+        failures.append(f"accuracy {tuned.accuracy:.3f} < min_accuracy {rules.min_accuracy}")
+    forgetting = report.forgetting
+    leakage = forgetting.systems.get(names.STUDENT_TUNED)
+    leakage = leakage.leakage_rate if leakage else None
+    if rules.max_leakage_rate is not None and leakage and leakage > rules.max_leakage_rate:
         failures.append(f"leakage rate {leakage:.3f} > max_leakage_rate {rules.max_leakage_rate}")
-    failures += regressions(forgetting.get("change"), config.benchmark.verdict)
+    failures += regressions(forgetting.change, forgetting_rules)
     p95, measured = latency_p95(tuned)
     if rules.max_latency_p95_s is not None and p95 > rules.max_latency_p95_s:
         failures.append(f"latency p95 {p95:.2f} s ({measured}) > max_latency_p95_s {rules.max_latency_p95_s}")
     return failures
 
 
-def latency_p95(metrics: dict[str, Any]) -> tuple[float, str]:
+def latency_p95(system: SystemResult) -> tuple[float, str]:
     """End-to-end p95 through the server at its lowest concurrency (what one user waits), where the benchmark
     ran a load test; else the offline one-at-a-time p95."""
-    lowest = lowest_load_level(metrics)
+    lowest = lowest_load_level(system)
     if lowest:
         level, summary = lowest
-        return summary[latency_key("e2e", 95)], f"through vllm serve at concurrency {level}"
-    return metrics["latency_p95_s"], "offline engine, one request at a time"
+        return summary.e2e_p95_s, f"through vllm serve at concurrency {level}"
+    return system.latency_p95_s, "offline engine, one request at a time"
 
 
 def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
@@ -81,14 +80,14 @@ def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
     report_path = layout.report_json
     if not report_path.is_file():
         raise PipelineError(f"input file not found: {report_path} (run benchmark first)")
-    report = json.loads(report_path.read_text())
+    report = read_report(report_path)
     target = target_dir(config)
     current_path = target / PROMOTED_REPORT
-    current = json.loads(current_path.read_text()) if current_path.is_file() else None
+    current = read_report(current_path) if current_path.is_file() else None
     if current == report and not force:  # a night on which nothing changed
         log(f"promote: skipped, {config.run_name} is already the promoted student ({target})")
         return target
-    failures = gate(config, report, current)
+    failures = gate(config.promote, config.benchmark.verdict, report, current)
     if failures and not force:
         raise PromotionRefused("promotion refused: " + "; ".join(failures))
     parts = [p for p in (layout.merged, layout.adapter) if p.is_dir()]
@@ -106,7 +105,7 @@ def run_promote(config: ExperimentConfig, force: bool = False) -> Path:
         "run_dir": str(config.run_dir),
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "forced_past": failures,
-        "replaces": current.get("run_name") if current else None,
+        "replaces": current.run_name or None if current else None,
         "hashes": {part.name: sha256_tree(staging / part.name) for part in parts},
     }
     write_json(staging / "promotion.json", provenance)

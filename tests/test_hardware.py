@@ -8,14 +8,22 @@ from __future__ import annotations
 import pytest
 
 from pipeline import hardware
+from pipeline.benchmark import report
 from pipeline.benchmark.costs import add_costs, resolve_hardware
-from pipeline.benchmark.report import _hardware_note, _latency_note
+from pipeline.benchmark.report import _latency_note
+from pipeline.benchmark.results import LoadLevel, Report, SystemResult, convert, to_builtins
 from pipeline.config import validate_config
 
 
 def config(**benchmark):
+    """The `benchmark` section of a config with these keys."""
     raw = {"run_name": "x", "task": {"name": "support"}, "teacher": {"model": "m"}, "student": {"model": "m"}}
-    return validate_config({**raw, "benchmark": benchmark})
+    return validate_config({**raw, "benchmark": benchmark}).benchmark
+
+
+def _hardware_note(numbers: dict) -> str:
+    """The report's hardware sentence, of a report as report.json holds it."""
+    return report._hardware_note(convert(numbers, Report))
 
 
 def fake_gpu(monkeypatch, name: str, count: int = 1) -> None:
@@ -25,10 +33,10 @@ def fake_gpu(monkeypatch, name: str, count: int = 1) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
-def results(requests_per_s: float = 2.0) -> dict:
+def results(requests_per_s: float = 2.0, **more: float) -> dict[str, SystemResult]:
     offline = {"requests_per_s": requests_per_s, "output_tokens_per_s": 100.0, "prompt_tokens_per_s": 400.0}
     names = ("teacher", "student_base", "student_prompted", "student_tuned")
-    return {name: {"offline": dict(offline)} for name in names}
+    return convert({name: {"offline": dict(offline), **more} for name in names}, dict[str, SystemResult])
 
 
 def test_an_h100_is_detected_priced_and_said(monkeypatch):
@@ -39,9 +47,9 @@ def test_an_h100_is_detected_priced_and_said(monkeypatch):
     measured = results()
     add_costs(chosen, config(), measured)
     tuned = measured["student_tuned"]
-    assert (tuned["hardware"], tuned["usd_per_hour"]) == ("h100", 3.00)
-    assert tuned["cost_per_1k_requests"] == pytest.approx(3.00 / 3600 / 2.0 * 1000)  # $/hour over requests/s
-    sentence = _hardware_note({"hardware": chosen.record()})
+    assert (tuned.hardware, tuned.usd_per_hour) == ("h100", 3.00)
+    assert tuned.cost_per_1k_requests == pytest.approx(3.00 / 3600 / 2.0 * 1000)  # $/hour over requests/s
+    sentence = _hardware_note({"hardware": to_builtins(chosen.record())})
     assert sentence == (
         "Ran on NVIDIA H100 80GB HBM3. Systems and the one-off generate + train are priced on `h100` "
         "(detected; $3.00/hour, 3,350 GB/s, 989 TFLOP/s). "
@@ -54,8 +62,13 @@ def test_an_h100_is_detected_priced_and_said(monkeypatch):
         "h100",
         "detected",
     )
-    assert "Systems are priced on `a10g` (configured; $1.01/hour" in _hardware_note({"hardware": chosen.record()})
-    mixed = {"hardware": chosen.record(), "systems": {"teacher": {"hardware": "h200"}, "student": {"hardware": "a10g"}}}
+    assert "Systems are priced on `a10g` (configured; $1.01/hour" in _hardware_note(
+        {"hardware": to_builtins(chosen.record())}
+    )
+    mixed = {
+        "hardware": to_builtins(chosen.record()),
+        "systems": {"teacher": {"hardware": "h200"}, "student": {"hardware": "a10g"}},
+    }
     assert "(systems that name their own `hardware` on theirs: `h200`)" in _hardware_note(mixed)
 
 
@@ -67,7 +80,7 @@ def test_an_unknown_gpu_gets_the_unknown_profile_and_one_line_naming_the_keys(mo
     logged = [line for line in capsys.readouterr().err.splitlines() if "no hardware profile" in line]
     assert len(logged) == 1 and "'NVIDIA GeForce RTX 4090'" in logged[0]
     assert "set benchmark.serving_hardware and benchmark.pipeline_hardware" in logged[0]
-    assert "limits unknown" in _hardware_note({"hardware": chosen.record()})
+    assert "limits unknown" in _hardware_note({"hardware": to_builtins(chosen.record())})
     resolve_hardware(config(serving_hardware="h100", pipeline_hardware="h100"))  # both set: nothing to say
     assert "no hardware profile" not in capsys.readouterr().err
 
@@ -83,7 +96,7 @@ def test_this_cpu_is_measured_and_keeps_the_cpu_2core_price(monkeypatch):
     # A CPU profile the user gave limits keeps them: a measurement does not overwrite a setting.
     given = config(hardware_profiles={"cpu-2core": {"usd_per_hour": 0.2, "memory_gbps": 5.0}})
     assert resolve_hardware(given, machine).profiles["cpu-2core"].memory_gbps == 5.0
-    assert "measured here" in _hardware_note({"hardware": chosen.record()})
+    assert "measured here" in _hardware_note({"hardware": to_builtins(chosen.record())})
 
 
 @pytest.mark.parametrize(
@@ -135,15 +148,15 @@ def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path)
         serving_hardware="box",
     )
     chosen = resolve_hardware(cfg, hardware.Machine("CPU (2 cores)", 2, "cpu-2core", gpu=False))
-    measured = {"student_tuned": {**results()["student_tuned"], "single_request_output_tokens_per_s": 50_000.0}}
+    measured = {"student_tuned": results(single_request_output_tokens_per_s=50_000.0)["student_tuned"]}
     add_roofline_shares(chosen, cfg, [System("student_tuned", str(folder), "short", True)], measured)
     tuned = measured["student_tuned"]
-    assert (tuned["weight_dtype"], tuned["weight_bytes"]) == ("float32", 4000)  # the CPU engine holds fp32
-    assert tuned["decode_roofline_share"] == pytest.approx(0.05)
-    assert tuned["batched_compute_share"] == pytest.approx(2 * 1000 * 500 / 1e12)
-    tuned["load"] = {"1": {"tpot_p50_s": 1e-5}}  # through the server: time per output token wins
+    assert (tuned.weight_dtype, tuned.weight_bytes) == ("float32", 4000)  # the CPU engine holds fp32
+    assert tuned.decode_roofline_share == pytest.approx(0.05)
+    assert tuned.batched_compute_share == pytest.approx(2 * 1000 * 500 / 1e12)
+    tuned.load = {"1": LoadLevel(tpot_p50_s=1e-5)}  # through the server: time per output token wins
     add_roofline_shares(chosen, cfg, [System("student_tuned", str(folder), "short", True)], measured)
-    assert tuned["decode_roofline_share"] == pytest.approx(0.1) and tuned["decode_basis"].startswith("vllm serve")
+    assert tuned.decode_roofline_share == pytest.approx(0.1) and tuned.decode_basis.startswith("vllm serve")
     # On vLLM with its prefix cache a shared prompt prefix is not computed again: only output tokens count.
     cached = config(
         engine={"backend": "vllm"},
@@ -151,9 +164,9 @@ def test_decode_roofline_share_is_speed_over_bandwidth_per_weight_byte(tmp_path)
         serving_hardware="box",
     )
     add_roofline_shares(chosen, cached, [System("student_tuned", str(folder), "short", True)], measured)
-    output_only = 2 * 1000 * tuned["offline"]["output_tokens_per_s"] / 1e12
-    assert tuned["batched_compute_share"] == pytest.approx(output_only) and output_only < 2 * 1000 * 500 / 1e12
-    assert tuned["batched_compute_basis"] == "output tokens (prefix cache on)"
+    output_only = 2 * 1000 * tuned.offline.output_tokens_per_s / 1e12
+    assert tuned.batched_compute_share == pytest.approx(output_only) and output_only < 2 * 1000 * 500 / 1e12
+    assert tuned.batched_compute_basis == "output tokens (prefix cache on)"
 
 
 def test_attention_leaves_cudnn_out_on_cuda_only():

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipeline.benchmark.judge import length_controlled_win_rate, pair_outcome, summarize_pairs
+from pipeline.benchmark.results import to_builtins
 from pipeline.benchmark.stats import wilson_interval
 from pipeline.cli import run_pipeline
 from pipeline.config import validate_config
@@ -209,7 +210,7 @@ def test_judge_rates_and_intervals_recompute_from_the_records(judged_run):
                 continue
             read = [parse_preference(pair["replies"][order]) for order in ("system_first", "teacher_first")]
             assert (pair["outcome"], pair["position_biased"]) == pair_outcome(*read)
-        assert row["vs_teacher"] == summarize_pairs(pairs)
+        assert row["vs_teacher"] == to_builtins(summarize_pairs(pairs))
         wins, ties = (sum(p["outcome"] == o for p in pairs) for o in ("win", "tie"))
         assert row["vs_teacher"]["win_or_tie_ci95"] == wilson_interval(wins + ties, len(pairs))
     with_reference = [r for r in records if r["kind"] == "task" and r.get("reference_metrics")]

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.benchmark.probe import probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.report import _forgetting_section
+from pipeline.benchmark.results import Forgetting, McNemarCounts, ProbeSummary, convert, to_builtins
 from pipeline.probe_questions import ProbeQuestion, load_probe
 
 
@@ -65,6 +67,11 @@ def test_load_probe_from_a_file_and_neutral_messages(tmp_path):
     ]
 
 
+def forgetting_section(forgetting: dict) -> list[str]:
+    """The report's forgetting section, of a `forgetting` written as report.json holds it."""
+    return _forgetting_section(convert(forgetting, Forgetting))
+
+
 def test_summarize_probe_counts_accuracy_leakage_and_categories():
     qs = [
         ProbeQuestion("a", "x", "?", ("1",)),
@@ -73,7 +80,7 @@ def test_summarize_probe_counts_accuracy_leakage_and_categories():
         ProbeQuestion("d", "y", "?", ("red",)),
     ]
     summary = summarize_probe(["1", "See [KB-1001]", "Blue.", "[KB-7] red"], qs, leaks=lambda t: "[KB-" in t)
-    assert summary == {
+    assert to_builtins(summary) == {
         "accuracy": 0.75,
         "leakage_rate": 0.5,
         "n": 4,
@@ -95,7 +102,7 @@ def test_the_categories_the_task_trains_are_left_out_of_the_forgetting_figures()
     ]
     completions = ["1 [KB-1]", "2", "Blue.", "green [KB-7]"]
     summary = summarize_probe(completions, qs, leaks=lambda t: "[KB-" in t, task_categories=["arithmetic"])
-    assert summary == {
+    assert to_builtins(summary) == {
         "accuracy": 0.5,
         "leakage_rate": 0.5,
         "n": 2,
@@ -182,13 +189,12 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
 def test_the_report_shows_probe_accuracy_per_category_largest_loss_first():
     """Where general ability moved: a loss in one category is hidden in the overall change when the task trains
     another (the arithmetic example's tuned student gained 50 points of the probe's arithmetic)."""
-    from pipeline.benchmark.report import _forgetting_section
 
     def probed(per_category):
         n = {"arithmetic": 24, "capitals": 25, "units": 15}
         return {"accuracy": 0.5, "leakage_rate": 0.0, "n": 64, "per_category": per_category, "per_category_n": n}
 
-    lines = _forgetting_section(
+    lines = forgetting_section(
         {
             "student_base": probed({"arithmetic": 0.29, "capitals": 0.76, "units": 0.8}),
             "student_tuned": probed({"arithmetic": 0.79, "capitals": 0.76, "units": 0.6}),
@@ -205,8 +211,6 @@ def test_the_report_shows_probe_accuracy_per_category_largest_loss_first():
 
 
 def test_the_report_marks_the_probe_categories_the_task_trains():
-    from pipeline.benchmark.report import _forgetting_section
-
     def probed(per_category):
         n = {"arithmetic": 24, "units": 15}
         return {
@@ -218,7 +222,7 @@ def test_the_report_marks_the_probe_categories_the_task_trains():
             "task_categories": ["arithmetic"],
         }
 
-    lines = _forgetting_section(
+    lines = forgetting_section(
         {
             "student_base": probed({"arithmetic": 0.29, "units": 0.8}),
             "student_tuned": probed({"arithmetic": 0.79, "units": 0.6}),
@@ -238,7 +242,6 @@ def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
     """The same questions for both students: an exact McNemar test says whether a probe change is beyond noise,
     counted on the questions the forgetting figures count (the task's own categories left out)."""
     from pipeline.benchmark.probe import paired_probe_tests
-    from pipeline.benchmark.report import _forgetting_section
 
     questions = load_probe()
     arithmetic = [q.id for q in questions if q.category == "arithmetic"][:6]
@@ -252,12 +255,12 @@ def test_the_probe_change_gets_a_paired_test_outside_the_tasks_own_categories():
     records += [row("student_tuned", q, False, leak=i < 2) for i, q in enumerate(capitals)]
     records.append({"system": "student_tuned", "kind": "task", "id": "x", "correct": True})
     both = paired_probe_tests(records, "student_base", "student_tuned")
-    assert both["accuracy_test"] == {"tuned_only": 6, "base_only": 8, "p_value": pytest.approx(0.79, abs=0.01)}
+    assert both.accuracy_test == McNemarCounts(tuned_only=6, base_only=8, p_value=pytest.approx(0.79, abs=0.01))
     outside = paired_probe_tests(records, "student_base", "student_tuned", ["arithmetic"])
-    assert outside["accuracy_test"] == {"tuned_only": 0, "base_only": 8, "p_value": pytest.approx(2 / 2**8)}
-    assert outside["leakage_rate_test"] == {"tuned_only": 2, "base_only": 0, "p_value": 0.5}
+    assert outside.accuracy_test == McNemarCounts(tuned_only=0, base_only=8, p_value=pytest.approx(2 / 2**8))
+    assert outside.leakage_rate_test == McNemarCounts(tuned_only=2, base_only=0, p_value=0.5)
 
-    lines = _forgetting_section({"change": {"accuracy": -1.0, "leakage_rate": 0.25, **outside}})
+    lines = forgetting_section({"change": {"accuracy": -1.0, "leakage_rate": 0.25, **to_builtins(outside)}})
     said = next(line for line in lines if line.startswith("Tuned against"))
     assert said.startswith(
         "Tuned against untuned on the same questions (exact McNemar): accuracy -100.0 points (the tuned student "
@@ -276,7 +279,6 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
     `benchmark.probe_shots` sets one number for every system; 0 asks the base bare, and the report says what the
     change then measures."""
     from pipeline.benchmark.evaluate import run_probe
-    from pipeline.benchmark.report import _forgetting_section
     from pipeline.benchmark.systems import System
     from pipeline.config import EngineConfig, validate_config
     from pipeline.engines import load_engine
@@ -284,12 +286,12 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
     from pipeline.tasks import task_for
     from tests.conftest import tiny_config
 
-    def probe(model, name: str, shots: int | None) -> tuple[dict, list]:
+    def probe(model, name: str, shots: int | None) -> tuple[ProbeSummary, list]:
         raw = tiny_config(tmp_path, tiny_model)
         raw.setdefault("benchmark", {})["probe_shots"] = shots
         config = validate_config(raw)
         engine = load_engine(str(model), EngineConfig(backend="transformers", batch_size=64), seed=0)
-        return run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config)
+        return run_probe(System(name, str(model), "short", probe=True), engine, task_for(config), config.benchmark)
 
     tuned_from_base = ping_pong_base_student[2]
     base, base_rows = probe(tiny_base_model, "student_base", None)
@@ -297,9 +299,9 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
     tuned, _ = probe(tuned_from_base, "student_tuned", None)
     tuned_shown, _ = probe(tuned_from_base, "student_tuned", 5)
     chat, _ = probe(tiny_model, "student_tuned", None)
-    assert [f["shots"] for f in (base, bare, tuned, tuned_shown, chat)] == [len(load_probe_shots()), 0, 0, 5, 0]
-    assert base["plain_chat_template"] and bare["plain_chat_template"]
-    assert not any("plain_chat_template" in f for f in (tuned, tuned_shown, chat))
+    assert [f.shots for f in (base, bare, tuned, tuned_shown, chat)] == [len(load_probe_shots()), 0, 0, 5, 0]
+    assert base.plain_chat_template and bare.plain_chat_template
+    assert not any("plain_chat_template" in to_builtins(f) for f in (tuned, tuned_shown, chat))
     longer = [s["prompt_tokens"] - a["prompt_tokens"] for s, a in zip(base_rows, bare_rows, strict=True)]
     assert min(longer) > 5 * 4  # each worked example is a question and an answer in turns of their own
 
@@ -312,10 +314,12 @@ def test_an_untuned_base_student_is_shown_worked_examples_before_each_probe_ques
         (base, tuned_shown, "shown", "and the tuned student after 5;"),
         (bare, tuned, "bare", "never trained on"),
     ):
-        lines = _forgetting_section({"student_base": probed_base, "student_tuned": probed_tuned})
+        lines = _forgetting_section(Forgetting({"student_base": probed_base, "student_tuned": probed_tuned}))
         found = [line for line in lines if line.startswith(tuple(said.values()))]
         assert len(found) == 1 and found[0].startswith(said[sentence]) and tuned_asked in found[0]
-    assert not any(line.startswith(tuple(said.values())) for line in _forgetting_section({"student_base": chat}))
+    assert not any(
+        line.startswith(tuple(said.values())) for line in _forgetting_section(Forgetting({"student_base": chat}))
+    )
 
 
 def test_the_worked_examples_are_no_probe_questions():

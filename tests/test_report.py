@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.benchmark.verdict import verdict
+from pipeline.benchmark import verdict as verdicts
+from pipeline.benchmark.results import BreakEven, Report, SystemResult, convert, to_builtins
+
+
+def verdict(numbers: dict, rules=None) -> str:
+    """The verdict of a report as report.json holds it. The reports here are written by hand and lean, as older
+    ones are: each is read the way report.json is read."""
+    return verdicts.verdict(convert(numbers, Report), rules)
 
 
 def report(
@@ -151,7 +158,7 @@ def test_break_even_is_stated_against_the_teacher_and_against_prompting():
 def test_compare_puts_runs_side_by_side(tmp_path):
     import json
 
-    from pipeline.benchmark.report import compare_runs
+    from pipeline.compare import compare_runs
     from pipeline.console import PipelineError
 
     def fake_run(name, objective, tuned_accuracy):
@@ -230,15 +237,15 @@ def test_verdict_names_the_failure_modes_and_the_category_cliff():
     numbers = report(0.84, -0.01, 0.02)
     teacher = failure_and_category_metrics(records({"article": [True] * 8, "no_article": [True] * 2}, 0, 0))
     tuned = failure_and_category_metrics(records({"article": [True] * 8, "no_article": [False] * 2}, 3, 1))
-    assert tuned["category_accuracy"] == {"article": 1.0, "no_article": 0.0} and tuned["category_n"]["no_article"] == 2
-    assert tuned["failure_rates"] == {"truncated": 0.1, "invented_kb_id": 0.3}
-    assert tuned["failure_rates_ci95"]["invented_kb_id"][0] < 0.3 < tuned["failure_rates_ci95"]["invented_kb_id"][1]
-    numbers["systems"]["teacher"].update(teacher)
-    numbers["systems"]["student_tuned"].update(tuned)
+    assert tuned.category_accuracy == {"article": 1.0, "no_article": 0.0} and tuned.category_n["no_article"] == 2
+    assert tuned.failure_rates == {"truncated": 0.1, "invented_kb_id": 0.3}
+    assert tuned.failure_rates_ci95["invented_kb_id"][0] < 0.3 < tuned.failure_rates_ci95["invented_kb_id"][1]
+    numbers["systems"]["teacher"].update(to_builtins(teacher))
+    numbers["systems"]["student_tuned"].update(to_builtins(tuned))
     text = verdict(numbers)
     assert "its largest gap to the teacher is on `no_article` examples (0% vs 100%)" in text
     assert "invented_kb_id in 30% of answers (teacher 0%)" in text and "truncated in 10% of answers" in text
-    numbers["systems"]["student_tuned"].update(teacher)  # fails like the teacher: nothing to say
+    numbers["systems"]["student_tuned"].update(to_builtins(teacher))  # fails like the teacher: nothing to say
     assert "Where it fails" not in verdict(numbers)
 
 
@@ -304,15 +311,19 @@ def test_a_teacher_near_zero_leads_the_verdict_with_the_cause_and_states_no_shar
     # No break-even is computed against a teacher with nothing to teach, against prompting when every system
     # scores zero, or where the tuned student is worse than prompting; it is where it is as good or better.
     rules = VerdictConfig()
+
+    def why_not(systems: dict, baseline: str, p_value: float | None = None) -> str | None:
+        return why_no_break_even(convert(systems, dict[str, SystemResult]), baseline, rules, p_value)
+
     zeros = {name: {"accuracy": 0.0} for name in ("teacher", "student_tuned", "student_prompted")}
-    assert "nothing to distill" in why_no_break_even(zeros, "teacher", rules)
-    assert "nothing to distill" in why_no_break_even(zeros, "student_prompted", rules)
+    assert "nothing to distill" in why_not(zeros, "teacher")
+    assert "nothing to distill" in why_not(zeros, "student_prompted")
     zeros["teacher"]["accuracy"] = 0.9
-    assert why_no_break_even(zeros, "student_prompted", rules) == "the tuned student scores 0%"
+    assert why_not(zeros, "student_prompted") == "the tuned student scores 0%"
     worse = {"teacher": {"accuracy": 0.8}, "student_tuned": {"accuracy": 0.2}, "student_prompted": {"accuracy": 0.5}}
-    assert "less accurate (20.0% vs 50.0%)" in why_no_break_even(worse, "student_prompted", rules, p_value=0.001)
-    assert why_no_break_even(worse, "student_prompted", rules, p_value=0.4) is None  # within noise: as good
-    assert why_no_break_even(worse, "teacher", rules) is None  # the price of replacing a teacher that works
+    assert "less accurate (20.0% vs 50.0%)" in why_not(worse, "student_prompted", p_value=0.001)
+    assert why_not(worse, "student_prompted", p_value=0.4) is None  # within noise: as good
+    assert why_not(worse, "teacher") is None  # the price of replacing a teacher that works
 
 
 def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):
@@ -332,7 +343,7 @@ def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):
     text = verdict(numbers)
     assert "no break-even against the teacher is stated: the teacher scores 0.0%" in text
     assert "none against prompting: the tuned student scores 0%" in text and "pays back" not in text
-    table = "\n".join(_break_even_section(numbers["break_even"]))
+    table = "\n".join(_break_even_section(convert(numbers["break_even"], BreakEven)))
     assert "| teacher | $0.0200 | not computed: the teacher scores 0.0%: there was nothing to distill | - |" in table
     assert "| student_prompted | $0.0200 | not computed: the tuned student scores 0% | - |" in table
 
@@ -433,8 +444,8 @@ def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):
         (tmp_path / name / "benchmark" / "report.json").write_text(json.dumps(report))
     (tmp_path / "now" / "benchmark").mkdir(parents=True)
     (tmp_path / "now" / "benchmark" / "report.json").write_text(json.dumps({"task": "support", "recipe": recipe}))
-    found = other_runs_of_the_task(config)
-    assert [r["run"] for r in found] == ["a"] and found[0]["leakage_change"] == 0.02  # same task, not itself
+    found = other_runs_of_the_task(config.run_dir, config.task.name)
+    assert [r.run for r in found] == ["a"] and found[0].leakage_change == 0.02  # same task, not itself
 
 
 def test_only_the_same_weights_with_the_same_prompt_are_measured_once():
@@ -483,16 +494,16 @@ def test_the_teacher_is_measured_with_the_chat_template_it_generated_with(tmp_pa
 def test_the_cost_sentence_names_the_systems_priced_by_the_token():
     """A hosted teacher's cost is its list price by the token, not machine time over throughput: the report's
     sentence on how serving cost was reached says which systems are priced that way."""
-    from pipeline import names
     from pipeline.benchmark.report import _cost_note
+    from pipeline.benchmark.results import LIST_PRICE_BASIS
 
     basis = "vllm serve at concurrency 8"
     systems = {name: {"cost_basis": basis} for name in ("teacher", "student_base", "student_tuned")}
-    assert _cost_note({"systems": systems}) == (
+    assert _cost_note(convert({"systems": systems}, Report)) == (
         f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
     )
-    systems["teacher"]["cost_basis"] = names.LIST_PRICE_BASIS
-    assert _cost_note({"systems": systems}) == (
+    systems["teacher"]["cost_basis"] = LIST_PRICE_BASIS
+    assert _cost_note(convert({"systems": systems}, Report)) == (
         f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}), except `teacher`, "
         "priced by the token at its list price; "
     )

@@ -203,7 +203,7 @@ def test_a_hosted_teacher_is_benchmarked_through_its_server_at_its_list_price(
     config = validate_config(
         {**raw, "benchmark": {**raw["benchmark"], "load_test": {"concurrency": [1, 2], "requests": 2}}}
     )
-    summaries, records = run_load_tests(config, on_server, task, task.split("test")[:2], units)
+    summaries, records = run_load_tests(config.benchmark, config.seed, on_server, task, task.split("test")[:2], units)
     assert set(summaries["teacher"]) == {"1", "2"} and all(r["output_tokens"] >= 1 for r in records)
 
 
@@ -285,13 +285,13 @@ def test_serve_command_reserves_the_configured_kv_cache_and_runs_the_model_in_th
     """`vllm serve` gets the offline engine's KV cache size (4 GiB by default on a CPU, capped by
     gpu_memory_utilization x RAM; vLLM's own sizing on a GPU unless set); on a CPU its engine core runs the model
     itself (no worker process), on a GPU vLLM's default stands, and a value the user set wins on both."""
-    from pipeline.benchmark.serving import _serve_command
     from pipeline.engines.vllm_process import (
         CPU_KV_CACHE_GIB,
         MULTIPROCESSING_ENV,
         run_offline_engine_in_process,
         serve_env,
     )
+    from pipeline.engines.vllm_serve import _serve_command
 
     def kv_flag(engine: EngineConfig, on_gpu: bool) -> int | None:
         command = _serve_command("m", engine, 0, 8000, None, "m", None, on_gpu)
@@ -320,8 +320,8 @@ def test_vllm_serve_gets_the_template_and_the_stops_the_offline_engines_use(
     stop only at EOS (Qwen2.5 base), go to `vllm serve` as files; a model whose own files serve needs nothing."""
     import json
 
-    from pipeline.benchmark.serving import _as_the_engines_serve_it
     from pipeline.chat_templates import PLAIN_CHAT_TEMPLATE
+    from pipeline.engines.vllm_serve import _as_the_engines_serve_it
     from tests.conftest import build_tiny_model
 
     qwen_like = qwen_like_tokenizer

@@ -416,6 +416,7 @@ def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_mod
     0 of 28 rows kept): the filter answers every prompt in rounds, on one engine, and says what dropped them and
     the keys that fix it."""
     import pipeline.engines as engines
+    from pipeline.benchmark.results import to_builtins
     from pipeline.benchmark.stage import recipe
 
     class NeverStops(ScriptedEngine):
@@ -436,7 +437,8 @@ def test_replay_short_of_rows_says_why_and_which_key_fixes_it(tmp_path, tiny_mod
     assert f"filter: replay dropped {report['dropped']['truncated']} truncated; answers ran past train.replay." in err
     assert "set train.replay.source to teacher or dataset" in err
     # The report's recipe carries the rows replay really added: the verdict's levers say "0 of the 4 wanted".
-    assert {k: recipe(config)[k] for k in ("replay_fraction", "replay_rows", "replay_wanted")} == {
+    made = recipe(config.train, config.student.prompt_style, json.loads(config.layout.filter_report.read_text()))
+    assert {k: to_builtins(made)[k] for k in ("replay_fraction", "replay_rows", "replay_wanted")} == {
         "replay_fraction": 0.5,
         "replay_rows": 0,
         "replay_wanted": 4,
@@ -819,9 +821,9 @@ def test_load_tests_already_finished_start_no_server(tmp_path, tiny_model, monke
     units.save("load:teacher", [{**row, "output_tokens": 5, "started_s": 0.0, "ended_s": 1.0, "tpot_s": 0.2}])
     monkeypatch.setattr(serving, "vllm_server", lambda *a: pytest.fail("a server started for a finished system"))
     task = task_for(config)
-    summaries, records = serving.run_load_tests(config, systems, task, task.split("test"), units)
+    summaries, records = serving.run_load_tests(config.benchmark, config.seed, systems, task, task.split("test"), units)
     assert [r["system"] for r in records] == ["teacher", "student_prompted"]
-    assert records[1]["measured_as"] == "teacher" and summaries["student_prompted"]["1"]["requests"] == 1
+    assert records[1]["measured_as"] == "teacher" and summaries["student_prompted"]["1"].requests == 1
 
 
 def test_wandb_offline_logs_every_stage_in_one_group_with_linked_artifacts(tmp_path, tiny_model, monkeypatch):

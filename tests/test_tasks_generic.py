@@ -134,9 +134,9 @@ def test_benchmark_constrains_every_system_only_when_asked(tmp_path):
         "student": {"model": "m"},
     }
     task = build_task("classification", raw["task"]["params"], seed=0, base_dir=tmp_path)
-    assert task_sampling(validate_config(raw), task).choices is None
+    assert task_sampling(validate_config(raw).benchmark, task).choices is None
     raw["benchmark"] = {"constrained": True, "sampling": {"max_tokens": 7}}
-    constrained = task_sampling(validate_config(raw), task)
+    constrained = task_sampling(validate_config(raw).benchmark, task)
     assert constrained.choices == ["negative", "positive"] and constrained.max_tokens == 7
 
 

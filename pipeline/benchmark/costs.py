@@ -5,28 +5,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from msgspec import structs
 
 from pipeline import names
-from pipeline.config import ExperimentConfig, HardwareConfig, SystemConfig, VerdictConfig
+from pipeline.benchmark.results import (
+    LIST_PRICE_BASIS,
+    BreakEven,
+    HardwareProfile,
+    HardwareRecord,
+    LoadLevel,
+    OfflineThroughput,
+    PairedComparison,
+    Payback,
+    SystemResult,
+)
+from pipeline.config import BenchmarkConfig, EngineConfig, HardwareConfig, SystemConfig, VerdictConfig
 from pipeline.console import log
 from pipeline.files import read_jsonl
 from pipeline.hardware import CPU_USD_PER_CORE_HOUR, UNKNOWN_GPU, Machine, detect_machine, probe_cpu
-from pipeline.layout import read_manifest
+from pipeline.layout import RunLayout, read_manifest
 
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
     return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
 
 
-def serving_costs(usd_per_hour: float, throughput: dict[str, float]) -> dict[str, float]:
+def serving_costs(system: SystemResult, usd_per_hour: float, throughput: LoadLevel | OfflineThroughput) -> None:
     """What the machine's hour buys at a measured throughput: $ per 1M input tokens, per 1M output tokens
     (each charging the whole machine to that one kind of token) and per 1,000 requests."""
-    return {
-        "cost_per_1m_input_tokens": cost_per_1m_tokens(usd_per_hour, throughput["prompt_tokens_per_s"]),
-        "cost_per_1m_output_tokens": cost_per_1m_tokens(usd_per_hour, throughput["output_tokens_per_s"]),
-        "cost_per_1k_requests": cost_per_1m_tokens(usd_per_hour, throughput["requests_per_s"]) / 1000,
-    }
+    system.cost_per_1m_input_tokens = cost_per_1m_tokens(usd_per_hour, throughput.prompt_tokens_per_s)
+    system.cost_per_1m_output_tokens = cost_per_1m_tokens(usd_per_hour, throughput.output_tokens_per_s)
+    system.cost_per_1k_requests = cost_per_1m_tokens(usd_per_hour, throughput.requests_per_s) / 1000
 
 
 @dataclass
@@ -45,26 +55,25 @@ class Hardware:
         key = system.hardware or self.serving
         return key, self.profiles[key]
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> HardwareRecord:
         """report.json's `hardware`."""
-        return {
-            "device": self.machine.device,
-            "count": self.machine.count,
-            "detected_profile": self.machine.profile,
-            "serving_hardware": self.serving,
-            "serving_source": self.serving_source,
-            "pipeline_hardware": self.pipeline,
-            "pipeline_source": self.pipeline_source,
-            "profiles": {name: profile.model_dump() for name, profile in self.profiles.items()},
-        }
+        return HardwareRecord(
+            device=self.machine.device,
+            count=self.machine.count,
+            detected_profile=self.machine.profile,
+            serving_hardware=self.serving,
+            serving_source=self.serving_source,
+            pipeline_hardware=self.pipeline,
+            pipeline_source=self.pipeline_source,
+            profiles={name: HardwareProfile(**profile.model_dump()) for name, profile in self.profiles.items()},
+        )
 
 
-def resolve_hardware(config: ExperimentConfig, machine: Machine | None = None) -> Hardware:
+def resolve_hardware(bench: BenchmarkConfig, machine: Machine | None = None) -> Hardware:
     """Pick the serving and pipeline profiles: the configured ones, else this machine's (detected). A CPU
     profile for this machine's core count gets limits measured here when it has none (and a per-core price
     when it is not declared). An unknown GPU is priced as `unknown-gpu`, and one log line says which keys to
     set."""
-    bench = config.benchmark
     machine = machine or detect_machine()
     profiles = dict(bench.hardware_profiles)
     if not machine.gpu:
@@ -91,49 +100,41 @@ def resolve_hardware(config: ExperimentConfig, machine: Machine | None = None) -
     )
 
 
-def add_costs(hardware: Hardware, config: ExperimentConfig, results: dict[str, dict[str, Any]]) -> None:
+def add_costs(hardware: Hardware, bench: BenchmarkConfig, results: dict[str, SystemResult]) -> None:
     """$ per 1M input/output tokens and per 1k requests for each system, from the server's throughput at the
     cost concurrency (or, without a load test, the offline batched run)."""
-    bench = config.benchmark
     level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
     for declared in bench.systems:
-        metrics = results[declared.name]
+        system = results[declared.name]
         if declared.price is not None:  # a hosted API: what its tokens cost, whatever machine serves them
             price = declared.price
-            per_request = metrics["mean_prompt_tokens"] * price.usd_per_1m_input_tokens
-            per_request += metrics["mean_output_tokens"] * price.usd_per_1m_output_tokens
-            metrics.update(
-                {
-                    "cost_per_1m_input_tokens": price.usd_per_1m_input_tokens,
-                    "cost_per_1m_output_tokens": price.usd_per_1m_output_tokens,
-                    "cost_per_1k_requests": per_request / 1e6 * 1000,
-                    "hardware": None,
-                    "usd_per_hour": None,
-                    "cost_basis": names.LIST_PRICE_BASIS,
-                }
-            )
+            per_request = system.mean_prompt_tokens * price.usd_per_1m_input_tokens
+            per_request += system.mean_output_tokens * price.usd_per_1m_output_tokens
+            system.cost_per_1m_input_tokens = price.usd_per_1m_input_tokens
+            system.cost_per_1m_output_tokens = price.usd_per_1m_output_tokens
+            system.cost_per_1k_requests = per_request / 1e6 * 1000
+            system.hardware, system.usd_per_hour, system.cost_basis = None, None, LIST_PRICE_BASIS
             continue
         name, profile = hardware.for_system(declared)
-        usd_per_hour = profile.usd_per_hour
-        load = metrics.get("load", {})
+        load = system.load or {}
         if level in load:
             throughput, basis = load[level], f"vllm serve at concurrency {level}"
         else:
-            throughput, basis = metrics["offline"], "offline engine, batched"
-        metrics.update(serving_costs(usd_per_hour, throughput))
-        metrics.update({"hardware": name, "usd_per_hour": usd_per_hour, "cost_basis": basis})
+            throughput, basis = system.offline, "offline engine, batched"
+        serving_costs(system, profile.usd_per_hour, throughput)
+        system.hardware, system.usd_per_hour, system.cost_basis = name, profile.usd_per_hour, basis
 
 
 def why_no_break_even(
-    results: dict[str, dict[str, Any]], baseline: str, rules: VerdictConfig, p_value: float | None = None
+    results: dict[str, SystemResult], baseline: str, rules: VerdictConfig, p_value: float | None = None
 ) -> str | None:
     """Why a saving of the tuned student over `baseline` means nothing, or None when it does. Against the teacher
     it is the price of replacing it, so the teacher must have had something to teach (for any baseline); against
     prompting, the tuned student must answer at least as well (not worse by the paired test `p_value`, as the
     verdict judges it). A cheaper answer that is never right saves nothing."""
-    tuned = results[names.STUDENT_TUNED]["accuracy"]
-    other = results[baseline]["accuracy"]
-    teacher = results[names.TEACHER]["accuracy"]
+    tuned = results[names.STUDENT_TUNED].accuracy
+    other = results[baseline].accuracy
+    teacher = results[names.TEACHER].accuracy
     if teacher <= rules.min_teacher_accuracy:  # whatever the students score then is noise
         return f"the teacher scores {teacher:.1%}: there was nothing to distill"
     if tuned == 0:
@@ -162,59 +163,67 @@ def saving_within_noise(tuned_cost: float, other_cost: float, rules: VerdictConf
     return None
 
 
-def break_even(
-    config: ExperimentConfig,
-    hardware: Hardware,
-    results: dict[str, dict[str, Any]],
-    tests: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
-    one-off cost (generate + train wall time on pipeline_hardware) over the per-request saving. `tests`: the
-    paired tests of the tuned student against each system (comparisons' `student_tuned_vs`)."""
-    bench = config.benchmark
+def one_off_cost(
+    layout: RunLayout, teacher_engine: EngineConfig, bench: BenchmarkConfig, hardware: Hardware
+) -> BreakEven:
+    """What distilling cost once: generate + train wall time on pipeline_hardware (their manifests), or, for a
+    hosted teacher with a list price, the tokens it billed for generate and train's wall time. A `BreakEven` with
+    its one-off fields set; `break_even` adds the paybacks."""
     walls = {}
     for stage in ("generate", "train"):
-        manifest = read_manifest(config.layout.stage_dir(stage))
+        manifest = read_manifest(layout.stage_dir(stage))
         walls[stage] = manifest["wall_s"] if manifest else 0.0
     usd_per_hour = hardware.profiles[hardware.pipeline].usd_per_hour
     one_off = sum(walls.values()) / 3600 * usd_per_hour
     teacher_price = next((s.price for s in bench.systems if s.name == names.TEACHER), None)
     generate_usd = None
-    if teacher_price is not None and config.teacher.engine.backend == "openai":
+    if teacher_price is not None and teacher_engine.backend == "openai":
         # A hosted teacher bills its tokens: generating cost those, not this machine's hours waiting on it.
-        prompt_tokens, output_tokens = teacher_tokens(config.layout.teacher_outputs)
+        prompt_tokens, output_tokens = teacher_tokens(layout.teacher_outputs)
         generate_usd = (
             prompt_tokens * teacher_price.usd_per_1m_input_tokens
             + output_tokens * teacher_price.usd_per_1m_output_tokens
         ) / 1e6
         one_off = generate_usd + walls["train"] / 3600 * usd_per_hour
+    return BreakEven(
+        one_off_usd=one_off,
+        generate_usd_at_list_price=generate_usd,
+        one_off_wall_s=walls,
+        pipeline_hardware=hardware.pipeline,
+        requests_per_day=bench.requests_per_day,
+    )
 
-    def against(baseline: str) -> dict[str, Any]:
-        tuned = results[names.STUDENT_TUNED]["cost_per_1k_requests"]
-        saving = (results[baseline]["cost_per_1k_requests"] - tuned) / 1000
-        p_value = (tests or {}).get(baseline, {}).get("p_value")
+
+def break_even(
+    bench: BenchmarkConfig,
+    one_off: BreakEven,
+    results: dict[str, SystemResult],
+    tests: dict[str, PairedComparison] | None = None,
+) -> BreakEven:
+    """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
+    one-off cost (`one_off_cost`) over the per-request saving. `tests`: the paired tests of the tuned student
+    against each system (comparisons' `student_tuned_vs`)."""
+
+    def against(baseline: str) -> Payback:
+        tuned = results[names.STUDENT_TUNED].cost_per_1k_requests
+        saving = (results[baseline].cost_per_1k_requests - tuned) / 1000
+        test = (tests or {}).get(baseline)
+        p_value = test.p_value if test is not None else None
         skipped = why_no_break_even(results, baseline, bench.verdict, p_value) or saving_within_noise(
-            tuned, results[baseline]["cost_per_1k_requests"], bench.verdict
+            tuned, results[baseline].cost_per_1k_requests, bench.verdict
         )
-        requests = one_off / saving if saving > 0 and skipped is None else None
-        return {
-            "saving_per_1k_requests_usd": saving * 1000,
-            "requests": requests,
-            "days": requests / bench.requests_per_day if requests is not None else None,
-            "skipped": skipped,
-        }
+        requests = one_off.one_off_usd / saving if saving > 0 and skipped is None else None
+        return Payback(
+            saving_per_1k_requests_usd=saving * 1000,
+            requests=requests,
+            days=requests / bench.requests_per_day if requests is not None else None,
+            skipped=skipped,
+        )
 
-    even = {
-        "one_off_usd": one_off,
-        "generate_usd_at_list_price": generate_usd,  # None: generate priced by its wall time, as train
-        "one_off_wall_s": walls,
-        "pipeline_hardware": hardware.pipeline,
-        **against(names.TEACHER),
-        "requests_per_day": bench.requests_per_day,
-    }
+    even = structs.replace(one_off, **structs.asdict(against(names.TEACHER)))
     if names.STUDENT_PROMPTED in results:
         # The "try prompting first" baseline: what fine-tuning saves over serving the untuned student its long prompt.
-        even["vs_prompted"] = against(names.STUDENT_PROMPTED)
+        even.vs_prompted = against(names.STUDENT_PROMPTED)
     return even
 
 

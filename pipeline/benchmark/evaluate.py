@@ -7,14 +7,26 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
+
+from msgspec import structs
 
 from pipeline import names
 from pipeline.benchmark.probe import probe_correct, probe_messages, summarize_probe
+from pipeline.benchmark.results import (
+    AccuracyFigures,
+    Comparisons,
+    KeptOfTeacher,
+    OfflineThroughput,
+    PairedComparison,
+    ProbeSummary,
+    SystemResult,
+)
 from pipeline.benchmark.stats import mcnemar, percentile, ratio_interval, wilson_interval
 from pipeline.benchmark.systems import System
 from pipeline.chat_templates import is_plain_template
-from pipeline.config import ExperimentConfig, SamplingConfig
+from pipeline.config import BenchmarkConfig, SamplingConfig
 from pipeline.console import PipelineError
 from pipeline.engines import Engine, Generation, stops_for, timed_single_requests
 from pipeline.files import read_jsonl
@@ -24,12 +36,11 @@ from pipeline.tasks.base import normalize_text
 
 
 def evaluate_system(
-    system: System, engine: Engine, task: Task, config: ExperimentConfig, examples: list[Example]
-) -> tuple[dict, list]:
+    system: System, engine: Engine, task: Task, examples: list[Example], bench: BenchmarkConfig
+) -> tuple[SystemResult, list[dict[str, Any]]]:
     """Accuracy and throughput from one batched run; latency from requests run one at a time, warm (shared
     prompt prefixes may come from the engine's cache) and cold (cache cleared before each request)."""
-    bench = config.benchmark
-    sampling = task_sampling(config, task)
+    sampling = task_sampling(bench, task)
     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
     start = time.perf_counter()
     generations = engine.generate(conversations, sampling, progress=f"benchmark {system.name}")
@@ -54,16 +65,16 @@ def evaluate_system(
                 }
             )
     task_records = [r for r in records if r["kind"] == "task"]
-    metrics = _system_metrics(system, task_records, latencies, wall)
-    metrics["single_request_output_tokens_per_s"] = single_tokens / sum(latencies["latency"])
-    return metrics, records
+    result = _system_result(system, task_records, latencies, wall)
+    result.single_request_output_tokens_per_s = single_tokens / sum(latencies["latency"])
+    return result, records
 
 
-def task_sampling(config: ExperimentConfig, task: Task) -> SamplingConfig:
+def task_sampling(bench: BenchmarkConfig, task: Task) -> SamplingConfig:
     """How every system answers the task: `benchmark.sampling`, constrained to the task's answer set when
     `benchmark.constrained` is set."""
-    choices = task.answer_choices() if config.benchmark.constrained else None
-    return config.benchmark.sampling.constrained_to(choices)
+    choices = task.answer_choices() if bench.constrained else None
+    return bench.sampling.constrained_to(choices)
 
 
 def _task_record(system: System, task: Task, example: Example, generation: Generation) -> dict[str, Any]:
@@ -84,54 +95,53 @@ def _task_record(system: System, task: Task, example: Example, generation: Gener
     }
 
 
-def _system_metrics(
+def _system_result(
     system: System, task_records: list[dict[str, Any]], latencies: dict[str, list[float]], wall: float
-) -> dict[str, Any]:
+) -> SystemResult:
     """A system's row of report.json (before the load test and costs are added)."""
     n = len(task_records)
     output_tokens = sum(r["output_tokens"] for r in task_records)
     tokens_per_s = output_tokens / wall
-    return {
-        "model": system.model,
-        "serving": "base + unmerged LoRA adapter" if system.adapter else "weights",
-        "prompt_style": system.prompt_style,
-        **accuracy_metrics(task_records),
-        "latency_p50_s": percentile(latencies["latency"], 50),
-        "latency_p95_s": percentile(latencies["latency"], 95),
-        "latency_cold_p50_s": percentile(latencies["latency_cold"], 50),
-        "latency_cold_p95_s": percentile(latencies["latency_cold"], 95),
-        "latency_requests": len(latencies["latency"]),
-        # The offline engine's batched run over the whole test split.
-        "output_tokens_per_s": tokens_per_s,
-        "offline": {
-            "requests_per_s": n / wall,
-            "output_tokens_per_s": tokens_per_s,
-            "prompt_tokens_per_s": sum(r["prompt_tokens"] for r in task_records) / wall,
-        },
-        "mean_prompt_tokens": statistics.fmean(r["prompt_tokens"] for r in task_records),
-        "mean_output_tokens": output_tokens / n,
-    }
+    return SystemResult(
+        **structs.asdict(accuracy_metrics(task_records)),
+        model=system.model,
+        serving="base + unmerged LoRA adapter" if system.adapter else "weights",
+        prompt_style=system.prompt_style,
+        latency_p50_s=percentile(latencies["latency"], 50),
+        latency_p95_s=percentile(latencies["latency"], 95),
+        latency_cold_p50_s=percentile(latencies["latency_cold"], 50),
+        latency_cold_p95_s=percentile(latencies["latency_cold"], 95),
+        latency_requests=len(latencies["latency"]),
+        output_tokens_per_s=tokens_per_s,
+        offline=OfflineThroughput(
+            requests_per_s=n / wall,
+            output_tokens_per_s=tokens_per_s,
+            prompt_tokens_per_s=sum(r["prompt_tokens"] for r in task_records) / wall,
+        ),
+        mean_prompt_tokens=statistics.fmean(r["prompt_tokens"] for r in task_records),
+        mean_output_tokens=output_tokens / n,
+    )
 
 
-def accuracy_metrics(task_records: list[dict[str, Any]]) -> dict[str, Any]:
+def accuracy_metrics(task_records: list[dict[str, Any]]) -> AccuracyFigures:
     """Accuracy with its interval, per rule, per category and per failure mode, from a system's task records
     (recomputed after the judge has marked each answer pass or fail, for open-ended tasks)."""
     n = len(task_records)
     rule_names = sorted({rule for r in task_records for rule in r["rules"]})
     correct = sum(r["correct"] for r in task_records)
-    return {
-        "n": n,
-        "accuracy": correct / n,
-        "accuracy_ci95": wilson_interval(correct, n),
-        "rule_accuracy": {rule: sum(r["rules"][rule] for r in task_records) / n for rule in rule_names},
-        "rule_accuracy_ci95": {
+    return structs.replace(
+        failure_and_category_metrics(task_records),
+        n=n,
+        accuracy=correct / n,
+        accuracy_ci95=wilson_interval(correct, n),
+        rule_accuracy={rule: sum(r["rules"][rule] for r in task_records) / n for rule in rule_names},
+        rule_accuracy_ci95={
             rule: wilson_interval(sum(r["rules"][rule] for r in task_records), n) for rule in rule_names
         },
-        **failure_and_category_metrics(task_records),
-    }
+    )
 
 
-def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str, Any]:
+def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> AccuracyFigures:
     """Where a system fails, not only how often: the rate of each named failure mode (plus answers cut off at
     max_tokens, a student that never stops) and accuracy per example category, each with a Wilson interval.
     A category far below the teacher's is where the student's distribution cliff is."""
@@ -142,23 +152,24 @@ def failure_and_category_metrics(task_records: list[dict[str, Any]]) -> dict[str
     categories: dict[str, list[bool]] = {}
     for r in sorted(task_records, key=lambda r: r["category"] or "all"):
         categories.setdefault(r["category"] or "all", []).append(r["correct"])
-    return {
-        "failure_rates": {mode: count / n for mode, count in counts.items()},
-        "failure_rates_ci95": {mode: wilson_interval(count, n) for mode, count in counts.items()},
-        "category_accuracy": {c: sum(v) / len(v) for c, v in categories.items()},
-        "category_accuracy_ci95": {c: wilson_interval(sum(v), len(v)) for c, v in categories.items()},
-        "category_n": {c: len(v) for c, v in categories.items()},
-    }
+    return AccuracyFigures(
+        failure_rates={mode: count / n for mode, count in counts.items()},
+        failure_rates_ci95={mode: wilson_interval(count, n) for mode, count in counts.items()},
+        category_accuracy={c: sum(v) / len(v) for c, v in categories.items()},
+        category_accuracy_ci95={c: wilson_interval(sum(v), len(v)) for c, v in categories.items()},
+        category_n={c: len(v) for c, v in categories.items()},
+    )
 
 
-def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConfig) -> tuple[dict, list]:
+def run_probe(
+    system: System, engine: Engine, task: Task, bench: BenchmarkConfig
+) -> tuple[ProbeSummary, list[dict[str, Any]]]:
     """The general probe (closed questions outside the task): accuracy, and leakage of task behaviour. An untuned
     base model is shown worked examples first (`benchmark.probe_shots`), as base models are evaluated; any model
     in the plain chat format is read up to the next turn it would write itself."""
-    bench = config.benchmark
     questions = load_probe()
     base_model = is_plain_template(getattr(engine, "chat_template", None)) and system.adapter is None
-    shots = load_probe_shots()  # unset: all of them for an untuned base model, none otherwise (config.py says why)
+    shots = load_probe_shots()  # unset: all to an untuned base model, none otherwise (benchmark.probe_shots says why)
     if bench.probe_shots is not None or not base_model:
         shots = shots[: bench.probe_shots or 0]
     stop = stops_for(engine, bench.sampling.stop)
@@ -179,38 +190,39 @@ def run_probe(system: System, engine: Engine, task: Task, config: ExperimentConf
         for q, t, g in zip(questions, texts, generations, strict=True)
     ]
     summary = summarize_probe(texts, questions, task.leaks, bench.probe_task_categories)
-    summary["shots"] = len(shots)
+    summary.shots = len(shots)
     if base_model:
-        summary["plain_chat_template"] = True  # a base model, asked in a chat format it never learned
+        summary.plain_chat_template = True  # a base model, asked in a chat format it never learned
     return summary, records
 
 
-def comparisons(results: dict[str, dict[str, Any]], records: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+def comparisons(results: dict[str, SystemResult], records: list[dict[str, Any]], seed: int) -> Comparisons:
     """Paired tests of the tuned student against every other system on the same test examples, and the
     share of the teacher's accuracy it keeps, with a bootstrap interval."""
     outcome = {name: task_outcomes(records, name) for name in results}
     ids = sorted(outcome[names.STUDENT_TUNED])
     tuned = [outcome[names.STUDENT_TUNED][i] for i in ids]
+    tuned_accuracy = results[names.STUDENT_TUNED].accuracy
     tests = {}
     for other in results:
         if other != names.STUDENT_TUNED:
             theirs = [outcome[other][i] for i in ids]
             test = mcnemar(tuned, theirs)
-            tests[other] = {
-                "accuracy_diff": results[names.STUDENT_TUNED]["accuracy"] - results[other]["accuracy"],
-                "tuned_only_correct": test["a_only"],
-                "other_only_correct": test["b_only"],
-                "p_value": test["p_value"],
-            }
+            tests[other] = PairedComparison(
+                accuracy_diff=tuned_accuracy - results[other].accuracy,
+                tuned_only_correct=test["a_only"],
+                other_only_correct=test["b_only"],
+                p_value=test["p_value"],
+            )
     teacher = [outcome[names.TEACHER][i] for i in ids]
-    teacher_accuracy = results[names.TEACHER]["accuracy"]
-    return {
-        "student_tuned_vs": tests,
-        "kept_of_teacher": {
-            "ratio": results[names.STUDENT_TUNED]["accuracy"] / teacher_accuracy if teacher_accuracy else None,
-            "ci95": ratio_interval(tuned, teacher, seed),
-        },
-    }
+    teacher_accuracy = results[names.TEACHER].accuracy
+    return Comparisons(
+        student_tuned_vs=tests,
+        kept_of_teacher=KeptOfTeacher(
+            ratio=tuned_accuracy / teacher_accuracy if teacher_accuracy else None,
+            ci95=ratio_interval(tuned, teacher, seed),
+        ),
+    )
 
 
 def task_outcomes(records: list[dict[str, Any]], system: str) -> dict[str, bool]:
@@ -218,14 +230,12 @@ def task_outcomes(records: list[dict[str, Any]], system: str) -> dict[str, bool]
     return {r["id"]: r["correct"] for r in records if r["system"] == system and r["kind"] == "task"}
 
 
-def check_no_test_leak(config: ExperimentConfig, task: Task, examples: list[Example]) -> None:
-    """Refuse to score on test prompts the student trained on (the filter guards this; trust, but verify)."""
-    train_file = config.layout.train_data
+def check_no_test_leak(train_file: Path, task: Task, examples: list[Example], prompt_style: str) -> None:
+    """Refuse to score on test prompts the student trained on (the filter guards this; trust, but verify):
+    `train_file` is the filter's train.jsonl, `prompt_style` the one the student trained with."""
     if not train_file.exists():
         return
-    test_users = {
-        normalize_text(task.messages(ex, config.student.prompt_style)[-1]["content"]): ex.id for ex in examples
-    }
+    test_users = {normalize_text(task.messages(ex, prompt_style)[-1]["content"]): ex.id for ex in examples}
     for row in read_jsonl(train_file):
         user = next((m["content"] for m in reversed(row["messages"]) if m["role"] == "user"), "")
         if normalize_text(user) in test_users:

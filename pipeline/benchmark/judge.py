@@ -26,8 +26,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline import names
+from pipeline.benchmark.results import (
+    Agreement,
+    JudgedSystem,
+    JudgeReliability,
+    JudgeSection,
+    PairSummary,
+    ReferenceScores,
+)
 from pipeline.benchmark.stats import wilson_interval
-from pipeline.config import EngineConfig, ExperimentConfig, SamplingConfig
+from pipeline.config import BenchmarkJudgeConfig, EngineConfig, ExperimentConfig, SamplingConfig
 from pipeline.console import log
 from pipeline.engines import Engine, load_engine, model_for
 from pipeline.judging import (
@@ -46,10 +54,9 @@ ORDERS = ("system_first", "teacher_first")  # the two orders each pair is asked 
 OUTCOMES = ("win", "tie", "loss")  # of a system's answer against the teacher's
 
 
-def judge_enabled(config: ExperimentConfig, task: Task) -> bool:
+def judge_enabled(judge: BenchmarkJudgeConfig, task: Task) -> bool:
     """`benchmark.judge.enabled`, which by default follows whether the task is open-ended."""
-    enabled = config.benchmark.judge.enabled
-    return task.open_ended if enabled is None else enabled
+    return task.open_ended if judge.enabled is None else judge.enabled
 
 
 def judge_model(config: ExperimentConfig) -> tuple[str, EngineConfig]:
@@ -69,7 +76,7 @@ def run_judge(
     examples: list[Example],
     records: list[dict[str, Any]],
     units: FinishedUnits | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+) -> tuple[JudgeSection, list[dict[str, Any]]]:
     """Grade every task record (marking each pass or fail in place: rule `judge_pass`, `correct`), compare each
     system with the teacher, score references; returns report.json's `judge` section and the judge's records.
     The judge's replies are saved in `units` chunk by chunk: a rerun after a kill asks only the rest, and loads
@@ -96,7 +103,7 @@ def run_judge(
         f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(asked)} with the teacher's "
         f"({len(pairs) - len(asked)} identical to it: ties)"
     )
-    with JudgeReplies(name, engine_config, config, units) as ask:
+    with JudgeReplies(name, engine_config, judge, config.seed, units) as ask:
         grade_requests = [grade_prompt(rubric, prompts[r["id"]], r["completion"]) for r in answers]
         grade_replies = ask(grade_requests, GRADES)
         pair_requests = [
@@ -112,8 +119,8 @@ def run_judge(
     judge_records = grade_records(answers, grade_requests, grade_replies, judge.pass_threshold)
     judge_records += pair_records(pairs, iter(pair_requests), iter(pair_replies))
     section = summarize_judge(answers, judge_records)
-    section.update(model=name, backend=engine_config.backend, rubric=rubric, pass_threshold=judge.pass_threshold)
-    section["constrained"] = judge.constrained
+    section.model, section.backend, section.rubric = name, engine_config.backend, rubric
+    section.pass_threshold, section.constrained = judge.pass_threshold, judge.constrained
     return section, judge_records
 
 
@@ -185,8 +192,10 @@ class JudgeReplies:
     twice. Replies are saved in `units` JUDGE_CHUNK at a time, and the judge's engine is loaded on the first
     request not yet answered."""
 
-    def __init__(self, name: str, engine: EngineConfig, config: ExperimentConfig, units: FinishedUnits | None):
-        self.name, self.engine_config, self.config, self.units = name, engine, config, units
+    def __init__(
+        self, name: str, engine: EngineConfig, judge: BenchmarkJudgeConfig, seed: int, units: FinishedUnits | None
+    ) -> None:
+        self.name, self.engine_config, self.judge, self.seed, self.units = name, engine, judge, seed, units
         self.engine: Engine | None = None
 
     def __enter__(self) -> JudgeReplies:
@@ -219,11 +228,10 @@ class JudgeReplies:
         return [replies[key] for key in keys]
 
     def _ask(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[str]:
-        judge = self.config.benchmark.judge
         if self.engine is None:
-            self.engine = load_engine(model_for(self.name, self.engine_config), self.engine_config, self.config.seed)
-        sampling = SamplingConfig(temperature=0.0, max_tokens=judge.max_tokens, seed=self.config.seed)
-        sampling = sampling.constrained_to(choices if judge.constrained else None)
+            self.engine = load_engine(model_for(self.name, self.engine_config), self.engine_config, self.seed)
+        sampling = SamplingConfig(temperature=0.0, max_tokens=self.judge.max_tokens, seed=self.seed)
+        sampling = sampling.constrained_to(choices if self.judge.constrained else None)
         generations = self.engine.generate(conversations, sampling, progress=False)
         return [g.completions[0].text if g.completions else "" for g in generations]
 
@@ -262,60 +270,63 @@ def add_reference_metrics(answers: list[dict[str, Any]], references: dict[str, s
             }
 
 
-def summarize_judge(answers: list[dict[str, Any]], judge_records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_judge(answers: list[dict[str, Any]], judge_records: list[dict[str, Any]]) -> JudgeSection:
     """report.json's `judge` section from the task records (graded) and the judge's records: per system its
     grades, pass rate, length and reference metrics, and against the teacher its win/tie/loss; then the
     judge's reliability. Recomputable from records.jsonl alone."""
-    systems: dict[str, dict[str, Any]] = {}
+    systems: dict[str, JudgedSystem] = {}
     for name in dict.fromkeys(r["system"] for r in answers):
         mine = [r for r in answers if r["system"] == name]
         grades = [r["judge_grade"] for r in mine if r.get("judge_grade") is not None]
         passed = sum(r["rules"].get("judge_pass", False) for r in mine)
-        row: dict[str, Any] = {
-            "n": len(mine),
-            "grade_mean": statistics.fmean(grades) if grades else None,
-            "grades_unparsed": len(mine) - len(grades),
-            "pass_rate": passed / len(mine),
-            "pass_rate_ci95": wilson_interval(passed, len(mine)),
-            "mean_words": statistics.fmean(words(r["completion"]) for r in mine),
-        }
+        row = JudgedSystem(
+            n=len(mine),
+            grade_mean=statistics.fmean(grades) if grades else None,
+            grades_unparsed=len(mine) - len(grades),
+            pass_rate=passed / len(mine),
+            pass_rate_ci95=wilson_interval(passed, len(mine)),
+            mean_words=statistics.fmean(words(r["completion"]) for r in mine),
+        )
         scored = [r["reference_metrics"] for r in mine if r.get("reference_metrics")]
         if scored:
-            row["reference"] = {
-                "n": len(scored),
-                "rouge_l": statistics.fmean(m["rouge_l"] for m in scored),
-                "chrf": statistics.fmean(m["chrf"] for m in scored),
-            }
+            row.reference = ReferenceScores(
+                n=len(scored),
+                rouge_l=statistics.fmean(m["rouge_l"] for m in scored),
+                chrf=statistics.fmean(m["chrf"] for m in scored),
+            )
         pairs = [p for p in judge_records if p["kind"] == "judge_pair" and p["system"] == name]
         if pairs:
-            row["vs_teacher"] = summarize_pairs(pairs)
+            row.vs_teacher = summarize_pairs(pairs)
         systems[name] = row
-    return {"systems": systems, "reliability": reliability(systems, judge_records)}
+    return JudgeSection(systems=systems, reliability=reliability(systems, judge_records))
 
 
-def summarize_pairs(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_pairs(pairs: list[dict[str, Any]]) -> PairSummary:
     """Win / tie / loss of one system against the teacher, with the rates the verdict reads."""
     counts = {outcome: sum(p["outcome"] == outcome for p in pairs) for outcome in (*OUTCOMES, "unparsed")}
     judged = [p for p in pairs if p["outcome"] != "unparsed"]
     asked = [p for p in judged if not p.get("identical")]  # position bias needs two different answers
     n = len(judged)
     win_or_tie = counts["win"] + counts["tie"]
-    return {
-        "pairs": len(pairs),
-        **counts,
-        "n": n,
-        "win_rate": (counts["win"] + counts["tie"] / 2) / n if n else None,  # a tie counts half
-        "win_or_tie_rate": win_or_tie / n if n else None,
-        "win_or_tie_ci95": wilson_interval(win_or_tie, n),
-        "length_controlled_win_rate": length_controlled_win_rate(
+    return PairSummary(
+        pairs=len(pairs),
+        win=counts["win"],
+        tie=counts["tie"],
+        loss=counts["loss"],
+        unparsed=counts["unparsed"],
+        n=n,
+        win_rate=(counts["win"] + counts["tie"] / 2) / n if n else None,  # a tie counts half
+        win_or_tie_rate=win_or_tie / n if n else None,
+        win_or_tie_ci95=wilson_interval(win_or_tie, n),
+        length_controlled_win_rate=length_controlled_win_rate(
             [p["outcome"] for p in judged], [p["words"]["system"] - p["words"]["teacher"] for p in judged]
         ),
-        "identical": sum(bool(p.get("identical")) for p in pairs),
-        "position_biased": sum(p["position_biased"] for p in pairs),
-        "position_bias_rate": sum(p["position_biased"] for p in asked) / len(asked) if asked else None,
-        "mean_words": statistics.fmean(p["words"]["system"] for p in pairs),
-        "teacher_mean_words": statistics.fmean(p["words"]["teacher"] for p in pairs),
-    }
+        identical=sum(bool(p.get("identical")) for p in pairs),
+        position_biased=sum(p["position_biased"] for p in pairs),
+        position_bias_rate=sum(p["position_biased"] for p in asked) / len(asked) if asked else None,
+        mean_words=statistics.fmean(p["words"]["system"] for p in pairs),
+        teacher_mean_words=statistics.fmean(p["words"]["teacher"] for p in pairs),
+    )
 
 
 def length_controlled_win_rate(outcomes: list[str], length_differences: list[int]) -> float | None:
@@ -343,7 +354,7 @@ def length_controlled_win_rate(outcomes: list[str], length_differences: list[int
     return float(1 / (1 + math.exp(-fitted.x[0])))
 
 
-def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str, Any]]) -> dict[str, Any]:
+def reliability(systems: dict[str, JudgedSystem], judge_records: list[dict[str, Any]]) -> JudgeReliability:
     """How far the judge can be trusted: how often its choice followed the order the answers were shown in,
     how many of its replies could not be read, how it grades the teacher's own answers, and, with reference
     answers, how often its choice between two answers agrees with the reference metrics' ordering."""
@@ -351,8 +362,8 @@ def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str
     identical = sum(bool(r.get("identical")) for r in judge_records if r["kind"] == "judge_pair")
     pairs = [r for r in judge_records if r["kind"] == "judge_pair" and not r.get("identical")]  # those asked
     parsed_pairs = [p for p in pairs if p["outcome"] != "unparsed"]
-    teacher = systems.get(names.TEACHER, {})
-    agreement: dict[str, Any] = {}
+    teacher = systems.get(names.TEACHER, JudgedSystem(grade_mean=None, pass_rate=None))
+    agreement: dict[str, Agreement] = {}
     decided = [
         p
         for p in parsed_pairs
@@ -367,19 +378,19 @@ def reliability(systems: dict[str, dict[str, Any]], judge_records: list[dict[str
             == (p["reference_metrics"]["system"][metric] > p["reference_metrics"]["teacher"][metric])
             for p in ordered
         )
-        agreement[metric] = {"n": len(ordered), "agreement": agree / len(ordered) if ordered else None}
-    return {
-        "grades": len(grades),
-        "grades_unparsed": sum(r["grade"] is None for r in grades),
-        "distinct_grades": sorted({r["grade"] for r in grades if r["grade"] is not None}),
-        "pairs": len(pairs),
-        "pairs_identical": identical,  # answers identical to the teacher's: ties, not asked, not in `pairs`
-        "pairs_unparsed": len(pairs) - len(parsed_pairs),
-        "position_biased": sum(p["position_biased"] for p in parsed_pairs),
-        "position_bias_rate": sum(p["position_biased"] for p in parsed_pairs) / len(parsed_pairs)
+        agreement[metric] = Agreement(n=len(ordered), agreement=agree / len(ordered) if ordered else None)
+    return JudgeReliability(
+        grades=len(grades),
+        grades_unparsed=sum(r["grade"] is None for r in grades),
+        distinct_grades=sorted({r["grade"] for r in grades if r["grade"] is not None}),
+        pairs=len(pairs),
+        pairs_identical=identical,
+        pairs_unparsed=len(pairs) - len(parsed_pairs),
+        position_biased=sum(p["position_biased"] for p in parsed_pairs),
+        position_bias_rate=sum(p["position_biased"] for p in parsed_pairs) / len(parsed_pairs)
         if parsed_pairs
         else None,
-        "teacher_grade_mean": teacher.get("grade_mean"),
-        "teacher_pass_rate": teacher.get("pass_rate"),
-        "reference_agreement": agreement if any(a["n"] for a in agreement.values()) else None,
-    }
+        teacher_grade_mean=teacher.grade_mean,
+        teacher_pass_rate=teacher.pass_rate,
+        reference_agreement=agreement if any(a.n for a in agreement.values()) else None,
+    )

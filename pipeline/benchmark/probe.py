@@ -11,6 +11,10 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
+from msgspec import UNSET, UnsetType, structs
+
+from pipeline import names
+from pipeline.benchmark.results import ForgettingChange, McNemarCounts, ProbeSummary
 from pipeline.benchmark.stats import mcnemar
 from pipeline.chat_templates import worked_example_turns
 from pipeline.console import PipelineError, log
@@ -55,7 +59,7 @@ def summarize_probe(
     questions: Sequence[ProbeQuestion],
     leaks: Callable[[str], bool],
     task_categories: Collection[str] = (),
-) -> dict[str, Any]:
+) -> ProbeSummary:
     """Accuracy, leakage rate (share of completions where `leaks` is true) and n over the questions outside
     `task_categories` (the categories the task itself trains), and accuracy and n per category (all of them)."""
     correct = [probe_correct(c, q) for c, q in zip(completions, questions, strict=True)]
@@ -66,36 +70,45 @@ def summarize_probe(
         (ok, c) for ok, c, q in zip(correct, completions, questions, strict=True) if q.category not in task_categories
     ]
     n = len(general)
-    summary = {
-        "accuracy": sum(ok for ok, _ in general) / n if n else float("nan"),
-        "leakage_rate": sum(bool(leaks(c)) for _, c in general) / n if n else float("nan"),
-        "n": n,
-        "per_category": {cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
-        "per_category_n": {cat: len(v) for cat, v in sorted(by_category.items())},
-    }
-    if task_categories:
-        summary["task_categories"] = sorted(task_categories)
-    return summary
+    return ProbeSummary(
+        accuracy=sum(ok for ok, _ in general) / n if n else float("nan"),
+        leakage_rate=sum(bool(leaks(c)) for _, c in general) / n if n else float("nan"),
+        n=n,
+        per_category={cat: sum(v) / len(v) for cat, v in sorted(by_category.items())},
+        per_category_n={cat: len(v) for cat, v in sorted(by_category.items())},
+        task_categories=sorted(task_categories) if task_categories else UNSET,
+    )
 
 
 def paired_probe_tests(
     records: Sequence[dict[str, Any]], base: str, tuned: str, task_categories: Collection[str] = ()
-) -> dict[str, Any]:
+) -> ForgettingChange:
     """Exact McNemar tests of `tuned` against `base` on the same probe questions (outside `task_categories`):
     is its change in probe accuracy, and in leakage, beyond what those questions' noise allows?"""
     category = {q.id: q.category for q in load_probe()}
     rows = [r for r in records if r["kind"] == "probe" and category.get(r["id"]) not in task_categories]
     by_system = {name: {r["id"]: r for r in rows if r["system"] == name} for name in (base, tuned)}
     ids = sorted(by_system[base].keys() & by_system[tuned].keys())
-    tests = {}
-    for measure, key in (("accuracy", "correct"), ("leakage_rate", "leak")):
+
+    def paired(key: str) -> McNemarCounts:
         test = mcnemar([bool(by_system[tuned][i][key]) for i in ids], [bool(by_system[base][i][key]) for i in ids])
-        tests[f"{measure}_test"] = {
-            "tuned_only": test["a_only"],
-            "base_only": test["b_only"],
-            "p_value": test["p_value"],
-        }
-    return tests
+        return McNemarCounts(tuned_only=test["a_only"], base_only=test["b_only"], p_value=test["p_value"])
+
+    return ForgettingChange(accuracy_test=paired("correct"), leakage_rate_test=paired("leak"))
+
+
+def forgetting_change(
+    probed: dict[str, ProbeSummary], records: Sequence[dict[str, Any]], task_categories: Collection[str] = ()
+) -> ForgettingChange | UnsetType:
+    """The tuned student against the untuned one on the probe, with the paired tests; UNSET unless both took it."""
+    if names.STUDENT_TUNED not in probed or names.STUDENT_BASE not in probed:
+        return UNSET
+    tuned, base = probed[names.STUDENT_TUNED], probed[names.STUDENT_BASE]
+    return structs.replace(
+        paired_probe_tests(records, names.STUDENT_BASE, names.STUDENT_TUNED, task_categories),
+        accuracy=tuned.accuracy - base.accuracy,
+        leakage_rate=tuned.leakage_rate - base.leakage_rate,
+    )
 
 
 def run_lm_eval(config: LmEvalConfig, students: dict[str, tuple[str, str | None]]) -> dict[str, Any]:

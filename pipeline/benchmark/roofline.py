@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from pipeline.benchmark.costs import Hardware
+from pipeline.benchmark.results import SystemResult
 from pipeline.benchmark.systems import System
-from pipeline.config import EngineConfig, ExperimentConfig
+from pipeline.config import BenchmarkConfig, EngineConfig
 from pipeline.engines.vllm_process import vllm_dtype_and_eager
-from pipeline.names import latency_key
 
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
@@ -86,52 +85,44 @@ def serving_dtype(engine: EngineConfig, folder: Path, on_gpu: bool) -> str | Non
 
 
 def add_roofline_shares(
-    hardware: Hardware, config: ExperimentConfig, systems: list[System], results: dict[str, dict[str, Any]]
+    hardware: Hardware, bench: BenchmarkConfig, systems: list[System], results: dict[str, SystemResult]
 ) -> None:
     """Each system's decode speed against its bandwidth ceiling, and its batched run against the compute peak,
     where the profile has the limit and the weights are readable here."""
-    declared = {s.name: s for s in config.benchmark.systems}
+    declared = {s.name: s for s in bench.systems}
     for system in systems:
-        metrics = results[system.name]
+        result = results[system.name]
         folder = None if system.on_server else model_folder(system.model)  # a served model's weights are not here
         counts = weight_counts(folder) if folder else None
         if not counts or not counts[0]:
             continue
         parameters, per_output_token, per_prompt_token = counts
-        dtype = serving_dtype(config.benchmark.engine, folder, hardware.machine.gpu)
+        dtype = serving_dtype(bench.engine, folder, hardware.machine.gpu)
         _, profile = hardware.for_system(declared[system.name])
         weight_bytes = per_output_token * DTYPE_BYTES.get(dtype or "", 0)  # read once per decode step
-        metrics.update(
-            {
-                "parameters": parameters,
-                "parameters_per_output_token": per_output_token,
-                "weight_dtype": dtype,
-                "weight_bytes": weight_bytes,
-            }
-        )
-        lowest = metrics.get("load", {}).get("1", {})
-        tpot = lowest.get(latency_key("tpot", 50))
+        result.parameters = parameters
+        result.parameters_per_output_token = per_output_token
+        result.weight_dtype = dtype
+        result.weight_bytes = weight_bytes
+        lowest = (result.load or {}).get("1")
+        tpot = lowest.tpot_p50_s if lowest is not None else None
         if tpot:
             decode, basis = 1 / tpot, "vllm serve at concurrency 1, time per output token"
         else:
-            decode, basis = metrics["single_request_output_tokens_per_s"], "offline, one request at a time"
+            decode, basis = result.single_request_output_tokens_per_s, "offline, one request at a time"
         if profile.memory_gbps and weight_bytes:
             ceiling = profile.memory_gbps * 1e9 / weight_bytes
-            metrics.update(
-                {
-                    "decode_tokens_per_s": decode,
-                    "decode_basis": basis,
-                    "decode_ceiling_tokens_per_s": ceiling,
-                    "decode_roofline_share": decode / ceiling,
-                }
-            )
+            result.decode_tokens_per_s = decode
+            result.decode_basis = basis
+            result.decode_ceiling_tokens_per_s = ceiling
+            result.decode_roofline_share = decode / ceiling
         if profile.peak_tflops:
-            offline = metrics["offline"]
+            offline = result.offline
             # Prompt tokens found in vLLM's prefix cache are not computed again (a shared few-shot prefix: most
             # of the prompt), so with the cache on only output tokens count: a lower bound, never above the peak.
-            cached = config.benchmark.engine.backend == "vllm" and config.benchmark.engine.enable_prefix_caching
-            flops_per_s = 2 * per_output_token * offline["output_tokens_per_s"]
+            cached = bench.engine.backend == "vllm" and bench.engine.enable_prefix_caching
+            flops_per_s = 2 * per_output_token * offline.output_tokens_per_s
             if not cached:
-                flops_per_s += 2 * per_prompt_token * offline["prompt_tokens_per_s"]
-            metrics["batched_compute_share"] = flops_per_s / (profile.peak_tflops * 1e12)
-            metrics["batched_compute_basis"] = "output tokens (prefix cache on)" if cached else "prompt + output tokens"
+                flops_per_s += 2 * per_prompt_token * offline.prompt_tokens_per_s
+            result.batched_compute_share = flops_per_s / (profile.peak_tflops * 1e12)
+            result.batched_compute_basis = "output tokens (prefix cache on)" if cached else "prompt + output tokens"

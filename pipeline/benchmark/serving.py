@@ -14,14 +14,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.benchmark.evaluate import task_sampling
+from pipeline.benchmark.results import LoadLevel
 from pipeline.benchmark.stats import percentile
 from pipeline.benchmark.systems import copy_rows, engine_key, twins
-from pipeline.config import ExperimentConfig, LoadTestConfig, SamplingConfig
+from pipeline.config import BenchmarkConfig, LoadTestConfig, SamplingConfig
 from pipeline.console import log
 from pipeline.engines import Conversation
 from pipeline.engines.openai_engine import chat_request_options
 from pipeline.engines.vllm_serve import vllm_server
-from pipeline.names import LATENCY_MEASURES, LATENCY_PERCENTILES, latency_key
 from pipeline.runs import FinishedUnits
 
 if TYPE_CHECKING:
@@ -113,22 +113,33 @@ def load_test(
     return records
 
 
-def summarize_level(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_level(rows: list[dict[str, Any]]) -> LoadLevel:
     """Percentiles and throughput of one level's request records (what the report shows)."""
     wall = max(r["ended_s"] for r in rows) - min(r["started_s"] for r in rows)
-    summary: dict[str, Any] = {"requests": len(rows), "wall_s": wall}
-    for measure in LATENCY_MEASURES:
-        values = [r[f"{measure}_s"] for r in rows if r[f"{measure}_s"] is not None]
-        for q in LATENCY_PERCENTILES:
-            summary[latency_key(measure, q)] = percentile(values, q) if values else None
-    summary["requests_per_s"] = len(rows) / wall
-    summary["output_tokens_per_s"] = sum(r["output_tokens"] for r in rows) / wall
-    summary["prompt_tokens_per_s"] = sum(r["prompt_tokens"] or 0 for r in rows) / wall
-    summary["mean_prompt_tokens"] = sum(r["prompt_tokens"] or 0 for r in rows) / len(rows)
-    # How much of a request's time goes to its prompt (prefill, until the first token): what a long prompt costs.
+    ttft, tpot, e2e = ([r[key] for r in rows if r[key] is not None] for key in ("ttft_s", "tpot_s", "e2e_s"))
+
+    def at(values: list[float], q: int) -> float | None:
+        return percentile(values, q) if values else None
+
     timed = [r for r in rows if r["ttft_s"] is not None]
-    summary["prompt_time_share"] = sum(r["ttft_s"] for r in timed) / sum(r["e2e_s"] for r in timed) if timed else None
-    return summary
+    return LoadLevel(
+        requests=len(rows),
+        wall_s=wall,
+        ttft_p50_s=at(ttft, 50),
+        ttft_p95_s=at(ttft, 95),
+        ttft_p99_s=at(ttft, 99),
+        tpot_p50_s=at(tpot, 50),
+        tpot_p95_s=at(tpot, 95),
+        tpot_p99_s=at(tpot, 99),
+        e2e_p50_s=at(e2e, 50),
+        e2e_p95_s=at(e2e, 95),
+        e2e_p99_s=at(e2e, 99),
+        requests_per_s=len(rows) / wall,
+        output_tokens_per_s=sum(r["output_tokens"] for r in rows) / wall,
+        prompt_tokens_per_s=sum(r["prompt_tokens"] or 0 for r in rows) / wall,
+        mean_prompt_tokens=sum(r["prompt_tokens"] or 0 for r in rows) / len(rows),
+        prompt_time_share=sum(r["ttft_s"] for r in timed) / sum(r["e2e_s"] for r in timed) if timed else None,
+    )
 
 
 def load_unit(system: str) -> str:
@@ -137,14 +148,18 @@ def load_unit(system: str) -> str:
 
 
 def run_load_tests(
-    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
-) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    bench: BenchmarkConfig,
+    seed: int,
+    systems: list[System],
+    task: Task,
+    examples: list[Example],
+    units: FinishedUnits,
+) -> tuple[dict[str, dict[str, LoadLevel]], list[dict[str, Any]]]:
     """Every system through an OpenAI-compatible server at each concurrency level: `vllm serve` started here,
     one per base model with its systems' adapters beside it, or the system's own server (`engine.server`).
     Returns per-system level summaries and the per-request records. Each system's rows are saved as one unit
     as it finishes: a rerun after a kill starts no server for a group already done."""
-    bench = config.benchmark
-    sampling = task_sampling(config, task)
+    sampling = task_sampling(bench, task)
     copied_from = twins(systems)
     todo = [s for s in systems if load_unit(s.name) not in units and s.name not in copied_from]
 
@@ -169,10 +184,10 @@ def run_load_tests(
         adapters = {served[s.name]: s.adapter for s in group if s.adapter}
         engine = group[0].engine or bench.engine  # a system on the teacher's model: its chat template (system_engine)
         log(f"benchmark: vllm serve {model} for {', '.join(s.name for s in started)}")
-        with vllm_server(model, engine, config.seed, adapters, bench.load_test.startup_timeout_s) as url:
+        with vllm_server(model, engine, seed, adapters, bench.load_test.startup_timeout_s) as url:
             for system in started:
                 measure(system, url, served[system.name])
-    summaries: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, dict[str, LoadLevel]] = {}
     records: list[dict[str, Any]] = []
     for system in systems:
         source = copied_from.get(system.name)  # the same model and prompt as a system measured: its rows

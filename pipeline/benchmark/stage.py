@@ -17,8 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from msgspec import UNSET, structs
+
 from pipeline import names
-from pipeline.benchmark.costs import Hardware, add_costs, break_even, resolve_hardware
+from pipeline.benchmark.costs import Hardware, add_costs, break_even, one_off_cost, resolve_hardware
 from pipeline.benchmark.evaluate import (
     accuracy_metrics,
     check_adapter_applied,
@@ -29,8 +32,24 @@ from pipeline.benchmark.evaluate import (
     task_sampling,
 )
 from pipeline.benchmark.judge import judge_enabled, judge_model, run_judge
-from pipeline.benchmark.probe import paired_probe_tests, run_lm_eval
+from pipeline.benchmark.probe import forgetting_change, run_lm_eval
 from pipeline.benchmark.report import write_report
+from pipeline.benchmark.results import (
+    REPORT_SCHEMA_VERSION,
+    BreakEven,
+    FilterSummary,
+    Forgetting,
+    OtherRun,
+    ProbeSummary,
+    Recipe,
+    Report,
+    SystemResult,
+    convert,
+    present_or,
+    read_report,
+    to_builtins,
+    write_report_json,
+)
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
 from pipeline.benchmark.systems import (
@@ -43,14 +62,12 @@ from pipeline.benchmark.systems import (
     twins,
 )
 from pipeline.benchmark.verdict import latency_p50
-from pipeline.config import ExperimentConfig
+from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
-from pipeline.files import write_json, write_jsonl
+from pipeline.files import write_jsonl
 from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
-
-REPORT_SCHEMA_VERSION = 3  # report.json's layout; README "report.json" documents it
 
 
 def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
@@ -66,7 +83,8 @@ def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
     }
     # The teacher's engine reaches the benchmark when a system (a hosted teacher) or the judge runs on it.
     on_teacher_engine = [system_engine(config, s) is config.teacher.engine for s in config.benchmark.systems]
-    if any(on_teacher_engine) or (judge_enabled(config, task) and judge_model(config)[1] is config.teacher.engine):
+    judged = judge_enabled(config.benchmark.judge, task)
+    if any(on_teacher_engine) or (judged and judge_model(config)[1] is config.teacher.engine):
         sections["teacher_engine"] = config.teacher.engine.model_dump()
     return Stage(config, "benchmark", sections, inputs=[tuned_student_dir(config), *task.data_files()])
 
@@ -74,60 +92,62 @@ def benchmark_stage(config: ExperimentConfig, task: Task) -> Stage:
 def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
     task = task_for(config)
     layout = config.layout
+    bench = config.benchmark
     with benchmark_stage(config, task) as stage:
         if stage.skip(force, layout.report_json):
             return layout.report_json
-        if config.benchmark.engine.backend == "openai":
+        if bench.engine.backend == "openai":
             raise PipelineError(
                 "benchmark.engine.backend: the students run here on vllm or transformers; a system measured through "
                 "a server names it in its own engine (benchmark.systems.<name>.engine)"
             )
         examples = task.split("test")
-        if config.benchmark.max_test_examples:
-            examples = examples[: config.benchmark.max_test_examples]
+        if bench.max_test_examples:
+            examples = examples[: bench.max_test_examples]
         if not examples:
             raise PipelineError("benchmark: the test split is empty")
-        check_no_test_leak(config, task, examples)
+        check_no_test_leak(layout.train_data, task, examples, config.student.prompt_style)
         systems = systems_for(config)
         units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
 
-        results, forgetting, records = _evaluate_offline(config, systems, task, examples, units)
+        results, probed, records = _evaluate_offline(bench, config.seed, systems, task, examples, units)
         check_adapter_applied(records)
+        forgetting = Forgetting(probed)
         judged = None
-        if judge_enabled(config, task):  # every answer graded; accuracy becomes the judge's pass rate
+        if judge_enabled(bench.judge, task):  # every answer graded; accuracy becomes the judge's pass rate
             judged, judge_records = run_judge(config, task, examples, records, units)
             records += judge_records
             for name in results:
-                results[name].update(
-                    accuracy_metrics([r for r in records if r["kind"] == "task" and r["system"] == name])
-                )
-        if config.benchmark.lm_eval.tasks:
+                task_records = [r for r in records if r["kind"] == "task" and r["system"] == name]
+                results[name] = structs.replace(results[name], **structs.asdict(accuracy_metrics(task_records)))
+        if bench.lm_eval.tasks:
             both = (names.STUDENT_BASE, names.STUDENT_TUNED)
             students = {s.name: (s.model, s.adapter) for s in systems if s.name in both}
-            forgetting["lm_eval"] = units.run("lm_eval", lambda: run_lm_eval(config.benchmark.lm_eval, students))
-        if config.benchmark.load_test.enabled:
-            summaries, load_records = run_load_tests(config, systems, task, examples, units)
+            forgetting.lm_eval = units.run("lm_eval", lambda: run_lm_eval(bench.lm_eval, students))
+        if bench.load_test.enabled:
+            summaries, load_records = run_load_tests(bench, config.seed, systems, task, examples, units)
             records += load_records
             for name, levels in summaries.items():
-                results[name]["load"] = levels
-        hardware = resolve_hardware(config)
-        add_costs(hardware, config, results)
-        add_roofline_shares(hardware, config, systems, results)
-        report = _report(config, hardware, systems, len(examples), results, forgetting, records)
-        report["answer_choices"] = task_sampling(config, task).choices  # None: every system answered freely
-        report["judge"] = judged  # None: the task's own scorer decided every answer
-        report["filter"] = _filter_summary(config)
-        report["recipe"] = recipe(config)
-        report["other_runs"] = other_runs_of_the_task(config)
+                results[name].load = levels
+        hardware = resolve_hardware(bench)
+        add_costs(hardware, bench, results)
+        add_roofline_shares(hardware, bench, systems, results)
+        one_off = one_off_cost(layout, config.teacher.engine, bench, hardware)
+        report = _report(config, hardware, one_off, systems, len(examples), results, forgetting, records)
+        report.answer_choices = task_sampling(bench, task).choices  # None: every system answered freely
+        report.judge = judged  # None: the task's own scorer decided every answer
+        filtered = _filter_report(layout.filter_report)
+        report.filter = _filter_summary(filtered)
+        report.recipe = recipe(config.train, config.student.prompt_style, filtered)
+        report.other_runs = other_runs_of_the_task(config.run_dir, config.task.name)
 
         write_jsonl(layout.records, records)
-        write_json(layout.report_json, report)
-        rendered = write_report(report, layout.report_md, config.benchmark.verdict)  # report.md and its plots
+        write_report_json(layout.report_json, report)
+        rendered = write_report(report, layout.report_md, bench.verdict)  # report.md and its plots
         outputs = [layout.report_json, layout.records, *rendered]
-        floats = {name: {k: v for k, v in m.items() if isinstance(v, float)} for name, m in results.items()}
-        for name, judged_system in (judged or {}).get("systems", {}).items():  # W&B: the judge's rates too
-            versus = judged_system.get("vs_teacher") or {}
-            floats[name] |= {f"judge_{k}": v for k, v in versus.items() if isinstance(v, float)}
+        floats = {name: _floats(system) for name, system in results.items()}
+        for name, judged_system in (judged.systems if judged else {}).items():  # W&B: the judge's rates too
+            floats[name] |= {f"judge_{k}": v for k, v in _floats(judged_system.vs_teacher or None).items()}
         stage.finish(
             outputs,
             floats,
@@ -144,176 +164,199 @@ def offline_unit(system: str) -> str:
     return f"offline:{system}"
 
 
+class Measured(msgspec.Struct, kw_only=True):
+    """One system measured on the offline engine: its row, its probe (None: not probed) and its records. Saved
+    as a finished unit, so a killed benchmark's rerun takes it instead of measuring it again."""
+
+    results: SystemResult
+    forgetting: ProbeSummary | None
+    records: list[dict[str, Any]]
+
+
 def _evaluate_offline(
-    config: ExperimentConfig, systems: list[System], task: Task, examples: list[Example], units: FinishedUnits
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Every system on the offline engine, and the students on the probe: (metrics, forgetting, records).
+    bench: BenchmarkConfig,
+    seed: int,
+    systems: list[System],
+    task: Task,
+    examples: list[Example],
+    units: FinishedUnits,
+) -> tuple[dict[str, SystemResult], dict[str, ProbeSummary], list[dict[str, Any]]]:
+    """Every system on the offline engine, and the students on the probe: (results, probed, records).
     Systems that share weights share one engine (in the embedded default, teacher and base student). Each
     system's figures and records are saved as one unit as it finishes: a rerun after a kill takes them, and
     loads no engine for a group already done."""
     by_model: dict[tuple[str, str | None, str], list[System]] = {}
     for system in systems:
-        engine_config = system.engine or config.benchmark.engine
+        engine_config = system.engine or bench.engine
         by_model.setdefault((system.model, system.adapter, engine_key(engine_config)), []).append(system)
     copied_from = twins(systems)
+
+    def saved(name: str) -> Measured:
+        return convert(units.get(offline_unit(name)), Measured)
+
     for (model, adapter, _), group in by_model.items():
         todo = [system for system in group if offline_unit(system.name) not in units]
         if not todo:
             continue
-        engine = load_engine(model, group[0].engine or config.benchmark.engine, config.seed, adapter)
+        engine = load_engine(model, group[0].engine or bench.engine, seed, adapter)
         try:
             for system in todo:
                 source = copied_from.get(system.name)
-                twin = units.get(offline_unit(source)) if source else None
-                units.save(offline_unit(system.name), _measure(config, system, engine, task, examples, source, twin))
+                twin = saved(source) if source else None
+                measured = _measure(bench, system, engine, task, examples, source, twin)
+                units.save(offline_unit(system.name), to_builtins(measured))
         finally:
             engine.close()
-    done = {system.name: units.get(offline_unit(system.name)) for group in by_model.values() for system in group}
-    results = {name: unit["results"] for name, unit in done.items()}
-    forgetting = {name: unit["forgetting"] for name, unit in done.items() if unit["forgetting"] is not None}
-    return results, forgetting, [record for unit in done.values() for record in unit["records"]]
+    done = {system.name: saved(system.name) for group in by_model.values() for system in group}
+    results = {name: unit.results for name, unit in done.items()}
+    probed = {name: unit.forgetting for name, unit in done.items() if unit.forgetting is not None}
+    return results, probed, [record for unit in done.values() for record in unit.records]
 
 
 def _measure(
-    config: ExperimentConfig,
+    bench: BenchmarkConfig,
     system: System,
     engine: Engine,
     task: Task,
     examples: list[Example],
     source: str | None,
-    twin: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """One system on the test split, and on the probe when it is probed: {results, forgetting, records}. A
-    system with the weights and prompt of an earlier `source` (see `twins`) takes that one's figures and rows
-    (`twin`) instead of a second run."""
+    twin: Measured | None,
+) -> Measured:
+    """One system on the test split, and on the probe when it is probed. A system with the weights and prompt of
+    an earlier `source` (see `twins`) takes that one's figures and rows (`twin`) instead of a second run."""
     if source and twin:
         log(f"benchmark: {system.name} is {source}'s model with its prompt: measured once, rows copied")
-        results = {**copy.deepcopy(twin["results"]), "measured_as": source}
-        records = copy_rows(twin["records"], source, system.name, kinds=("task", "latency", "latency_cold"))
+        results = structs.replace(copy.deepcopy(twin.results), measured_as=source)
+        records = copy_rows(twin.records, source, system.name, kinds=("task", "latency", "latency_cold"))
     else:
         log(f"benchmark: {system.name} ({system.prompt_style} prompt) on {len(examples)} test examples")
-        results, records = evaluate_system(system, engine, task, config, examples)
+        results, records = evaluate_system(system, engine, task, examples, bench)
         if system.on_server and system.engine is not None:
-            results["server"] = system.engine.server.base_url  # latency over the network, its weights elsewhere
+            results.server = system.engine.server.base_url  # latency over the network, its weights elsewhere
     probed = None
-    if system.probe and config.benchmark.probe:
-        if twin and twin["forgetting"] is not None:
-            probed = copy.deepcopy(twin["forgetting"])
-            records += copy_rows(twin["records"], source, system.name, kinds=("probe",))
+    if system.probe and bench.probe:
+        if twin and twin.forgetting is not None:
+            probed = copy.deepcopy(twin.forgetting)
+            records += copy_rows(twin.records, source, system.name, kinds=("probe",))
         else:
-            probed, probe_records = run_probe(system, engine, task, config)
+            probed, probe_records = run_probe(system, engine, task, bench)
             records += probe_records
-    return {"results": results, "forgetting": probed, "records": records}
+    return Measured(results=results, forgetting=probed, records=records)
 
 
-def recipe(config: ExperimentConfig) -> dict[str, Any]:
+def recipe(train: TrainConfig, prompt_style: str, filter_report: dict[str, Any] | None) -> Recipe:
     """The training knobs that move forgetting, as this run set them, and the prompt the student trained with
     (other runs differ in it too): the verdict names them. With the replay rows the filter really added, and how
     many were wanted (a base student answering itself may add none): a fraction alone can mislead."""
-    train = config.train
-    replayed = (_filter_report(config) or {}).get("replay") or {}
-    return {
-        "replay_fraction": train.replay.fraction,
-        "replay_source": train.replay.source,
-        "replay_rows": replayed.get("kept"),
-        "replay_wanted": replayed.get("wanted"),
-        "learning_rate": train.learning_rate,
-        "lora_r": train.lora.r if train.method != "full" else None,
-        "num_train_epochs": train.num_train_epochs,
-        "prompt_style": config.student.prompt_style,
-    }
+    replayed = (filter_report or {}).get("replay") or {}
+    return Recipe(
+        replay_fraction=train.replay.fraction,
+        replay_source=train.replay.source,
+        replay_rows=replayed.get("kept"),
+        replay_wanted=replayed.get("wanted"),
+        learning_rate=train.learning_rate,
+        lora_r=train.lora.r if train.method != "full" else None,
+        num_train_epochs=train.num_train_epochs,
+        prompt_style=prompt_style,
+    )
 
 
-def other_runs_of_the_task(config: ExperimentConfig) -> list[dict[str, Any]]:
-    """Forgetting measured by the other finished runs of this task in the same runs folder, with their recipes:
-    the figures behind "which knob moves it", when there are any."""
+def other_runs_of_the_task(run_dir: Path, task_name: str) -> list[OtherRun]:
+    """Forgetting measured by the other finished runs of this task in the same runs folder as `run_dir`, with their
+    recipes: the figures behind "which knob moves it", when there are any."""
     found = []
-    for path in sorted(config.run_dir.parent.glob("*/benchmark/report.json")):
+    for path in sorted(run_dir.parent.glob("*/benchmark/report.json")):
         run = path.parent.parent
-        if run == config.run_dir:
+        if run == run_dir:
             continue
         try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
+            other = read_report(path)
+        except PipelineError:  # unreadable, or not a report: not a run to cite
             continue
-        change = other.get("forgetting", {}).get("change")
-        if other.get("task") != config.task.name or not change or "recipe" not in other:
+        change = other.forgetting.change
+        if other.task != task_name or not change or other.recipe is None:
             continue
-        tuned = other["systems"][names.STUDENT_TUNED]
         found.append(
-            {
-                "run": run.name,
-                "recipe": other["recipe"],
-                "tuned_accuracy": tuned["accuracy"],
-                "probe_change": change.get("accuracy"),
-                "leakage_change": change.get("leakage_rate"),
-            }
+            OtherRun(
+                run=run.name,
+                recipe=other.recipe,
+                tuned_accuracy=other.systems[names.STUDENT_TUNED].accuracy,
+                probe_change=present_or(change.accuracy, None),
+                leakage_change=present_or(change.leakage_rate, None),
+            )
         )
     return found
 
 
-def _filter_report(config: ExperimentConfig) -> dict[str, Any] | None:
+def _filter_report(path: Path) -> dict[str, Any] | None:
     """The filter stage's filter_report.json; None where the filter did not run here."""
-    path = config.layout.filter_report
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _filter_summary(config: ExperimentConfig) -> dict[str, Any] | None:
+def _filter_summary(filter_report: dict[str, Any] | None) -> FilterSummary | None:
     """What the filter made of the teacher's training answers, for a verdict that must say why a teacher
     failed; None where the filter did not run here (a benchmark of an outside dataset)."""
-    report = _filter_report(config)
-    if report is None:
+    if filter_report is None:
         return None
-    keys = ("samples_in", "samples_kept", "train", "dropped", "teacher_verified", "teacher_verified_rate")
-    return {key: report.get(key) for key in keys}
+    return FilterSummary(
+        samples_in=filter_report.get("samples_in"),
+        samples_kept=filter_report.get("samples_kept"),
+        train=filter_report.get("train"),
+        dropped=filter_report.get("dropped"),
+        teacher_verified=filter_report.get("teacher_verified"),
+        teacher_verified_rate=filter_report.get("teacher_verified_rate"),
+    )
 
 
 def _report(
     config: ExperimentConfig,
     hardware: Hardware,
+    one_off: BreakEven,
     systems: list[System],
     test_examples: int,
-    results: dict[str, dict[str, Any]],
-    forgetting: dict[str, dict[str, Any]],
+    results: dict[str, SystemResult],
+    forgetting: Forgetting,
     records: list[dict[str, Any]],
-) -> dict[str, Any]:
+) -> Report:
     """report.json: every system's numbers, the paired comparisons, latency CDFs, break-even and forgetting."""
+    bench = config.benchmark
     paired = comparisons(results, records, config.seed)
-    report = {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "run_name": config.run_name,
-        "task": config.task.name,
-        "test_examples": test_examples,
-        "hardware_profiles": {k: v.usd_per_hour for k, v in hardware.profiles.items()},
-        "hardware": hardware.record(),
-        "engine": config.benchmark.engine.backend,
-        "systems": {s.name: results[s.name] for s in systems},
-        "comparisons": paired,
-        "latency_cdf": {
+    forgetting.change = forgetting_change(forgetting.systems, records, bench.probe_task_categories)
+    return Report(
+        schema_version=REPORT_SCHEMA_VERSION,
+        run_name=config.run_name,
+        task=config.task.name,
+        test_examples=test_examples,
+        hardware_profiles={k: v.usd_per_hour for k, v in hardware.profiles.items()},
+        hardware=hardware.record(),
+        engine=bench.engine.backend,
+        systems={s.name: results[s.name] for s in systems},
+        comparisons=paired,
+        latency_cdf={
             name: {
                 str(level): sorted(r["e2e_s"] for r in records if r["system"] == name and r.get("concurrency") == level)
-                for level in config.benchmark.load_test.concurrency
+                for level in bench.load_test.concurrency
             }
             for name in results
-            if "load" in results[name]
+            if results[name].load is not UNSET
         },
-        "break_even": break_even(config, hardware, results, paired["student_tuned_vs"]),
-        "forgetting": forgetting,
-    }
-    if names.STUDENT_TUNED in forgetting and names.STUDENT_BASE in forgetting:
-        tuned, base = forgetting[names.STUDENT_TUNED], forgetting[names.STUDENT_BASE]
-        forgetting["change"] = {key: tuned[key] - base[key] for key in ("accuracy", "leakage_rate")}
-        forgetting["change"] |= paired_probe_tests(
-            records, names.STUDENT_BASE, names.STUDENT_TUNED, config.benchmark.probe_task_categories
-        )
-    return report
+        break_even=break_even(bench, one_off, results, paired.student_tuned_vs),
+        forgetting=forgetting,
+    )
 
 
-def _systems_table(results: dict[str, dict[str, Any]]) -> tuple[str, list[str], list[list[Any]]]:
+def _floats(figures: msgspec.Struct | None) -> dict[str, float]:
+    """The float fields of a part of the report, by name: what W&B's summary takes."""
+    if figures is None:
+        return {}
+    return {name: value for name, value in structs.asdict(figures).items() if isinstance(value, float)}
+
+
+def _systems_table(results: dict[str, SystemResult]) -> tuple[str, list[str], list[list[Any]]]:
     """The W&B table of systems: accuracy with its interval, cost, latency, prompt length."""
     columns = ["system", "accuracy", "ci_low", "ci_high", "cost_per_1k_requests", "latency_p50_s", "mean_prompt_tokens"]
     rows = [
-        [name, m["accuracy"], *m["accuracy_ci95"], m["cost_per_1k_requests"], latency_p50(m), m["mean_prompt_tokens"]]
+        [name, m.accuracy, *m.accuracy_ci95, m.cost_per_1k_requests, latency_p50(m), m.mean_prompt_tokens]
         for name, m in results.items()
     ]
     return "systems", columns, rows

@@ -5,48 +5,62 @@ from __future__ import annotations
 
 from typing import Any
 
+from msgspec import UNSET, UnsetType
+
 from pipeline import names
 from pipeline.benchmark.costs import lower_beyond_noise, why_no_break_even
+from pipeline.benchmark.results import (
+    BreakEven,
+    ForgettingChange,
+    JudgeSection,
+    LoadLevel,
+    McNemarCounts,
+    OtherRun,
+    PairedComparison,
+    PairSummary,
+    Payback,
+    Recipe,
+    Report,
+    SystemResult,
+)
 from pipeline.config import VerdictConfig
-from pipeline.names import latency_key
 
 
-def lowest_load_level(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+def lowest_load_level(system: SystemResult) -> tuple[str, LoadLevel] | None:
     """The load test's lowest concurrency and its summary (what one user sees, no queueing); None without one."""
-    load = metrics.get("load")
-    if not load:
+    if not system.load:
         return None
-    level = min(load, key=int)
-    return level, load[level]
+    level = min(system.load, key=int)
+    return level, system.load[level]
 
 
-def latency_p50(metrics: dict[str, Any]) -> float:
+def latency_p50(system: SystemResult) -> float:
     """End-to-end p50 through the server at its lowest concurrency, else the offline one-at-a-time p50."""
-    lowest = lowest_load_level(metrics)
-    return lowest[1][latency_key("e2e", 50)] if lowest else metrics["latency_p50_s"]
+    lowest = lowest_load_level(system)
+    return lowest[1].e2e_p50_s if lowest else system.latency_p50_s
 
 
-def cost(metrics: dict[str, Any]) -> float:
+def cost(system: SystemResult) -> float:
     """$ per 1k requests where measured (schema 2), else $ per 1M output tokens (schema 1 reports)."""
-    return metrics.get("cost_per_1k_requests", metrics["cost_per_1m_output_tokens"])
+    return system.cost_per_1k_requests if system.cost_per_1k_requests is not UNSET else system.cost_per_1m_output_tokens
 
 
-def regressions(change: dict[str, float] | None, rules: VerdictConfig) -> list[str]:
+def regressions(change: ForgettingChange | UnsetType | None, rules: VerdictConfig) -> list[str]:
     """Each base-capability rule of `benchmark.verdict` the tuned student broke against the untuned one (probe
     accuracy down, or leakage up, more than allowed), as a line naming its key; empty when it broke none.
     The verdict and the promotion gate both judge forgetting by this."""
-    change = change or {}
+    change = change or ForgettingChange()
     broken = []
-    drop, limit = -change.get("accuracy", 0.0), rules.max_probe_accuracy_drop
+    drop, limit = -(change.accuracy or 0.0), rules.max_probe_accuracy_drop
     if limit is not None and drop > limit:
         broken.append(f"probe accuracy fell {drop:.3f} > benchmark.verdict.max_probe_accuracy_drop {limit}")
-    rise, limit = change.get("leakage_rate", 0.0), rules.max_leakage_increase
+    rise, limit = change.leakage_rate or 0.0, rules.max_leakage_increase
     if limit is not None and rise > limit:
         broken.append(f"leakage rate rose {rise:.3f} > benchmark.verdict.max_leakage_increase {limit}")
     return broken
 
 
-def verdict(report: dict[str, Any], rules: VerdictConfig | None = None) -> str:
+def verdict(report: Report, rules: VerdictConfig | None = None) -> str:
     """One paragraph answering 'was fine-tuning worth it here?', computed from the numbers.
 
     Fine-tuning has to beat the untuned student measurably, and then earn its keep against the cheapest
@@ -60,23 +74,23 @@ def verdict(report: dict[str, Any], rules: VerdictConfig | None = None) -> str:
 class _Facts:
     """The numbers the verdict's sentences and its conclusion share."""
 
-    def __init__(self, report: dict[str, Any], rules: VerdictConfig) -> None:
-        systems = report["systems"]
+    def __init__(self, report: Report, rules: VerdictConfig) -> None:
+        systems = report.systems
         self.teacher, self.base = systems[names.TEACHER], systems[names.STUDENT_BASE]
         self.tuned, self.prompted = systems[names.STUDENT_TUNED], systems.get(names.STUDENT_PROMPTED)
-        self.tests = report.get("comparisons", {}).get("student_tuned_vs", {})
-        self.gain = self.tuned["accuracy"] - self.base["accuracy"]
-        self.p_base = self.tests.get(names.STUDENT_BASE, {}).get("p_value")
-        teacher_accuracy = self.teacher["accuracy"]
+        self.tests = report.comparisons.student_tuned_vs
+        self.gain = self.tuned.accuracy - self.base.accuracy
+        self.p_base = p_value(self.tests, names.STUDENT_BASE)
+        teacher_accuracy = self.teacher.accuracy
         # A teacher at ~0 has nothing to teach; a share of its accuracy would be noise (200%, CI 0-477%).
         self.teacher_fails = teacher_accuracy <= rules.min_teacher_accuracy
-        self.kept = self.tuned["accuracy"] / teacher_accuracy if not self.teacher_fails else float("nan")
+        self.kept = self.tuned.accuracy / teacher_accuracy if not self.teacher_fails else float("nan")
         self.cost_ratio = cost(self.tuned) / cost(self.teacher)
         self.latency_ratio = latency_p50(self.tuned) / latency_p50(self.teacher)
-        self.unit = "per 1k requests" if "cost_per_1k_requests" in self.tuned else "per 1M output tokens"
+        self.unit = "per 1k requests" if self.tuned.cost_per_1k_requests is not UNSET else "per 1M output tokens"
         # A ratio counts as cheaper or faster only below this (benchmark.verdict.min_serving_gain): load-test noise.
         self.min_gain = rules.min_serving_gain
-        self.p_prompted = self.tests.get(names.STUDENT_PROMPTED, {}).get("p_value")
+        self.p_prompted = p_value(self.tests, names.STUDENT_PROMPTED)
         self.versus_prompted = None
         self.prompted_cost_ratio = float("nan")
         self.saving_over_prompting_means_nothing: str | None = None
@@ -88,37 +102,44 @@ class _Facts:
             self.saving_over_prompting_means_nothing = why_no_break_even(
                 systems, names.STUDENT_PROMPTED, rules, self.p_prompted
             )
-        self.change = report.get("forgetting", {}).get("change")
-        self.even = report.get("break_even")
+        self.change = report.forgetting.change or None
+        self.even = report.break_even or None
         # Open-ended tasks: the judge's pairwise comparison with the teacher says "near the teacher" instead of
         # a share of its pass rate: as good when the win + tie share's interval reaches 50%.
-        judged = (report.get("judge") or {}).get("systems", {}).get(names.STUDENT_TUNED, {})
-        self.versus_teacher = judged.get("vs_teacher") if judged.get("vs_teacher", {}).get("n") else None
-        self.as_good_as_teacher = self.versus_teacher["win_or_tie_ci95"][1] >= 0.5 if self.versus_teacher else None
-        self.judge_untrustworthy = _judge_untrustworthy(report.get("judge"), rules)
+        judged = report.judge.systems.get(names.STUDENT_TUNED) if report.judge else None
+        versus = judged.vs_teacher if judged else None
+        self.versus_teacher: PairSummary | None = versus if versus and versus.n else None
+        self.as_good_as_teacher = self.versus_teacher.win_or_tie_ci95[1] >= 0.5 if self.versus_teacher else None
+        self.judge_untrustworthy = _judge_untrustworthy(report.judge, rules)
 
 
-def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
+def p_value(tests: dict[str, PairedComparison], other: str) -> float | None:
+    """The paired test's p-value of the tuned student against `other`; None where none was run."""
+    test = tests.get(other)
+    return test.p_value if test is not None else None
+
+
+def _findings(report: Report, facts: _Facts) -> list[str]:
     """The measured sentences, before the conclusion: the cause when the teacher failed, then accuracy,
     prompting, cost, failures, forgetting, payback."""
     significance = f", paired McNemar p = {facts.p_base:.3g}" if facts.p_base is not None else ""
-    kept_ci = report.get("comparisons", {}).get("kept_of_teacher", {}).get("ci95")
+    kept_ci = report.comparisons.kept_of_teacher.ci95 if report.comparisons.kept_of_teacher else None
     kept = facts.kept
     if facts.teacher_fails:
         keeps = "too low to state a share of it"
     else:
         keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}"
     parts = [_nothing_to_distill(report, facts)] if facts.teacher_fails else []
-    measure = "pass rate by the judge" if report.get("judge") else "accuracy"
+    measure = "pass rate by the judge" if report.judge else "accuracy"
     parts.append(
-        f"Fine-tuning moved the student's {measure} from {facts.base['accuracy']:.1%} to {facts.tuned['accuracy']:.1%} "
-        f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher['accuracy']:.1%}, {keeps}."
+        f"Fine-tuning moved the student's {measure} from {facts.base.accuracy:.1%} to {facts.tuned.accuracy:.1%} "
+        f"({facts.gain:+.1%}{significance}); the teacher scores {facts.teacher.accuracy:.1%}, {keeps}."
     )
     if facts.prompted:
         comparable = facts.saving_over_prompting_means_nothing is None
         parts.append(
             f"Prompting the untuned student with the teacher's full prompt instead scores "
-            f"{facts.prompted['accuracy']:.1%}"
+            f"{facts.prompted.accuracy:.1%}"
             + (f" (p = {facts.p_prompted:.3g} against the tuned student)" if facts.p_prompted is not None else "")
             + f" and costs ${cost(facts.prompted):.4f} {facts.unit}"
             + (
@@ -136,150 +157,148 @@ def _findings(report: dict[str, Any], facts: _Facts) -> list[str]:
             f"teacher's{_within_noise(facts, facts.cost_ratio, facts.latency_ratio)}."
         )
     if facts.versus_teacher:
-        parts.append(_judged_against_teacher(report["judge"], facts))
+        parts.append(_judged_against_teacher(report.judge, facts))
     failing = _where_it_fails(report)
     if failing:
         parts.append(failing)
     parts += _tuned_variants(report, facts.unit)
     if facts.change:
-        trained = report["forgetting"].get(names.STUDENT_TUNED, {}).get("task_categories")
+        tuned_probe = report.forgetting.systems.get(names.STUDENT_TUNED)
+        trained = tuned_probe.task_categories if tuned_probe else None
         outside = f" (outside its {', '.join(trained)} questions, the task's own skill)" if trained else ""
+        change = facts.change
         parts.append(
-            f"On the general probe{outside}, accuracy changed by {facts.change['accuracy']:+.1%}"
-            f"{_probe_p(facts.change, 'accuracy')} and the leakage rate by {facts.change['leakage_rate']:+.1%}"
-            f"{_probe_p(facts.change, 'leakage_rate')}."
+            f"On the general probe{outside}, accuracy changed by {change.accuracy:+.1%}"
+            f"{_probe_p(change.accuracy_test)} and the leakage rate by {change.leakage_rate:+.1%}"
+            f"{_probe_p(change.leakage_rate_test)}."
         )
     if facts.even:
         parts.append(_spent(facts.even))
     return parts
 
 
-def _probe_p(change: dict[str, Any], measure: str) -> str:
-    """ " (paired McNemar p = 0.42)" for a probe change with its paired test (reports since 2026-11-27)."""
-    test = change.get(f"{measure}_test")
-    return f" (paired McNemar p = {test['p_value']:.2g})" if test else ""
+def _probe_p(test: McNemarCounts | UnsetType) -> str:
+    """ " (paired McNemar p = 0.42)" for a probe change with its paired test (older reports have none)."""
+    return f" (paired McNemar p = {test.p_value:.2g})" if test else ""
 
 
-def _judged_against_teacher(judge: dict[str, Any], facts: _Facts) -> str:
+def _judged_against_teacher(judge: JudgeSection, facts: _Facts) -> str:
     """The open-ended verdict's sentences: the tuned student against the teacher, pairwise, and the judge's trust."""
     v = facts.versus_teacher
-    low, high = v["win_or_tie_ci95"]
+    low, high = v.win_or_tie_ci95
     standing = (
         "as good as the teacher by this judge (the interval reaches 50%)"
         if facts.as_good_as_teacher
         else "below the teacher by this judge (the interval stays under 50%)"
     )
     return (
-        f"Judged pairwise against the teacher by `{judge['model']}`, each pair in both orders, the tuned student "
-        f"wins {v['win']}, ties {v['tie']} and loses {v['loss']} of {v['n']} (win + tie {v['win_or_tie_rate']:.0%}, "
+        f"Judged pairwise against the teacher by `{judge.model}`, each pair in both orders, the tuned student "
+        f"wins {v.win}, ties {v.tie} and loses {v.loss} of {v.n} (win + tie {v.win_or_tie_rate:.0%}, "
         f"95% CI {low:.0%}-{high:.0%}): {standing}; at equal length its win rate would be "
-        f"{v['length_controlled_win_rate']:.0%} against {v['win_rate']:.0%} as measured (its answers average "
-        f"{v['mean_words']:.0f} words, the teacher's {v['teacher_mean_words']:.0f}). "
-        + judge_reliability_sentence(judge)
+        f"{v.length_controlled_win_rate:.0%} against {v.win_rate:.0%} as measured (its answers average "
+        f"{v.mean_words:.0f} words, the teacher's {v.teacher_mean_words:.0f}). " + judge_reliability_sentence(judge)
     )
 
 
-def _judge_untrustworthy(judge: dict[str, Any] | None, rules: VerdictConfig) -> str | None:
+def _judge_untrustworthy(judge: JudgeSection | None, rules: VerdictConfig) -> str | None:
     """Why the judge cannot rank the systems ("it followed the order shown in 98% of pairs"); None when it can
     (or there is no judge)."""
     if not judge:
         return None
-    r = judge["reliability"]
+    r = judge.reliability
     reasons = []
-    if r["position_bias_rate"] is not None and r["position_bias_rate"] > rules.max_judge_position_bias:
-        reasons.append(f"it followed the order the answers were shown in for {r['position_bias_rate']:.0%} of pairs")
-    distinct = r.get("distinct_grades")
-    if distinct is not None and len(distinct) <= 1 and r["grades"] > 1:
+    if r.position_bias_rate is not None and r.position_bias_rate > rules.max_judge_position_bias:
+        reasons.append(f"it followed the order the answers were shown in for {r.position_bias_rate:.0%} of pairs")
+    distinct = r.distinct_grades
+    if distinct is not UNSET and len(distinct) <= 1 and r.grades > 1:
         reasons.append(
-            f"it gave all {r['grades']} answers the grade {distinct[0]}" if distinct else "no grade was readable"
+            f"it gave all {r.grades} answers the grade {distinct[0]}" if distinct else "no grade was readable"
         )
     return " and ".join(reasons) or None
 
 
-def judge_reliability_sentence(judge: dict[str, Any]) -> str:
+def judge_reliability_sentence(judge: JudgeSection) -> str:
     """How far the judge can be trusted, in one sentence from report.json's `judge.reliability`."""
-    r = judge["reliability"]
+    r = judge.reliability
     said = []
-    if r["pairs"]:
-        bias = r["position_bias_rate"]
+    if r.pairs:
+        bias = r.position_bias_rate
         said.append(
-            f"its choice followed the order the answers were shown in for {r['position_biased']} of "
-            f"{r['pairs'] - r['pairs_unparsed']} pairs" + (f" ({bias:.0%}, position bias)" if bias is not None else "")
+            f"its choice followed the order the answers were shown in for {r.position_biased} of "
+            f"{r.pairs - r.pairs_unparsed} pairs" + (f" ({bias:.0%}, position bias)" if bias is not None else "")
         )
-    if r.get("pairs_identical"):
-        said.append(f"{r['pairs_identical']} answers identical to the teacher's were ties, the judge not asked")
+    if r.pairs_identical:
+        said.append(f"{r.pairs_identical} answers identical to the teacher's were ties, the judge not asked")
     said.append(
-        f"{r['grades_unparsed']} of {r['grades']} grades and {r['pairs_unparsed']} of {r['pairs']} pairwise "
-        "replies were unreadable"
+        f"{r.grades_unparsed} of {r.grades} grades and {r.pairs_unparsed} of {r.pairs} pairwise replies were unreadable"
     )
-    if r.get("distinct_grades"):
-        said.append(f"the grades it gave: {', '.join(map(str, r['distinct_grades']))}")
-    if r.get("teacher_grade_mean") is not None:
+    if r.distinct_grades:
+        said.append(f"the grades it gave: {', '.join(map(str, r.distinct_grades))}")
+    if r.teacher_grade_mean not in (None, UNSET):
         said.append(
-            f"it grades the teacher's own answers {r['teacher_grade_mean']:.1f} of 10 on average "
-            f"(pass rate {r['teacher_pass_rate']:.0%})"
+            f"it grades the teacher's own answers {r.teacher_grade_mean:.1f} of 10 on average "
+            f"(pass rate {r.teacher_pass_rate:.0%})"
         )
-    agreement = r.get("reference_agreement")
-    if agreement:
+    if r.reference_agreement:
         said.append(
             "where references exist, its pairwise choice agrees with "
             + " and ".join(
                 f"{metric.replace('_', '-').upper() if metric == 'rouge_l' else 'chrF'}'s ordering in "
-                + (f"{a['agreement']:.0%} of {a['n']} pairs" if a["n"] else "no pairs")
-                for metric, a in agreement.items()
+                + (f"{a.agreement:.0%} of {a.n} pairs" if a.n else "no pairs")
+                for metric, a in r.reference_agreement.items()
             )
             + " (50% is chance)"
         )
     return "How far to trust the judge: " + "; ".join(said) + "."
 
 
-def _spent(even: dict[str, Any]) -> str:
+def _spent(even: BreakEven) -> str:
     """What distilling cost, and when it pays back against the teacher and against prompting (no payback is
     stated where the saving means nothing: see costs.why_no_break_even). One clause for both when they come out
     the same (the embedded default's prompted student is the teacher's model with its prompt)."""
-    vs_prompted = even.get("vs_prompted")
-    same = bool(vs_prompted) and all(vs_prompted.get(k) == even.get(k) for k in ("skipped", "requests"))
+    vs_prompted = even.vs_prompted or None
+    same = vs_prompted is not None and (vs_prompted.skipped, vs_prompted.requests) == (even.skipped, even.requests)
     whom = "the teacher or prompting" if same else "the teacher"
-    one_off = even["one_off_usd"]  # cents on a CPU demo ($0.0104), dollars on a GPU node
+    one_off = even.one_off_usd  # cents on a CPU demo ($0.0104), dollars on a GPU node
     spent = f"Distilling cost ${one_off:,.2f}" if one_off >= 1 else f"Distilling cost ${one_off:.4f}"
-    if even.get("generate_usd_at_list_price") is None:
-        spent += f" (generate + train on {even['pipeline_hardware']})"
+    if even.generate_usd_at_list_price is None:
+        spent += f" (generate + train on {even.pipeline_hardware})"
     else:
-        spent += f" (the hosted teacher's tokens at its list price, and train on {even['pipeline_hardware']})"
-    if even.get("skipped"):
-        spent += f"; no break-even against {whom} is stated: {even['skipped']}"
-    elif even["requests"] is None:
+        spent += f" (the hosted teacher's tokens at its list price, and train on {even.pipeline_hardware})"
+    if even.skipped:
+        spent += f"; no break-even against {whom} is stated: {even.skipped}"
+    elif even.requests is None:
         spent += f" and never pays back against {whom}: the tuned student is not cheaper per request"
     else:
-        spent += f", paid back against {whom} after {_payback(even, even['requests_per_day'])}"
-    if same or not vs_prompted:
+        spent += f", paid back against {whom} after {_payback(even, even.requests_per_day)}"
+    if same or vs_prompted is None:
         return spent + "."
-    if vs_prompted.get("skipped"):
-        spent += f"; none against prompting: {vs_prompted['skipped']}"
-    elif vs_prompted["requests"] is not None:
+    if vs_prompted.skipped:
+        spent += f"; none against prompting: {vs_prompted.skipped}"
+    elif vs_prompted.requests is not None:
         spent += f"; against prompting it pays back after {_payback(vs_prompted)}"
     else:
         spent += "; against prompting it never pays back"
     return spent + "."
 
 
-def _nothing_to_distill(report: dict[str, Any], facts: _Facts) -> str:
+def _nothing_to_distill(report: Report, facts: _Facts) -> str:
     """The verdict's first sentence when the teacher failed: that, and why, from the filter's counts."""
-    n = report.get("test_examples")
-    accuracy = facts.teacher["accuracy"]
+    n = report.test_examples
+    accuracy = facts.teacher.accuracy
     count = f" ({round(accuracy * n)} of {n})" if n else ""
     sentence = f"There was nothing to distill: the teacher scores {accuracy:.1%}{count} on the held-out test examples"
-    kept = report.get("filter")
-    if kept and kept.get("samples_in"):
-        dropped = ", ".join(f"{name} {count}" for name, count in sorted(kept["dropped"].items(), key=lambda i: -i[1]))
-        sentence += f", and the filter kept {kept['samples_kept']} of its {kept['samples_in']} training answers"
+    kept = report.filter
+    if kept and kept.samples_in:
+        dropped = ", ".join(f"{name} {count}" for name, count in sorted(kept.dropped.items(), key=lambda i: -i[1]))
+        sentence += f", and the filter kept {kept.samples_kept} of its {kept.samples_in} training answers"
         sentence += f" (dropped: {dropped})" if dropped else ""
-        if kept.get("teacher_verified") is not None:
-            sentence += f"; {kept['teacher_verified']} of them passed the task's scorer"
+        if kept.teacher_verified is not None:
+            sentence += f"; {kept.teacher_verified} of them passed the task's scorer"
     return sentence + "."
 
 
-def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> str:
+def _conclusion(report: Report, facts: _Facts, rules: VerdictConfig) -> str:
     """The one-line verdict, in order of what settles it: no measurable gain, prompting did better or as well
     for no more cost, a regression on base capabilities, worth it for cost only, worth it, or mixed."""
     significant = facts.gain > 0 and (facts.p_base is None or facts.p_base < rules.significance)
@@ -316,15 +335,12 @@ def _conclusion(report: dict[str, Any], facts: _Facts, rules: VerdictConfig) -> 
             f"({_regression_rule(rules)}); " + _levers(report)
         )
     if facts.versus_prompted == "tie":
-        vs_prompted = (facts.even or {}).get("vs_prompted")
+        vs_prompted = facts.even.vs_prompted if facts.even else None
+        requests = vs_prompted.requests if vs_prompted else None
+        paid_back = f", paid back after {requests:,.0f} requests" if requests else ""
         return (
             f"Verdict: worth it for cost only — prompting the untuned student did as well, but the tuned student "
-            f"serves at {facts.prompted_cost_ratio:.2f}x its cost per request"
-            + (
-                f", paid back after {vs_prompted['requests']:,.0f} requests."
-                if vs_prompted and vs_prompted["requests"]
-                else "."
-            )
+            f"serves at {facts.prompted_cost_ratio:.2f}x its cost per request{paid_back}."
         )
     short = _short_of_worth_it(facts, rules)
     if not short:
@@ -373,50 +389,54 @@ _LEVERS = (
 _RECIPE_KNOBS = (*(key for key, _ in _LEVERS), "replay_source", "prompt_style")
 
 
-def _levers(report: dict[str, Any]) -> str:
+def _knob(recipe: Recipe, key: str) -> Any:
+    """A recipe knob's value; None where the run did not record it (older runs recorded fewer)."""
+    value = getattr(recipe, key)
+    return None if value is UNSET else value
+
+
+def _levers(report: Report) -> str:
     """The knobs that move forgetting, as this run set them; where another run of this task differs from this one
     in that knob alone, what it measured there, and whether it forgot more or less than this run."""
-    recipe = report.get("recipe")
+    recipe = report.recipe
     if not recipe:
         return "train gentler (lower learning rate, fewer epochs, smaller rank) or mix general data in."
-    runs = [r for r in report.get("other_runs", []) if r.get("probe_change") is not None]
-    change = report["forgetting"]["change"]
+    runs = [r for r in report.other_runs if r.probe_change is not None]
+    change = report.forgetting.change
     cited: set[str] = set()
     knobs = []
     for key, lever in _LEVERS:
-        if recipe.get(key) is None:
+        if _knob(recipe, key) is None:
             continue
-        said = f"{lever}now {recipe[key]:g}"
-        if key == "replay_fraction" and (recipe.get("replay_rows") or 0) < (recipe.get("replay_wanted") or 0):
-            said += (
-                f", which added {recipe['replay_rows']} of the {recipe['replay_wanted']} rows wanted: see DATASET.md"
-            )
+        said = f"{lever}now {_knob(recipe, key):g}"
+        if key == "replay_fraction" and (recipe.replay_rows or 0) < (recipe.replay_wanted or 0):
+            said += f", which added {recipe.replay_rows} of the {recipe.replay_wanted} rows wanted: see DATASET.md"
         for run in runs:
-            if _differs_in(recipe, run["recipe"]) == [key] and run["recipe"].get(key) is not None:
-                cited.add(run["run"])
-                said += f"; {run['recipe'][key]:g} in `{run['run']}`: {_forgetting_said(run)}{_compared(run, change)}"
+            if _differs_in(recipe, run.recipe) == [key] and _knob(run.recipe, key) is not None:
+                cited.add(run.run)
+                said += f"; {_knob(run.recipe, key):g} in `{run.run}`: {_forgetting_said(run)}{_compared(run, change)}"
         knobs.append(said + ")")
-    here = f"probe {change['accuracy']:+.1%}, leakage {change['leakage_rate']:+.1%}"
+    here = f"probe {change.accuracy:+.1%}, leakage {change.leakage_rate:+.1%}"
     text = f"the levers (this run: {here}): " + ", ".join(knobs) + "."
-    rest = [r for r in runs if r["run"] not in cited]
+    rest = [r for r in runs if r.run not in cited]
     if rest:
-        said = [f"`{r['run']}` ({_recipe_said(r['recipe'])}): {_forgetting_said(r)}" for r in rest]
+        said = [f"`{r.run}` ({_recipe_said(r.recipe)}): {_forgetting_said(r)}" for r in rest]
         text += " This task's other runs: " + "; ".join(said) + "."
     return text
 
 
-def _differs_in(recipe: dict[str, Any], other: dict[str, Any]) -> list[str]:
+def _differs_in(recipe: Recipe, other: Recipe) -> list[str]:
     """The recipe knobs two runs set differently; a knob one run recorded and the other did not counts as set
     differently."""
-    knobs = [k for k in _RECIPE_KNOBS if recipe.get(k) != other.get(k)]
-    if not (recipe.get("replay_fraction") and other.get("replay_fraction")):
+    knobs = [k for k in _RECIPE_KNOBS if _knob(recipe, k) != _knob(other, k)]
+    if not (recipe.replay_fraction and other.replay_fraction):
         knobs = [k for k in knobs if k != "replay_source"]  # where either run has no replay, its source is moot
     return knobs
 
 
-def _compared(run: dict[str, Any], change: dict[str, float]) -> str:
+def _compared(run: OtherRun, change: ForgettingChange) -> str:
     """', forgot less than this run' when both measures are no worse and one better; 'more' the reverse."""
-    probe, leakage = run["probe_change"] - change["accuracy"], run["leakage_change"] - change["leakage_rate"]
+    probe, leakage = run.probe_change - change.accuracy, run.leakage_change - change.leakage_rate
     if probe >= 0 and leakage <= 0 and (probe, leakage) != (0, 0):
         return ", forgot less than this run"
     if probe <= 0 and leakage >= 0 and (probe, leakage) != (0, 0):
@@ -424,25 +444,23 @@ def _compared(run: dict[str, Any], change: dict[str, float]) -> str:
     return ""
 
 
-def _recipe_said(recipe: dict[str, Any]) -> str:
+def _recipe_said(recipe: Recipe) -> str:
     """'replay 0.1, prompt retrieved, lr 0.001, r 16, 2 epochs': the knobs a run recorded (older runs, fewer)."""
-    said = [f"replay {recipe['replay_fraction']:g}"]
-    if recipe["replay_fraction"] and recipe.get("replay_rows") is not None:  # recorded since the rows were counted
-        said[0] += f" ({recipe['replay_source']}, {recipe['replay_rows']} rows)"
-    if recipe.get("prompt_style"):
-        said.append(f"prompt {recipe['prompt_style']}")
-    said.append(f"lr {recipe['learning_rate']:g}")
-    if recipe.get("lora_r"):
-        said.append(f"r {recipe['lora_r']}")
-    if recipe.get("num_train_epochs"):
-        said.append(f"{recipe['num_train_epochs']:g} epochs")
+    said = [f"replay {recipe.replay_fraction:g}"]
+    if recipe.replay_fraction and _knob(recipe, "replay_rows") is not None:  # recorded since the rows were counted
+        said[0] += f" ({recipe.replay_source}, {recipe.replay_rows} rows)"
+    if recipe.prompt_style:
+        said.append(f"prompt {recipe.prompt_style}")
+    said.append(f"lr {recipe.learning_rate:g}")
+    if recipe.lora_r:
+        said.append(f"r {recipe.lora_r}")
+    if recipe.num_train_epochs:
+        said.append(f"{recipe.num_train_epochs:g} epochs")
     return ", ".join(said)
 
 
-def _forgetting_said(run: dict[str, Any]) -> str:
-    return (
-        f"probe {run['probe_change']:+.1%}, leakage {run['leakage_change']:+.1%}, accuracy {run['tuned_accuracy']:.1%}"
-    )
+def _forgetting_said(run: OtherRun) -> str:
+    return f"probe {run.probe_change:+.1%}, leakage {run.leakage_change:+.1%}, accuracy {run.tuned_accuracy:.1%}"
 
 
 def _regression_rule(rules: VerdictConfig) -> str:
@@ -459,60 +477,58 @@ def _interval(values: list[float] | None) -> str:
     return f" (95% CI {values[0]:.0%}-{values[1]:.0%})" if values and all(v == v for v in values) else ""
 
 
-def _payback(even: dict[str, Any], requests_per_day: float | None = None) -> str:
+def _payback(even: Payback, requests_per_day: float | None = None) -> str:
     rate = f" at {requests_per_day:,.0f} requests/day" if requests_per_day else ""
-    return f"{even['requests']:,.0f} requests ({even['days']:.1f} days{rate})"
+    return f"{even.requests:,.0f} requests ({even.days:.1f} days{rate})"
 
 
-def _against_prompted(
-    tuned: dict[str, Any], prompted: dict[str, Any], p_value: float | None, significance: float
-) -> str:
+def _against_prompted(tuned: SystemResult, prompted: SystemResult, p_value: float | None, significance: float) -> str:
     """'better', 'worse' or 'tie': the tuned student against the prompted one, by the paired test where there is one."""
     differs = p_value is None or p_value < significance
-    if differs and prompted["accuracy"] > tuned["accuracy"]:
+    if differs and prompted.accuracy > tuned.accuracy:
         return "worse"
-    if differs and tuned["accuracy"] > prompted["accuracy"]:
+    if differs and tuned.accuracy > prompted.accuracy:
         return "better"
     return "tie"
 
 
-def _tuned_variants(report: dict[str, Any], unit: str) -> list[str]:
+def _tuned_variants(report: Report, unit: str) -> list[str]:
     """A sentence per other system serving the tuned student (e.g. given retrieved context, the background
     note's test of "fine-tuning learns style, not facts"): its accuracy and cost, against the tuned student."""
-    systems, tests = report["systems"], report.get("comparisons", {}).get("student_tuned_vs", {})
+    systems, tests = report.systems, report.comparisons.student_tuned_vs
     teacher, tuned = systems[names.TEACHER], systems[names.STUDENT_TUNED]
     sentences = []
     for name, m in systems.items():
-        same_student = "model" in m and (m["model"], m.get("serving")) == (tuned.get("model"), tuned.get("serving"))
+        same_student = m.model is not UNSET and (m.model, m.serving) == (tuned.model, tuned.serving)
         if name == names.STUDENT_TUNED or not same_student:
             continue
-        p_value = tests.get(name, {}).get("p_value")
+        p = p_value(tests, name)
         sentences.append(
-            f"The tuned student with the `{m['prompt_style']}` prompt ({name}) scores {m['accuracy']:.1%}"
-            + (f" (p = {p_value:.3g} against the tuned student)" if p_value is not None else "")
+            f"The tuned student with the `{m.prompt_style}` prompt ({name}) scores {m.accuracy:.1%}"
+            + (f" (p = {p:.3g} against the tuned student)" if p is not None else "")
             + f" at ${cost(m):.4f} {unit}, {cost(m) / cost(teacher):.2f}x the teacher."
         )
     return sentences
 
 
-def _where_it_fails(report: dict[str, Any]) -> str:
+def _where_it_fails(report: Report) -> str:
     """The verdict's sentence on the named failure modes: the tuned student's largest category gap to the
     teacher (a distribution cliff) and the failure modes it shows more often than the teacher."""
-    teacher, tuned = report["systems"][names.TEACHER], report["systems"][names.STUDENT_TUNED]
-    if "category_accuracy" not in tuned or "category_accuracy" not in teacher:
+    teacher, tuned = report.systems[names.TEACHER], report.systems[names.STUDENT_TUNED]
+    if tuned.category_accuracy is UNSET or teacher.category_accuracy is UNSET:
         return ""
     parts = []
-    gaps = {c: teacher["category_accuracy"][c] - a for c, a in tuned["category_accuracy"].items()}
+    gaps = {c: teacher.category_accuracy[c] - a for c, a in tuned.category_accuracy.items()}
     worst = max(gaps, key=gaps.get) if len(gaps) > 1 else None
     if worst is not None and gaps[worst] > 0:
         parts.append(
-            f"its largest gap to the teacher is on `{worst}` examples ({tuned['category_accuracy'][worst]:.0%} vs "
-            f"{teacher['category_accuracy'][worst]:.0%})"
+            f"its largest gap to the teacher is on `{worst}` examples ({tuned.category_accuracy[worst]:.0%} vs "
+            f"{teacher.category_accuracy[worst]:.0%})"
         )
     worse = [
-        f"{mode} in {rate:.0%} of answers (teacher {teacher['failure_rates'].get(mode, 0.0):.0%})"
-        for mode, rate in tuned["failure_rates"].items()
-        if rate > teacher["failure_rates"].get(mode, 0.0)
+        f"{mode} in {rate:.0%} of answers (teacher {teacher.failure_rates.get(mode, 0.0):.0%})"
+        for mode, rate in tuned.failure_rates.items()
+        if rate > teacher.failure_rates.get(mode, 0.0)
     ]
     if worse:
         parts.append("it shows " + ", ".join(worse))

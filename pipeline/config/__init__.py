@@ -8,6 +8,7 @@ the judges share), `filter.py`, `train.py`, `benchmark.py` (with `benchmark.verd
 from pipeline.config.base import ConfigError
 from pipeline.config.benchmark import (
     BenchmarkConfig,
+    BenchmarkJudgeConfig,
     HardwareConfig,
     LmEvalConfig,
     LoadTestConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "HOW_A_SERVER_IS_ASKED",
     "SAMPLE_FILTERS",
     "BenchmarkConfig",
+    "BenchmarkJudgeConfig",
     "ConfigError",
     "EngineConfig",
     "ExperimentConfig",
