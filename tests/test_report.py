@@ -507,3 +507,43 @@ def test_the_cost_sentence_names_the_systems_priced_by_the_token():
         f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}), except `teacher`, "
         "priced by the token at its list price; "
     )
+
+
+def test_report_json_is_the_schema_encoded_and_older_reports_still_read(tmp_path):
+    """report.json round-trips through the schema unchanged; a lean older report reads with its missing fields
+    UNSET; a report whose figures have the wrong type is one error line naming the file and the field."""
+    import json
+
+    from msgspec import UNSET
+
+    from pipeline.benchmark.results import LATENCY_MEASURES, LATENCY_PERCENTILES, LoadLevel, latency_key, read_report
+    from pipeline.benchmark.verdict import cost
+    from pipeline.console import PipelineError
+
+    written = {
+        "schema_version": 3,
+        "systems": {"teacher": {"accuracy": 0.5, "load": {"1": {"e2e_p50_s": 1.0, "ttft_p99_s": None}}}},
+        "forgetting": {"student_tuned": {"accuracy": 0.4, "shots": 0}, "lm_eval": {"skipped": "why"}},
+        "judge": None,
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(written))
+    report = read_report(path)
+    assert report.forgetting.systems["student_tuned"].shots == 0 and report.forgetting.lm_eval == {"skipped": "why"}
+    again = to_builtins(report)
+    assert again["systems"] == written["systems"] and again["forgetting"] == written["forgetting"]
+    # Schema 1 priced per 1M output tokens only: the verdict's cost reads that.
+    path.write_text(json.dumps({"systems": {"teacher": {"accuracy": 0.5, "cost_per_1m_output_tokens": 0.2}}}))
+    old = read_report(path)
+    assert old.schema_version == 1 and old.systems["teacher"].cost_per_1k_requests is UNSET
+    assert cost(old.systems["teacher"]) == 0.2
+    path.write_text(json.dumps({"systems": {"teacher": {"accuracy": "high"}}}))
+    with pytest.raises(
+        PipelineError,
+        match=r"report.json: not a report this version reads .*`float`, got `str` - at `\$.systems\[...\].accuracy`",
+    ):
+        read_report(path)
+    # Every latency percentile the load test summarises is a field of a level.
+    assert {latency_key(m, q) for m in LATENCY_MEASURES for q in LATENCY_PERCENTILES} <= set(
+        LoadLevel.__struct_fields__
+    )
