@@ -83,6 +83,14 @@ def _minimal(**extra):
             _minimal(teacher={"model": "m", "sampling": {"choices": ["a"], "json_schema": {"type": "object"}}}),
             "teacher.sampling: Value error, choices and json_schema",
         ),
+        (
+            _minimal(promote={"max_probe_accuracy_drop": 0.1}),
+            "promote.max_probe_accuracy_drop: moved to benchmark.verdict.max_probe_accuracy_drop",
+        ),
+        (
+            _minimal(promote={"max_leakage_rate": 0.02}),
+            "promote.max_leakage_rate: removed: the gate judges leakage as the verdict does, by benchmark.verdict.max",
+        ),
     ],
 )
 def test_bad_config_errors_name_the_key(raw, message):

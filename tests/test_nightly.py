@@ -49,7 +49,7 @@ def test_three_nights(tmp_path, tiny_model):
     raw = tiny_config(tmp_path, tiny_model, run_name="nightly")
     raw["task"] = {"name": "classification", "params": {"path": str(tickets), "test_path": str(held_out)}}
     raw["train"]["retrain_min_change"] = 0.2
-    raw["promote"] = {"target": str(tmp_path / "promoted"), "max_accuracy_drop": 1.0, "max_leakage_rate": None}
+    raw["promote"] = {"target": str(tmp_path / "promoted"), "max_accuracy_drop": 1.0}
     # The random tiny student's forgetting is noise: the verdict's regression rules (the gate's too) off.
     raw["benchmark"]["verdict"] = {"max_probe_accuracy_drop": None, "max_leakage_increase": None}
     config = tmp_path / "nightly.yaml"

@@ -12,7 +12,8 @@ from tests.conftest import tiny_config
 
 
 def fake_run(tmp_path, tiny_model, name: str, accuracy: float, leakage: float, probe_change: float = 0.0):
-    """A run directory as benchmark and train leave it (the gate reads only these files)."""
+    """A run directory as benchmark and train leave it (the gate reads only these files). `leakage`: the tuned
+    student's rise in leakage rate over the untuned one, the change the gate judges."""
     raw = tiny_config(tmp_path, tiny_model, run_name=name)
     raw["promote"] = {"target": str(tmp_path / "promoted"), "max_latency_p95_s": 5.0}
     config_file = tmp_path / f"{name}.yaml"
@@ -24,7 +25,7 @@ def fake_run(tmp_path, tiny_model, name: str, accuracy: float, leakage: float, p
     report = {
         "run_name": name,
         "systems": {"student_tuned": {"accuracy": accuracy, "latency_p95_s": 1.2}},
-        "forgetting": {"student_tuned": {"leakage_rate": leakage}, "change": {"accuracy": probe_change}},
+        "forgetting": {"change": {"accuracy": probe_change, "leakage_rate": leakage}},
     }
     (run_dir / "benchmark" / "report.json").write_text(json.dumps(report))
     return str(config_file)
@@ -48,11 +49,12 @@ def test_promotion_gate(tmp_path, tiny_model, capsys):
     assert (tmp_path / "promoted.previous" / "report.json").exists()
 
     capsys.readouterr()
-    worse = fake_run(tmp_path, tiny_model, "night3", accuracy=0.58, leakage=0.05, probe_change=-0.08)
+    worse = fake_run(tmp_path, tiny_model, "night3", accuracy=0.58, leakage=0.15, probe_change=-0.08)
     assert main(["promote", "--config", worse]) == 3
     err = capsys.readouterr().err
     assert err.startswith("distill: promotion refused: accuracy 0.580 < 0.591")
-    assert "leakage rate 0.050 > max_leakage_rate 0.02" in err and "probe accuracy fell 0.080" in err
+    assert "leakage rate rose 0.150 > benchmark.verdict.max_leakage_increase 0.1" in err
+    assert "probe accuracy fell 0.080" in err
     assert (promoted / "adapter" / "adapter_model.safetensors").read_text() == "weights of night2"  # untouched
 
     assert main(["promote", "--config", worse, "--force"]) == 0  # an operator's override, recorded

@@ -246,8 +246,8 @@ class PromoteConfig(StrictModel):
     # Accuracy may fall at most this much below the currently promoted student's (0.005 = half a point).
     max_accuracy_drop: float = Field(0.005, ge=0)
     min_accuracy: float | None = Field(None, ge=0, le=1)
-    max_leakage_rate: float | None = Field(0.02, ge=0, le=1)  # general answers drifting into task behaviour
-    # Forgetting (probe accuracy drop, leakage increase) is judged by benchmark.verdict's rules, as in the report.
+    # Forgetting (probe accuracy drop, leakage increase) is judged by benchmark.verdict's rules, as in the report:
+    # one set of thresholds for both.
     max_latency_p95_s: float | None = Field(None, gt=0)
     # W&B Artifact alias given to the promoted student's artifact (with tracking.artifacts on); None: path only.
     wandb_alias: str | None = Field("promoted", pattern=r"^[A-Za-z0-9_.-]+$")

@@ -153,7 +153,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return validate_config(raw)
 
 
-MOVED_KEYS = {"promote.max_probe_accuracy_drop": "benchmark.verdict.max_probe_accuracy_drop"}
+# Keys older configs hold, and where what they set is now: one set of forgetting rules, the verdict's.
+RETIRED_KEYS = {
+    "promote.max_probe_accuracy_drop": "moved to benchmark.verdict.max_probe_accuracy_drop",
+    "promote.max_leakage_rate": "removed: the gate judges leakage as the verdict does, by "
+    "benchmark.verdict.max_leakage_increase (the rise over the untuned student)",
+}
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
@@ -163,8 +168,7 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        if key in MOVED_KEYS:
-            msg = f"moved to {MOVED_KEYS[key]}"
+        msg = RETIRED_KEYS.get(key, msg)
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{key}: {msg}{more}") from None
 
