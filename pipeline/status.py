@@ -112,7 +112,7 @@ def _saved_work(config: ExperimentConfig, task: Task, stage: Stage) -> str | Non
         if partial.is_file() and stamp.is_file() and stamp.read_text() == stage.fingerprint:
             from pipeline.generate.stage import read_done, train_examples
 
-            return f"{len(read_done(partial))} of {len(train_examples(config, task))} prompts answered"
+            return f"{len(read_done(partial))} of {len(train_examples(task))} prompts answered"
     if stage.name == "train":
         stamp = layout.checkpoints / "fingerprint"
         steps = sorted(int(p.name.split("-")[1]) for p in layout.checkpoints.glob("checkpoint-*") if p.is_dir())

@@ -168,7 +168,7 @@ def test_the_shipped_replay_prompts_stay_clear_of_the_probe_and_the_support_test
     from pipeline.tasks import task_for
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2_support.yaml")
-    protected = protected_prompts(config, task_for(config), probe=True)
+    protected = protected_prompts(task_for(config), probe=True)
     index = NgramIndex(protected, 13)
     prompts = [row["prompt"] for row in read_jsonl(GENERAL_PROMPTS)]
     assert len(prompts) == len(set(prompts)) >= 150

@@ -335,13 +335,13 @@ def test_a_base_student_answers_replay_prompts_after_worked_answers_read_up_to_i
     from pipeline.chat_templates import PLAIN_NEXT_TURN
     from pipeline.config import EngineConfig
     from pipeline.engines import load_engine, stops_for
-    from pipeline.filter.replay import ReplayAnswers, worked_examples
+    from pipeline.filter.replay import ReplayAnswers, replay_source, worked_examples
 
     prompts = ["Name a colour.", "Name a fruit."]
     cached, stops = {}, {}
     for name, model in (("base", tiny_base_model), ("chat", tiny_model)):
         config = strict_config(tmp_path / name, model, **{"train.replay": {"fraction": 0.5, "max_tokens": 4}})
-        with ReplayAnswers(config, tmp_path / name) as answered:
+        with ReplayAnswers(replay_source(config), tmp_path / name) as answered:
             answered(prompts)
         cached[name] = list(read_jsonl(tmp_path / name / "replay_answers.jsonl"))
         engine = load_engine(str(model), EngineConfig(backend="transformers"), seed=0)

@@ -284,8 +284,8 @@ def test_the_student_trains_with_the_chat_template_it_is_served_with(tmp_path, t
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     own = validate_config(tiny_config(tmp_path, tiny_model))
     served = validate_config(tiny_config(tmp_path, tiny_model, **{"benchmark.engine.chat_template": template}))
-    assert student_tokenizer(own, str(tiny_model)) is None
-    assert student_tokenizer(served, str(tiny_model)).chat_template == template
+    assert student_tokenizer(own.benchmark.engine.chat_template, str(tiny_model)) is None
+    assert student_tokenizer(served.benchmark.engine.chat_template, str(tiny_model)).chat_template == template
     assert train_stage(served).fingerprint != train_stage(own).fingerprint
     batch = validate_config(tiny_config(tmp_path, tiny_model, **{"benchmark.engine.batch_size": 3}))
     assert train_stage(batch).fingerprint == train_stage(own).fingerprint  # how it is served is not training's

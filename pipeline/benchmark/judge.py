@@ -71,7 +71,9 @@ def judge_model(config: ExperimentConfig) -> tuple[str, EngineConfig]:
 
 
 def run_judge(
-    config: ExperimentConfig,
+    judge: BenchmarkJudgeConfig,
+    judged_by: tuple[str, EngineConfig],
+    seed: int,
     task: Task,
     examples: list[Example],
     records: list[dict[str, Any]],
@@ -79,9 +81,8 @@ def run_judge(
 ) -> tuple[JudgeSection, list[dict[str, Any]]]:
     """Grade every task record (marking each pass or fail in place: rule `judge_pass`, `correct`), compare each
     system with the teacher, score references; returns report.json's `judge` section and the judge's records.
-    The judge's replies are saved in `units` chunk by chunk: a rerun after a kill asks only the rest, and loads
-    no judge when every reply is saved."""
-    judge = config.benchmark.judge
+    `judged_by`: the judge's model and engine (`judge_model`). The judge's replies are saved in `units` chunk by
+    chunk: a rerun after a kill asks only the rest, and loads no judge when every reply is saved."""
     rubric = rubric_for(judge.rubric, task.rubric())
     answers = [r for r in records if r["kind"] == "task"]
     prompts = {e.id: e.user for e in examples}
@@ -98,12 +99,12 @@ def run_judge(
         if judge.pairwise and answer["system"] != names.TEACHER and (theirs := teacher.get(answer["id"]))
     ]
     asked = [(answer, theirs) for answer, theirs, identical in pairs if not identical]
-    name, engine_config = judge_model(config)
+    name, engine_config = judged_by
     log(
         f"benchmark: judge `{name}` grades {len(answers)} answers and compares {len(asked)} with the teacher's "
         f"({len(pairs) - len(asked)} identical to it: ties)"
     )
-    with JudgeReplies(name, engine_config, judge, config.seed, units) as ask:
+    with JudgeReplies(name, engine_config, judge, seed, units) as ask:
         grade_requests = [grade_prompt(rubric, prompts[r["id"]], r["completion"]) for r in answers]
         grade_replies = ask(grade_requests, GRADES)
         pair_requests = [

@@ -115,7 +115,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         forgetting = Forgetting(probed)
         judged = None
         if judge_enabled(bench.judge, task):  # every answer graded; accuracy becomes the judge's pass rate
-            judged, judge_records = run_judge(config, task, examples, records, units)
+            judged, judge_records = run_judge(
+                bench.judge, judge_model(config), config.seed, task, examples, records, units
+            )
             records += judge_records
             for name in results:
                 task_records = [r for r in records if r["kind"] == "task" and r["system"] == name]

@@ -7,8 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ExperimentConfig
 from pipeline.files import atomic_path, write_text
+from pipeline.layout import RunLayout
 
 if TYPE_CHECKING:
     from pipeline.filter.screen import Screened
@@ -121,16 +121,27 @@ def _summary(lengths: Counter[int]) -> dict[str, float]:
     }
 
 
-def write_dataset_card(config: ExperimentConfig, report: dict[str, Any], tally: Tally) -> list[Path]:
-    card, histogram = config.layout.dataset_card, config.layout.length_histogram
+def write_dataset_card(
+    report: dict[str, Any],
+    tally: Tally,
+    layout: RunLayout,
+    *,
+    run_name: str,
+    teacher: str,
+    task_name: str,
+    prompt_style: str,
+) -> list[Path]:
+    """DATASET.md and its length histogram, from the filter report and the tally: what `teacher` answered of the
+    task, what was kept, and the prompt (`prompt_style`) the student learns from. Returns the files written."""
+    card, histogram = layout.dataset_card, layout.length_histogram
     _plot_lengths(histogram, tally.lengths_in, tally.lengths_kept, report["length_unit"])
     lines = [
-        f"# Dataset card: {config.run_name}",
+        f"# Dataset card: {run_name}",
         "",
-        f"Teacher `{config.teacher.model}` answered {report['prompts_in']} prompts of task `{config.task.name}` "
+        f"Teacher `{teacher}` answered {report['prompts_in']} prompts of task `{task_name}` "
         f"({report['samples_in']} samples). The filters kept {report['samples_kept']} samples: "
         f"{report['train']} for training and {report['val']} for validation. The student sees the "
-        f"`{config.student.prompt_style}` prompt.",
+        f"`{prompt_style}` prompt.",
         "",
     ]
     replay = report.get("replay")

@@ -8,35 +8,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity
+from pipeline.config import SamplingConfig, TeacherConfig, engine_identity
 from pipeline.files import read_jsonl
-from pipeline.judging import grade_prompt, parse_grade, rubric_for
-from pipeline.tasks import task_for
+from pipeline.judging import grade_prompt, parse_grade
 
 GRADES = "judge_grades.jsonl"  # the judge's replies, in the filter's folder
 
 
-def judge_identity(config: ExperimentConfig) -> dict[str, Any]:
+def judge_identity(teacher: TeacherConfig) -> dict[str, Any]:
     """What decides the judge's replies besides their prompts: the teacher and what its engine answers with (the
     filter's fingerprint holds it, and each cached reply's key)."""
-    return {"model": config.teacher.model, "engine": engine_identity(config.teacher.engine.model_dump())}
+    return {"model": teacher.model, "engine": engine_identity(teacher.engine.model_dump())}
 
 
 class Judge:
-    """The teacher grades kept examples in batches; its engine is loaded on the first request not yet answered."""
+    """The teacher grades kept examples in batches against `rubric`; its engine is loaded on the first request not
+    yet answered. Replies are cached in `folder` (the filter stage's)."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
-        self.config = config
+    def __init__(self, teacher: TeacherConfig, seed: int, rubric: str, folder: Path) -> None:
+        self.teacher, self.seed, self.rubric = teacher, seed, rubric
         self.engine = None
-        self.rubric = rubric_for(config.filter.judge.rubric, task_for(config).rubric())
-        self.cache_path = config.layout.stage_dir("filter") / GRADES
+        self.cache_path = folder / GRADES
         rows = read_jsonl(self.cache_path, on_malformed=lambda *_: None) if self.cache_path.is_file() else []
         self.replies = {row["key"]: row["reply"] for row in rows}  # a torn last line is skipped
 
     def _key(self, conversation: list[dict[str, str]]) -> str:
-        shape = [judge_identity(self.config), self.config.seed, conversation]
+        shape = [judge_identity(self.teacher), self.seed, conversation]
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
 
     def grade(self, items: list[tuple[list[dict[str, str]], str]]) -> list[tuple[int | None, str]]:
@@ -50,9 +50,9 @@ class Judge:
         missing = {k: c for k, c in zip(keys, conversations, strict=True) if k not in self.replies}
         if missing:
             if self.engine is None:
-                teacher = self.config.teacher
-                self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.config.seed)
-            sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.config.seed)
+                teacher = self.teacher
+                self.engine = load_engine(model_for(teacher.model, teacher.engine), teacher.engine, self.seed)
+            sampling = SamplingConfig(temperature=0.0, max_tokens=8, seed=self.seed)
             generations = self.engine.generate(list(missing.values()), sampling, progress=False)
             texts = [g.completions[0].text if g.completions else "" for g in generations]
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)

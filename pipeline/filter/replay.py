@@ -15,11 +15,14 @@ import hashlib
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import EngineConfig, ExperimentConfig, ReplayConfig, engine_identity
+from pipeline.chat_templates import worked_example_turns
+from pipeline.config import EngineConfig, ExperimentConfig, FilterConfig, ReplayConfig, SamplingConfig, engine_identity
 from pipeline.console import PipelineError, log
+from pipeline.engines import stops_for
 from pipeline.files import atomic_path, json_line, read_jsonl
 from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
@@ -41,12 +44,35 @@ def replay_wanted(fraction: float, task_examples: int) -> int:
     return round(task_examples * fraction / (1 - fraction)) if fraction > 0 else 0
 
 
-def read_replay_chats(config: ExperimentConfig) -> list[tuple[Chat, str | None]]:
+@dataclass(frozen=True)
+class ReplaySource:
+    """Where replay rows come from, as `replay_source` resolves it from the config: the `train.replay` settings,
+    the folder relative paths start from, the model that answers general prompts on its engine, and the seed."""
+
+    settings: ReplayConfig
+    base_dir: Path
+    model: str  # the untuned student ("self") or the teacher; unused for a dataset of chats
+    engine: EngineConfig
+    seed: int
+
+
+def replay_source(config: ExperimentConfig) -> ReplaySource:
+    """Replay's source for this experiment: the untuned student answers on the benchmark's engine ("self", as it
+    is served), or the teacher on its own."""
+    replay = config.train.replay
+    if replay.source == "self":
+        model, engine = config.student.model, config.benchmark.engine
+    else:
+        model, engine = config.teacher.model, config.teacher.engine
+    return ReplaySource(replay, config.base_dir, model, engine, config.seed)
+
+
+def read_replay_chats(source: ReplaySource) -> list[tuple[Chat, str | None]]:
     """The replay dataset's conversations; a missing file or column, or a row that is not a chat ending in an
     answer, is a one-line error naming the key."""
-    replay = config.train.replay
-    source = replay.dataset or ""
-    path = config.base_dir / source
+    replay = source.settings
+    dataset = replay.dataset or ""
+    path = source.base_dir / dataset
     try:
         import datasets
 
@@ -54,12 +80,13 @@ def read_replay_chats(config: ExperimentConfig) -> list[tuple[Chat, str | None]]
         if path.is_file():
             rows = datasets.load_dataset("json", data_files=str(path), split="train")
         else:
-            rows = datasets.load_dataset(source, split=replay.split)
+            rows = datasets.load_dataset(dataset, split=replay.split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs the key and the reason
-        raise PipelineError(f"train.replay.dataset: cannot read {source!r}: {str(exc).splitlines()[0][:200]}") from None
+        reason = str(exc).splitlines()[0][:200]
+        raise PipelineError(f"train.replay.dataset: cannot read {dataset!r}: {reason}") from None
     if replay.messages_column not in rows.column_names:
         raise PipelineError(
-            f"train.replay.messages_column: {source!r} has no column {replay.messages_column!r} "
+            f"train.replay.messages_column: {dataset!r} has no column {replay.messages_column!r} "
             f"(columns: {', '.join(rows.column_names)})"
         )
     chats = []
@@ -67,19 +94,19 @@ def read_replay_chats(config: ExperimentConfig) -> list[tuple[Chat, str | None]]
         roles = [m.get("role") for m in messages or []] if isinstance(messages, list) else []
         if "user" not in roles or roles[-1] != "assistant":
             raise PipelineError(
-                f"train.replay.dataset: row {number} of {source!r} is not a chat with a user turn that ends in an "
+                f"train.replay.dataset: row {number} of {dataset!r} is not a chat with a user turn that ends in an "
                 "assistant answer"
             )
         chats.append(([{"role": m["role"], "content": m["content"]} for m in messages], None))
     return chats
 
 
-def replay_input(config: ExperimentConfig) -> Path:
+def replay_input(source: ReplaySource) -> Path:
     """The file replay rows come from (part of the filter's fingerprint): the prompts, or the dataset's file."""
-    replay = config.train.replay
+    replay = source.settings
     if replay.source == "dataset":
-        return config.base_dir / (replay.dataset or "")
-    return config.base_dir / replay.prompts if replay.prompts else GENERAL_PROMPTS
+        return source.base_dir / (replay.dataset or "")
+    return source.base_dir / replay.prompts if replay.prompts else GENERAL_PROMPTS
 
 
 ANSWER_MARGIN = 1.5
@@ -88,20 +115,12 @@ Screening kept 85 of 109 (78%) on the embedded default; answering all 155 shippe
 300-ticket run needs took ~80 s of the filter stage on 2 CPU cores."""
 
 
-def general_prompts(config: ExperimentConfig) -> list[str]:
+def general_prompts(source: ReplaySource) -> list[str]:
     """The prompts replay answers (`train.replay.prompts`, default the shipped general set)."""
-    prompts_file = replay_input(config)
+    prompts_file = replay_input(source)
     if not prompts_file.is_file():
-        raise PipelineError(f"train.replay.prompts: file not found: {config.train.replay.prompts}")
+        raise PipelineError(f"train.replay.prompts: file not found: {source.settings.prompts}")
     return [row["prompt"] for row in read_jsonl(prompts_file)]
-
-
-def answerer(config: ExperimentConfig) -> tuple[str, EngineConfig]:
-    """The model that answers the general prompts, and its engine: the untuned student on the benchmark's engine
-    ("self", as it is served), or the teacher on its own."""
-    if config.train.replay.source == "self":
-        return config.student.model, config.benchmark.engine
-    return config.teacher.model, config.teacher.engine
 
 
 def worked_examples() -> list[tuple[str, str]]:
@@ -109,16 +128,15 @@ def worked_examples() -> list[tuple[str, str]]:
     return [(row["prompt"], row["answer"]) for row in read_jsonl(WORKED_EXAMPLES)]
 
 
-def answerer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
+def answerer_identity(source: ReplaySource) -> dict[str, Any] | None:
     """What decides the replay answers besides their prompts (the filter's fingerprint holds it); None when
     replay is off or brings its own answers."""
-    replay = config.train.replay
+    replay = source.settings
     if replay.fraction == 0 or replay.source == "dataset":
         return None
-    model, engine = answerer(config)
     return {
-        "model": model,
-        "engine": engine_identity(engine.model_dump()),
+        "model": source.model,
+        "engine": engine_identity(source.engine.model_dump()),
         "max_tokens": replay.max_tokens,
         "worked_examples": hashlib.sha256(WORKED_EXAMPLES.read_bytes()).hexdigest()[:16],  # what a base model sees
     }
@@ -134,10 +152,10 @@ class ReplayAnswers:
     first and read up to the next turn it writes itself, as the probe asks it: asked bare, Gemma 3 270M base
     repeated each prompt until `max_tokens` (155 of 155 cut), with them 115 of 155 answers ended."""
 
-    def __init__(self, config: ExperimentConfig, folder: Path) -> None:
-        self.config = config
+    def __init__(self, source: ReplaySource, folder: Path) -> None:
+        self.source = source
         self.cache = folder / ANSWERS
-        identity = [answerer_identity(config), config.seed]
+        identity = [answerer_identity(source), source.seed]
         self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
         cached = read_jsonl(self.cache) if self.cache.is_file() else []
         self.rows = {row["prompt"]: row for row in cached if row.get("key") == self.key}
@@ -153,11 +171,10 @@ class ReplayAnswers:
             self.engine = None
 
     def _load(self) -> Any:
-        from pipeline.chat_templates import worked_example_turns
-        from pipeline.engines import load_engine, model_for, prompted_in_plain_chat
+        from pipeline.engines import load_engine, model_for, prompted_in_plain_chat  # at use: tests stand one in
 
-        model, engine_config = answerer(self.config)
-        self.engine = load_engine(model_for(model, engine_config), engine_config, self.config.seed)
+        model, engine_config = self.source.model, self.source.engine
+        self.engine = load_engine(model_for(model, engine_config), engine_config, self.source.seed)
         shown = worked_examples() if prompted_in_plain_chat(self.engine) else []
         if shown:
             log(
@@ -169,17 +186,14 @@ class ReplayAnswers:
 
     def __call__(self, prompts: list[str]) -> list[tuple[Chat, str | None]]:
         """`prompts` with their answers and finish reasons, the missing ones generated and cached."""
-        from pipeline.config import SamplingConfig
-        from pipeline.engines import stops_for
-
-        replay = self.config.train.replay
+        replay = self.source.settings
         missing = list(dict.fromkeys(p for p in prompts if p not in self.rows))
         if missing:
-            log(f"filter: replay: {answerer(self.config)[0]} answers {len(missing)} general prompts ({replay.source})")
+            log(f"filter: replay: {self.source.model} answers {len(missing)} general prompts ({replay.source})")
             engine = self.engine or self._load()
             conversations = [[*self.first_turns, {"role": "user", "content": prompt}] for prompt in missing]
             stop = stops_for(engine, [])
-            sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=self.config.seed, stop=stop)
+            sampling = SamplingConfig(temperature=0.0, max_tokens=replay.max_tokens, seed=self.source.seed, stop=stop)
             generations = engine.generate(conversations, sampling, progress="replay answers")
             for prompt, g in zip(missing, generations, strict=True):
                 self.rows[prompt] = {
@@ -228,14 +242,14 @@ def _failure(sample: Sample, example: Example, filters: DatasetFilters, shown: N
 
 
 def screened_replay(
-    config: ExperimentConfig, task: Task, wanted: int, folder: Path
+    source: ReplaySource, settings: FilterConfig, task: Task, wanted: int, folder: Path
 ) -> tuple[list[dict[str, Any]], dict, int]:
-    """Up to `wanted` replay rows in a seeded order, as training rows; the drops by filter; rows available.
-    Generated answers are made in rounds, only as many as the rows still missing need (`ANSWER_MARGIN`), and
-    cached in `folder` (the filter stage's); a protected prompt is dropped before it is answered."""
+    """Up to `wanted` replay rows in a seeded order, as training rows; the drops by filter (`settings`' dedup and
+    decontamination, always on for replay); rows available. Generated answers are made in rounds, only as many as
+    the rows still missing need (`ANSWER_MARGIN`), and cached in `folder` (the filter stage's); a protected prompt
+    is dropped before it is answered."""
     if wanted == 0:
         return [], {}, 0
-    settings = config.filter
     filters = DatasetFilters(
         settings.model_copy(
             update={
@@ -244,22 +258,22 @@ def screened_replay(
                 "decontaminate": settings.decontaminate.model_copy(update={"enabled": True, "probe": True}),
             }
         ),
-        protected_prompts(config, task, probe=True),
+        protected_prompts(task, probe=True),
     )
-    source = config.train.replay.source
-    if source == "dataset":
-        chats = read_replay_chats(config)
+    kind = source.settings.source
+    if kind == "dataset":
+        chats = read_replay_chats(source)
         users = [next(m["content"] for m in reversed(chat) if m["role"] == "user") for chat, _ in chats]
     else:
-        users = general_prompts(config)
+        users = general_prompts(source)
     # A base answerer may hand back a worked answer it was shown as its own: an answer to another question (Gemma 3
     # 270M did, for a prompt that nearly repeated a worked one). An n-gram as long as decontamination's marks it.
     shown = NgramIndex(
-        [] if source == "dataset" else [("a worked answer", answer) for _, answer in worked_examples()],
+        [] if kind == "dataset" else [("a worked answer", answer) for _, answer in worked_examples()],
         settings.decontaminate.ngram,
     )
     order = list(range(len(users)))
-    random.Random(config.seed).shuffle(order)
+    random.Random(source.seed).shuffle(order)
     kept: list[dict[str, Any]] = []
     dropped: dict[str, int] = {}
 
@@ -267,7 +281,7 @@ def screened_replay(
         dropped[reason] = dropped.get(reason, 0) + 1
 
     position = 0
-    with ReplayAnswers(config, folder) as answered:
+    with ReplayAnswers(source, folder) as answered:
         while len(kept) < wanted and position < len(order):
             size = max(math.ceil((wanted - len(kept)) * ANSWER_MARGIN), position)
             batch = order[position : position + size]
@@ -276,7 +290,7 @@ def screened_replay(
             allowed = [i for i in batch if filters.guard(examples[i]) is None]
             for _ in range(len(batch) - len(allowed)):
                 drop(TEST_GUARD)
-            batch_chats = [chats[i] for i in allowed] if source == "dataset" else answered([users[i] for i in allowed])
+            batch_chats = [chats[i] for i in allowed] if kind == "dataset" else answered([users[i] for i in allowed])
             for index, (messages, finish) in zip(allowed, batch_chats, strict=True):
                 if len(kept) >= wanted:
                     break
@@ -292,7 +306,7 @@ def screened_replay(
                         "category": "replay",
                         "sample_index": 0,
                         "replay": True,
-                        "replay_source": source,
+                        "replay_source": kind,
                     }
                 )
     return kept, dropped, len(users)

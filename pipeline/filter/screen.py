@@ -18,12 +18,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import FilterConfig
 from pipeline.files import parse_json_object
 from pipeline.filter.filters import DatasetFilters, Sample, SampleFilters, vote, words
 from pipeline.models import resolve_model
 from pipeline.probe_questions import load_probe
-from pipeline.tasks import Example, Task, task_for
+from pipeline.tasks import Example, Task
 
 TEST_GUARD = "test_split_guard"  # always on: a benchmark test prompt never reaches training
 ROWS_PER_CHUNK = 512  # lines screened together: one tokenizer batch, one task for a worker process
@@ -31,13 +31,13 @@ MIN_LINES_FOR_WORKERS = 4 * ROWS_PER_CHUNK  # below this, starting worker proces
 MAX_AUTO_WORKERS = 8
 
 
-def token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
+def token_counter(student_model: str) -> Callable[[list[str]], list[int]]:
     """Response lengths in the student's tokens (what training will see), many texts per call.
 
     The Rust tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text, and
     loading `tokenizer.json` with `tokenizers` alone skips the ~5 s import of transformers.
     """
-    model = resolve_model(config.student.model)
+    model = resolve_model(student_model)
     tokenizer_file = Path(model) / "tokenizer.json"
     if tokenizer_file.is_file():
         from tokenizers import Tokenizer
@@ -51,13 +51,26 @@ def token_counter(config: ExperimentConfig) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def protected_prompts(config: ExperimentConfig, task: Task, probe: bool = False) -> list[tuple[str, str]]:
-    """(source, text) of every prompt training must not see: the benchmark test split and the probe (when the
-    config protects it, or always with `probe`: replay's general chats are where probe-like questions live)."""
+def protected_prompts(task: Task, probe: bool) -> list[tuple[str, str]]:
+    """(source, text) of every prompt training must not see: the benchmark test split, and with `probe` the
+    probe's questions (`filter.decontaminate.probe` with the probe on; always for replay, whose general chats
+    are where probe-like questions live)."""
     protected = [(ex.id, ex.user) for ex in task.split("test")]
-    if probe or (config.filter.decontaminate.probe and config.benchmark.probe):
+    if probe:
         protected += [(f"probe:{q.id}", q.question) for q in load_probe()]
     return protected
+
+
+@dataclass(frozen=True)
+class Screening:
+    """What screening a row takes, from the stage's config: worker processes build their `Screener` from it."""
+
+    task: Task
+    settings: FilterConfig
+    student_prompt_style: str  # the prompt a kept example carries
+    teacher_prompt_style: str  # the prompt the teacher answered, for rows that did not record it
+    student_model: str  # whose tokenizer measures a response for the length filter
+    protect_probe: bool  # the probe's questions are protected prompts too
 
 
 @dataclass
@@ -79,14 +92,14 @@ class Screener:
     the vote and the dataset filters' features. Rows are independent here, so chunks of lines can be
     screened in worker processes; the stateful half (dedup against kept rows, writing) stays in one."""
 
-    def __init__(self, config: ExperimentConfig) -> None:
-        self.config = config
-        self.task = task_for(config)
-        settings = config.filter
+    def __init__(self, screening: Screening) -> None:
+        self.screening = screening
+        self.task = screening.task
+        settings = screening.settings
         self.active = frozenset(settings.active())
-        self.count_tokens = token_counter(config) if "length" in self.active else None
+        self.count_tokens = token_counter(screening.student_model) if "length" in self.active else None
         self.sample_filters = SampleFilters(settings, self.task)
-        self.dataset_filters = DatasetFilters(settings, protected_prompts(config, self.task))
+        self.dataset_filters = DatasetFilters(settings, protected_prompts(self.task, screening.protect_probe))
 
     def measure(self, texts: list[str]) -> list[int]:
         return self.count_tokens(texts) if self.count_tokens else [len(words(t)) for t in texts]
@@ -108,7 +121,7 @@ class Screener:
         return [self._screen_row(row, lengths) if isinstance(row, dict) else row for row in parsed]
 
     def _screen_row(self, row: dict[str, Any], lengths: Iterator[int]) -> Screened:
-        task, config = self.task, self.config
+        task, screening = self.task, self.screening
         example = Example(row["prompt_id"], row["user"], row.get("reference", {}), row.get("category", ""))
         samples = [
             Sample(example.id, i, c.get("text") or "", c.get("finish_reason"), c.get("output_tokens"), next(lengths))
@@ -119,7 +132,7 @@ class Screener:
             samples,
             [],
             [],
-            task.messages(example, config.student.prompt_style),
+            task.messages(example, screening.student_prompt_style),
             row.get("teacher"),
             row.get("error"),
         )
@@ -127,7 +140,7 @@ class Screener:
         if guard is not None:
             screened.dropped = [(sample, TEST_GUARD, guard) for sample in samples]
             return screened
-        teacher_messages = row.get("messages") or task.messages(example, config.teacher.prompt_style)
+        teacher_messages = row.get("messages") or task.messages(example, screening.teacher_prompt_style)
         passing = []
         for sample in samples:
             failed = self.sample_filters.check(sample, example, teacher_messages)
@@ -139,7 +152,7 @@ class Screener:
         # result is reused where it ran).
         screened.verified = sum(all(self._rules(sample, example).values()) for sample in samples)
         if "agreement" in self.active:
-            passing, losers = vote(task, config.filter, passing, len(samples))
+            passing, losers = vote(task, screening.settings, passing, len(samples))
             screened.dropped += [(sample, "agreement", detail) for sample, detail in losers]
         for sample in passing:
             self.dataset_filters.prepare(example, sample)
@@ -154,10 +167,10 @@ class Screener:
 _worker_screener: Screener | None = None
 
 
-def _start_worker(config: ExperimentConfig) -> None:
+def _start_worker(screening: Screening) -> None:
     global _worker_screener
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
-    _worker_screener = Screener(config)
+    _worker_screener = Screener(screening)
 
 
 def _screen_in_worker(lines: list[tuple[int, bytes]]) -> list[Screened | tuple[int, str]]:
@@ -172,17 +185,17 @@ def worker_count(setting: int | None, lines: int) -> int:
 
 
 def screened_chunks(
-    config: ExperimentConfig, lines: Iterable[tuple[int, bytes]], workers: int
+    screening: Screening, lines: Iterable[tuple[int, bytes]], workers: int
 ) -> Iterator[list[Screened | tuple[int, str]]]:
     """Chunks of screened rows in input order: in this process (workers=0) or in a pool of processes,
     with a bounded number of chunks in flight so memory does not grow with the input."""
     chunks = iter(lambda: list(islice(lines, ROWS_PER_CHUNK)), [])
     if workers == 0:
-        screener = Screener(config)
+        screener = Screener(screening)
         yield from map(screener.screen, chunks)
         return
     context = multiprocessing.get_context("spawn")  # safe after torch or vLLM ran in this process
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(config,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(screening,)) as pool:
         in_flight: deque[Future] = deque()
         for chunk in chunks:
             in_flight.append(pool.submit(_screen_in_worker, chunk))

@@ -19,36 +19,49 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, FilterConfig
 from pipeline.console import PipelineError, log
 from pipeline.files import atomic_path, json_line, malformed_line_message, write_json
 from pipeline.filter.card import Tally, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge, judge_identity
 from pipeline.filter.replay import (
+    ReplaySource,
     answerer_identity,
     replay_input,
     replay_shortfall,
+    replay_source,
     replay_wanted,
     screened_replay,
 )
-from pipeline.filter.screen import TEST_GUARD, Screened, numbered_lines, screened_chunks, token_counter, worker_count
+from pipeline.filter.screen import (
+    TEST_GUARD,
+    Screened,
+    Screening,
+    numbered_lines,
+    screened_chunks,
+    token_counter,
+    worker_count,
+)
+from pipeline.judging import rubric_for
+from pipeline.layout import RunLayout
 from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
 
 
 def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
+    replay = replay_source(config)
     sections = {
         "seed": config.seed,
         "task": config.task.model_dump(),
         "filter": config.filter.model_dump(),
         "student": config.student.model_dump(),
         "probe": config.benchmark.probe,
-        "judge": judge_identity(config) if "judge" in config.filter.active() else None,
-        "replay": config.train.replay.model_dump() | {"answerer": answerer_identity(config)},
+        "judge": judge_identity(config.teacher) if "judge" in config.filter.active() else None,
+        "replay": config.train.replay.model_dump() | {"answerer": answerer_identity(replay)},
     }
-    replay = [replay_input(config)] if config.train.replay.fraction > 0 else []
-    inputs = [config.layout.teacher_outputs, *task.data_files(), *(path for path in replay if path.is_file())]
+    replay_file = [replay_input(replay)] if config.train.replay.fraction > 0 else []
+    inputs = [config.layout.teacher_outputs, *task.data_files(), *(path for path in replay_file if path.is_file())]
     return Stage(config, "filter", sections, inputs=inputs)
 
 
@@ -61,17 +74,30 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         source = layout.teacher_outputs
         if not source.is_file():
             raise PipelineError(f"input file not found: {source} (run generate first)")
-        active = config.filter.active()
+        settings = config.filter
+        active = settings.active()
         if "length" in active:
-            token_counter(config)  # a missing tokenizer fails here, with its own message, not in a worker
+            token_counter(config.student.model)  # a missing tokenizer fails here, with its own message, not in a worker
         with source.open("rb") as fh:
             total_lines = sum(1 for _ in fh)
-        workers = worker_count(config.filter.workers, total_lines)
+        workers = worker_count(settings.workers, total_lines)
         tally = Tally([TEST_GUARD, *active])
+        screening = Screening(
+            task=task,
+            settings=settings,
+            student_prompt_style=config.student.prompt_style,
+            teacher_prompt_style=config.teacher.prompt_style,
+            student_model=config.student.model,
+            protect_probe=settings.decontaminate.probe and config.benchmark.probe,
+        )
+        judge = None
+        if "judge" in active:
+            rubric = rubric_for(settings.judge.rubric, task.rubric())
+            judge = Judge(config.teacher, config.seed, rubric, stage.dir)
 
-        with DatasetWriter(config, tally) as writer:
+        with DatasetWriter(settings, layout, config.seed, tally, judge) as writer:
             progress = tqdm(total=total_lines, desc="filter", unit="row", mininterval=1.0)
-            for chunk in screened_chunks(config, numbered_lines(source), workers):
+            for chunk in screened_chunks(screening, numbered_lines(source), workers):
                 for item in chunk:
                     if isinstance(item, Screened):
                         writer.add(item)
@@ -80,17 +106,26 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
                 progress.update(len(chunk))
             progress.close()
             writer.flush_judge()
-            check_enough_kept(config, tally, task)
+            check_enough_kept(settings.min_train_examples, tally, task)
             if config.train.replay.fraction > 0:  # after the guard: it counts the task's examples only
-                writer.add_replay(task)
+                writer.add_replay(replay_source(config), task, stage.dir)
             if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
                 raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
         report = tally.report("tokens" if "length" in active else "words") | {"workers": workers}
         write_json(layout.filter_report, report)
         counts = {k: v for k, v in report.items() if isinstance(v, int)}
+        card = write_dataset_card(
+            report,
+            tally,
+            layout,
+            run_name=config.run_name,
+            teacher=config.teacher.model,
+            task_name=config.task.name,
+            prompt_style=config.student.prompt_style,
+        )
         stage.finish(
-            [*writer.paths, layout.filter_report, *write_dataset_card(config, report, tally)],
+            [*writer.paths, layout.filter_report, *card],
             counts,
             summary=counts | {f"dropped/{k}": v for k, v in tally.dropped.items()},
             tables=[("filters", ["filter", "in", "dropped", "out"], [list(r.values()) for r in report["filters"]])],
@@ -121,11 +156,11 @@ DROP_FIXES = {
 }
 
 
-def check_enough_kept(config: ExperimentConfig, tally: Tally, task: Task) -> None:
-    """The guard after filtering: too few kept training examples stop the run, in one line that says why: the
-    count, the teacher's verified rate, the filter that dropped the most and the key that fixes it; when the
-    teacher's answers rarely pass the task's scorer, how they are read is named as a suspect beside it."""
-    need = config.filter.min_train_examples
+def check_enough_kept(need: int, tally: Tally, task: Task) -> None:
+    """The guard after filtering: fewer kept training examples than `need` (`filter.min_train_examples`) stop the
+    run, in one line that says why: the count, the teacher's verified rate, the filter that dropped the most and
+    the key that fixes it; when the teacher's answers rarely pass the task's scorer, how they are read is named as
+    a suspect beside it."""
     if tally.train >= max(need, 1):
         return
     top = tally.dropped.most_common(1)
@@ -152,14 +187,14 @@ class DatasetWriter:
     in batches, then train.jsonl or val.jsonl, or drops.jsonl with the filter and its reason. The three files
     are written to temporary siblings and appear only if the `with` block succeeds."""
 
-    def __init__(self, config: ExperimentConfig, tally: Tally) -> None:
-        self.config = config
-        self.settings = config.filter
+    def __init__(self, settings: FilterConfig, layout: RunLayout, seed: int, tally: Tally, judge: Judge | None) -> None:
+        self.settings = settings
+        self.seed = seed  # splits train from val by prompt id
         self.tally = tally
-        self.dataset_filters = DatasetFilters(self.settings, protected=[])  # rows arrive with features prepared
-        self.judge = Judge(config) if "judge" in self.settings.active() else None
+        self.dataset_filters = DatasetFilters(settings, protected=[])  # rows arrive with features prepared
+        self.judge = judge
         self.pending: list[tuple[Example, Sample, list[dict[str, str]], str | None]] = []  # awaiting the judge
-        self.paths = [config.layout.train_data, config.layout.val_data, config.layout.drops]
+        self.paths = [layout.train_data, layout.val_data, layout.drops]
         self._files = ExitStack()
 
     def __enter__(self) -> DatasetWriter:
@@ -188,12 +223,12 @@ class DatasetWriter:
         if self.judge and len(self.pending) >= self.settings.judge.batch_size:
             self.flush_judge()
 
-    def add_replay(self, task: Task) -> None:
+    def add_replay(self, source: ReplaySource, task: Task, folder: Path) -> None:
         """Append replay rows to train.jsonl, `train.replay.fraction` of the training mix (never to val.jsonl:
-        validation measures the task)."""
-        replay = self.config.train.replay
+        validation measures the task); generated answers are cached in `folder`."""
+        replay = source.settings
         wanted = replay_wanted(replay.fraction, self.tally.train)
-        rows, dropped, available = screened_replay(self.config, task, wanted, self.config.layout.stage_dir("filter"))
+        rows, dropped, available = screened_replay(source, self.settings, task, wanted, folder)
         for row in rows:
             self.train.write(json_line(row))
         self.tally.replay = {
@@ -237,7 +272,7 @@ class DatasetWriter:
             "teacher": teacher,
             "scores": sample.scores,
         }
-        validation = in_val(example.id, self.config.seed, self.settings.val_fraction)
+        validation = in_val(example.id, self.seed, self.settings.val_fraction)
         (self.val if validation else self.train).write(json_line(record))
         self.tally.val += validation
         self.tally.train += not validation

@@ -48,7 +48,7 @@ def run_generate_with_ray(config: ExperimentConfig, force: bool = False) -> Path
             raise PipelineError(
                 "teacher.ray.workers: ray is not installed (pip install 'distill-pipeline[ray]')"
             ) from None
-        train_examples(config, task)  # a bad task fails here, not in every worker
+        train_examples(task)  # a bad task fails here, not in every worker
         model_for(config.teacher.model, config.teacher.engine)  # so does an unknown model (a bundled one is cached)
         started_here = not ray.is_initialized()
         if started_here:
@@ -90,7 +90,7 @@ def merge_shards(config: ExperimentConfig, num_shards: int) -> Path:
         counts = {"prompts": 0, "output_tokens": 0, "prompt_errors": 0}
         try:
             with atomic_path(output) as tmp, tmp.open("wb") as out:
-                for ex in train_examples(config, task):
+                for ex in train_examples(task):
                     index = shard_of(ex.id, num_shards)
                     line = readers[index].readline()
                     row = parse_json_object(line) if line.strip() else {}

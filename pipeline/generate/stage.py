@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, SamplingConfig, engine_identity, resolved_dict
+from pipeline.config import ExperimentConfig, SamplingConfig, TeacherConfig, engine_identity, resolved_dict
 from pipeline.console import PipelineError, log
 from pipeline.engines import Completion, Generation, load_engine, model_for
 from pipeline.files import json_line, parse_json_object
@@ -114,7 +114,7 @@ def read_done(partial: Path) -> dict[str, Done]:
     return done
 
 
-def train_examples(config: ExperimentConfig, task: Task) -> list[Example]:
+def train_examples(task: Task) -> list[Example]:
     """The prompts the teacher answers: the task's train split, in the teacher's prompt style."""
     examples = task.split("train")
     if not examples:
@@ -130,7 +130,7 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
     with stage:
         if stage.skip(force, output):
             return output
-        examples = train_examples(config, task)
+        examples = train_examples(task)
         if shard:
             examples = [ex for ex in examples if shard.holds(ex.id)]
         model = model_for(config.teacher.model, config.teacher.engine)  # fail fast on an unknown model
@@ -142,7 +142,9 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
             + (f" ({reused} reused from the previous run)" if reused else "")
             + f", {len(todo)} to go"
         )
-        new_tokens, timing = _answer(config, stage, task, model, todo, partial, len(examples)) if todo else (0, {})
+        new_tokens, timing = 0, {}
+        if todo:
+            new_tokens, timing = _answer(config.teacher, config.seed, stage, task, model, todo, partial, len(examples))
 
         rows = read_done(partial)
         missing = [ex.id for ex in examples if ex.id not in rows]
@@ -185,13 +187,19 @@ def _open_partial(
 
 
 def _answer(
-    config: ExperimentConfig, stage: Stage, task: Task, model: str, todo: list[Example], partial: Path, total: int
+    teacher: TeacherConfig,
+    seed: int,
+    stage: Stage,
+    task: Task,
+    model: str,
+    todo: list[Example],
+    partial: Path,
+    total: int,
 ) -> tuple[int, dict[str, float]]:
     """The teacher answers `todo` chunk by chunk; each finished chunk is appended to `partial`, flushed and
     fsynced. Returns the output tokens generated and the timing metrics."""
-    teacher = config.teacher
     sampling = teacher.sampling.constrained_to(task.answer_choices())  # a label task: labels only
-    engine = load_engine(model, teacher.engine, config.seed)
+    engine = load_engine(model, teacher.engine, seed)
     started = time.perf_counter()
     new_tokens = 0
     bar = tqdm(total=total, initial=total - len(todo), desc="generate", unit="prompt", smoothing=0.1)
@@ -206,7 +214,7 @@ def _answer(
                         raise PipelineError(
                             f"generate: prompt {ex.id}: {generation.error} (teacher.on_prompt_error=skip skips it)"
                         )
-                    fh.write(json_line(_row(config, sampling, ex, conversation, generation)))
+                    fh.write(json_line(_row(teacher.model, sampling, ex, conversation, generation)))
                     new_tokens += generation.output_tokens
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -275,7 +283,7 @@ def row_output_tokens(row: dict[str, Any]) -> int:
 
 
 def _row(
-    config: ExperimentConfig, sampling: SamplingConfig, ex: Example, conv: list[dict[str, str]], gen: Generation
+    teacher: str, sampling: SamplingConfig, ex: Example, conv: list[dict[str, str]], gen: Generation
 ) -> dict[str, Any]:
     row = {
         "prompt_id": ex.id,
@@ -285,7 +293,7 @@ def _row(
         "messages": conv,
         "completions": [_completion(c) for c in gen.completions],
         "prompt_tokens": gen.prompt_tokens,
-        "teacher": config.teacher.model,
+        "teacher": teacher,
         "sampling": sampling.model_dump(),
     }
     if "usage" in gen.extra:

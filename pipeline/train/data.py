@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import ExperimentConfig
 from pipeline.console import PipelineError
 from pipeline.files import read_jsonl
+from pipeline.layout import RunLayout
 from pipeline.train.kd import KD_COLUMNS, attach_teacher_logprobs
 
 
@@ -25,12 +25,11 @@ def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": messages[:-1], "completion": messages[-1:], **{k: row[k] for k in KD_COLUMNS if k in row}}
 
 
-def load_splits(config: ExperimentConfig) -> tuple[list[dict], list[dict]]:
-    """train.jsonl and val.jsonl as prompt/completion rows; for KD, with the teacher's logprobs attached
-    (one pass over the teacher outputs for both splits)."""
-    layout = config.layout
+def load_splits(layout: RunLayout, objective: str) -> tuple[list[dict], list[dict]]:
+    """train.jsonl and val.jsonl as prompt/completion rows; for KD (`objective`), with the teacher's logprobs
+    attached (one pass over the teacher outputs for both splits)."""
     train, val = list(read_jsonl(layout.train_data)), list(read_jsonl(layout.val_data))
-    if config.train.objective == "kd" and train + val:
+    if objective == "kd" and train + val:
         attach_teacher_logprobs(train + val, layout.teacher_outputs)  # in place
     return [to_prompt_completion(row) for row in train], [to_prompt_completion(row) for row in val]
 

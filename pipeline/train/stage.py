@@ -51,7 +51,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         model_path = resolve_model(config.student.model)
         if config.train.objective == "kd":
             check_same_tokenizer(resolve_model(config.teacher.model), model_path)
-        train_rows, val_rows = load_splits(config)
+        train_rows, val_rows = load_splits(layout, config.train.objective)
         if not train_rows:
             raise PipelineError(f"{layout.train_data}: no training examples")
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -22,12 +22,14 @@ from pipeline.train.options import (
 from pipeline.train.stage_trainer import StageTrainer, log_the_last_step_callback, throughput_callback
 
 
-def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: dict[str, Any]):
+def sft_args(
+    train: TrainConfig, seed: int, run_name: str, report_to: list[str], output_dir: Path, has_val: bool, device: dict
+):
     """TRL's SFTConfig for a run: the train section, checkpoints for resuming (with a val split, validation at
-    each one and the best kept), completion-only loss, and the device's precision and memory options."""
+    each one and the best kept), completion-only loss, the device's precision and memory options, and where the
+    trainer logs (`report_to`, with the run's name)."""
     from trl import SFTConfig
 
-    train = config.train
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
@@ -54,10 +56,10 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
         packing=train.packing,
         packing_strategy="bfd",  # padding-free: position ids restart per example
         model_init_kwargs=model_init_kwargs(train, device),
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=trainer_report_to(config),
-        run_name=f"{config.run_name}-train",
+        seed=seed,
+        data_seed=seed,
+        report_to=report_to,
+        run_name=f"{run_name}-train",
         dataloader_num_workers=train.dataloader_workers,
         ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
         **fast_path_options(train, device),
@@ -65,14 +67,15 @@ def sft_args(config: ExperimentConfig, output_dir: Path, has_val: bool, device: 
     )
 
 
-def student_tokenizer(config: ExperimentConfig, model_path: str) -> Any:
+def student_tokenizer(served_template: str | None, model_path: str) -> Any:
     """The student's tokenizer carrying the chat template it is served with, where that is not its own (a base
-    model's plain one, or benchmark.engine.chat_template: see engines.chat_template_for); None, for TRL to load
-    the model's as it is. Saved with the adapter and the merged student, so vLLM serves them with it."""
+    model's plain one, or `served_template`, benchmark.engine.chat_template: see chat_templates.chat_template_for);
+    None, for TRL to load the model's as it is. Saved with the adapter and the merged student, so vLLM serves them
+    with it."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = chat_template_for(tokenizer, config.benchmark.engine.chat_template, model_path)
+    template = chat_template_for(tokenizer, served_template, model_path)
     if template is None:
         return None
     tokenizer.chat_template = template
@@ -126,10 +129,10 @@ def build_trainer(
         )
     trainer = trainer_class(
         model=model_path,
-        args=sft_args(config, output_dir, has_val, device),
+        args=sft_args(train, config.seed, config.run_name, trainer_report_to(config), output_dir, has_val, device),
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(val_rows) if has_val else None,
-        processing_class=student_tokenizer(config, model_path),
+        processing_class=student_tokenizer(config.benchmark.engine.chat_template, model_path),
         peft_config=lora,
         callbacks=callbacks,
         **extra,
