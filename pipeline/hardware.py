@@ -110,8 +110,7 @@ def probe_cpu() -> tuple[float, float]:
     """(peak TFLOP/s, memory GB/s) of this CPU as a job sees it, measured in about a second: the best of a few
     fp32 matmuls (the engines run fp32 on CPU) and of reads of an array far larger than the caches, as a decode
     step reads its weights. The array is written first: pages never written are the kernel's shared zero page,
-    which reads from cache (a copy out of such an array read 84-101 GB/s here; reads of written pages 36-82 GB/s
-    from run to run on this shared host, mostly 43-48)."""
+    which reads from cache at twice the speed of memory (docs/measurements.md, "The CPU probe")."""
     import time
 
     import torch
@@ -138,10 +137,8 @@ def probe_cpu() -> tuple[float, float]:
 def attention_without_cudnn(device_type: str) -> Iterator[None]:
     """On CUDA, `scaled_dot_product_attention` without PyTorch's cuDNN backend (flash, memory-efficient or math
     instead); elsewhere nothing changes. cuDNN attention, which PyTorch prefers on Hopper, builds an execution plan
-    the first time it meets each sequence length: on an H200 (torch 2.11) a prefill of an unseen length took 89-105
-    ms against 25 ms once planned, and a single generated request, whose every decode step is a new key length,
-    took 1.8-3.3 s against 0.55 s for the same lengths again; without it, 0.54-0.79 s on unseen lengths and 16-23
-    ms a prefill of a length seen before. Training pays the same per new padded length (forward and backward)."""
+    the first time it meets each sequence length, and a generated request meets a new key length at every decode
+    step; training pays the same per new padded length (docs/measurements.md, "cuDNN attention on Hopper")."""
     if device_type != "cuda":
         yield
         return
@@ -154,7 +151,7 @@ def attention_without_cudnn(device_type: str) -> Iterator[None]:
 def release_memory() -> None:
     """Free what a finished stage or engine left behind, for the next one in this process (`distill run`, the
     benchmark's engines one after another). A trainer and its model sit in reference cycles, freed only when the
-    collector next runs (after the train stage: the whole model, measured); on CUDA, PyTorch then keeps their
+    collector next runs (after the train stage: the whole model); on CUDA, PyTorch then keeps their
     blocks cached, and vLLM, which sizes itself from the GPU's free memory (`gpu_memory_utilization`), finds them
     taken."""
     import gc

@@ -106,7 +106,7 @@ def _convert_bundled(alias: str, target: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=filename)
     # transformers' GGUF tokenizer never adds BOS; the file says whether the model's tokenizer does (Gemma's does,
-    # and Gemma answers poorly without it: engines.chat_template_for leads the plain template with it).
+    # and Gemma answers poorly without it: chat_templates.chat_template_for leads the plain template with it).
     add_bos = GGUFReader(str(gguf_dir / filename)).fields.get("tokenizer.ggml.add_bos_token")
     tokenizer.add_bos_token = bool(add_bos is not None and add_bos.contents())
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=filename, dtype=torch.float32)

@@ -166,7 +166,7 @@ class Stage:
         # The inputs' contents in the stage's order, not their paths: a run directory copied or moved elsewhere
         # (another disk, another node's mount point) is the same run, fresh there.
         self.fingerprint = _fingerprint(sections, list(hashed.values()))
-        # What manifests written before 2026-11-28 hold (inputs keyed by absolute path): still fresh after upgrading.
+        # What older manifests hold (inputs keyed by absolute path): still fresh after upgrading.
         self._fingerprint_by_path = _fingerprint(sections, {str(path): digest for path, digest in hashed.items()})
         self.started = time.time()
         self._tracker: NoTracker | None = None

@@ -127,13 +127,13 @@ def _saved_work(config: ExperimentConfig, task: Task, stage: Stage) -> str | Non
 
 def _why_stale(config: ExperimentConfig, stage: Stage, manifest: dict) -> str:
     """Which inputs and config sections differ from the manifest's; a run redoes the stage."""
-    inputs = manifest.get("inputs", {})  # keyed by absolute path in manifests before 2026-11-28
+    inputs = manifest.get("inputs", {})  # keyed by absolute path in older manifests
     changed = [
         f"input {_shown(config, name)}"
         for name, digest in stage.inputs.items()
         if inputs.get(name, inputs.get(str(config.run_dir / name))) != digest
     ]
-    if "sections" in manifest:  # the fingerprint's own parts (manifests since 2026-11-28): "config replay"
+    if "sections" in manifest:  # the fingerprint's own parts (newer manifests): "config replay"
         now = json.loads(json.dumps(stage.sections))
         changed += [f"config {key}" for key, value in now.items() if manifest["sections"].get(key) != value]
     else:

@@ -109,7 +109,7 @@ def synchronize() -> None:
 
 def step_clock(first: int, last: int):
     """A trainer callback that stamps the end of steps `first` and `last`, after a device sync there only: a sync
-    at every step would stall the CPU the way the stage no longer does (see pipeline/train/trainer.TokenCounter)."""
+    at every step would stall the CPU the way the stage no longer does (pipeline/train/stage_trainer.TokenCounter)."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):

@@ -222,7 +222,7 @@ def ping_pong_qwen_like_student(tmp_path_factory, qwen_like_tokenizer) -> tuple[
 @pytest.fixture(scope="session")
 def ping_pong_base_student(tmp_path_factory, base_tokenizer) -> tuple[Path, Path, Path]:
     """The ping-pong student tuned from a base model, which has no chat template: trained with the plain one the
-    pipeline ships (engines.chat_template_for), which its merged folder keeps."""
+    pipeline ships (chat_templates.chat_template_for), which its merged folder keeps."""
     return train_ping_pong(tmp_path_factory.mktemp("ping-pong-base"), base_tokenizer)
 
 

@@ -244,7 +244,7 @@ def test_unmerged_adapter_serves_what_the_merged_weights_serve(request, backend,
     engine would add a minute on this CPU to learn what the weights, not the engine, decide). Students tuned from
     a base model without a chat template (the engines prompt it with the one it trained on), and from one whose
     EOS is not its template's end of turn (Qwen2.5 base): served on the base's own files, whose stop tokens lack
-    `<|im_end|>`, it stops there all the same (engines.stop_token_ids). All three prompt a student tuned from a
+    `<|im_end|>`, it stops there all the same (chat_templates.stop_token_ids). All three prompt a student tuned from a
     base model in the plain chat format, so the probe shows both students the same worked examples."""
     base, adapter, merged = request.getfixturevalue(student)
     prompts = [ping(3), ping(11)]

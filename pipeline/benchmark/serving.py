@@ -76,9 +76,8 @@ async def _level(
 
 
 MIN_WAVES = 2
-"""Each level runs at least two waves of its concurrency. One wave's throughput is its slowest request's: on the
-embedded default the single 16-request wave at concurrency 16 (the cost basis) took 8.4 and 10.1 s for the same
-teacher and the same 712 output tokens in two runs, 20% apart, where concurrency 4 (four waves) stayed within 4%."""
+"""Each level runs at least two waves of its concurrency: one wave's throughput is its slowest request's, 20% apart
+between two runs of the same teacher (docs/measurements.md, "The load test and the verdict's noise band")."""
 
 
 def requests_at(level: int, config: LoadTestConfig) -> int:

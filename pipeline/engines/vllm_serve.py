@@ -108,8 +108,8 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, 
 def _as_the_engines_serve_it(model: str, engine: EngineConfig, folder: Path) -> list[str]:
     """`vllm serve` flags, with their files written into `folder`, for what the offline engines give `model` and
     its own files do not: a chat template (a base model's plain one, or engine.chat_template) and a stop at the
-    template's end-of-turn token where its stop tokens lack it (engines.add_end_of_turn_stop; the model's generation
-    config with that token added, which is where vLLM reads the tokens it stops at)."""
+    template's end-of-turn token where its stop tokens lack it (chat_templates.add_end_of_turn_stop; the model's
+    generation config with that token added, which is where vLLM reads the tokens it stops at)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     try:

@@ -110,9 +110,9 @@ def replay_input(source: ReplaySource) -> Path:
 
 
 ANSWER_MARGIN = 1.5
-"""Prompts answered per missing replay row in a round (the next round at least doubles what was answered).
-Screening kept 85 of 109 (78%) on the embedded default; answering all 155 shipped prompts for the 24 rows a
-300-ticket run needs took ~80 s of the filter stage on 2 CPU cores."""
+"""Prompts answered per missing replay row in a round (the next round at least doubles what was answered): screening
+keeps about three in four, and answering every shipped prompt for the few rows a run needs cost the filter stage
+minutes (docs/measurements.md, "Replay's answer rounds")."""
 
 
 def general_prompts(source: ReplaySource) -> list[str]:
@@ -149,8 +149,8 @@ class ReplayAnswers:
     seed): only the prompts without one are generated, and a rerun generates none.
 
     An answerer with no chat format of its own (a base model, in the plain template) is shown worked answers
-    first and read up to the next turn it writes itself, as the probe asks it: asked bare, Gemma 3 270M base
-    repeated each prompt until `max_tokens` (155 of 155 cut), with them 115 of 155 answers ended."""
+    first and read up to the next turn it writes itself, as the probe asks it: asked bare, a base model repeats
+    each prompt until `max_tokens` (docs/measurements.md, "A base student answering its own replay prompts")."""
 
     def __init__(self, source: ReplaySource, folder: Path) -> None:
         self.source = source

@@ -34,9 +34,9 @@ MAX_AUTO_WORKERS = 8
 def token_counter(student_model: str) -> Callable[[list[str]], list[int]]:
     """Response lengths in the student's tokens (what training will see), many texts per call.
 
-    The Rust tokenizer's batch encode is ~10x faster than one `tokenizer(text)` call per text, and
-    loading `tokenizer.json` with `tokenizers` alone skips the ~5 s import of transformers.
-    """
+    The Rust tokenizer's batch encode is far faster than one `tokenizer(text)` call per text, and loading
+    `tokenizer.json` with `tokenizers` alone skips the import of transformers (docs/measurements.md, "The filter's
+    speed")."""
     model = resolve_model(student_model)
     tokenizer_file = Path(model) / "tokenizer.json"
     if tokenizer_file.is_file():

@@ -66,7 +66,7 @@ def varlen_attention(
 def _per_example(q: Any, k: Any, v: Any, bounds: Any, scaling: float | None) -> Any:
     """One causal attention per example, (T, H, D) in and out; left out of `torch.compile`'s graph (a graph break):
     traced, its loop over the examples specialised on their count, and every packed row with a new count
-    recompiled the model (~16 s a time for a 24-layer student on a 2-core CPU)."""
+    recompiled the model."""
     edges = bounds.tolist()
     return torch.cat([_causal(q[a:b], k[a:b], v[a:b], scaling) for a, b in zip(edges, edges[1:], strict=False)])
 

@@ -17,11 +17,8 @@ from pipeline.train.attention import register as register_varlen
 
 
 def device_defaults(train: TrainConfig) -> dict[str, Any]:
-    """Precision and memory options chosen by device unless the config sets them.
-
-    On this 2-core CPU, TRL's GPU-minded defaults (bf16 + gradient checkpointing) made a 135M LoRA step
-    take 68 s instead of 4.5 s; on an H200, checkpointing cost ~40% (bench_train.py).
-    """
+    """Precision and memory options chosen by device unless the config sets them: TRL's GPU-minded defaults (bf16,
+    gradient checkpointing) make a CPU step ~15x slower, and checkpointing costs a GPU ~40% of its speed."""
     import torch
 
     cuda = torch.cuda.is_available() and train.device != "cpu"
@@ -94,9 +91,8 @@ def require(module: str, what: str) -> None:
 def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, Any]:
     """Liger kernels (`train.use_liger_kernel`); a missing package is a one-line error. Unset: on where it was
     measured to pay and is installed: LoRA or full SFT on CUDA, packed. Packed steps are bound by the GPU, where its
-    fused kernels gained (1.4B shape on an H200: 1.19 of the plain loop, MFU 23.3% against 19.6%); unpacked steps of
-    short examples are bound by the host launching kernels, where it did not (0.81 and 0.89 against 0.99 without
-    it, 1.4B; 0.96 on the 0.4B)."""
+    fused kernels gain; unpacked steps of short examples are bound by the host launching kernels, where they did
+    not (docs/measurements.md, "Each default, as it was measured")."""
     liger = train.use_liger_kernel
     if liger:
         require("liger_kernel", "train.use_liger_kernel:")
@@ -114,16 +110,14 @@ def fast_path_options(train: TrainConfig, device: dict[str, Any]) -> dict[str, A
 def liger_replaces_the_head(args: Any) -> bool:
     """Whether Liger's fused linear cross-entropy replaces the model's forward (and so the LM head) in this run.
     TRL 1.16 applies only Liger's layer kernels (RMSNorm, RoPE, SwiGLU): it sets the config's
-    `fused_linear_cross_entropy` to False to keep its own fused head, which must then stay on. Without it, an
-    H200 run with Liger materialised the (tokens x vocabulary) logits: 32.0 GiB peak against 28.7 without Liger
-    (0.4B shape, packed, 16k tokens a step)."""
+    `fused_linear_cross_entropy` to False to keep its own fused head, which must then stay on: without either, a
+    run with Liger materialises the (tokens x vocabulary) logits."""
     config = args.liger_kernel_config or {}
     return bool(args.use_liger_kernel) and bool(config.get("fused_linear_cross_entropy", True))
 
 
 # Bytes a full batch's logits take in the model's own loss: bf16 logits, their fp32 copy for the cross-entropy and
-# its fp32 gradient. Measured on an H200 (0.4B shape, 49k vocabulary, 16k tokens a step): peak 37.6 GiB through the
-# logits against 28.7 through TRL's fused head, where this estimate says 7.5 GiB.
+# its fp32 gradient (an estimate under the peak measured: docs/measurements.md, "The trainer's defaults").
 LOGIT_BYTES = 10
 
 
@@ -134,11 +128,9 @@ FUSED_HEAD_MEMORY_SHARE = 1 / 8
 def fused_head_wanted(train: TrainConfig, vocab_size: int, gpu_memory_bytes: int) -> bool:
     """Whether a CUDA run scores its tokens through TRL's fused LM head: `train.fused_lm_head`, or unset, when the
     logits of a full batch (per_device_train_batch_size x max_length x vocabulary) would take more than an eighth of
-    the GPU's memory. The head's gain is memory (packed 0.4B shape on an H200: 23.9 GiB peak against 32.8); its
-    cost is two host-device syncs a step, which stall the CPU's launches where a step's GPU time is close to its
-    CPU time: packed, the stage without it ran 63.4k-64.0k tok/s in three turns against 59.3k and 61.4k with it
-    (two runs, another H200, the same day); unpacked, no difference measured (0.95 against 0.96 of the plain
-    loop). README, "Speed and precision"."""
+    the GPU's memory. The head's gain is memory; its cost is two host-device syncs a step, which stall the CPU's
+    launches where a step's GPU time is close to its CPU time (docs/measurements.md, "Each default, as it was
+    measured")."""
     if train.fused_lm_head is not None:
         return train.fused_lm_head
     logits = train.per_device_train_batch_size * train.max_length * vocab_size * LOGIT_BYTES
@@ -148,10 +140,9 @@ def fused_head_wanted(train: TrainConfig, vocab_size: int, gpu_memory_bytes: int
 def compile_repeated_blocks(model: Any) -> int:
     """`train.torch_compile`: each block of the model's repeated stack (its decoder layers) compiled in place, one
     compilation serving them all (regional compilation; torchtune compiles per layer too). Transformers' own option
-    compiles the whole model: SmolLM2-135M's first two steps on a 2-core CPU took 123 + 165 s unpacked and 31 + 11 s
-    packed, against 17 + 21 s and 6 + 5 s this way, the steps after alike; on an H200 the 0.4B shape's first packed
-    step had not compiled after ~150 s. Accelerate's regional option compiles a copy of the model, which TRL's
-    patched forward never calls. Returns how many modules were compiled."""
+    compiles the whole model, its first steps several times slower to compile; Accelerate's regional option
+    compiles a copy of the model, which TRL's patched forward never calls (docs/measurements.md,
+    "`train.torch_compile`"). Returns how many modules were compiled."""
     import torch
 
     stacks = [
@@ -196,8 +187,8 @@ def model_code_restored(model_path: str):
     """Liger kernels patch the student's modeling module for the whole process, not only the model they train: its
     RoPE function and its RMSNorm and MLP classes become Triton kernels. A later model of that family in the same
     process would run them: the benchmark's transformers engine after `distill run`'s train stage, measured on code
-    a user does not serve, or a model on the CPU, which fails inside Triton (seen on an H200, 2026-11-27). The stage
-    trains inside this, and the module is as it was once training is done."""
+    a user does not serve, or a model on the CPU, which fails inside Triton. The stage trains inside this, and the
+    module is as it was once training is done."""
     return module_restored(model_family_module(model_path))
 
 

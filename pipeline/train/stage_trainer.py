@@ -14,9 +14,8 @@ from pipeline import hardware  # looked up at each call: tests stand a GPU's nam
 class AttentionWithoutCudnn:
     """Trains with `scaled_dot_product_attention` kept off cuDNN on CUDA (`hardware.attention_without_cudnn`):
     unpacked batches are padded to their longest example, so nearly every step brings a new length, and cuDNN
-    builds a plan for each (forward and backward). On an H200 the hand-written loop of scripts/bench_train.py ran
-    unpacked steps 1.8x (0.4B shape) and 2.3x (1.4B) faster without cuDNN; the stage, measured after that loop had
-    planned the same lengths, 0.96x and 1.23x."""
+    builds a plan for each (forward and backward): unpacked steps ran up to twice as fast without it on an H200
+    (docs/measurements.md, "Each default, as it was measured")."""
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         with hardware.attention_without_cudnn(self.args.device.type):
@@ -26,10 +25,10 @@ class AttentionWithoutCudnn:
 @contextmanager
 def heap_frozen() -> Iterator[None]:
     """Python's objects alive now (the model, the libraries: ~0.5 million) moved out of the garbage collector's
-    reach until the block ends, so that its full collections scan only what training allocates. Unfrozen, a full
-    collection walked them all about every 100 steps: 288 ms at once, ~2.5 host-bound steps of ~110 ms on this CPU
-    (scripts/bench_train.py --host-bound); under DDP one rank's pause stalls them all. Garbage is collected first;
-    a caller's freeze is left as it was."""
+    reach until the block ends, so that its full collections scan only what training allocates: unfrozen, a full
+    collection walked them all every hundred steps or so, a pause of a few host-bound steps, and under DDP one
+    rank's pause stalls them all (docs/measurements.md, "The heap frozen while training"). Garbage is collected
+    first; a caller's freeze is left as it was."""
     import gc
 
     frozen_before = gc.get_freeze_count() > 0
@@ -78,7 +77,7 @@ class TokenCounter:
 class ParametersCountedOnce:
     """Transformers' per-step FLOPs estimate (`total_flos`: 6 x input tokens x non-embedding parameters) with the
     parameters counted once: its `floating_point_ops` recounted them every step, walking every module and
-    parameter of the model (2.6 ms a step for a 24-layer LoRA student on this CPU, spent while the GPU waits)."""
+    parameter of the model while the GPU waits."""
 
     _counted: tuple[int, int] | None = None  # (id of the model, its non-embedding parameters)
 
@@ -120,10 +119,9 @@ def housekeeping_on(model: Any, trained: list[Any]) -> Iterator[None]:
 
 class HousekeepingOnTrainable:
     """Transformers' per-step housekeeping over the weights that train, not the whole model: each step it put every
-    module in training mode (2,333 modules for a 28-layer LoRA student, 4.2 ms on this CPU), set every parameter's
-    gradient to None (646, 392 trained; 2.0 ms) and clipped the gradient norm through all of them (3.7 ms against
-    1.0). An unpacked GPU step of short examples is bound by the host, so it paid all of that: on a CPU stand-in
-    bound the same way (scripts/bench_train.py --host-bound), the stage ran 0.87 of the plain loop, 0.95-0.99 now."""
+    module in training mode, set every parameter's gradient to None and clipped the gradient norm through all of
+    them. An unpacked GPU step of short examples is bound by the host, so it paid all of that (docs/measurements.md,
+    "Each default, as it was measured")."""
 
     _trained: tuple[int, list[Any]] | None = None  # (id of the model, its parameters that train)
 

@@ -155,8 +155,8 @@ def sft_trainer_class():
     TRL scores every step's tokens through a fused LM head that also computes the entropy and top-1 accuracy over
     the vocabulary. Without them: on CUDA the same fused head computes only the log-probabilities of the trained
     tokens (no (batch x length x vocab) logits); elsewhere, where TRL's head would run in plain torch over every
-    position twice, the model's own cross-entropy, as a hand-written loop computes it. cProfile of 3 steps of
-    the 135M student on this CPU: TRL's head took 8.9 of 30 s."""
+    position twice, the model's own cross-entropy, as a hand-written loop computes it (docs/measurements.md, "The
+    trainer's defaults")."""
     from transformers import Trainer
     from trl import SFTTrainer
     from trl.trainer.utils import add_fused_lm_head
