@@ -109,3 +109,21 @@ def test_the_walk_sees_imports_in_functions_and_the_packages_on_the_way(tmp_path
     assert "pipeline.config" in edges["pipeline.runs"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_readme_layout_names_every_module_of_the_tree():
+    """README's layout section is the map a newcomer reads first: every module and folder of pipeline/ is on it."""
+    readme = (ROOT.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("```", layout.index("```") + 3)]
+    named = set(layout.replace("/", " / ").replace(",", " ").replace("(", " ").replace(")", " ").split())
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted(ROOT.rglob("*"))
+        if "__pycache__" not in path.parts
+        and (path.suffix == ".py" and path.name != "__init__.py" or path.is_dir())
+        and not (path.is_dir() and path.name == "data")
+        and path.name not in named
+        and path.stem not in named
+    ]
+    assert not missing, f"README's layout does not name: {', '.join(missing)}"
