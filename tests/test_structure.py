@@ -127,3 +127,14 @@ def test_the_readme_layout_names_every_module_of_the_tree():
         and path.stem not in named
     ]
     assert not missing, f"README's layout does not name: {', '.join(missing)}"
+
+
+def test_a_long_module_says_why():
+    """Past ~450 lines a module is two rooms; one that stays one says why in its docstring ("Longer than ...")."""
+    long = [
+        str(path.relative_to(ROOT))
+        for path in ROOT.rglob("*.py")
+        if len(path.read_text().splitlines()) > 450
+        and "Longer than" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert not long, f"over 450 lines without a reason in the docstring: {', '.join(long)}"

@@ -1,5 +1,6 @@
 """report.md from a `Report`: the verdict first, then the numbers it was computed from, section by section, and
-the plots (plots.py) below them."""
+the plots (plots.py) below them. Longer than most modules: every section of report.md is here, in the order a
+reader meets it, so that one file shows the whole page."""
 
 from __future__ import annotations
 
