@@ -11,6 +11,7 @@ from msgspec import UNSET
 
 from pipeline import names
 from pipeline.benchmark.evaluate import task_outcomes
+from pipeline.benchmark.report import interval_text
 from pipeline.benchmark.results import SystemResult, present_or, read_report
 from pipeline.benchmark.stats import mcnemar
 from pipeline.benchmark.verdict import latency_p50
@@ -58,13 +59,12 @@ def compare_runs(run_dirs: list[Path]) -> str:
         else:
             versus_first = _paired_p(first, outcomes)
         per_request = tuned.cost_per_1k_requests
-        interval = f" [{tuned.accuracy_ci95[0]:.2f}, {tuned.accuracy_ci95[1]:.2f}]" if tuned.accuracy_ci95 else ""
         lines.append(
             f"| {label} | {config.get('objective', 'sft')} | {config.get('method', 'lora')} "
             f"| {config['lora']['r']} | {_number(config.get('learning_rate'))} "
             f"| {_number(config.get('num_train_epochs'))} | {config.get('packing', False)} "
             f"| {config.get('replay', {}).get('fraction', 0):g} | {prompt} | {metrics.get('steps')} "
-            f"| {metrics.get('train_runtime_s', NAN):.0f} | {tuned.accuracy:.3f}{interval} "
+            f"| {metrics.get('train_runtime_s', NAN):.0f} | {tuned.accuracy:.3f}{interval_text(tuned.accuracy_ci95)} "
             f"| {tuned.accuracy - base.accuracy:+.3f} | {kept:.0%} "
             f"| {latency_p50(tuned) / latency_p50(teacher):.2f}x | {tuned.cost_per_1m_output_tokens:.3f} "
             f"| {probe_change:+.3f} | {leakage_change:+.3f} "

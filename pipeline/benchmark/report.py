@@ -17,6 +17,7 @@ from pipeline.benchmark.results import (
     Forgetting,
     JudgeSection,
     LoadLevel,
+    Maybe,
     ProbeSummary,
     Report,
     SystemResult,
@@ -30,7 +31,8 @@ from pipeline.files import write_text
 NAN = float("nan")
 
 
-def _ci(values: list[float] | None) -> str:
+def interval_text(values: Maybe[list[float]] | None) -> str:
+    """ " [0.94, 1.00]" after a figure with its 95% interval; nothing where a report has none."""
     return f" [{values[0]:.2f}, {values[1]:.2f}]" if values else ""
 
 
@@ -45,7 +47,7 @@ def _table(report: Report) -> list[str]:
         share = present_or(m.decode_roofline_share, None)
         hardware = m.hardware or ("list price" if m.cost_basis == LIST_PRICE_BASIS else "")
         lines.append(
-            f"| {name} | {m.prompt_style} | {m.accuracy:.3f}{_ci(m.accuracy_ci95 or None)} "
+            f"| {name} | {m.prompt_style} | {m.accuracy:.3f}{interval_text(m.accuracy_ci95)} "
             f"| {m.mean_prompt_tokens:.0f} | {_prompt_share(m)} "
             f"| {m.latency_p50_s:.2f} / {present_or(m.latency_cold_p50_s, NAN):.2f} "
             f"| {m.output_tokens_per_s:.1f} | {'-' if share is None else f'{share:.1%}'} "
@@ -57,7 +59,7 @@ def _table(report: Report) -> list[str]:
     lines += ["", "| system | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
     for name, m in report.systems.items():
         cis = m.rule_accuracy_ci95 or {}
-        cells = [f"{m.rule_accuracy.get(r, NAN):.3f}{_ci(cis.get(r))}" for r in rules]
+        cells = [f"{m.rule_accuracy.get(r, NAN):.3f}{interval_text(cis.get(r))}" for r in rules]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += _failures_table(report)
     tests = report.comparisons.student_tuned_vs
@@ -118,7 +120,9 @@ def _failures_table(report: Report) -> list[str]:
         "|---|" + "---|" * (len(categories) + len(modes)),
     ]
     for name, m in systems.items():
-        cells = [f"{m.category_accuracy.get(c, NAN):.3f}{_ci(m.category_accuracy_ci95.get(c))}" for c in categories]
+        cells = [
+            f"{m.category_accuracy.get(c, NAN):.3f}{interval_text(m.category_accuracy_ci95.get(c))}" for c in categories
+        ]
         cells += [f"{m.failure_rates.get(f, NAN):.1%}" for f in modes]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -325,7 +329,7 @@ def _judge_section(judge: JudgeSection | None) -> list[str]:
                 f"{versus.win} / {versus.tie} / {versus.loss}"
                 + (f" ({versus.unparsed} unreadable)" if versus.unparsed else "")
                 + (f" ({versus.identical} identical)" if versus.identical else "")
-                + f" | {versus.win_or_tie_rate:.2f}{_ci(versus.win_or_tie_ci95)} | {versus.win_rate:.2f} "
+                + f" | {versus.win_or_tie_rate:.2f}{interval_text(versus.win_or_tie_ci95)} | {versus.win_rate:.2f} "
                 f"| {versus.length_controlled_win_rate:.2f}"
             )
         else:
@@ -333,7 +337,7 @@ def _judge_section(judge: JudgeSection | None) -> list[str]:
         reference = m.reference
         metrics = f"{reference.rouge_l:.3f} | {reference.chrf:.1f}" if reference else "- | -"
         lines.append(
-            f"| {name} | {m.pass_rate:.2f}{_ci(m.pass_rate_ci95)} | {grade} | {m.grades_unparsed} "
+            f"| {name} | {m.pass_rate:.2f}{interval_text(m.pass_rate_ci95)} | {grade} | {m.grades_unparsed} "
             f"| {pairwise} | {m.mean_words:.1f} | {metrics} |"
         )
     return [*lines, "", judge_reliability_sentence(judge), ""]
