@@ -14,8 +14,6 @@ from pipeline.benchmark.results import (
     BreakEven,
     HardwareProfile,
     HardwareRecord,
-    LoadLevel,
-    OfflineThroughput,
     PairedComparison,
     Payback,
     SystemResult,
@@ -29,14 +27,6 @@ from pipeline.layout import RunLayout, read_manifest
 
 def cost_per_1m_tokens(usd_per_hour: float, tokens_per_s: float) -> float:
     return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else float("inf")
-
-
-def serving_costs(system: SystemResult, usd_per_hour: float, throughput: LoadLevel | OfflineThroughput) -> None:
-    """What the machine's hour buys at a measured throughput: $ per 1M input tokens, per 1M output tokens
-    (each charging the whole machine to that one kind of token) and per 1,000 requests."""
-    system.cost_per_1m_input_tokens = cost_per_1m_tokens(usd_per_hour, throughput.prompt_tokens_per_s)
-    system.cost_per_1m_output_tokens = cost_per_1m_tokens(usd_per_hour, throughput.output_tokens_per_s)
-    system.cost_per_1k_requests = cost_per_1m_tokens(usd_per_hour, throughput.requests_per_s) / 1000
 
 
 @dataclass
@@ -121,8 +111,13 @@ def add_costs(hardware: Hardware, bench: BenchmarkConfig, results: dict[str, Sys
             throughput, basis = load[level], f"vllm serve at concurrency {level}"
         else:
             throughput, basis = system.offline, "offline engine, batched"
-        serving_costs(system, profile.usd_per_hour, throughput)
-        system.hardware, system.usd_per_hour, system.cost_basis = name, profile.usd_per_hour, basis
+        # What the machine's hour buys at the measured throughput: each per-token price charges the whole machine to
+        # that one kind of token.
+        usd_per_hour = profile.usd_per_hour
+        system.cost_per_1m_input_tokens = cost_per_1m_tokens(usd_per_hour, throughput.prompt_tokens_per_s)
+        system.cost_per_1m_output_tokens = cost_per_1m_tokens(usd_per_hour, throughput.output_tokens_per_s)
+        system.cost_per_1k_requests = cost_per_1m_tokens(usd_per_hour, throughput.requests_per_s) / 1000
+        system.hardware, system.usd_per_hour, system.cost_basis = name, usd_per_hour, basis
 
 
 def why_no_break_even(
