@@ -62,6 +62,13 @@ def accelerator_for(device_name: str) -> Accelerator | None:
     return None
 
 
+def profile_key(device_name: str) -> str:
+    """The key of `benchmark.hardware_profiles` a CUDA device is priced and judged by: its table entry's name, or
+    unknown-gpu."""
+    accelerator = accelerator_for(device_name)
+    return accelerator.name if accelerator else UNKNOWN_GPU
+
+
 def cuda_accelerator() -> tuple[str, Accelerator | None] | None:
     """This process's CUDA device name and its datasheet entry; None without CUDA."""
     import torch
@@ -99,8 +106,8 @@ def detect_machine() -> Machine:
     if cuda is not None:
         import torch
 
-        name, accelerator = cuda
-        return Machine(name, torch.cuda.device_count(), accelerator.name if accelerator else UNKNOWN_GPU, True)
+        name = cuda[0]
+        return Machine(name, torch.cuda.device_count(), profile_key(name), True)
     cores = len(os.sched_getaffinity(0))
     return Machine(f"CPU ({cores} cores)", cores, cpu_profile_name(cores), False)
 

@@ -427,25 +427,70 @@ def test_a_run_that_differs_in_one_lever_is_cited_at_that_lever_with_which_forgo
     assert "0.5 in `r05`: probe -1.0%, leakage +3.0%, accuracy 100.0%, forgot less than this run)" in verdict(numbers)
 
 
-def test_other_runs_of_the_task_are_found_beside_this_one(tmp_path):
+def test_other_runs_are_cited_only_when_comparable_task_data_student_and_test_split(tmp_path):
+    """A run is comparable on the task's name and params (a data file by its content, not its path), the student
+    model and the test examples; the rest are levers. A copied CSV matches; another CSV, another student, fewer
+    test examples, another task, a run with no recipe and one written before runs recorded this do not."""
     import json
+    import shutil
 
-    from pipeline.benchmark.stage import other_runs_of_the_task
+    from pipeline.benchmark.results import to_builtins
+    from pipeline.benchmark.stage import comparable_on, other_runs_of_the_task
     from pipeline.config import validate_config
+    from pipeline.tasks import task_for
 
-    raw = {"run_name": "now", "runs_dir": str(tmp_path), "task": {"name": "support"}}
-    config = validate_config({**raw, "teacher": {"model": "m"}, "student": {"model": "m"}})
-    tuned = {"student_tuned": {"accuracy": 0.4}}
+    rows = "".join(f"review {i} was {'great' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+    (tmp_path / "d.csv").write_text("text,label\n" + rows)
+    shutil.copy(tmp_path / "d.csv", tmp_path / "copy.csv")
+    (tmp_path / "other.csv").write_text("text,label\n" + rows.replace("review", "film"))
+
+    def comparable(path: str = "d.csv", student: str = "m", test_rows: int | None = None) -> dict:
+        task = {"name": "classification", "params": {"path": str(tmp_path / path)}}
+        raw = {"run_name": "now", "runs_dir": str(tmp_path / "runs"), "task": task, "teacher": {"model": "m"}}
+        config = validate_config({**raw, "student": {"model": student}})
+        task = task_for(config)
+        return config, to_builtins(comparable_on(config, task, task.split("test")[:test_rows]))
+
+    config, here = comparable()
+    assert comparable("copy.csv")[1] == here  # the same data, elsewhere on disk
     recipe = {"replay_fraction": 0.2, "learning_rate": 1e-3, "lora_r": 8}
-    change = {"change": {"accuracy": -0.01, "leakage_rate": 0.02}}
-    for name, task, with_recipe in (("a", "support", True), ("b", "classification", True), ("c", "support", False)):
-        (tmp_path / name / "benchmark").mkdir(parents=True)
-        report = {"task": task, "systems": tuned, "forgetting": change, **({"recipe": recipe} if with_recipe else {})}
-        (tmp_path / name / "benchmark" / "report.json").write_text(json.dumps(report))
-    (tmp_path / "now" / "benchmark").mkdir(parents=True)
-    (tmp_path / "now" / "benchmark" / "report.json").write_text(json.dumps({"task": "support", "recipe": recipe}))
-    found = other_runs_of_the_task(config.run_dir, config.task.name)
-    assert [r.run for r in found] == ["a"] and found[0].leakage_change == 0.02  # same task, not itself
+    runs = {
+        "copied": comparable("copy.csv")[1],
+        "other-data": comparable("other.csv")[1],
+        "other-student": comparable(student="gemma")[1],
+        "fewer-tests": comparable(test_rows=3)[1],
+        "other-task": {**here, "task": "support"},
+        "no-recipe": here,
+        "older": None,
+    }
+    for name, comparable_here in runs.items():
+        (tmp_path / "runs" / name / "benchmark").mkdir(parents=True)
+        report = {
+            "task": "classification",
+            "systems": {"student_tuned": {"accuracy": 0.4}},
+            "forgetting": {"change": {"accuracy": -0.01, "leakage_rate": 0.02}},
+            **({"recipe": recipe} if name != "no-recipe" else {}),
+            **({"comparable": comparable_here} if comparable_here else {}),
+        }
+        (tmp_path / "runs" / name / "benchmark" / "report.json").write_text(json.dumps(report))
+    (tmp_path / "runs" / "now" / "benchmark").mkdir(parents=True)
+    (tmp_path / "runs" / "now" / "benchmark" / "report.json").write_text(json.dumps({"comparable": here}))
+    found = other_runs_of_the_task(
+        config.run_dir, comparable_on(config, task_for(config), task_for(config).split("test"))
+    )
+    assert [r.run for r in found] == ["copied"] and found[0].leakage_change == 0.02  # not itself either
+
+
+def test_a_recipe_missing_a_knob_is_said_without_it():
+    """An older run's report that did not record the learning rate or the replay fraction is still cited."""
+    numbers = report(0.37, -0.38, 0.75)
+    numbers["recipe"] = {"replay_fraction": 0.0, "learning_rate": 2e-3, "lora_r": 16}
+    numbers["other_runs"] = [
+        {"run": "old", "recipe": {"lora_r": 16, "num_train_epochs": 2.0}, "probe_change": -0.01, "leakage_change": 0.0}
+    ]
+    assert "This task's other runs: `old` (r 16, 2 epochs): probe -1.0%" in verdict(numbers)
+    numbers["other_runs"][0]["recipe"] = {"learning_rate": None, "replay_fraction": None}
+    assert "`old` (recipe not recorded): probe -1.0%" in verdict(numbers)
 
 
 def test_only_the_same_weights_with_the_same_prompt_are_measured_once():
@@ -500,12 +545,13 @@ def test_the_cost_sentence_names_the_systems_priced_by_the_token():
     basis = "vllm serve at concurrency 8"
     systems = {name: {"cost_basis": basis} for name in ("teacher", "student_base", "student_tuned")}
     assert _cost_note(convert({"systems": systems}, Report)) == (
-        f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}); "
+        f"Serving cost from the $/hour of the devices one replica of each system holds and its measured throughput "
+        f"({basis}). "
     )
     systems["teacher"]["cost_basis"] = LIST_PRICE_BASIS
     assert _cost_note(convert({"systems": systems}, Report)) == (
-        f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}), except `teacher`, "
-        "priced by the token at its list price; "
+        "Serving cost from the $/hour of the devices one replica of each system holds and its measured throughput "
+        f"({basis}), except `teacher`, priced by the token at its list price. "
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from msgspec import structs
+from msgspec import UNSET, structs
 
 from pipeline import names
 from pipeline.benchmark.results import (
@@ -18,6 +18,7 @@ from pipeline.benchmark.results import (
     Payback,
     SystemResult,
 )
+from pipeline.benchmark.systems import System
 from pipeline.config import BenchmarkConfig, EngineConfig, HardwareConfig, SystemConfig, VerdictConfig
 from pipeline.console import log
 from pipeline.files import read_jsonl
@@ -42,8 +43,15 @@ class Hardware:
     pipeline_source: str
 
     def for_system(self, system: SystemConfig) -> tuple[str, HardwareConfig]:
+        """The profile a system is priced on: its own `hardware`, else serving_hardware."""
         key = system.hardware or self.serving
         return key, self.profiles[key]
+
+    @property
+    def measuring(self) -> HardwareConfig | None:
+        """The limits of the machine that measured every locally served system (its own profile, a CPU's
+        measured here): a share of a limit means something only for the machine that ran."""
+        return self.profiles.get(self.machine.profile)
 
     def record(self) -> HardwareRecord:
         """report.json's `hardware`."""
@@ -90,10 +98,15 @@ def resolve_hardware(bench: BenchmarkConfig, machine: Machine | None = None) -> 
     )
 
 
-def add_costs(hardware: Hardware, bench: BenchmarkConfig, results: dict[str, SystemResult]) -> None:
+def add_costs(
+    hardware: Hardware, bench: BenchmarkConfig, systems: list[System], results: dict[str, SystemResult]
+) -> None:
     """$ per 1M input/output tokens and per 1k requests for each system, from the server's throughput at the
-    cost concurrency (or, without a load test, the offline batched run)."""
+    cost concurrency (or, without a load test, the offline batched run), on the devices one replica holds. A
+    system priced on another profile than the machine that measured it says so (`measured_on`): its price is
+    that machine's hour, its throughput this one's."""
     level = str(bench.load_test.cost_concurrency or max(bench.load_test.concurrency))
+    engines = {s.name: s.engine or bench.engine for s in systems}
     for declared in bench.systems:
         system = results[declared.name]
         if declared.price is not None:  # a hosted API: what its tokens cost, whatever machine serves them
@@ -111,9 +124,13 @@ def add_costs(hardware: Hardware, bench: BenchmarkConfig, results: dict[str, Sys
             throughput, basis = load[level], f"vllm serve at concurrency {level}"
         else:
             throughput, basis = system.offline, "offline engine, batched"
-        # What the machine's hour buys at the measured throughput: each per-token price charges the whole machine to
-        # that one kind of token.
-        usd_per_hour = profile.usd_per_hour
+        # What the replica's hour buys at the measured throughput: each per-token price charges the whole replica
+        # to that one kind of token.
+        devices = engines[declared.name].devices_per_replica
+        usd_per_hour = profile.usd_per_hour * devices
+        system.devices = devices
+        if system.server is UNSET:  # measured here, not through a server on its own machine
+            system.measured_on = hardware.machine.device
         system.cost_per_1m_input_tokens = cost_per_1m_tokens(usd_per_hour, throughput.prompt_tokens_per_s)
         system.cost_per_1m_output_tokens = cost_per_1m_tokens(usd_per_hour, throughput.output_tokens_per_s)
         system.cost_per_1k_requests = cost_per_1m_tokens(usd_per_hour, throughput.requests_per_s) / 1000
@@ -158,18 +175,40 @@ def saving_within_noise(tuned_cost: float, other_cost: float, rules: VerdictConf
     return None
 
 
+def stage_gpu_hours(layout: RunLayout, stage: str) -> tuple[float, int, float]:
+    """(wall seconds, devices, device-hours) of a finished stage, from its manifest: the GPUs it held (`gpus`,
+    recorded since multi-GPU runs were priced whole; 0 on a CPU, and older manifests, count as one device of
+    the pipeline's profile). A generate merged from shards (Ray workers, a Slurm array) sums its shards'
+    device-hours, and its wall time is the longest shard's plus the merge's."""
+    manifest = read_manifest(layout.stage_dir(stage))
+    if not manifest:
+        return 0.0, 0, 0.0
+    metrics = manifest.get("metrics", {})
+    devices = max(int(metrics.get("gpus") or 0), 1)
+    wall, hours = manifest["wall_s"], manifest["wall_s"] / 3600 * devices
+    shards = int(metrics.get("shards") or 0) if stage == "generate" else 0
+    parts = [read_manifest(layout.stage_dir(RunLayout.shard_name(i, shards))) for i in range(shards)]
+    parts = [part for part in parts if part]
+    if parts:
+        per_shard = [max(int(part.get("metrics", {}).get("gpus") or 0), 1) for part in parts]
+        devices = sum(per_shard)
+        hours += sum(part["wall_s"] / 3600 * n for part, n in zip(parts, per_shard, strict=True))
+        wall += max(part["wall_s"] for part in parts)
+    return wall, devices, hours
+
+
 def one_off_cost(
     layout: RunLayout, teacher_engine: EngineConfig, bench: BenchmarkConfig, hardware: Hardware
 ) -> BreakEven:
-    """What distilling cost once: generate + train wall time on pipeline_hardware (their manifests), or, for a
-    hosted teacher with a list price, the tokens it billed for generate and train's wall time. A `BreakEven` with
-    its one-off fields set; `break_even` adds the paybacks."""
-    walls = {}
+    """What distilling cost once: generate + train on pipeline_hardware, each stage's wall time times the
+    devices it held (their manifests), or, for a hosted teacher with a list price, the tokens it billed for
+    generate and train's device time. A `BreakEven` with its one-off fields set; `break_even` adds the
+    paybacks."""
+    walls, devices, hours = {}, {}, {}
     for stage in ("generate", "train"):
-        manifest = read_manifest(layout.stage_dir(stage))
-        walls[stage] = manifest["wall_s"] if manifest else 0.0
+        walls[stage], devices[stage], hours[stage] = stage_gpu_hours(layout, stage)
     usd_per_hour = hardware.profiles[hardware.pipeline].usd_per_hour
-    one_off = sum(walls.values()) / 3600 * usd_per_hour
+    one_off = sum(hours.values()) * usd_per_hour
     teacher_price = next((s.price for s in bench.systems if s.name == names.TEACHER), None)
     generate_usd = None
     if teacher_price is not None and teacher_engine.backend == "openai":
@@ -179,12 +218,15 @@ def one_off_cost(
             prompt_tokens * teacher_price.usd_per_1m_input_tokens
             + output_tokens * teacher_price.usd_per_1m_output_tokens
         ) / 1e6
-        one_off = generate_usd + walls["train"] / 3600 * usd_per_hour
+        one_off = generate_usd + hours["train"] * usd_per_hour
     return BreakEven(
         one_off_usd=one_off,
         generate_usd_at_list_price=generate_usd,
         one_off_wall_s=walls,
+        one_off_devices=devices,
+        one_off_device_hours=hours,
         pipeline_hardware=hardware.pipeline,
+        pipeline_usd_per_hour=usd_per_hour,
         requests_per_day=bench.requests_per_day,
     )
 

@@ -78,18 +78,23 @@ def _compared(run: OtherRun, change: ForgettingChange) -> str:
 
 def _recipe_said(recipe: Recipe) -> str:
     """'replay 0.1, prompt retrieved, lr 0.001, r 16, 2 epochs': the knobs a run recorded (older runs, fewer)."""
-    said = [f"replay {recipe.replay_fraction:g}"]
-    if recipe.replay_fraction and _knob(recipe, "replay_rows") is not None:  # recorded since the rows were counted
-        said[0] += f" ({recipe.replay_source}, {recipe.replay_rows} rows)"
-    if recipe.prompt_style:
+    said = []
+    replay = _knob(recipe, "replay_fraction")
+    if replay is not None:
+        said.append(f"replay {replay:g}")
+        if replay and _knob(recipe, "replay_rows") is not None:  # recorded since the rows were counted
+            said[0] += f" ({recipe.replay_source}, {recipe.replay_rows} rows)"
+    if _knob(recipe, "prompt_style"):
         said.append(f"prompt {recipe.prompt_style}")
-    said.append(f"lr {recipe.learning_rate:g}")
-    if recipe.lora_r:
+    if _knob(recipe, "learning_rate") is not None:
+        said.append(f"lr {recipe.learning_rate:g}")
+    if _knob(recipe, "lora_r"):
         said.append(f"r {recipe.lora_r}")
-    if recipe.num_train_epochs:
+    if _knob(recipe, "num_train_epochs"):
         said.append(f"{recipe.num_train_epochs:g} epochs")
-    return ", ".join(said)
+    return ", ".join(said) or "recipe not recorded"
 
 
 def _forgetting_said(run: OtherRun) -> str:
-    return f"probe {run.probe_change:+.1%}, leakage {run.leakage_change:+.1%}, accuracy {run.tuned_accuracy:.1%}"
+    accuracy = f", accuracy {run.tuned_accuracy:.1%}" if run.tuned_accuracy is not UNSET else ""
+    return f"probe {run.probe_change:+.1%}, leakage {run.leakage_change:+.1%}{accuracy}"

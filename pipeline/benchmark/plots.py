@@ -68,6 +68,15 @@ def _accuracy_vs_cost(report: Report, out_dir: Path) -> Path:
     return _save(fig, out_dir / "accuracy_vs_cost.png")
 
 
+def cold_label(engine: str) -> str:
+    """The cold bar's legend: what "cold" means on the engine that ran (only vLLM's prefix cache is cleared here)."""
+    if engine == "vllm":
+        return "p50, cold (prefix cache cleared)"
+    if engine == "transformers":
+        return "p50, cold (no prefix cache: as warm)"
+    return "p50, cold (through a server: not told apart)"
+
+
 def _offline_latency(report: Report, out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -80,7 +89,7 @@ def _offline_latency(report: Report, out_dir: Path) -> Path:
         [i + 0.2 for i in x],
         [present_or(systems[n].latency_cold_p50_s, float("nan")) for n in system_names],
         width=0.4,
-        label="p50, cold (no prefix cache)",
+        label=cold_label(report.engine),
     )
     ax.set_xticks(list(x), system_names, rotation=15)
     ax.set_ylabel("seconds per request")

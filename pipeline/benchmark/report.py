@@ -46,6 +46,8 @@ def _table(report: Report) -> list[str]:
     for name, m in report.systems.items():
         share = present_or(m.decode_roofline_share, None)
         hardware = m.hardware or ("list price" if m.cost_basis == LIST_PRICE_BASIS else "")
+        if hardware and present_or(m.devices, 1) > 1:
+            hardware += f" x{m.devices}"
         lines.append(
             f"| {name} | {m.prompt_style} | {m.accuracy:.3f}{interval_text(m.accuracy_ci95)} "
             f"| {m.mean_prompt_tokens:.0f} | {_prompt_share(m)} "
@@ -135,12 +137,20 @@ def _prompt_share(system: SystemResult) -> str:
     return "-" if share is None else f"{share:.0%}"
 
 
+# How each engine serves an unmerged LoRA adapter on top of its base model.
+ADAPTER_SERVING = {"vllm": "vLLM `enable_lora`", "transformers": "a PEFT model on the transformers engine"}
+
+
 def _serving_note(report: Report) -> str:
-    serving = present_or(report.systems[names.STUDENT_TUNED].serving, "weights")
+    tuned = report.systems[names.STUDENT_TUNED]
+    serving = present_or(tuned.serving, "weights")
+    if tuned.server:
+        return "The tuned student was served by its own server, as that server loaded it."
     if serving == "weights":
         return "The tuned student was served as merged weights (the adapter folded in)."
+    how = ADAPTER_SERVING.get(report.engine, report.engine)
     return (
-        "The tuned student was served as the base model plus its unmerged LoRA adapter (vLLM `enable_lora`): "
+        f"The tuned student was served as the base model plus its unmerged LoRA adapter ({how}): "
         "slower than merged weights, measured as such."
     )
 
@@ -157,16 +167,16 @@ def _latency_note(engine: str) -> str:
     name = ENGINE_NAMES.get(engine, engine)
     if engine == "vllm":
         return (
-            f"offline latency from requests run one at a time on {name}, warm (shared prompt prefixes served "
+            f"Offline latency is from requests run one at a time on {name}, warm (shared prompt prefixes served "
             "from vLLM's prefix cache, as on a busy server) and cold (the cache cleared before each request)."
         )
     if engine == "transformers":
         return (
-            f"offline latency from requests run one at a time on {name}, which has no prefix cache: every "
+            f"Offline latency is from requests run one at a time on {name}, which has no prefix cache: every "
             "request computes its whole prompt, so warm and cold are the same work measured twice."
         )
     return (
-        f"offline latency from requests run one at a time through {name}, end to end over the network; whether "
+        f"Offline latency is from requests run one at a time through {name}, end to end over the network; whether "
         "the server caches prompt prefixes is its own business, so warm and cold cannot be told apart here."
     )
 
@@ -204,7 +214,9 @@ def _hardware_note(report: Report) -> str:
     own = sorted({m.hardware for m in report.systems.values() if m.hardware} - {hardware.serving_hardware})
     if own:
         where += f" (systems that name their own `hardware` on theirs: {', '.join(f'`{k}`' for k in own)})"
-    return f"Ran on {hardware.device}. {where}. "
+    count = present_or(hardware.count, 1)
+    device = f"{count} x {hardware.device}" if count > 1 and not hardware.detected_profile.startswith("cpu-") else None
+    return f"Ran on {device or hardware.device}. {where}. "
 
 
 def _servers_note(report: Report) -> str:
@@ -228,11 +240,37 @@ def _servers_note(report: Report) -> str:
 
 
 def _cost_note(report: Report) -> str:
-    """How serving cost was reached: machine time over measured throughput, save for systems priced by the token."""
+    """How serving cost was reached: one replica's machine time (its devices times the profile's $/hour) over
+    measured throughput, save for systems priced by the token; and which systems are priced on another machine
+    than the one that measured their throughput."""
     basis = present_or(report.systems[names.STUDENT_TUNED].cost_basis, "the offline engine's batched throughput")
     listed = [f"`{name}`" for name, m in report.systems.items() if m.cost_basis == LIST_PRICE_BASIS]
     by_token = f", except {', '.join(listed)}, priced by the token at its list price" if listed else ""
-    return f"Serving cost from each system's hardware $/hour and its measured throughput ({basis}){by_token}; "
+    replicas = [f"`{name}` {m.devices}" for name, m in report.systems.items() if present_or(m.devices, 1) > 1]
+    split = f" (devices per replica: {', '.join(replicas)})" if replicas else ""
+    return (
+        f"Serving cost from the $/hour of the devices one replica of each system holds{split} and its measured "
+        f"throughput ({basis}){by_token}. " + _priced_elsewhere_note(report)
+    )
+
+
+def _priced_elsewhere_note(report: Report) -> str:
+    """Systems priced on a profile other than the machine that measured them: what their price means."""
+    detected = report.hardware.detected_profile if report.hardware else UNSET
+    elsewhere: dict[str, list[str]] = {}
+    for name, m in report.systems.items():
+        if m.measured_on and m.hardware and detected and m.hardware != detected:
+            elsewhere.setdefault(m.hardware, []).append(f"`{name}`")
+    said = ""
+    for profile, systems in elsewhere.items():
+        measured_on = report.hardware.device
+        said += (
+            f"{', '.join(systems)} {'is' if len(systems) == 1 else 'are'} priced on `{profile}` but "
+            f"{'its' if len(systems) == 1 else 'their'} speed was measured here, on {measured_on}: the cost is "
+            f"`{profile}`'s hour at this machine's throughput, not a measurement on `{profile}`, and the roofline "
+            "shares are against this machine's limits. "
+        )
+    return said
 
 
 def _twins_note(report: Report) -> str:
@@ -253,11 +291,25 @@ def _roofline_note(report: Report) -> str:
     return (
         "The decode roofline share is a system's decode speed for one request ("
         + tuned.decode_basis
-        + ") over its hardware's ceiling, memory bandwidth over the bytes of the weights one decode step reads "
+        + ") over the ceiling of the machine that measured it"
+        + _measuring_machine(report)
+        + ", memory bandwidth over the bytes of the weights one decode step reads "
         f"(the tuned student: {tuned.decode_tokens_per_s:.1f} of {tuned.decode_ceiling_tokens_per_s:,.0f} "
         f"tok/s, {tuned.weight_bytes / 1e6:,.0f} MB of {tuned.weight_dtype} weights; the input embedding "
         "table is looked up, not read). "
     )
+
+
+def _measuring_machine(report: Report) -> str:
+    """ " (`cpu-2core`, 12 GB/s measured here)": the profile whose limits the roofline shares are taken against."""
+    hardware = report.hardware
+    if not hardware or not hardware.detected_profile:
+        return ""
+    key = hardware.detected_profile
+    profile = hardware.profiles.get(key)
+    bandwidth = f", {profile.memory_gbps:,.0f} GB/s" if profile and profile.memory_gbps else ""
+    measured = " measured here" if bandwidth and key.startswith("cpu-") else ""
+    return f" (`{key}`{bandwidth}{measured})"
 
 
 def _constraint_note(report: Report) -> str:
@@ -343,27 +395,36 @@ def _judge_section(judge: JudgeSection | None) -> list[str]:
     return [*lines, "", judge_reliability_sentence(judge), ""]
 
 
-def _one_off_said(even: BreakEven, walls: str) -> str:
-    """Where the one-off cost came from: generate + train wall time on the pipeline's machine, or a hosted
-    teacher's tokens at its list price plus training's time."""
+def _stage_said(even: BreakEven, stage: str) -> str:
+    """ "train 3,600 s on 8 devices": a stage's wall time and the devices it held (older reports: no count)."""
+    said = f"{stage} {even.one_off_wall_s.get(stage, 0.0):,.0f} s"
+    devices = (even.one_off_devices or {}).get(stage)
+    return said + (f" on {devices} device{'s' if devices != 1 else ''}" if devices else "")
+
+
+def _one_off_said(even: BreakEven) -> str:
+    """Where the one-off cost came from: generate + train wall time on the devices each held of the pipeline's
+    profile, or a hosted teacher's tokens at its list price plus training's time."""
+    rate = f" at ${even.pipeline_usd_per_hour:.2f}/hour each" if even.pipeline_usd_per_hour else ""
+    hours = sum((even.one_off_device_hours or {}).values())
+    device_hours = f", {hours:,.2f} device-hours" if even.one_off_device_hours else ""
     generate_usd = even.generate_usd_at_list_price
     if generate_usd is None:
-        return f"{walls} on {even.pipeline_hardware}"
-    train_s = even.one_off_wall_s.get("train", 0.0)
+        stages = ", ".join(_stage_said(even, stage) for stage in even.one_off_wall_s)
+        return f"{stages}, of `{even.pipeline_hardware}`{rate}{device_hours}"
     return (
         f"generate ${generate_usd:.4f}: the hosted teacher's tokens at its list price; "
-        f"train {train_s:.0f} s on {even.pipeline_hardware}"
+        f"{_stage_said(even, 'train')} of `{even.pipeline_hardware}`{rate}"
     )
 
 
 def _break_even_section(even: BreakEven | None) -> list[str]:
     if not even:
         return []
-    walls = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in even.one_off_wall_s.items())
     lines = [
         "## Break-even",
         "",
-        f"One-off cost ${even.one_off_usd:.4f} ({_one_off_said(even, walls)}).",
+        f"One-off cost ${even.one_off_usd:,.4f} ({_one_off_said(even)}).",
         "",
         "| against | saving per 1k requests | break-even (requests) | break-even (days) |",
         "|---|---|---|---|",

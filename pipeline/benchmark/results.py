@@ -7,7 +7,8 @@
 Each field says where it is made; grep a field's name to find that place and every reader (`verdict`, `report`,
 `promote`, `status` and `compare` read attributes, never keys). report.json is this schema encoded, its layout
 unchanged since schema 3: a system's row is flat (its accuracy, latency, cost and roofline figures side by side),
-so those figures are groups of `SystemResult`'s fields, each group filled by one module.
+so those figures are groups of `SystemResult`'s fields, each group filled by one module. Longer than most
+modules: the whole schema is kept in one file, so that one file shows every figure a report can hold.
 
 Reports written by earlier versions hold fewer fields: a field they lack reads as UNSET (falsy, and `is UNSET`
 where 0 is a value), or as the default shown where an empty value says the same.
@@ -125,7 +126,9 @@ class SystemResult(AccuracyFigures):
     cost_per_1m_output_tokens: Maybe[float] = UNSET
     cost_per_1k_requests: Maybe[float] = UNSET
     hardware: Maybe[str | None] = UNSET  # a key of benchmark.hardware_profiles; None when priced per token
-    usd_per_hour: Maybe[float | None] = UNSET
+    usd_per_hour: Maybe[float | None] = UNSET  # one replica's: the profile's $/hour times `devices`
+    devices: Maybe[int] = UNSET  # the devices one replica holds (tensor x pipeline parallel)
+    measured_on: Maybe[str] = UNSET  # the machine whose throughput was priced, where it was measured here
     cost_basis: Maybe[str] = UNSET
     # roofline.add_roofline_shares: how close it came to its machine's limits, where the weights are readable here.
     parameters: Maybe[int] = UNSET
@@ -177,7 +180,10 @@ class BreakEven(Payback):
     one_off_usd: Maybe[float] = UNSET
     generate_usd_at_list_price: float | None = None  # None: generate priced by its wall time, as train
     one_off_wall_s: Maybe[dict[str, float]] = UNSET
+    one_off_devices: Maybe[dict[str, int]] = UNSET  # the devices each stage held, priced each at pipeline_hardware's
+    one_off_device_hours: Maybe[dict[str, float]] = UNSET
     pipeline_hardware: Maybe[str] = UNSET
+    pipeline_usd_per_hour: Maybe[float] = UNSET  # one device's
     requests_per_day: Maybe[float] = UNSET
     vs_prompted: Maybe[Payback] = UNSET  # the "try prompting first" baseline, where the benchmark has one
 
@@ -361,6 +367,16 @@ class Recipe(Figures):
     prompt_style: Maybe[str | None] = UNSET
 
 
+class Comparable(Figures):
+    """What must match for two runs' figures to be compared (benchmark.stage.comparable_on): the same task on the
+    same data, the same student model, the same test examples. Everything else is a lever."""
+
+    task: str = ""
+    task_params: str = ""  # a digest of task.params, data files by their content
+    student_model: str = ""
+    test_split: str = ""  # a digest of the test examples answered
+
+
 class OtherRun(Figures):
     """Another finished run of this task in the same runs folder, what it measured (benchmark.stage)."""
 
@@ -402,6 +418,7 @@ class Report(Figures):
     judge: JudgeSection | None = None  # None: the task's own scorer decided every answer
     filter: FilterSummary | None = None  # None: the filter did not run here
     recipe: Recipe | None = None
+    comparable: Comparable | None = None  # None: written before runs were matched on it
     other_runs: list[OtherRun] = []
 
 

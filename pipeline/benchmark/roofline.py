@@ -7,8 +7,8 @@ compute instead: `batched_compute_share` is its achieved forward FLOP/s (2 per p
 output; output only where vLLM's prefix cache may serve the prompt) over the profile's peak. Neither counts the
 input embedding table (one row looked up per token) unless the head shares it, and prompt tokens skip the head
 (logits for the last prompt position only): for a 49k-vocabulary toy model the table is most of the weights.
-Limits come from the hardware profile (pipeline/hardware.py, or measured on a CPU), the weights from the
-model's safetensors headers.
+Limits are those of the machine that measured (its profile in `benchmark.hardware_profiles`, or measured on a
+CPU), never those of a profile a system is only priced on; the weights come from the safetensors headers.
 """
 
 from __future__ import annotations
@@ -88,8 +88,12 @@ def add_roofline_shares(
     hardware: Hardware, bench: BenchmarkConfig, systems: list[System], results: dict[str, SystemResult]
 ) -> None:
     """Each system's decode speed against its bandwidth ceiling, and its batched run against the compute peak,
-    where the profile has the limit and the weights are readable here."""
-    declared = {s.name: s for s in bench.systems}
+    where the machine that measured it has the limit and the weights are readable here. The limits are always
+    the detected machine's, whatever profile a system is priced on: a CPU's speed over an A10G's bandwidth would
+    be a share of nothing. A machine without known limits (an unknown GPU) gets no shares."""
+    profile = hardware.measuring
+    if profile is None:
+        return
     for system in systems:
         result = results[system.name]
         folder = None if system.on_server else model_folder(system.model)  # a served model's weights are not here
@@ -98,7 +102,6 @@ def add_roofline_shares(
             continue
         parameters, per_output_token, per_prompt_token = counts
         dtype = serving_dtype(bench.engine, folder, hardware.machine.gpu)
-        _, profile = hardware.for_system(declared[system.name])
         weight_bytes = per_output_token * DTYPE_BYTES.get(dtype or "", 0)  # read once per decode step
         result.parameters = parameters
         result.parameters_per_output_token = per_output_token

@@ -13,6 +13,7 @@ verdict.py). Per-request records are kept in `records.jsonl`, so every number in
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from pipeline.benchmark.report import write_report
 from pipeline.benchmark.results import (
     REPORT_SCHEMA_VERSION,
     BreakEven,
+    Comparable,
     FilterSummary,
     Forgetting,
     OtherRun,
@@ -65,7 +67,7 @@ from pipeline.benchmark.verdict import latency_p50
 from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
-from pipeline.files import write_jsonl
+from pipeline.files import sha256_file, write_jsonl
 from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
 
@@ -132,7 +134,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             for name, levels in summaries.items():
                 results[name].load = levels
         hardware = resolve_hardware(bench)
-        add_costs(hardware, bench, results)
+        add_costs(hardware, bench, systems, results)
         add_roofline_shares(hardware, bench, systems, results)
         one_off = one_off_cost(layout, config.teacher.engine, bench, hardware)
         report = _report(config, hardware, one_off, systems, len(examples), results, forgetting, records)
@@ -141,7 +143,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         filtered = _filter_report(layout.filter_report)
         report.filter = _filter_summary(filtered)
         report.recipe = recipe(config.train, config.student.prompt_style, filtered)
-        report.other_runs = other_runs_of_the_task(config.run_dir, config.task.name)
+        report.comparable = comparable_on(config, task, examples)
+        report.other_runs = other_runs_of_the_task(config.run_dir, report.comparable)
 
         write_jsonl(layout.records, records)
         write_report_json(layout.report_json, report)
@@ -263,9 +266,31 @@ def recipe(train: TrainConfig, prompt_style: str, filter_report: dict[str, Any] 
     )
 
 
-def other_runs_of_the_task(run_dir: Path, task_name: str) -> list[OtherRun]:
+def comparable_on(config: ExperimentConfig, task: Task, examples: list[Example]) -> Comparable:
+    """What another run must share for its figures to sit beside this one's: the task's name and params, a data
+    file by its content rather than its path, the student model, and the test examples answered."""
+    data_files = {path.resolve(): sha256_file(path) for path in task.data_files()}
+    params = {}
+    for key, value in config.task.params.items():
+        path = (config.base_dir / str(value)).resolve() if isinstance(value, str) else None
+        params[key] = f"sha256:{data_files[path]}" if path in data_files else value
+    test = [[ex.user, ex.reference] for ex in examples]  # by content: ids carry the file's name
+    return Comparable(
+        task=config.task.name,
+        task_params=_digest(params),
+        student_model=config.student.model,
+        test_split=_digest(test),
+    )
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def other_runs_of_the_task(run_dir: Path, comparable: Comparable) -> list[OtherRun]:
     """Forgetting measured by the other finished runs of this task in the same runs folder as `run_dir`, with their
-    recipes: the figures behind "which knob moves it", when there are any."""
+    recipes: the figures behind "which knob moves it", when there are any. Only runs comparable with this one
+    count (`comparable_on`); a report written before runs recorded it is not cited, since nothing says it is."""
     found = []
     for path in sorted(run_dir.parent.glob("*/benchmark/report.json")):
         run = path.parent.parent
@@ -276,7 +301,7 @@ def other_runs_of_the_task(run_dir: Path, task_name: str) -> list[OtherRun]:
         except PipelineError:  # unreadable, or not a report: not a run to cite
             continue
         change = other.forgetting.change
-        if other.task != task_name or not change or other.recipe is None:
+        if other.comparable != comparable or not change or other.recipe is None:
             continue
         found.append(
             OtherRun(

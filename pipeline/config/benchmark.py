@@ -3,7 +3,7 @@ the same rules."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -169,18 +169,26 @@ class BenchmarkConfig(StrictModel):
     constrained: bool = False
     # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
     # are computed from these and measured throughput and wall times.
-    # Profiles you give are added to the defaults (pipeline/hardware.py: h200, h100, h100-pcie, a100-80gb,
-    # a100-40gb, l40s, l4, a10g, cpu-2core, unknown-gpu), replacing one of the same name.
+    # Profiles you give are added to the defaults (pipeline/hardware.py's table, cpu-2core, unknown-gpu); the fields
+    # you give of a default profile replace its fields, the others stay.
     hardware_profiles: dict[str, HardwareConfig] = Field(default_factory=_default_hardware_profiles)
     # Where systems are priced unless they name their own, and where generate + train ran (the one-off cost of
     # distillation). None: the machine the benchmark runs on, detected (a CUDA device name, else cpu-<n>core).
     serving_hardware: str | None = None
     pipeline_hardware: str | None = None
 
-    @field_validator("hardware_profiles")
+    @field_validator("hardware_profiles", mode="before")
     @classmethod
-    def _on_top_of_defaults(cls, value: dict[str, HardwareConfig]) -> dict[str, HardwareConfig]:
-        return {**_default_hardware_profiles(), **value}
+    def _on_top_of_defaults(cls, value: Any) -> Any:
+        """A profile the user gives is laid over the default of that name field by field: setting only a price
+        keeps the datasheet's limits (and so the roofline shares and MFU)."""
+        if not isinstance(value, dict):
+            return value  # pydantic's own error names the key
+        merged: dict[str, Any] = {name: p.model_dump() for name, p in _default_hardware_profiles().items()}
+        for name, given in value.items():
+            fields = given.model_dump(exclude_unset=True) if isinstance(given, HardwareConfig) else given
+            merged[name] = {**merged[name], **fields} if name in merged and isinstance(fields, dict) else fields
+        return merged
 
     requests_per_day: float = Field(10_000, gt=0)  # traffic, to turn break-even into days
     probe: bool = True

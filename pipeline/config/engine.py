@@ -80,6 +80,12 @@ class EngineConfig(StrictModel):
     batch_size: int = Field(16, ge=1)  # transformers backend only
     extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword
 
+    @property
+    def devices_per_replica(self) -> int:
+        """The devices one copy of the model is split over (1 on a CPU): what one replica's hour costs, in
+        devices of its hardware profile."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
 
 class SamplingConfig(StrictModel):
     n: int = Field(1, ge=1)  # samples per prompt, from one request (they share its prefill)

@@ -21,7 +21,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.config import ExperimentConfig, SamplingConfig, TeacherConfig, engine_identity, resolved_dict
+from pipeline.config import (
+    EngineConfig,
+    ExperimentConfig,
+    SamplingConfig,
+    TeacherConfig,
+    engine_identity,
+    resolved_dict,
+)
 from pipeline.console import PipelineError, log
 from pipeline.engines import Completion, Generation, load_engine, model_for
 from pipeline.files import json_line, parse_json_object
@@ -159,6 +166,7 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
             "reused_prompts": reused,
             "output_tokens": sum(row.output_tokens for row in done.values()) + new_tokens,
             "prompt_errors": len(errors),
+            "gpus": gpus_held(config.teacher.engine),
             **timing,
         }
         stage.finish([output], metrics, summary=metrics)
@@ -166,6 +174,18 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         log(f"generate: {len(errors)} prompts skipped (first: {errors[0][0]}: {errors[0][1]})")
     log(f"generate: wrote {output}")
     return output
+
+
+def gpus_held(engine: EngineConfig) -> int:
+    """The GPUs this process's teacher engine held, for the one-off cost (benchmark/costs.py): none for a server
+    elsewhere or on a CPU, its tensor x pipeline parallel size for vLLM, one for transformers."""
+    if engine.backend == "openai":
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return engine.devices_per_replica if engine.backend == "vllm" else 1
 
 
 def _open_partial(

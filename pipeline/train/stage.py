@@ -188,7 +188,7 @@ def _metrics(
         "steps": result.global_step,
         "train_runtime_s": round(runtime, 2),
         **speed_options(trainer),
-        **throughput_metrics(trainer, runtime, config.train.method == "full"),
+        **throughput_metrics(trainer, runtime, config.train.method == "full", config.benchmark.hardware_profiles),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],

@@ -4,11 +4,12 @@ that say how fast training ran. The measurements behind each: docs/measurements.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 from pipeline import hardware  # looked up at each call: tests stand a GPU's name in
+from pipeline.config import HardwareConfig
 
 
 class AttentionWithoutCudnn:
@@ -157,22 +158,27 @@ def model_parameters(model: Any) -> int:
     return total
 
 
-def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, Any]:
-    """Training tokens (prompt and completion, padding excluded) per second and, on a CUDA device the datasheet
-    table knows, model FLOPs utilisation of each GPU against its dense bf16 peak (pipeline/hardware.py). The token
-    count is every rank's (TRL gathers it), so a GPU's share is 1/world_size of it."""
+def throughput_metrics(
+    trainer: Any, runtime_s: float, full: bool, profiles: Mapping[str, HardwareConfig]
+) -> dict[str, Any]:
+    """Training tokens (prompt and completion, padding excluded) per second, the GPUs the run held (0 on a CPU:
+    the one-off cost prices each), and on CUDA the model FLOPs utilisation of each GPU against its profile's dense
+    bf16 peak: `benchmark.hardware_profiles`, the one source the benchmark's roofline reads too, so a peak the
+    user sets reaches both. The token count is every rank's (TRL gathers it), so a GPU's share is 1/world_size."""
     counts = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     tokens = int(counts[-1]) if counts else 0
     per_s = tokens / runtime_s if runtime_s > 0 else 0.0
-    metrics: dict[str, Any] = {"train_tokens": tokens, "train_tokens_per_s": round(per_s, 1)}
+    metrics: dict[str, Any] = {"train_tokens": tokens, "train_tokens_per_s": round(per_s, 1), "gpus": 0}
     cuda = hardware.cuda_accelerator() if not trainer.args.use_cpu else None
     if cuda:
-        name, accelerator = cuda
-        metrics["accelerator"] = name
-        if accelerator:
+        name = cuda[0]
+        key = hardware.profile_key(name)
+        profile = profiles.get(key)
+        metrics |= {"accelerator": name, "gpus": trainer.args.world_size, "hardware_profile": key}
+        if profile is not None and profile.peak_tflops:
             per_gpu = per_s / trainer.args.world_size
-            metrics["peak_tflops"] = accelerator.peak_tflops
-            utilisation = hardware.mfu(per_gpu, model_parameters(trainer.model), full, accelerator.peak_tflops)
+            metrics["peak_tflops"] = profile.peak_tflops
+            utilisation = hardware.mfu(per_gpu, model_parameters(trainer.model), full, profile.peak_tflops)
             metrics["mfu"] = round(utilisation, 4)
     return metrics
 
