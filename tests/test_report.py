@@ -252,7 +252,7 @@ def test_verdict_names_the_failure_modes_and_the_category_cliff():
 def test_verdict_reports_other_tuned_variants():
     """A declared system serving the tuned student another way (retrieved context) gets its own sentence."""
     numbers = report(0.35, -0.01, 0.02)
-    numbers["systems"]["student_tuned"]["model"] = "runs/x/train/merged"
+    numbers["systems"]["student_tuned"].update(model="runs/x/train/merged", prompt_style="short")
     numbers["systems"]["student_base"]["model"] = "base-model"
     numbers["systems"]["student_tuned_retrieved"] = {
         "model": "runs/x/train/merged",
@@ -264,7 +264,8 @@ def test_verdict_reports_other_tuned_variants():
     numbers["comparisons"]["student_tuned_vs"]["student_tuned_retrieved"] = {"p_value": 4.4e-7}
     text = verdict(numbers)
     assert (
-        "The tuned student with the `retrieved` prompt (student_tuned_retrieved) scores 88.3% "
+        "The tuned student trained with the `short` prompt and served the `retrieved` one (student_tuned_retrieved) "
+        "scores 88.3% "
         "(p = 4.4e-07 against the tuned student) at $0.5500 per 1M output tokens, 1.10x the teacher." in text
     )
     del numbers["systems"]["student_tuned_retrieved"]

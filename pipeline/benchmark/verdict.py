@@ -414,8 +414,9 @@ def _tuned_variants(report: Report, unit: str) -> list[str]:
         if name == names.STUDENT_TUNED or not same_student:
             continue
         p = p_value(tests, name)
+        served = f"trained with the `{tuned.prompt_style}` prompt and served the `{m.prompt_style}` one ({name})"
         sentences.append(
-            f"The tuned student with the `{m.prompt_style}` prompt ({name}) scores {m.accuracy:.1%}"
+            f"The tuned student {served} scores {m.accuracy:.1%}"
             + (f" (p = {p:.3g} against the tuned student)" if p is not None else "")
             + f" at ${cost(m):.4f} {unit}, {cost(m) / cost(teacher):.2f}x the teacher."
         )
