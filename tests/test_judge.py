@@ -251,8 +251,11 @@ def test_judge_swaps_the_order_and_counts_a_first_slot_judge_as_position_bias(ju
     assert "## Judge" in markdown
     assert f"followed the order the answers were shown in for {len(asked)} of {len(asked)} pairs" in markdown
     assert f"{3 * n - len(asked)} answers identical to the teacher's were ties, the judge not asked" in markdown
-    assert "Judged pairwise against the teacher" in markdown
-    assert "Verdict: undecided — the judge cannot tell the answers apart (it followed the order" in markdown
+    # Undecided leads, and nothing that rests on the judge's rates is stated: no standing, no share, no payback.
+    verdict_paragraph = markdown.split("\n\n")[1]
+    assert verdict_paragraph.startswith("Verdict: undecided — the judge cannot tell the answers apart (it followed")
+    assert "Judged pairwise against the teacher" not in verdict_paragraph and "paid back" not in verdict_paragraph
+    assert "not computed: the judge cannot rank the answers" in markdown
 
 
 @pytest.mark.integration

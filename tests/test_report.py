@@ -317,14 +317,82 @@ def test_a_teacher_near_zero_leads_the_verdict_with_the_cause_and_states_no_shar
         return why_no_break_even(convert(systems, dict[str, SystemResult]), baseline, rules, p_value)
 
     zeros = {name: {"accuracy": 0.0} for name in ("teacher", "student_tuned", "student_prompted")}
-    assert "nothing to distill" in why_not(zeros, "teacher")
-    assert "nothing to distill" in why_not(zeros, "student_prompted")
+    assert "too low for a saving to mean anything" in why_not(zeros, "teacher")
+    assert "too low for a saving to mean anything" in why_not(zeros, "student_prompted")
     zeros["teacher"]["accuracy"] = 0.9
     assert why_not(zeros, "student_prompted") == "the tuned student scores 0%"
     worse = {"teacher": {"accuracy": 0.8}, "student_tuned": {"accuracy": 0.2}, "student_prompted": {"accuracy": 0.5}}
     assert "less accurate (20.0% vs 50.0%)" in why_not(worse, "student_prompted", p_value=0.001)
     assert why_not(worse, "student_prompted", p_value=0.4) is None  # within noise: as good
     assert why_not(worse, "teacher") is None  # the price of replacing a teacher that works
+
+
+def test_a_teacher_near_zero_whose_answers_taught_measurably_is_not_called_nothing_to_distill():
+    """The intent data set of issue 48: the teacher scored 0% asked freely, while the student trained on its
+    constrained answers scored 9.5% (p = 4e-6 against the untuned student). Training on its answers taught
+    something: the verdict says so, states no share of the teacher or saving over it, and does not call it worth it."""
+    numbers = degenerate(teacher=0.0, tuned=0.095, prompted=0.0, n=200, p_vs_prompted=4e-6)
+    numbers["comparisons"]["student_tuned_vs"]["student_base"]["p_value"] = 4e-6
+    numbers["systems"]["teacher"]["constrained"] = True
+    text = verdict(numbers)
+    assert "nothing to distill" not in text and "keeps" not in text and "Serving it costs" not in text
+    assert text.startswith(
+        "The teacher answering constrained to the labels, as it taught, scores only 0.0% on the held-out test "
+        "examples, yet training on the answers it gave moved the student measurably"
+    )
+    assert "from 0.0% to 9.5% (+9.5%, paired McNemar p = 4e-06)" in text
+    assert "Verdict: mixed — fine-tuning helped, but the teacher it would replace scores 0.0% here" in text
+    numbers["comparisons"]["student_tuned_vs"]["student_base"]["p_value"] = 0.3  # no measurable gain: nothing taught
+    assert verdict(numbers).startswith("There was nothing to distill")
+
+
+def test_an_undecided_verdict_leads_and_states_nothing_that_rests_on_the_judge():
+    """The open-ended instructions of issue 48: the judge followed the order shown in 94% of pairs and graded all 176
+    answers 10. The verdict leads with undecided and states no kept share, no "as good as" and no break-even; the
+    reference metrics, lengths and serving cost, which need no judge, stay."""
+    from pipeline.benchmark.costs import break_even
+    from pipeline.config import BenchmarkConfig
+
+    numbers = report(1.0, 0.0, 0.0, prompted_accuracy=1.0, p_vs_prompted=1.0)
+    numbers["systems"]["teacher"]["accuracy"] = 1.0
+    for m in numbers["systems"].values():
+        m["cost_per_1k_requests"] = m["cost_per_1m_output_tokens"]
+    numbers["systems"]["student_tuned"]["cost_per_1k_requests"] = 0.1
+    judged = {
+        name: {"n": 44, "pass_rate": 1.0, "mean_words": words, "reference": {"n": 44, "rouge_l": rouge, "chrf": chrf}}
+        for name, words, rouge, chrf in (("teacher", 80.0, 0.31, 40.2), ("student_tuned", 60.0, 0.28, 38.0))
+    }
+    judged["student_tuned"]["vs_teacher"] = {"n": 44, "win": 0, "tie": 44, "loss": 0, "win_or_tie_ci95": [0.9, 1.0]}
+    numbers["judge"] = {
+        "model": "judge",
+        "systems": judged,
+        "reliability": {
+            "pairs": 88,
+            "position_biased": 83,
+            "position_bias_rate": 0.94,
+            "grades": 176,
+            "distinct_grades": [10],
+            "pairs_unparsed": 0,
+            "grades_unparsed": 0,
+        },
+    }
+    results = convert(numbers["systems"], dict[str, SystemResult])
+    bench = BenchmarkConfig()
+    one_off = BreakEven(one_off_usd=2.0, requests_per_day=1000.0)
+    reason = verdicts.judge_cannot_rank(convert(numbers["judge"], verdicts.JudgeSection), bench.verdict)
+    numbers["break_even"] = to_builtins(break_even(bench, one_off, results, None, reason))
+    text = verdict(numbers)
+    assert text.startswith(
+        "Verdict: undecided — the judge cannot tell the answers apart (it followed the order the answers were shown "
+        "in for 94% of pairs and it gave all 176 answers the grade 10)"
+    )
+    for claim in ("keeps", "as good as", "paid back", "Fine-tuning moved", "wins 0"):
+        assert claim not in text, claim
+    assert "ROUGE-L / chrF, which need no judge): teacher 0.310 / 40.2, student_tuned 0.280 / 38.0" in text
+    assert "Answers average 80 words (teacher), 60 words (student_tuned)" in text
+    assert "Serving the tuned student costs 0.20x the teacher" in text and "Distilling cost $2.0000" in text
+    assert numbers["break_even"]["skipped"].startswith("the judge cannot rank the answers (it followed")
+    assert numbers["break_even"]["requests"] is None
 
 
 def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):

@@ -121,9 +121,11 @@ def test_classification_constrains_answers_and_names_invalid_labels(tmp_path):
     assert task.failure_modes("posit", example) == {"invalid_label": True}  # cut at max_tokens
 
 
-def test_benchmark_constrains_every_system_only_when_asked(tmp_path):
-    """The teacher is constrained at generate time; at benchmark time all systems are, or none."""
+def test_the_teacher_is_measured_as_it_taught_and_the_students_constrained_only_when_asked(tmp_path):
+    """The teacher generated constrained to the labels, so the benchmark asks it that way too; the students answer
+    freely unless `benchmark.constrained`; a system may set its own (a free teacher row beside the taught one)."""
     from pipeline.benchmark.evaluate import task_sampling
+    from pipeline.benchmark.systems import answers_constrained
     from pipeline.config import validate_config
 
     write_csv(tmp_path / "d.csv", ROWS)
@@ -134,10 +136,32 @@ def test_benchmark_constrains_every_system_only_when_asked(tmp_path):
         "student": {"model": "m"},
     }
     task = build_task("classification", raw["task"]["params"], seed=0, base_dir=tmp_path)
-    assert task_sampling(validate_config(raw).benchmark, task).choices is None
+
+    def constrained(config) -> dict[str, bool]:
+        return {s.name: answers_constrained(config, s) for s in config.benchmark.systems}
+
+    default = validate_config(raw)
+    assert constrained(default) == {
+        "teacher": True,
+        "student_base": False,
+        "student_prompted": False,
+        "student_tuned": False,
+    }
+    assert task_sampling(default.benchmark, task, constrained=False).choices is None
     raw["benchmark"] = {"constrained": True, "sampling": {"max_tokens": 7}}
-    constrained = task_sampling(validate_config(raw).benchmark, task)
-    assert constrained.choices == ["negative", "positive"] and constrained.max_tokens == 7
+    every = validate_config(raw)
+    assert set(constrained(every).values()) == {True}
+    sampling = task_sampling(every.benchmark, task, constrained=True)
+    assert sampling.choices == ["negative", "positive"] and sampling.max_tokens == 7
+    raw["benchmark"] = {
+        "systems": [
+            {"name": "teacher", "model": "teacher"},
+            {"name": "teacher_free", "model": "teacher", "constrained": False},
+            {"name": "student_base", "model": "student"},
+            {"name": "student_tuned", "model": "tuned"},
+        ]
+    }
+    assert constrained(validate_config(raw))["teacher_free"] is False
 
 
 @pytest.mark.parametrize(

@@ -147,8 +147,8 @@ def why_no_break_even(
     tuned = results[names.STUDENT_TUNED].accuracy
     other = results[baseline].accuracy
     teacher = results[names.TEACHER].accuracy
-    if teacher <= rules.min_teacher_accuracy:  # whatever the students score then is noise
-        return f"the teacher scores {teacher:.1%}: there was nothing to distill"
+    if teacher <= rules.min_teacher_accuracy:  # a saving over a system that cannot do the task means nothing
+        return f"the teacher scores {teacher:.1%}, too low for a saving to mean anything"
     if tuned == 0:
         return "the tuned student scores 0%"
     worse = tuned < other and (p_value is None or p_value < rules.significance)
@@ -236,18 +236,22 @@ def break_even(
     one_off: BreakEven,
     results: dict[str, SystemResult],
     tests: dict[str, PairedComparison] | None = None,
+    judge_cannot_rank: str | None = None,
 ) -> BreakEven:
     """Requests (and days at benchmark.requests_per_day) after which distilling has paid for itself: the
     one-off cost (`one_off_cost`) over the per-request saving. `tests`: the paired tests of the tuned student
-    against each system (comparisons' `student_tuned_vs`)."""
+    against each system (comparisons' `student_tuned_vs`). `judge_cannot_rank`: why the judge's pass rates rank
+    nothing (verdict.judge_cannot_rank), when they do not: a saving then rests on nothing, and none is stated."""
 
     def against(baseline: str) -> Payback:
         tuned = results[names.STUDENT_TUNED].cost_per_1k_requests
         saving = (results[baseline].cost_per_1k_requests - tuned) / 1000
         test = (tests or {}).get(baseline)
         p_value = test.p_value if test is not None else None
-        skipped = why_no_break_even(results, baseline, bench.verdict, p_value) or saving_within_noise(
-            tuned, results[baseline].cost_per_1k_requests, bench.verdict
+        skipped = (
+            (f"the judge cannot rank the answers ({judge_cannot_rank})" if judge_cannot_rank else None)
+            or why_no_break_even(results, baseline, bench.verdict, p_value)
+            or saving_within_noise(tuned, results[baseline].cost_per_1k_requests, bench.verdict)
         )
         requests = one_off.one_off_usd / saving if saving > 0 and skipped is None else None
         return Payback(

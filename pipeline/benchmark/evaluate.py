@@ -40,7 +40,7 @@ def evaluate_system(
 ) -> tuple[SystemResult, list[dict[str, Any]]]:
     """Accuracy and throughput from one batched run; latency from requests run one at a time, warm (shared
     prompt prefixes may come from the engine's cache) and cold (cache cleared before each request)."""
-    sampling = task_sampling(bench, task)
+    sampling = task_sampling(bench, task, system.constrained)
     conversations = [task.messages(ex, system.prompt_style) for ex in examples]
     start = time.perf_counter()
     generations = engine.generate(conversations, sampling, progress=f"benchmark {system.name}")
@@ -66,15 +66,15 @@ def evaluate_system(
             )
     task_records = [r for r in records if r["kind"] == "task"]
     result = _system_result(system, task_records, latencies, wall)
+    result.constrained = sampling.choices is not None
     result.single_request_output_tokens_per_s = single_tokens / sum(latencies["latency"])
     return result, records
 
 
-def task_sampling(bench: BenchmarkConfig, task: Task) -> SamplingConfig:
-    """How every system answers the task: `benchmark.sampling`, constrained to the task's answer set when
-    `benchmark.constrained` is set."""
-    choices = task.answer_choices() if bench.constrained else None
-    return bench.sampling.constrained_to(choices)
+def task_sampling(bench: BenchmarkConfig, task: Task, constrained: bool) -> SamplingConfig:
+    """How a system answers the task: `benchmark.sampling`, constrained to the task's answer set (where it has
+    one) for a system that answers constrained (systems.answers_constrained)."""
+    return bench.sampling.constrained_to(task.answer_choices() if constrained else None)
 
 
 def _task_record(system: System, task: Task, example: Example, generation: Generation) -> dict[str, Any]:

@@ -313,13 +313,27 @@ def _measuring_machine(report: Report) -> str:
 
 
 def _constraint_note(report: Report) -> str:
+    """Which systems answered constrained to the task's labels: the teacher as it taught, the students where
+    `benchmark.constrained` says (reports before systems said it: all of them)."""
     choices = report.answer_choices
     if not choices:
         return ""
+    constrained = [name for name, m in report.systems.items() if m.constrained]
+    if not constrained or len(constrained) == len(report.systems):
+        return (
+            f" Every system's answers were constrained to the task's {len(choices)} labels, so none can answer "
+            "with an invalid label."
+        )
+    free = [name for name in report.systems if name not in constrained]
+    teacher = " (the teacher as it generated the training data)" if names.TEACHER in constrained else ""
     return (
-        f" Every system's answers were constrained to the task's {len(choices)} labels (`benchmark.constrained`), "
-        "so none can answer with an invalid label."
+        f" {_listed(constrained)} answered constrained to the task's {len(choices)} labels{teacher}; "
+        f"{_listed(free)} answered freely (`benchmark.constrained`), so an invalid label counts against them."
     )
+
+
+def _listed(systems: list[str]) -> str:
+    return ", ".join(f"`{name}`" for name in systems)
 
 
 def write_report(report: Report, path: Path, rules: VerdictConfig | None = None) -> list[Path]:

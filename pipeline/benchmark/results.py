@@ -119,6 +119,7 @@ class SystemResult(AccuracyFigures):
     # benchmark.stage: a system measured as another (the same weights and prompt), or through its own server.
     measured_as: Maybe[str] = UNSET
     server: Maybe[str] = UNSET
+    constrained: Maybe[bool] = UNSET  # evaluate: its answers constrained to the task's answer set
     # serving.run_load_tests: each concurrency level through a server, by level ("1", "4", "16").
     load: Maybe[dict[str, LoadLevel]] = UNSET
     # costs.add_costs: what serving it costs, from its machine's $/hour and the throughput of `cost_basis`.
@@ -414,7 +415,7 @@ class Report(Figures):
     latency_cdf: dict[str, dict[str, list[float]]] = {}  # end-to-end seconds per system and level, sorted
     break_even: Maybe[BreakEven] = UNSET
     forgetting: Forgetting = msgspec.field(default_factory=Forgetting)
-    answer_choices: list[str] | None = None  # None: every system answered freely
+    answer_choices: list[str] | None = None  # the task's answer set, where a system answered constrained to it
     judge: JudgeSection | None = None  # None: the task's own scorer decided every answer
     filter: FilterSummary | None = None  # None: the filter did not run here
     recipe: Recipe | None = None

@@ -158,12 +158,12 @@ def run_load_tests(
     one per base model with its systems' adapters beside it, or the system's own server (`engine.server`).
     Returns per-system level summaries and the per-request records. Each system's rows are saved as one unit
     as it finishes: a rerun after a kill starts no server for a group already done."""
-    sampling = task_sampling(bench, task)
     copied_from = twins(systems)
     todo = [s for s in systems if load_unit(s.name) not in units and s.name not in copied_from]
 
     def measure(system: System, base_url: str, served_name: str, api_key: str = "unused") -> None:
         conversations = [task.messages(ex, system.prompt_style) for ex in examples]
+        sampling = task_sampling(bench, task, system.constrained)
         rows = load_test(base_url, served_name, conversations, sampling, bench.load_test, system.name, api_key)
         units.save(load_unit(system.name), [{"system": system.name, "kind": "load", **row} for row in rows])
 

@@ -30,7 +30,6 @@ from pipeline.benchmark.evaluate import (
     comparisons,
     evaluate_system,
     run_probe,
-    task_sampling,
 )
 from pipeline.benchmark.judge import judge_enabled, judge_model, run_judge
 from pipeline.benchmark.probe import forgetting_change, run_lm_eval
@@ -41,6 +40,7 @@ from pipeline.benchmark.results import (
     Comparable,
     FilterSummary,
     Forgetting,
+    JudgeSection,
     OtherRun,
     ProbeSummary,
     Recipe,
@@ -63,7 +63,7 @@ from pipeline.benchmark.systems import (
     tuned_student_dir,
     twins,
 )
-from pipeline.benchmark.verdict import latency_p50
+from pipeline.benchmark.verdict import judge_cannot_rank, latency_p50
 from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
@@ -109,7 +109,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         if not examples:
             raise PipelineError("benchmark: the test split is empty")
         check_no_test_leak(layout.train_data, task, examples, config.student.prompt_style)
-        systems = systems_for(config)
+        systems = systems_for(config, task)
         units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
 
         results, probed, records = _evaluate_offline(bench, config.seed, systems, task, examples, units)
@@ -137,9 +137,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         add_costs(hardware, bench, systems, results)
         add_roofline_shares(hardware, bench, systems, results)
         one_off = one_off_cost(layout, config.teacher.engine, bench, hardware)
-        report = _report(config, hardware, one_off, systems, len(examples), results, forgetting, records)
-        report.answer_choices = task_sampling(bench, task).choices  # None: every system answered freely
-        report.judge = judged  # None: the task's own scorer decided every answer
+        report = _report(config, hardware, one_off, systems, len(examples), results, forgetting, records, judged)
+        if any(system.constrained for system in results.values()):
+            report.answer_choices = task.answer_choices()
         filtered = _filter_report(layout.filter_report)
         report.filter = _filter_summary(filtered)
         report.recipe = recipe(config.train, config.student.prompt_style, filtered)
@@ -344,10 +344,13 @@ def _report(
     results: dict[str, SystemResult],
     forgetting: Forgetting,
     records: list[dict[str, Any]],
+    judged: JudgeSection | None,
 ) -> Report:
-    """report.json: every system's numbers, the paired comparisons, latency CDFs, break-even and forgetting."""
+    """report.json: every system's numbers, the paired comparisons, latency CDFs, break-even, forgetting and the
+    judge (None: the task's own scorer decided every answer)."""
     bench = config.benchmark
     paired = comparisons(results, records, config.seed)
+    cannot_rank = judge_cannot_rank(judged, bench.verdict)
     forgetting.change = forgetting_change(forgetting.systems, records, bench.probe_task_categories)
     return Report(
         schema_version=REPORT_SCHEMA_VERSION,
@@ -367,7 +370,8 @@ def _report(
             for name in results
             if results[name].load is not UNSET
         },
-        break_even=break_even(bench, one_off, results, paired.student_tuned_vs),
+        break_even=break_even(bench, one_off, results, paired.student_tuned_vs, cannot_rank),
+        judge=judged,
         forgetting=forgetting,
     )
 

@@ -12,6 +12,7 @@ from pipeline.config import EngineConfig, ExperimentConfig, SystemConfig
 from pipeline.console import PipelineError
 from pipeline.engines import model_for
 from pipeline.models import resolve_model
+from pipeline.tasks import Task, task_for
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class System:
     probe: bool  # students get the forgetting probe
     adapter: str | None = None  # a LoRA adapter served unmerged on top of `model`
     engine: EngineConfig | None = None  # None: benchmark.engine (see system_engine)
+    constrained: bool = False  # its task answers constrained to the task's answer set, where it has one
 
     @property
     def on_server(self) -> bool:
@@ -35,10 +37,10 @@ def twins(systems: list[System]) -> dict[str, str]:
     They are one system (in the embedded default the teacher and the prompted student are one model with one
     prompt), so the benchmark measures it once and copies its rows: two measurements differ only by noise and
     cost minutes."""
-    first: dict[tuple[str, str | None, str, str], str] = {}
+    first: dict[tuple[str, str | None, str, str, bool], str] = {}
     copies = {}
     for system in systems:
-        key = (system.model, system.adapter, system.prompt_style, engine_key(system.engine))
+        key = (system.model, system.adapter, system.prompt_style, engine_key(system.engine), system.constrained)
         if key in first:
             copies[system.name] = first[key]
         else:
@@ -64,8 +66,10 @@ def tuned_student_dir(config: ExperimentConfig) -> Path:
     return config.layout.adapter if config.benchmark.student_serving == "lora" else config.layout.merged
 
 
-def systems_for(config: ExperimentConfig) -> list[System]:
-    """The systems of `benchmark.systems`, their model names resolved ("teacher", "student", "tuned")."""
+def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[System]:
+    """The systems of `benchmark.systems`, their model names resolved ("teacher", "student", "tuned"), and
+    whether each answers constrained to the task's answer set (`task`: the experiment's, built if not given)."""
+    has_answer_set = (task or task_for(config)).answer_choices() is not None
     tuned = tuned_student_dir(config)
     lora = config.benchmark.student_serving == "lora"
     if lora and config.train.method == "full":
@@ -79,6 +83,7 @@ def systems_for(config: ExperimentConfig) -> list[System]:
     systems = []
     for declared in config.benchmark.systems:
         engine = system_engine(config, declared)
+        constrained = has_answer_set and answers_constrained(config, declared)
         if engine.backend == "openai":
             if declared.price is None and declared.hardware is None:
                 raise PipelineError(
@@ -86,7 +91,11 @@ def systems_for(config: ExperimentConfig) -> list[System]:
                     "(a hosted API's list price per token) or its `hardware` (the machine serving it); set one"
                 )
             model = model_for(named.get(declared.model, declared.model), engine)  # the served name
-            systems.append(System(declared.name, model, declared.prompt_style, declared.probe, engine=engine))
+            systems.append(
+                System(
+                    declared.name, model, declared.prompt_style, declared.probe, engine=engine, constrained=constrained
+                )
+            )
             continue
         adapter = None
         if declared.model == names.TUNED_MODEL:
@@ -94,8 +103,20 @@ def systems_for(config: ExperimentConfig) -> list[System]:
             model, adapter = (base_student, str(tuned)) if lora else (str(tuned), None)
         else:
             model = resolve_model(named.get(declared.model, declared.model))
-        systems.append(System(declared.name, model, declared.prompt_style, declared.probe, adapter, engine))
+        systems.append(
+            System(declared.name, model, declared.prompt_style, declared.probe, adapter, engine, constrained)
+        )
     return systems
+
+
+def answers_constrained(config: ExperimentConfig, declared: SystemConfig) -> bool:
+    """Whether a system's task answers are constrained to the task's answer set: its own `constrained`, else the
+    teacher's model as it generated the training data (constrained to a label task's labels: measured free, a
+    teacher that taught well can score 0% and the verdict would say there was nothing to distill), else
+    benchmark.constrained."""
+    if declared.constrained is not None:
+        return declared.constrained
+    return declared.model == names.TEACHER_MODEL or config.benchmark.constrained
 
 
 def system_engine(config: ExperimentConfig, declared: SystemConfig) -> EngineConfig:

@@ -65,7 +65,40 @@ def verdict(report: Report, rules: VerdictConfig | None = None) -> str:
     justify fine-tuning, and the break-even against prompting says how soon that pays."""
     rules = rules or VerdictConfig()
     facts = _Facts(report, rules)
+    if facts.judge_untrustworthy:
+        return _undecided(report, facts)
     return " ".join([*_findings(report, facts), _conclusion(report, facts, rules)])
+
+
+def _undecided(report: Report, facts: _Facts) -> str:
+    """The verdict when the judge cannot rank the answers: that first, then only what does not rest on it (the
+    reference metrics, answer lengths, serving cost, the one-off cost); no pass-rate share of the teacher, no
+    standing against it, no break-even."""
+    parts = [
+        f"Verdict: undecided — the judge cannot tell the answers apart ({facts.judge_untrustworthy}), so its pass "
+        "rates and win rates rank nothing, and no share of the teacher, standing against it or break-even is "
+        "stated; rerun the benchmark with a stronger benchmark.judge.model."
+    ]
+    judged = report.judge.systems
+    scored = {name: m.reference for name, m in judged.items() if m.reference and m.reference.n}
+    if scored:
+        parts.append(
+            "Against the reference answers (ROUGE-L / chrF, which need no judge): "
+            + ", ".join(f"{name} {r.rouge_l:.3f} / {r.chrf:.1f}" for name, r in scored.items())
+            + "."
+        )
+    lengths = {name: m.mean_words for name, m in judged.items() if m.mean_words is not UNSET}
+    if lengths:
+        parts.append(
+            "Answers average " + ", ".join(f"{words:.0f} words ({name})" for name, words in lengths.items()) + "."
+        )
+    parts.append(
+        f"Serving the tuned student costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
+        f"${cost(facts.teacher):.4f} {facts.unit}){_within_noise(facts, facts.cost_ratio)}."
+    )
+    if facts.even:
+        parts.append(f"Distilling cost ${facts.even.one_off_usd:,.4f}.")
+    return " ".join(parts + [judge_reliability_sentence(report.judge)])
 
 
 class _Facts:
@@ -79,9 +112,12 @@ class _Facts:
         self.gain = self.tuned.accuracy - self.base.accuracy
         self.p_base = p_value(self.tests, names.STUDENT_BASE)
         teacher_accuracy = self.teacher.accuracy
-        # A teacher at ~0 has nothing to teach; a share of its accuracy would be noise (200%, CI 0-477%).
-        self.teacher_fails = teacher_accuracy <= rules.min_teacher_accuracy
-        self.kept = self.tuned.accuracy / teacher_accuracy if not self.teacher_fails else float("nan")
+        self.significant = self.gain > 0 and (self.p_base is None or self.p_base < rules.significance)
+        # A teacher at ~0: a share of its accuracy would be noise (200%, CI 0-477%), and unless training on its
+        # answers still moved the student measurably, it had nothing to teach.
+        self.teacher_low = teacher_accuracy <= rules.min_teacher_accuracy
+        self.teacher_fails = self.teacher_low and not self.significant
+        self.kept = self.tuned.accuracy / teacher_accuracy if not self.teacher_low else float("nan")
         self.cost_ratio = cost(self.tuned) / cost(self.teacher)
         self.latency_ratio = latency_p50(self.tuned) / latency_p50(self.teacher)
         self.unit = "per 1k requests" if self.tuned.cost_per_1k_requests is not UNSET else "per 1M output tokens"
@@ -107,7 +143,7 @@ class _Facts:
         versus = judged.vs_teacher if judged else None
         self.versus_teacher: PairSummary | None = versus if versus and versus.n else None
         self.as_good_as_teacher = self.versus_teacher.win_or_tie_ci95[1] >= 0.5 if self.versus_teacher else None
-        self.judge_untrustworthy = _judge_untrustworthy(report.judge, rules)
+        self.judge_untrustworthy = judge_cannot_rank(report.judge, rules)
 
 
 def p_value(tests: dict[str, PairedComparison], other: str) -> float | None:
@@ -122,11 +158,13 @@ def _findings(report: Report, facts: _Facts) -> list[str]:
     significance = f", paired McNemar p = {facts.p_base:.3g}" if facts.p_base is not None else ""
     kept_ci = report.comparisons.kept_of_teacher.ci95 if report.comparisons.kept_of_teacher else None
     kept = facts.kept
-    if facts.teacher_fails:
+    if facts.teacher_low:
         keeps = "too low to state a share of it"
     else:
         keeps = f"so the tuned student keeps {kept:.0%} of it{_interval(kept_ci)}"
     parts = [_nothing_to_distill(report, facts)] if facts.teacher_fails else []
+    if facts.teacher_low and not facts.teacher_fails:
+        parts.append(_taught_though_low(report, facts))
     measure = "pass rate by the judge" if report.judge else "accuracy"
     parts.append(
         f"Fine-tuning moved the student's {measure} from {facts.base.accuracy:.1%} to {facts.tuned.accuracy:.1%} "
@@ -147,7 +185,7 @@ def _findings(report: Report, facts: _Facts) -> list[str]:
                 else "."
             )
         )
-    if not facts.teacher_fails:  # a cost ratio to a teacher that cannot do the task is no saving
+    if not facts.teacher_low:  # a cost ratio to a teacher that cannot do the task is no saving
         parts.append(
             f"Serving it costs {facts.cost_ratio:.2f}x the teacher (${cost(facts.tuned):.4f} vs "
             f"${cost(facts.teacher):.4f} {facts.unit}) and its p50 latency is {facts.latency_ratio:.2f}x the "
@@ -197,7 +235,7 @@ def _judged_against_teacher(judge: JudgeSection, facts: _Facts) -> str:
     )
 
 
-def _judge_untrustworthy(judge: JudgeSection | None, rules: VerdictConfig) -> str | None:
+def judge_cannot_rank(judge: JudgeSection | None, rules: VerdictConfig) -> str | None:
     """Why the judge cannot rank the systems ("it followed the order shown in 98% of pairs"); None when it can
     (or there is no judge)."""
     if not judge:
@@ -295,18 +333,25 @@ def _nothing_to_distill(report: Report, facts: _Facts) -> str:
     return sentence + "."
 
 
+def _taught_though_low(report: Report, facts: _Facts) -> str:
+    """The first sentence when the teacher scores near zero on the test, yet its training answers moved the
+    student measurably: they taught something, so the run is judged, but against no share of the teacher."""
+    teacher = facts.teacher
+    how = " answering constrained to the labels, as it taught," if teacher.constrained else ""
+    return (
+        f"The teacher{how} scores only {teacher.accuracy:.1%} on the held-out test examples, yet training on the "
+        f"answers it gave moved the student measurably, so they taught something; no share of the teacher or "
+        "saving over it is stated."
+    )
+
+
 def _conclusion(report: Report, facts: _Facts, rules: VerdictConfig) -> str:
     """The one-line verdict, in order of what settles it: no measurable gain, prompting did better or as well
     for no more cost, a regression on base capabilities, worth it for cost only, worth it, or mixed."""
-    significant = facts.gain > 0 and (facts.p_base is None or facts.p_base < rules.significance)
+    significant = facts.significant
     forgot = bool(regressions(facts.change, rules))
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
     cheaper_than_prompting = lower_beyond_noise(facts.prompted_cost_ratio, rules)
-    if facts.judge_untrustworthy:
-        return (
-            f"Verdict: undecided — the judge cannot tell the answers apart ({facts.judge_untrustworthy}), so its "
-            "pass rates and win rates rank nothing; rerun the benchmark with a stronger benchmark.judge.model."
-        )
     if facts.teacher_fails:
         return (
             "Verdict: not worth it — the teacher cannot do this task as configured, so there was nothing to distill; "
@@ -352,7 +397,12 @@ def _short_of_worth_it(facts: _Facts, rules: VerdictConfig) -> list[str]:
     """What keeps a tuned student that beat its untuned self from "worth it": the teacher's level, faster, cheaper
     (each with the setting that draws its line). Empty: worth it."""
     short = []
-    if facts.as_good_as_teacher is False:
+    if facts.teacher_low:
+        short.append(
+            f"the teacher it would replace scores {facts.teacher.accuracy:.1%} here, too low to measure the student "
+            "against (benchmark.verdict.min_teacher_accuracy)"
+        )
+    elif facts.as_good_as_teacher is False:
         short.append("the judge does not rate it as good as the teacher")
     elif facts.as_good_as_teacher is None and facts.kept < rules.min_kept_of_teacher:
         short.append(

@@ -57,6 +57,10 @@ class SystemConfig(StrictModel):
     # server (a hosted or remote teacher may exist nowhere else). Backend openai: measured through that server.
     engine: EngineConfig | None = None
     price: TokenPriceConfig | None = None  # a hosted API's list price, instead of `hardware`
+    # Answers constrained to the task's answer set (a label task's labels). None: the teacher's model answers as it
+    # generated the training data (constrained on a label task), every other system as benchmark.constrained says.
+    # Declare `{name: teacher_free, model: teacher, constrained: false}` to see the teacher answer freely too.
+    constrained: bool | None = None
 
     @model_validator(mode="after")
     def _priced_once(self) -> SystemConfig:
@@ -163,9 +167,10 @@ class BenchmarkConfig(StrictModel):
     load_test: LoadTestConfig = Field(default_factory=LoadTestConfig)
     latency_requests: int = Field(16, ge=1)  # offline engine: requests timed one at a time per system
     max_test_examples: int | None = Field(None, ge=1)
-    # Constrain every system's task answers to the task's answer set (a label task's labels), as the teacher's
-    # were at generate time. Off by default: the benchmark then measures whether a student answers with a valid
-    # label by itself (the report counts invalid labels per system). The forgetting probe is never constrained.
+    # Constrain the students' task answers to the task's answer set (a label task's labels), as the teacher's were
+    # at generate time. Off by default: the benchmark then measures whether a student answers with a valid label by
+    # itself (the report counts invalid labels per system). The teacher is measured as it taught (constrained on a
+    # label task) unless its system says otherwise (systems.<name>.constrained). The probe is never constrained.
     constrained: bool = False
     # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
     # are computed from these and measured throughput and wall times.
