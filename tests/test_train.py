@@ -653,6 +653,14 @@ def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
     assert metrics["mfu"] == pytest.approx(round(500.0 * 4 * params / 989e12, 4))
     assert hardware.accelerator_for("NVIDIA A100-SXM4-40GB").memory_gbps == 1555.0
     assert hardware.accelerator_for("NVIDIA GeForce RTX 4090") is None
+    # An A10G has no published compute peak: named, but no utilisation against a peak it lacks.
+    a10g = ("NVIDIA A10G", hardware.accelerator_for("NVIDIA A10G"))
+    monkeypatch.setattr(hardware, "cuda_accelerator", lambda: a10g)
+    assert throughput_metrics(trainer, 2.0, full=False) == {
+        "train_tokens": 1000,
+        "train_tokens_per_s": 500.0,
+        "accelerator": "NVIDIA A10G",
+    }
 
 
 @pytest.mark.cuda

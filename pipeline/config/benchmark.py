@@ -169,8 +169,9 @@ class BenchmarkConfig(StrictModel):
     constrained: bool = False
     # $/hour of each machine a system may run on (list prices; set your own). Serving cost and break-even
     # are computed from these and measured throughput and wall times.
-    # Profiles you give are added to the defaults (pipeline/hardware.py: h200, h100, h100-pcie, a100-80gb,
-    # a100-40gb, l40s, l4, a10g, cpu-2core, unknown-gpu), replacing one of the same name.
+    # Profiles you give are added to the defaults (pipeline/hardware.py: h200, h200-nvl, h100, h100-nvl,
+    # h100-pcie, a100-80gb, a100-80gb-pcie, a100-40gb, l40s, l40, l4, a10g, a10, cpu-2core, unknown-gpu),
+    # replacing one of the same name.
     hardware_profiles: dict[str, HardwareConfig] = Field(default_factory=_default_hardware_profiles)
     # Where systems are priced unless they name their own, and where generate + train ran (the one-off cost of
     # distillation). None: the machine the benchmark runs on, detected (a CUDA device name, else cpu-<n>core).

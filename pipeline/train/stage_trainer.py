@@ -158,9 +158,9 @@ def model_parameters(model: Any) -> int:
 
 
 def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, Any]:
-    """Training tokens (prompt and completion, padding excluded) per second and, on a CUDA device the datasheet
-    table knows, model FLOPs utilisation of each GPU against its dense bf16 peak (pipeline/hardware.py). The token
-    count is every rank's (TRL gathers it), so a GPU's share is 1/world_size of it."""
+    """Training tokens (prompt and completion, padding excluded) per second and, on a CUDA device whose peak the
+    datasheet table knows, model FLOPs utilisation of each GPU against its dense bf16 peak (pipeline/hardware.py).
+    The token count is every rank's (TRL gathers it), so a GPU's share is 1/world_size of it."""
     counts = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     tokens = int(counts[-1]) if counts else 0
     per_s = tokens / runtime_s if runtime_s > 0 else 0.0
@@ -169,7 +169,7 @@ def throughput_metrics(trainer: Any, runtime_s: float, full: bool) -> dict[str, 
     if cuda:
         name, accelerator = cuda
         metrics["accelerator"] = name
-        if accelerator:
+        if accelerator and accelerator.peak_tflops:  # an A10G has no published peak to measure against
             per_gpu = per_s / trainer.args.world_size
             metrics["peak_tflops"] = accelerator.peak_tflops
             utilisation = hardware.mfu(per_gpu, model_parameters(trainer.model), full, accelerator.peak_tflops)
