@@ -5,14 +5,23 @@ GPU limits are the dense bf16 peak and the memory bandwidth from the vendor's da
 reports; a CPU's are measured (`probe_cpu`: fp32 matmul and a memory read), since no datasheet describes the
 slice of a machine a job gets.
 
-Figures are dense (no structured sparsity), SXM parts unless the name says PCIe; sources:
-- H100 SXM / PCIe: NVIDIA H100 Tensor Core GPU datasheet (bf16 989 / 756 TFLOP/s, 3.35 / 2.0 TB/s).
-- H200: NVIDIA H200 datasheet (bf16 989 TFLOP/s, 4.8 TB/s).
-- A100 80GB / 40GB: NVIDIA A100 datasheet (bf16 312 TFLOP/s; 2.039 / 1.555 TB/s).
-- L4 / L40S: NVIDIA L4 and L40S datasheets (bf16 242 / 733 TFLOP/s with sparsity, so 121 / 362 dense; 300 / 864 GB/s).
-- A10G (AWS g5): NVIDIA publishes no A10G sheet; the A10 datasheet's figures (bf16 125 TFLOP/s dense, 600 GB/s).
-Prices are indicative on-demand $/hour for one GPU (cloud list prices, late 2026): set your own in
-`benchmark.hardware_profiles`.
+Figures are dense bf16 (no structured sparsity: where a datasheet prints only the sparse figure, half of it) and
+the memory bandwidth, from NVIDIA's datasheets:
+- H100 SXM / NVL: NVIDIA H100 Tensor Core GPU datasheet (1,979 / 1,671 TFLOP/s with sparsity, so 989 / 835;
+  3.35 / 3.9 TB/s). H100 PCIe: an earlier edition of it, with a PCIe column (1,513 with sparsity, so 756; 2.0 TB/s).
+- H200 SXM / NVL: NVIDIA H200 datasheet (1,979 / 1,671 with sparsity, so 989 / 835; 4.8 TB/s both).
+- A100: NVIDIA A100 datasheet (312 TFLOP/s every form; 80GB SXM 2,039, 80GB PCIe 1,935, 40GB SXM and PCIe
+  1,555 GB/s).
+- L4 / L40S / L40: their datasheets (L4 242 with sparsity, so 121; L40S 362.05 and L40 181.05 dense as printed;
+  300 / 864 / 864 GB/s).
+- A10: NVIDIA A10 datasheet (125 TFLOP/s dense, 600 GB/s).
+- A10G (AWS g5): NVIDIA publishes no A10G datasheet, and it is not the A10 (less tensor throughput: Baseten's
+  "NVIDIA A10 vs A10G for ML model inference", no vendor figure), so its compute peak is unset (no MFU, no
+  compute share); its 600 GB/s is the A10's, the same 24 GB of GDDR6 (that comparison too).
+Prices are indicative on-demand $/hour for one GPU (cloud list prices, late 2026; a10g is AWS's g5.xlarge): set
+your own in `benchmark.hardware_profiles`. Those of h100-nvl, h200-nvl, a100-80gb-pcie, l40 and a10 are placed
+among the others by their limits (below the SXM or L40S sibling, the A10 beside the L4), not read off a price
+list; a test keeps a part at least as fast on both limits from costing less.
 """
 
 from __future__ import annotations
@@ -27,22 +36,28 @@ from functools import cache
 @dataclass(frozen=True)
 class Accelerator:
     name: str  # also its profile's key in benchmark.hardware_profiles
-    peak_tflops: float  # dense bf16 tensor-core peak
+    peak_tflops: float | None  # dense bf16 tensor-core peak; None where no figure is published (A10G)
     memory_gbps: float  # memory bandwidth, GB/s
     usd_per_hour: float = 0.0  # indicative on-demand price of one
 
 
-# Matched in order against the lower-cased CUDA device name (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"):
-# every word of the key must occur in it, the more specific keys first.
+# Matched in order against the words of the CUDA device name, lower-cased, hyphens as spaces (e.g. "NVIDIA H100
+# NVL", "NVIDIA A100-SXM4-40GB"): the first key whose words all occur in it wins, so a variant's key comes before
+# its family's (a test checks that none is hidden). Whole words: "a10" is not "a10g", nor "h200" "gh200".
 ACCELERATORS: tuple[tuple[str, Accelerator], ...] = (
-    ("h200", Accelerator("h200", 989.0, 4800.0, 3.50)),
+    ("h200 nvl", Accelerator("h200-nvl", 835.0, 4800.0, 3.20)),
+    ("h200", Accelerator("h200", 989.0, 4800.0, 3.50)),  # SXM
+    ("h100 nvl", Accelerator("h100-nvl", 835.0, 3900.0, 2.80)),
     ("h100 pcie", Accelerator("h100-pcie", 756.0, 2000.0, 2.50)),
     ("h100", Accelerator("h100", 989.0, 3350.0, 3.00)),  # SXM
-    ("a100 40gb", Accelerator("a100-40gb", 312.0, 1555.0, 1.30)),
-    ("a100", Accelerator("a100-80gb", 312.0, 2039.0, 1.80)),
+    ("a100 40gb", Accelerator("a100-40gb", 312.0, 1555.0, 1.30)),  # SXM4 and PCIe alike
+    ("a100 80gb pcie", Accelerator("a100-80gb-pcie", 312.0, 1935.0, 1.60)),
+    ("a100", Accelerator("a100-80gb", 312.0, 2039.0, 1.80)),  # SXM4
     ("l40s", Accelerator("l40s", 362.0, 864.0, 1.20)),
+    ("l40", Accelerator("l40", 181.0, 864.0, 1.00)),
     ("l4", Accelerator("l4", 121.0, 300.0, 0.70)),
-    ("a10g", Accelerator("a10g", 125.0, 600.0, 1.01)),
+    ("a10g", Accelerator("a10g", None, 600.0, 1.01)),
+    ("a10", Accelerator("a10", 125.0, 600.0, 0.75)),
 )
 UNKNOWN_GPU = "unknown-gpu"  # a GPU the table lacks: priced as a placeholder, no limits, and the user is told
 UNKNOWN_GPU_USD_PER_HOUR = 2.00

@@ -388,3 +388,64 @@ def test_attention_leaves_cudnn_out_on_cuda_only():
     assert flags() == before
     with hardware.attention_without_cudnn("cpu"):
         assert flags() == before
+
+
+# The names `torch.cuda.get_device_name()` returns on the parts users rent, and the entry each gets:
+# (profile, dense bf16 TFLOP/s, GB/s); None for a GPU the table lacks.
+CUDA_NAMES = [
+    ("NVIDIA H100 80GB HBM3", ("h100", 989.0, 3350.0)),
+    ("NVIDIA H100 PCIe", ("h100-pcie", 756.0, 2000.0)),
+    ("NVIDIA H100 NVL", ("h100-nvl", 835.0, 3900.0)),
+    ("NVIDIA H200", ("h200", 989.0, 4800.0)),
+    ("NVIDIA H200 NVL", ("h200-nvl", 835.0, 4800.0)),
+    ("NVIDIA A100-SXM4-80GB", ("a100-80gb", 312.0, 2039.0)),
+    ("NVIDIA A100-SXM4-40GB", ("a100-40gb", 312.0, 1555.0)),
+    ("NVIDIA A100 80GB PCIe", ("a100-80gb-pcie", 312.0, 1935.0)),
+    ("NVIDIA A100-PCIE-40GB", ("a100-40gb", 312.0, 1555.0)),
+    ("NVIDIA L4", ("l4", 121.0, 300.0)),
+    ("NVIDIA L40S", ("l40s", 362.0, 864.0)),
+    ("NVIDIA L40", ("l40", 181.0, 864.0)),
+    ("NVIDIA A10G", ("a10g", None, 600.0)),  # no published tensor peak: unset, not the A10's
+    ("NVIDIA A10", ("a10", 125.0, 600.0)),
+    ("NVIDIA GH200 480GB", None),  # not an H200: its memory differs by version
+    ("Tesla T4", None),
+    ("NVIDIA GeForce RTX 4090", None),
+]
+
+
+@pytest.mark.parametrize(("cuda_name", "expected"), CUDA_NAMES)
+def test_each_cuda_name_gets_its_own_datasheet_entry(cuda_name, expected):
+    accelerator = hardware.accelerator_for(cuda_name)
+    found = None if accelerator is None else (accelerator.name, accelerator.peak_tflops, accelerator.memory_gbps)
+    assert found == expected
+
+
+def test_no_table_key_is_shadowed_by_an_earlier_less_specific_one():
+    """Keys match in order, so a key whose words all belong to a later key would hide that later entry."""
+    keys = [key for key, _ in hardware.ACCELERATORS]
+    for later, key in enumerate(keys):
+        for earlier in keys[:later]:
+            assert not set(earlier.split()) <= set(key.split()), f"{earlier!r} hides {key!r}"
+    names = [accelerator.name for _, accelerator in hardware.ACCELERATORS]
+    assert len(set(names)) == len(names) == len(set(keys))
+
+
+def test_a_part_at_least_as_fast_on_both_limits_never_costs_less():
+    """The indicative prices stay consistent with the limits: an NVL or PCIe part below its SXM sibling, the L40
+    below the L40S. Entries without a compute peak are left out: nothing to compare them by."""
+    known = [a for _, a in hardware.ACCELERATORS if a.peak_tflops is not None]
+    for a in known:
+        for b in known:
+            if a.peak_tflops >= b.peak_tflops and a.memory_gbps >= b.memory_gbps:
+                assert a.usd_per_hour >= b.usd_per_hour, (a.name, b.name)
+    assert all(a.usd_per_hour > 0 for _, a in hardware.ACCELERATORS)
+
+
+def test_the_default_profiles_are_the_table_and_an_a10g_says_no_compute_peak():
+    profiles = config().hardware_profiles
+    for _, a in hardware.ACCELERATORS:
+        assert (profiles[a.name].peak_tflops, profiles[a.name].memory_gbps) == (a.peak_tflops, a.memory_gbps)
+        assert profiles[a.name].usd_per_hour == a.usd_per_hour
+    chosen = resolve_hardware(config(serving_hardware="a10g", pipeline_hardware="a10g"))
+    sentence = _hardware_note({"hardware": to_builtins(chosen.record())})
+    assert "`a10g` (configured; $1.01/hour, 600 GB/s)" in sentence and "TFLOP/s" not in sentence

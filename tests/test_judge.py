@@ -7,14 +7,13 @@ judge model (none can run here): the pipeline's own engine talks to it over HTTP
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.benchmark.judge import length_controlled_win_rate, pair_outcome, summarize_pairs
-from pipeline.benchmark.results import to_builtins
-from pipeline.benchmark.stats import wilson_interval
+from pipeline.benchmark.judge import length_controlled_win_rate, pair_outcome
 from pipeline.cli import run_pipeline
 from pipeline.config import validate_config
 from pipeline.files import read_jsonl
@@ -110,7 +109,8 @@ def test_length_controlled_win_rate_discounts_wins_bought_by_length():
 class JudgeHandler(BaseHTTPRequestHandler):
     """A judge model behind an OpenAI-compatible endpoint. `prefer_first`: it always answers "A" when comparing
     (the position-biased judge) and grades 8; otherwise it prefers the longer reply and grades by length, with
-    an unreadable grade for every reply of a length divisible by 5."""
+    an unreadable grade for every reply of a length divisible by 5, and an unreadable preference between two
+    replies whose lengths add up to a multiple of 3 (in both orders, so that pair is unreadable)."""
 
     prefer_first = True
     requests: list[dict] = []
@@ -137,6 +137,8 @@ class JudgeHandler(BaseHTTPRequestHandler):
             first = user.split("Reply A:\n", 1)[1].split("\n\nReply B:\n", 1)[0]
             second = user.split("\n\nReply B:\n", 1)[1].rsplit("\n\nWhich reply", 1)[0]
             answer = "A" if self.prefer_first or len(first) >= len(second) else "B"
+            if not self.prefer_first and (len(first) + len(second)) % 3 == 0:
+                answer = "neither"
         else:
             reply = user.split("\n\nReply:\n", 1)[1].rsplit("\n\nScore", 1)[0]
             answer = "8" if self.prefer_first else ("fine" if len(reply) % 5 == 0 else str(1 + len(reply) % 10))
@@ -185,34 +187,72 @@ def chat_config(tmp_path, tiny_model, url):
     return validate_config(raw)
 
 
+def wilson(successes: int, n: int, z: float = 1.959964) -> list[float]:
+    """The 95% Wilson score interval by its formula: the test's own, not the code's (which asks scipy)."""
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return [centre - half, centre + half]
+
+
 @pytest.mark.integration
 def test_judge_rates_and_intervals_recompute_from_the_records(judged_run):
+    """Every rate and interval counted again from the raw replies in records.jsonl, none through the code's own
+    summaries. An unreadable pair stands apart, outside the rates and their intervals (the judge's failure says
+    nothing of either answer), so n is the readable pairs; the fixture's judge leaves some unreadable."""
     config, _ = judged_run
     report = json.loads(config.layout.report_json.read_text())
     records = list(read_jsonl(config.layout.records))
     threshold = config.benchmark.judge.pass_threshold
+    unreadable_pairs = 0
     for name, row in report["judge"]["systems"].items():
         grades = [r["grade"] for r in records if r["kind"] == "judge_grade" and r["system"] == name]
         assert grades == [
             parse_grade(r["reply"]) for r in records if r["kind"] == "judge_grade" and r["system"] == name
         ]
-        passed = sum(g is not None and g >= threshold for g in grades)
+        passed = sum(g is not None and g >= threshold for g in grades)  # an unreadable grade is a fail
         assert row["grades_unparsed"] == grades.count(None)
         assert row["pass_rate"] == passed / len(grades) == report["systems"][name]["accuracy"]
-        assert row["pass_rate_ci95"] == wilson_interval(passed, len(grades))
+        assert row["pass_rate_ci95"] == pytest.approx(wilson(passed, len(grades)))
         pairs = [r for r in records if r["kind"] == "judge_pair" and r["system"] == name]
         if name == "teacher":
             assert not pairs and "vs_teacher" not in row
             continue
-        for pair in pairs:  # each outcome follows from the two replies as read
+        # Each pair read again from its two replies: a win or a loss only where both orders agree, any other
+        # readable pair a tie (position bias where the judge chose the same slot both times).
+        counts = {"win": 0, "tie": 0, "loss": 0, "unparsed": 0}
+        biased, readable = 0, []
+        for pair in pairs:
             if pair["identical"]:  # the teacher's own answer: a tie, the judge not asked
                 assert (pair["outcome"], pair["position_biased"], pair["replies"]) == ("tie", False, None)
-                continue
-            read = [parse_preference(pair["replies"][order]) for order in ("system_first", "teacher_first")]
-            assert (pair["outcome"], pair["position_biased"]) == pair_outcome(*read)
-        assert row["vs_teacher"] == to_builtins(summarize_pairs(pairs))
-        wins, ties = (sum(p["outcome"] == o for p in pairs) for o in ("win", "tie"))
-        assert row["vs_teacher"]["win_or_tie_ci95"] == wilson_interval(wins + ties, len(pairs))
+                outcome = "tie"
+            else:
+                first, second = (
+                    parse_preference(pair["replies"][order]) for order in ("system_first", "teacher_first")
+                )
+                slot_both_times = first is not None and first == second != "tie"
+                if first is None or second is None:
+                    outcome = "unparsed"
+                else:
+                    outcome = {("A", "B"): "win", ("B", "A"): "loss"}.get((first, second), "tie")
+                assert (pair["outcome"], pair["position_biased"]) == (outcome, slot_both_times)
+                biased += slot_both_times
+            counts[outcome] += 1
+            if outcome != "unparsed":
+                readable.append(pair)
+        unreadable_pairs += counts["unparsed"]
+        versus = row["vs_teacher"]
+        n = len(pairs) - counts["unparsed"]
+        assert (versus["win"], versus["tie"], versus["loss"], versus["unparsed"]) == tuple(counts.values())
+        assert (versus["pairs"], versus["n"], versus["position_biased"]) == (len(pairs), n, biased)
+        assert versus["win_rate"] == pytest.approx((counts["win"] + counts["tie"] / 2) / n)
+        assert versus["win_or_tie_rate"] == pytest.approx((counts["win"] + counts["tie"]) / n)
+        assert versus["win_or_tie_ci95"] == pytest.approx(wilson(counts["win"] + counts["tie"], n))
+        outcomes = [p["outcome"] for p in readable]  # the length control, too, reads the readable pairs only
+        differences = [p["words"]["system"] - p["words"]["teacher"] for p in readable]
+        assert versus["length_controlled_win_rate"] == pytest.approx(length_controlled_win_rate(outcomes, differences))
+    assert unreadable_pairs > 0, "the fixture's judge left no pair unreadable: the counts above test less"
+    assert report["judge"]["reliability"]["pairs_unparsed"] == unreadable_pairs
     with_reference = [r for r in records if r["kind"] == "task" and r.get("reference_metrics")]
     assert with_reference and all(0 <= r["reference_metrics"]["rouge_l"] <= 1 for r in with_reference)
     assert report["judge"]["reliability"]["reference_agreement"] is not None

@@ -642,17 +642,32 @@ def test_training_throughput_and_mfu_metrics(monkeypatch, tmp_path, tiny_model):
     # The tiny model's untied input embedding table is looked up, not multiplied: not in the FLOPs.
     params = sum(p.numel() for p in trainer.model.parameters()) - trainer.model.get_input_embeddings().weight.numel()
     assert model_parameters(trainer.model) == params
+    profiles = config.benchmark.hardware_profiles
     monkeypatch.setattr(hardware, "cuda_accelerator", lambda: None)  # as on this CPU, also when run on a GPU
-    assert throughput_metrics(trainer, 2.0, full=False) == {"train_tokens": 1000, "train_tokens_per_s": 500.0}
+    assert throughput_metrics(trainer, 2.0, False, profiles) == {
+        "train_tokens": 1000,
+        "train_tokens_per_s": 500.0,
+        "gpus": 0,
+    }
 
     h100 = ("NVIDIA H100 80GB HBM3", hardware.accelerator_for("NVIDIA H100 80GB HBM3"))
     monkeypatch.setattr(hardware, "cuda_accelerator", lambda: h100)
     monkeypatch.setattr(trainer.args, "use_cpu", False)
-    metrics = throughput_metrics(trainer, 2.0, full=False)
+    metrics = throughput_metrics(trainer, 2.0, False, profiles)
     assert metrics["accelerator"] == "NVIDIA H100 80GB HBM3" and metrics["peak_tflops"] == 989.0
     assert metrics["mfu"] == pytest.approx(round(500.0 * 4 * params / 989e12, 4))
     assert hardware.accelerator_for("NVIDIA A100-SXM4-40GB").memory_gbps == 1555.0
     assert hardware.accelerator_for("NVIDIA GeForce RTX 4090") is None
+    # An A10G has no published compute peak: named, but no utilisation against a peak it lacks.
+    a10g = ("NVIDIA A10G", hardware.accelerator_for("NVIDIA A10G"))
+    monkeypatch.setattr(hardware, "cuda_accelerator", lambda: a10g)
+    assert throughput_metrics(trainer, 2.0, False, profiles) == {
+        "train_tokens": 1000,
+        "train_tokens_per_s": 500.0,
+        "accelerator": "NVIDIA A10G",
+        "gpus": 1,
+        "hardware_profile": "a10g",
+    }
 
 
 @pytest.mark.cuda
