@@ -395,6 +395,35 @@ def test_an_undecided_verdict_leads_and_states_nothing_that_rests_on_the_judge()
     assert numbers["break_even"]["requests"] is None
 
 
+def test_labels_without_a_training_example_are_scored_apart(tmp_path):
+    """The intent set of issue 48: 44 kept examples for 77 labels. The tuned student's accuracy on test examples of
+    labels it was shown is told apart from those it never saw, which it could not learn."""
+    import json
+
+    from pipeline.benchmark.stage import category_coverage
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": [], "category": label}) + "\n" for label in ("a", "a", "b")))
+    records = [
+        {"kind": "task", "system": "student_tuned", "category": category, "correct": correct}
+        for category, correct in (("a", True), ("a", True), ("b", False), ("c", False), ("d", True), ("d", False))
+    ]
+    records.append({"kind": "task", "system": "teacher", "category": "e", "correct": True})  # not the tuned student
+    coverage = category_coverage(train, records, "labels")
+    assert (coverage.categories, coverage.untrained) == (4, ["c", "d"])
+    assert (coverage.trained_n, coverage.trained_accuracy, coverage.untrained_n) == (3, 2 / 3, 3)
+    assert coverage.untrained_accuracy == pytest.approx(1 / 3)
+    numbers = report(0.5, 0.0, 0.0)
+    numbers["coverage"] = to_builtins(coverage)
+    assert (
+        "Its training data showed 2 of the 4 labels of the test split: it scores 66.7% on test examples of those "
+        "(n=3) and 33.3% on the 2 labels it never saw (n=3), which it could not learn." in verdict(numbers)
+    )
+    covered = [r for r in records if r["category"] in ("a", "b")]
+    assert category_coverage(train, covered, "labels") is None  # every test label was shown: nothing to say
+    assert category_coverage(tmp_path / "absent.jsonl", records, "labels") is None
+
+
 def test_skipped_break_even_is_said_in_the_verdict_and_the_table(tmp_path):
     from pipeline.benchmark.report import _break_even_section
 

@@ -368,6 +368,19 @@ class Recipe(Figures):
     prompt_style: Maybe[str | None] = UNSET
 
 
+class CategoryCoverage(Figures):
+    """The tuned student on test examples of categories (a label task's labels) its training data showed, against
+    those it never saw: a label without one kept example cannot be learned (benchmark.stage.category_coverage)."""
+
+    word: str = "categories"  # "labels" for a label task
+    categories: int = 0  # in the test split
+    untrained: list[str] = []  # test categories without a kept training example
+    trained_n: int = 0
+    trained_accuracy: float | None = None
+    untrained_n: int = 0
+    untrained_accuracy: float | None = None
+
+
 class Comparable(Figures):
     """What must match for two runs' figures to be compared (benchmark.stage.comparable_on): the same task on the
     same data, the same student model, the same test examples. Everything else is a lever."""
@@ -420,6 +433,7 @@ class Report(Figures):
     filter: FilterSummary | None = None  # None: the filter did not run here
     recipe: Recipe | None = None
     comparable: Comparable | None = None  # None: written before runs were matched on it
+    coverage: CategoryCoverage | None = None  # None: every test category had training examples, or no data here
     other_runs: list[OtherRun] = []
 
 

@@ -37,6 +37,7 @@ from pipeline.benchmark.report import write_report
 from pipeline.benchmark.results import (
     REPORT_SCHEMA_VERSION,
     BreakEven,
+    CategoryCoverage,
     Comparable,
     FilterSummary,
     Forgetting,
@@ -67,7 +68,7 @@ from pipeline.benchmark.verdict import judge_cannot_rank, latency_p50
 from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
-from pipeline.files import sha256_file, write_jsonl
+from pipeline.files import read_jsonl, sha256_file, write_jsonl
 from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
 
@@ -143,6 +144,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         filtered = _filter_report(layout.filter_report)
         report.filter = _filter_summary(filtered)
         report.recipe = recipe(config.train, config.student.prompt_style, filtered)
+        word = "labels" if task.answer_choices() is not None or task.name == "classification" else "categories"
+        report.coverage = category_coverage(layout.train_data, records, word)
         report.comparable = comparable_on(config, task, examples)
         report.other_runs = other_runs_of_the_task(config.run_dir, report.comparable)
 
@@ -280,6 +283,31 @@ def comparable_on(config: ExperimentConfig, task: Task, examples: list[Example])
         task_params=_digest(params),
         student_model=config.student.model,
         test_split=_digest(test),
+    )
+
+
+def category_coverage(train_data: Path, records: list[dict[str, Any]], word: str) -> CategoryCoverage | None:
+    """The tuned student's accuracy on test examples whose category (a label task's label) had kept training
+    examples, against those whose had none; None when every test category had some, or without training data here
+    (a benchmark of an outside student)."""
+    if not train_data.is_file():
+        return None
+    trained = {row.get("category") for row in read_jsonl(train_data)}
+    tuned = [r for r in records if r["kind"] == "task" and r["system"] == names.STUDENT_TUNED]
+    tested = sorted({r["category"] for r in tuned})
+    untrained = [category for category in tested if category not in trained]
+    if not untrained:
+        return None
+    seen = [r["correct"] for r in tuned if r["category"] in trained]
+    unseen = [r["correct"] for r in tuned if r["category"] not in trained]
+    return CategoryCoverage(
+        word=word,
+        categories=len(tested),
+        untrained=untrained,
+        trained_n=len(seen),
+        trained_accuracy=sum(seen) / len(seen) if seen else None,
+        untrained_n=len(unseen),
+        untrained_accuracy=sum(unseen) / len(unseen),
     )
 
 

@@ -1,5 +1,7 @@
 """The verdict: one paragraph answering "was fine-tuning worth it here?", computed from report.json's numbers
-with the rules of `benchmark.verdict` (the same rules the promotion gate applies to forgetting)."""
+with the rules of `benchmark.verdict` (the same rules the promotion gate applies to forgetting). Longer than most
+modules: every sentence the verdict can say is here, in the order a reader meets them, so one file shows the whole
+paragraph and the rules that pick its conclusion."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pipeline.benchmark.costs import lower_beyond_noise, why_no_break_even
 from pipeline.benchmark.levers import levers_sentence
 from pipeline.benchmark.results import (
     BreakEven,
+    CategoryCoverage,
     ForgettingChange,
     JudgeSection,
     LoadLevel,
@@ -196,6 +199,8 @@ def _findings(report: Report, facts: _Facts) -> list[str]:
     failing = _where_it_fails(report)
     if failing:
         parts.append(failing)
+    if report.coverage:
+        parts.append(_coverage(report.coverage))
     parts += _tuned_variants(report, facts.unit)
     if facts.change:
         tuned_probe = report.forgetting.systems.get(names.STUDENT_TUNED)
@@ -471,6 +476,22 @@ def _tuned_variants(report: Report, unit: str) -> list[str]:
             + f" at ${cost(m):.4f} {unit}, {cost(m) / cost(teacher):.2f}x the teacher."
         )
     return sentences
+
+
+def _coverage(coverage: CategoryCoverage) -> str:
+    """'Its training data showed 44 of the 77 labels of the test split: ...': a label never shown cannot be learned."""
+    word = coverage.word
+    shown = coverage.categories - len(coverage.untrained)
+    trained = (
+        f"{coverage.trained_accuracy:.1%} on test examples of those (n={coverage.trained_n})"
+        if coverage.trained_accuracy is not None
+        else "no test example of those"
+    )
+    return (
+        f"Its training data showed {shown} of the {coverage.categories} {word} of the test split: it scores "
+        f"{trained} and {coverage.untrained_accuracy:.1%} on the {len(coverage.untrained)} {word} it never saw "
+        f"(n={coverage.untrained_n}), which it could not learn."
+    )
 
 
 def _where_it_fails(report: Report) -> str:
