@@ -84,6 +84,8 @@ def test_server_backend_against_real_vllm_serve(vllm_server, rpc_base, monkeypat
     labels = ["pos", "positive", "very negative indeed"]
     labelled = engine.generate(CONVERSATIONS, SamplingConfig(n=2, temperature=1.0, choices=labels), progress=False)
 
+    # Every request answered (the subset check alone passes when each one failed), each answer a label.
+    assert [len(g.completions) for g in labelled] == [2] * len(CONVERSATIONS)
     assert {c.text.strip() for g in labelled for c in g.completions} <= set(labels)  # structured_outputs.choice
     assert [g.completions[0].text for g in first] == [g.completions[0].text for g in again]  # order and greedy
     for gen in first:
