@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig, SamplingConfig, TeacherConfig, engine_identity, resolved_dict
 from pipeline.console import PipelineError, log
-from pipeline.engines import Completion, Generation, load_engine, model_for
+from pipeline.engines import Completion, Conversation, Engine, Generation, load_engine, model_for
 from pipeline.files import json_line, parse_json_object
 from pipeline.layout import TEACHER_OUTPUTS, RunLayout, partial_file
 from pipeline.runs import Stage
@@ -199,6 +199,7 @@ def _answer(
     """The teacher answers `todo` chunk by chunk; each finished chunk is appended to `partial`, flushed and
     fsynced. Returns the output tokens generated and the timing metrics."""
     sampling = teacher.sampling.constrained_to(task.answer_choices())  # a label task: labels only
+    constraint = constraint_key(teacher.sampling, task)
     engine = load_engine(model, teacher.engine, seed)
     started = time.perf_counter()
     new_tokens = 0
@@ -209,6 +210,8 @@ def _answer(
                 chunk = todo[start : start + teacher.chunk_size]
                 conversations = [task.messages(ex, teacher.prompt_style) for ex in chunk]
                 generations = engine.generate(conversations, sampling, progress=False)
+                if start == 0 and constraint:
+                    check_constraint_taken(engine, conversations[0], sampling, generations, constraint)
                 for ex, conversation, generation in zip(chunk, conversations, generations, strict=True):
                     if generation.error and teacher.on_prompt_error == "fail":
                         raise PipelineError(
@@ -227,6 +230,42 @@ def _answer(
         bar.close()
         engine.close()
     return new_tokens, {"generation_s": round(seconds, 3), "output_tokens_per_s": round(new_tokens / seconds, 2)}
+
+
+def constraint_key(sampling: SamplingConfig, task: Task) -> str | None:
+    """The config key that constrains the teacher's answers (labels or a JSON schema); None: they are free."""
+    if task.answer_choices() is not None:
+        return "task.params.constrained"
+    if sampling.choices is not None:
+        return "teacher.sampling.choices"
+    return "teacher.sampling.json_schema" if sampling.json_schema is not None else None
+
+
+def check_constraint_taken(
+    engine: Engine, conversation: Conversation, sampling: SamplingConfig, generations: list[Generation], key: str
+) -> None:
+    """Stop when the engine refuses constrained decoding itself, found on the first chunk before a row is written.
+
+    A hosted API rejects vLLM's `structured_outputs`, so every prompt would be recorded as an error and the filter
+    would say so after the whole run; config alone cannot tell, as `vllm serve` takes it. When every request of the
+    chunk failed, one request without the constraint tells a refused constraint from prompts refused for their own
+    reasons (too long for the context): only when it is answered does the stage stop."""
+    if not all(generation.error for generation in generations):
+        return
+    free = sampling.model_copy(update={"choices": None, "json_schema": None, "n": 1, "max_tokens": 1})
+    (probe,) = engine.generate([conversation], free, progress=False)
+    if probe.error:
+        return
+    fix = (
+        "set task.params.constrained=false (the filters then drop answers that are not labels)"
+        if key == "task.params.constrained"
+        else f"remove {key}"
+    )
+    raise PipelineError(
+        f"{key}: every constrained request of the first chunk was refused ({generations[0].error}) and the same "
+        "prompt without the constraint was answered: the teacher's server does not take it (a hosted API has no "
+        f"structured_outputs); {fix}, or serve the teacher with vllm serve"
+    )
 
 
 def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], partial: Path) -> int:
