@@ -134,7 +134,10 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         if shard:
             examples = [ex for ex in examples if shard.holds(ex.id)]
         model = model_for(config.teacher.model, config.teacher.engine)  # fail fast on an unknown model
-        partial, reused = _open_partial(config, stage, task, examples, reuse=not (force or shard), force=force)
+        sampling = teacher_sampling(config.teacher, task)
+        partial, reused = _open_partial(
+            config, stage, task, examples, sampling, reuse=not (force or shard), force=force
+        )
         done = read_done(partial)
         todo = [ex for ex in examples if ex.id not in done]
         log(
@@ -144,7 +147,9 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         )
         new_tokens, timing = 0, {}
         if todo:
-            new_tokens, timing = _answer(config.teacher, config.seed, stage, task, model, todo, partial, len(examples))
+            new_tokens, timing = _answer(
+                config.teacher, sampling, config.seed, stage, task, model, todo, partial, len(examples)
+            )
 
         rows = read_done(partial)
         missing = [ex.id for ex in examples if ex.id not in rows]
@@ -169,7 +174,14 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
 
 
 def _open_partial(
-    config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], *, reuse: bool, force: bool
+    config: ExperimentConfig,
+    stage: Stage,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    *,
+    reuse: bool,
+    force: bool,
 ) -> tuple[Path, int]:
     """The partial file to append to, stamped with the fingerprint it is written under: one from another
     config (or any, when forced) is not resumable and is removed; a new one starts with the previous run's
@@ -182,12 +194,35 @@ def _open_partial(
     stamp.write_text(stage.fingerprint)
     reused = 0
     if reuse and not partial.exists():
-        reused = reuse_previous(config, stage, task, examples, partial)
+        reused = reuse_previous(config, stage, task, examples, sampling, partial)
     return partial, reused
+
+
+def teacher_sampling(teacher: TeacherConfig, task: Task) -> SamplingConfig:
+    """How the teacher samples: constrained to the task's labels where it has them, with max_tokens raised where the
+    longest label and the end of turn after it might not fit (cut short, every such answer would be dropped as
+    truncated; raised, a constrained answer still ends with its label). The raise follows from the config and the
+    labels (in the data files), both in the stage's fingerprint, so a resumed run raises it alike; rows record it."""
+    sampling = teacher.sampling.constrained_to(task.answer_choices())
+    if sampling.choices is None:
+        return sampling
+    # Constrained decoding may spell a label in any of its tokenizations, not only the tokenizer's own (vLLM's spelt
+    # labels of 9 and 10 tokens in 17 to 28 on a tiny random model): at most a token per UTF-8 byte.
+    longest = max(sampling.choices, key=lambda label: len(label.encode()))
+    need = len(longest.encode()) + 1  # the end-of-turn token that ends the answer counts too
+    if need <= sampling.max_tokens:
+        return sampling
+    log(
+        f"generate: teacher.sampling.max_tokens raised from {sampling.max_tokens} to {need}: constrained decoding may "
+        f"spell the longest label, {longest!r}, in a token per UTF-8 byte ({need - 1}), and the end of turn takes "
+        "one more"
+    )
+    return sampling.model_copy(update={"max_tokens": need})
 
 
 def _answer(
     teacher: TeacherConfig,
+    sampling: SamplingConfig,
     seed: int,
     stage: Stage,
     task: Task,
@@ -198,7 +233,6 @@ def _answer(
 ) -> tuple[int, dict[str, float]]:
     """The teacher answers `todo` chunk by chunk; each finished chunk is appended to `partial`, flushed and
     fsynced. Returns the output tokens generated and the timing metrics."""
-    sampling = teacher.sampling.constrained_to(task.answer_choices())  # a label task: labels only
     constraint = constraint_key(teacher.sampling, task)
     engine = load_engine(model, teacher.engine, seed)
     started = time.perf_counter()
@@ -268,12 +302,20 @@ def check_constraint_taken(
     )
 
 
-def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], partial: Path) -> int:
+def reuse_previous(
+    config: ExperimentConfig,
+    stage: Stage,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    partial: Path,
+) -> int:
     """Start a fresh partial file with the previous run's rows that still hold.
 
     When only the prompt set changed (new rows in the data file, a larger split), the previous output's
     rows for prompts still present, with the same teacher prompt, teacher, sampling and seed, are copied
-    in prompt order; only the new prompts are generated. Returns how many rows were reused.
+    in prompt order; only the new prompts are generated. The sampling is each row's own, as the teacher ran it
+    (`teacher_sampling`): a new label changes it under an unchanged config. Returns how many rows were reused.
     """
     previous, manifest = stage.dir / TEACHER_OUTPUTS, stage.manifest()
     if not previous.is_file() or not manifest or "config" not in manifest:
@@ -287,7 +329,7 @@ def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples:
         for line in fh:
             where[parse_json_object(line)["prompt_id"]] = (offset, len(line))
             offset += len(line)
-    reused = 0
+    reused, ran_with = 0, sampling.model_dump()
     with previous.open("rb") as source, partial.open("ab") as out:
         for example in examples:
             if example.id not in where:
@@ -295,7 +337,8 @@ def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples:
             source.seek(where[example.id][0])
             line = source.read(where[example.id][1])
             row = parse_json_object(line)
-            if row.get("error") or row["messages"] != task.messages(example, config.teacher.prompt_style):
+            same_prompt = row["messages"] == task.messages(example, config.teacher.prompt_style)
+            if row.get("error") or not same_prompt or row["sampling"] != ran_with:
                 continue
             out.write(line)
             reused += 1
