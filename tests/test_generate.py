@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -165,6 +166,65 @@ def test_new_rows_in_the_data_file_are_generated_alone_and_old_answers_reused(tm
     raw["teacher"]["engine"] |= {"gpu_memory_utilization": 0.4, "enable_prefix_caching": False}
     output = run_generate(validate_config(raw))
     assert (output.parent / "manifest.json").read_text() == manifest and output.read_bytes() == rows
+
+
+LONG_LABELS = [
+    "a review that praises the product at great length",
+    "a complaint about the shipping that took far too long",
+]
+
+
+def long_label_config(tmp_path, tiny_model, run_name: str) -> tuple[dict, Path]:
+    """Greedy classification with labels of 9 and 10 tokens under teacher.sampling.max_tokens=4, asked in the short
+    prompt (which does not list the labels); returns the raw config and its train file."""
+    train_csv, test_csv = tmp_path / f"{run_name}.csv", tmp_path / f"{run_name}_held_out.csv"
+    append_csv_rows(train_csv, [(f"review number {i}", LONG_LABELS[i % 2]) for i in range(6)])
+    append_csv_rows(test_csv, [(f"review number {i}", LONG_LABELS[i % 2]) for i in range(100, 102)])
+    raw = greedy_config(tmp_path, tiny_model, run_name, num_train=0)
+    params = {"path": str(train_csv), "test_path": str(test_csv), "few_shot": 0}
+    raw["task"] = {"name": "classification", "params": params}
+    raw["teacher"] |= {"prompt_style": "short", "sampling": {"temperature": 0.0, "max_tokens": 4}}
+    return raw, train_csv
+
+
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("vllm", marks=pytest.mark.integration)])
+def test_max_tokens_fits_the_longest_constrained_label_however_it_is_spelled(tmp_path, tiny_model, capsys, backend):
+    """Labels longer than teacher.sampling.max_tokens would be cut short and dropped as truncated: the stage raises
+    max_tokens to a token per UTF-8 byte of the longest label plus the end of turn, in one log line, and every
+    answer is a whole label that stopped. Not to the labels' own token counts (9 and 10 here, in the teacher's
+    tokenizer): vLLM's constrained decoding spells them in other tokenizations too, 17 to 28 tokens on this model."""
+    raw, _ = long_label_config(tmp_path, tiny_model, backend)
+    if backend == "vllm":
+        raw["teacher"]["engine"] = {"backend": "vllm", "max_model_len": 512, "kv_cache_gb": 0.25}
+    limit = len(LONG_LABELS[1].encode()) + 1
+    rows = list(read_jsonl(run_generate(validate_config(raw))))
+    completions = [c for row in rows for c in row["completions"]]
+    assert len(rows) == 6 and {c["text"] for c in completions} <= set(LONG_LABELS)
+    assert all(c["finish_reason"] == "stop" for c in completions)
+    assert all(row["sampling"]["max_tokens"] == limit for row in rows)
+    said = [line for line in capsys.readouterr().err.splitlines() if "teacher.sampling.max_tokens" in line]
+    assert said == [
+        f"[distill] generate: teacher.sampling.max_tokens raised from 4 to {limit}: constrained decoding may spell "
+        f"the longest label, {LONG_LABELS[1]!r}, in a token per UTF-8 byte ({limit - 1}), and the end of turn takes "
+        "one more"
+    ]
+
+
+def test_rows_answered_under_another_label_set_are_not_reused(tmp_path, tiny_model):
+    """A longer label added to the data changes the teacher's sampling (its choices and the raised max_tokens)
+    while its config stays the same: the previous rows, answered under the old ones, are not reused, though the
+    short prompt that asked them has not changed."""
+    import json
+
+    raw, train_csv = long_label_config(tmp_path, tiny_model, "relabelled")
+    config = validate_config(raw)
+    assert len(list(read_jsonl(run_generate(config)))) == 6
+    longer = "a long and careful comparison with three other products that we bought last year"
+    append_csv_rows(train_csv, [("review number 6", longer)])
+    output = run_generate(config)
+    metrics = json.loads((output.parent / "manifest.json").read_text())["metrics"]
+    assert (metrics["reused_prompts"], metrics["generated_prompts"]) == (0, 7)
+    assert {row["sampling"]["max_tokens"] for row in read_jsonl(output)} == {len(longer.encode()) + 1}
 
 
 def test_how_the_teacher_is_run_keeps_its_rows_but_another_served_model_does_not(tmp_path, tiny_model):

@@ -10,6 +10,8 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from pipeline.console import PipelineError
 from pipeline.engines import load_engine
 from pipeline.engines.vllm_process import RPC_BASE_ENV, environ_set
 from pipeline.files import read_jsonl
-from tests.conftest import tiny_config
+from tests.conftest import append_csv_rows, tiny_config
 
 API_KEY = "test-key-1f3a"  # the test's own server; must never appear in a run directory
 CONVERSATIONS = [
@@ -84,6 +86,8 @@ def test_server_backend_against_real_vllm_serve(vllm_server, rpc_base, monkeypat
     labels = ["pos", "positive", "very negative indeed"]
     labelled = engine.generate(CONVERSATIONS, SamplingConfig(n=2, temperature=1.0, choices=labels), progress=False)
 
+    # Every request answered (the subset check alone passes when each one failed), each answer a label.
+    assert [len(g.completions) for g in labelled] == [2] * len(CONVERSATIONS)
     assert {c.text.strip() for g in labelled for c in g.completions} <= set(labels)  # structured_outputs.choice
     assert [g.completions[0].text for g in first] == [g.completions[0].text for g in again]  # order and greedy
     for gen in first:
@@ -142,6 +146,25 @@ def test_generate_stage_through_the_server_never_writes_the_key(vllm_server, tmp
     assert not leaks, leaks
     manifest = json.loads((output.parent / "manifest.json").read_text())
     assert manifest["config"]["teacher"]["engine"]["server"]["api_key_env"] == "DISTILL_TEST_KEY"
+
+
+@pytest.mark.integration
+def test_vllm_serve_answers_a_classification_teacher_constrained_to_its_labels(
+    vllm_server, tmp_path, tiny_model, monkeypatch
+):
+    """`vllm serve` takes the `structured_outputs` a hosted API refuses: the stage's check on the first chunk lets
+    it through, and every answer of every prompt is a label."""
+    from pipeline.generate import run_generate
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    data = tmp_path / "reviews.csv"
+    append_csv_rows(data, [(f"review number {i}", "good" if i % 2 else "bad") for i in range(8)])
+    raw = tiny_config(tmp_path, tiny_model, **{"teacher.chunk_size": 3})
+    raw["task"] = {"name": "classification", "params": {"path": str(data), "few_shot": 0, "test_fraction": 0.25}}
+    raw["teacher"] |= {"model": "tiny", "engine": server_engine(vllm_server).model_dump()}
+    rows = list(read_jsonl(run_generate(validate_config(raw))))
+    assert len(rows) == 6 and [len(r["completions"]) for r in rows] == [2] * 6  # n=2, none refused
+    assert {c["text"] for r in rows for c in r["completions"]} <= {"good", "bad"}
 
 
 @pytest.mark.integration
@@ -207,12 +230,10 @@ def test_a_hosted_teacher_is_benchmarked_through_its_server_at_its_list_price(
     assert set(summaries["teacher"]) == {"1", "2"} and all(r["output_tokens"] >= 1 for r in records)
 
 
-class FlakyHandler(BaseHTTPRequestHandler):
-    """Answers /models, then fails the first `failures` chat requests with 503 (or 429), then answers."""
+class JsonHandler(BaseHTTPRequestHandler):
+    """A stand-in OpenAI-compatible server: /models lists `served`; subclasses answer the chat requests."""
 
-    failures = 2
-    status = 503
-    chat_requests: list[float] = []
+    served = "flaky"
     bodies: list[dict] = []
 
     def log_message(self, *args):
@@ -226,35 +247,61 @@ class FlakyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "flaky", "object": "model", "owned_by": "test"}]})
+    def _read_body(self) -> dict:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        return body
 
-    def do_POST(self):
-        type(self).bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-        type(self).chat_requests.append(time.monotonic())
-        if len(self.chat_requests) <= self.failures:
-            self._send(self.status, {"error": {"message": "overloaded", "type": "server_error"}})
-            return
+    def _answer(self, content: str) -> None:
         self._send(
             200,
             {
                 "id": "x",
                 "object": "chat.completion",
                 "created": 0,
-                "model": "flaky",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "model": self.served,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
             },
         )
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": self.served, "object": "model", "owned_by": "test"}]})
+
+
+@contextmanager
+def local_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """`handler` served on 127.0.0.1 in a thread; yields the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+
+
+class FlakyHandler(JsonHandler):
+    """Answers /models, then fails the first `failures` chat requests with 503 (or 429), then answers."""
+
+    failures = 2
+    status = 503
+    chat_requests: list[float] = []
+
+    def do_POST(self):
+        self._read_body()
+        type(self).chat_requests.append(time.monotonic())
+        if len(self.chat_requests) <= self.failures:
+            self._send(self.status, {"error": {"message": "overloaded", "type": "server_error"}})
+            return
+        self._answer("ok")
 
 
 @pytest.mark.parametrize("status", [503, 429])
 def test_server_backend_retries_with_backoff(status):
     handler = type("Handler", (FlakyHandler,), {"chat_requests": [], "bodies": [], "status": status})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with local_server(handler) as url:
         config = EngineConfig(backend="openai", server=ServerConfig(base_url=url, max_retries=3, api_key_env=None))
         sampling = SamplingConfig(seed=11, stop=["\n\n"])
         (gen,) = load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], sampling, progress=False)
@@ -269,8 +316,65 @@ def test_server_backend_retries_with_backoff(status):
         config.server.max_retries = 1  # the second failure is the last straw
         with pytest.raises(PipelineError, match=f"engine.server: .* failed with {status}"):
             load_engine("flaky", config, seed=0).generate(CONVERSATIONS[:1], SamplingConfig(), progress=False)
-    finally:
-        server.shutdown()
+
+
+class HostedHandler(JsonHandler):
+    """A hosted OpenAI API as the generate stage meets it: it rejects vLLM's `structured_outputs` with a 400 and
+    the message OpenAI's API gives, and answers "positive" otherwise. `takes_constraints`: it answers those too (as
+    `vllm serve` does); `rejects_all`: every request is refused for a reason of its own."""
+
+    served = "hosted-teacher"
+    takes_constraints = False
+    rejects_all = False
+
+    def do_POST(self):
+        body = self._read_body()
+        if self.rejects_all:
+            self._send(400, {"error": {"message": "prompt too long", "type": "invalid_request_error"}})
+        elif "structured_outputs" in body and not self.takes_constraints:
+            message = "Unrecognized request argument supplied: structured_outputs"
+            self._send(400, {"error": {"message": message, "type": "invalid_request_error", "param": None}})
+        else:
+            self._answer("positive")
+
+
+def test_a_hosted_teacher_that_rejects_constrained_labels_stops_on_the_first_chunk(tmp_path, tiny_model):
+    """A hosted API rejects the `structured_outputs` every constrained label request carries (mocked by a local
+    server: a hosted API cannot be reached from the tests). The stage stops after the first chunk, in one line
+    with the server's error and the key that fixes it, and records no prompt as an error; pointed at a server that
+    takes the constraint, the same run answers every prompt. Where the server refuses every request anyway (the
+    constraint is not the cause), each prompt's error is recorded, as before."""
+    from pipeline.generate import run_generate
+
+    data = tmp_path / "reviews.csv"
+    append_csv_rows(data, [(f"review number {i}", "positive" if i % 2 else "negative") for i in range(12)])
+    handler = type("Handler", (HostedHandler,), {"bodies": []})
+    with local_server(handler) as url:
+        raw = tiny_config(tmp_path, tiny_model, **{"teacher.chunk_size": 3})
+        raw["task"] = {"name": "classification", "params": {"path": str(data), "few_shot": 0, "test_fraction": 0.25}}
+        raw["teacher"] |= {
+            "model": "hosted-teacher",
+            "engine": {"backend": "openai", "server": {"base_url": url, "api_key_env": None, "max_retries": 0}},
+        }
+        config = validate_config(raw)
+        with pytest.raises(PipelineError) as stopped:
+            run_generate(config)
+        message = str(stopped.value)
+        assert message.startswith("task.params.constrained: ") and "\n" not in message
+        assert "400 - Unrecognized request argument supplied: structured_outputs)" in message
+        assert "task.params.constrained=false" in message
+        # The first chunk, then one request without the constraint, which the server answers: nothing more.
+        assert ["structured_outputs" in body for body in handler.bodies] == [True] * 3 + [False]
+        assert (config.run_dir / "generate" / "teacher_outputs.partial.jsonl").read_text() == ""
+
+        handler.takes_constraints = True
+        rows = list(read_jsonl(run_generate(config)))
+        assert len(rows) == 9 and [r["completions"][0]["text"] for r in rows] == ["positive"] * 9
+
+        handler.rejects_all = True
+        output = run_generate(validate_config({**raw, "run_name": "refused"}))
+        errors = [r["error"] for r in read_jsonl(output)]
+        assert len(errors) == 9 and all(e.startswith("rejected by the server (400)") for e in errors)
 
 
 def test_unreachable_server_is_a_one_line_error():

@@ -250,6 +250,57 @@ def test_guard_names_the_extraction_as_a_suspect_when_answers_rarely_match(tmp_p
     assert "\n" not in message
 
 
+def test_filter_names_the_labels_no_training_example_shows(tmp_path, tiny_model, capsys):
+    """A label task: the filter's report, dataset card and log say how many labels have no kept training example
+    and name them; a label kept only for validation counts among them (the student is never trained on it). A task
+    without labels reports none."""
+    from pipeline.filter.stage import in_val
+    from tests.conftest import append_csv_rows
+
+    labels = [f"label{i:02d}" for i in range(10)]
+    data = tmp_path / "items.csv"
+    append_csv_rows(data, [(f"item number {i}", labels[i % 10]) for i in range(60)])
+    config = strict_config(tmp_path, tiny_model, **{"filter.val_fraction": 0.5})
+    raw = config.model_dump(mode="json", by_alias=True)
+    raw["task"] = {"name": "classification", "params": {"path": str(data), "few_shot": 0, "test_fraction": 0.25}}
+    config = validate_config(raw)
+
+    def right(example):  # the first three labels always, label03 only where the example goes to validation
+        validation = in_val(example.id, config.seed, 0.5)
+        return example.category in labels[:3] or (example.category == "label03" and validation)
+
+    train = task_for(config).split("train")
+    assert any(right(e) and e.category == "label03" for e in train)  # kept, for validation
+    rows = [
+        {
+            "prompt_id": e.id,
+            "user": e.user,
+            "category": e.category,
+            "reference": e.reference,
+            "teacher": "t",
+            "completions": [{"text": e.reference["target"] if right(e) else "label99", "finish_reason": "stop"}],
+        }
+        for e in train
+    ]
+    write_teacher_outputs(config, rows)
+    out = run_filter(config)
+    report = json.loads((out / "filter_report.json").read_text())
+    kept = {r["category"] for r in read_jsonl(out / "train.jsonl")}
+    assert kept == set(labels[:3])  # the data gives each of the first three a training example
+    assert report["labels"] == 10 and report["labels_without_examples"] == labels[3:]
+    said = (
+        "7 of the 10 labels have no training example, so the student is never shown them: label03, label04, "
+        "label05, label06, label07 and 2 more (filter_report.json: labels_without_examples)"
+    )
+    assert said in (out / "DATASET.md").read_text()
+    assert f"[distill] filter: {said}" in capsys.readouterr().err.splitlines()
+
+    parity = strict_config(tmp_path, tiny_model, run_name="parity")
+    write_teacher_outputs(parity, [teacher_row(0, ["even"]), teacher_row(1, ["odd"])])
+    report = json.loads((run_filter(parity) / "filter_report.json").read_text())
+    assert report["labels"] is None and report["labels_without_examples"] is None
+
+
 def test_replay_rows_are_screened_counted_apart_and_fingerprinted(tmp_path, tiny_model):
     """train.replay: general chats join train.jsonl as a share of the mix, never a probe question or a test
     prompt (exact or by n-gram), counted apart from the task's examples; a new replay file reruns the filter."""

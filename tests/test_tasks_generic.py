@@ -110,6 +110,19 @@ def test_classification_given_labels_are_listed_and_leaks_detect_answers_led_by_
     assert not task.leaks("Positively, 45.") and not task.leaks("It is positive.") and not task.leaks("very")
 
 
+def test_classification_category_is_the_label_as_configured(tmp_path):
+    """An example's category is its label as `labels` spells it, in whatever case the data writes it, so the
+    filter's count of labels without a training example matches categories to labels exactly."""
+    write_csv(tmp_path / "d.csv", ROWS)
+    task = classification(tmp_path, labels=["Positive", "NEGATIVE", "neutral"])
+    assert task.labels() == ["Positive", "NEGATIVE", "neutral"]
+    assert {(e.category, e.reference["target"]) for e in task.split("train")} == {
+        ("Positive", "positive"),
+        ("NEGATIVE", "negative"),
+    }
+    assert {e.category for e in classification(tmp_path).split("train")} == {"positive", "negative"}
+
+
 def test_classification_constrains_answers_and_names_invalid_labels(tmp_path):
     write_csv(tmp_path / "d.csv", ROWS)
     task = classification(tmp_path, labels=["positive", "negative", "neutral"])

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from pipeline.filter.screen import Screened
 
 MAX_DROP_EXAMPLES = 3  # per reason, in DATASET.md
+MAX_LABELS_NAMED = 5  # of the labels without a training example, in DATASET.md and the log
 
 
 class Tally:
@@ -26,6 +27,7 @@ class Tally:
         self.dropped: Counter[str] = Counter()
         self.categories_in: Counter[str] = Counter()
         self.categories_kept: Counter[str] = Counter()
+        self.categories_train: Counter[str] = Counter()  # of those kept, the ones in train.jsonl
         self.samples_by_category: Counter[str] = Counter()
         self.verified_by_category: Counter[str] = Counter()  # samples the task's scorer passes
         self.lengths_in: Counter[int] = Counter()
@@ -71,7 +73,8 @@ class Tally:
     def verified(self) -> int:
         return sum(self.verified_by_category.values())
 
-    def report(self, length_unit: str) -> dict[str, Any]:
+    def report(self, length_unit: str, labels: list[str] | None) -> dict[str, Any]:
+        """`labels`: the task's (Task.labels), each an example's category; None where it has none."""
         return {
             "prompts_in": self.prompts_in,
             "samples_in": self.samples_in,
@@ -84,6 +87,9 @@ class Tally:
             "dropped": {name: self.dropped[name] for name in self.flow if self.dropped.get(name)},
             "categories_in": dict(sorted(self.categories_in.items())),
             "categories_kept": dict(sorted(self.categories_kept.items())),
+            "labels": None if labels is None else len(labels),
+            # Labels with no example in train.jsonl: one kept for validation only teaches the student nothing.
+            "labels_without_examples": None if labels is None else [x for x in labels if not self.categories_train[x]],
             # The teacher's accuracy on the training prompts, by the task's own scorer, before any filter.
             "teacher_verified": self.verified,
             "teacher_verified_rate": self.verified / self.samples_in if self.samples_in else None,
@@ -93,6 +99,22 @@ class Tally:
             "response_length_kept": _summary(self.lengths_kept),
             "replay": self.replay,
         }
+
+
+def label_coverage(report: dict[str, Any]) -> str | None:
+    """How many labels have no training example, naming a few, in a sentence for DATASET.md and the log; None for a
+    task without labels."""
+    missing = report["labels_without_examples"]
+    if missing is None:
+        return None
+    if not missing:
+        return f"Each of the {report['labels']} labels has at least one training example"
+    named = ", ".join(missing[:MAX_LABELS_NAMED])
+    more = f" and {len(missing) - MAX_LABELS_NAMED} more" if len(missing) > MAX_LABELS_NAMED else ""
+    return (
+        f"{len(missing)} of the {report['labels']} labels have no training example, so the student is never shown "
+        f"them: {named}{more} (filter_report.json: labels_without_examples)"
+    )
 
 
 def _replay_source(replay: dict[str, Any]) -> str:
@@ -144,6 +166,9 @@ def write_dataset_card(
         f"`{prompt_style}` prompt.",
         "",
     ]
+    coverage = label_coverage(report)
+    if coverage:
+        lines += [f"{coverage}.", ""]
     replay = report.get("replay")
     if replay:
         drops = ", ".join(f"{k} {v}" for k, v in replay["dropped"].items()) or "none"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.config import ExperimentConfig, FilterConfig
 from pipeline.console import PipelineError, log
 from pipeline.files import atomic_path, json_line, malformed_line_message, write_json
-from pipeline.filter.card import Tally, write_dataset_card
+from pipeline.filter.card import Tally, label_coverage, write_dataset_card
 from pipeline.filter.filters import DatasetFilters, Sample
 from pipeline.filter.judge import Judge, judge_identity
 from pipeline.filter.replay import (
@@ -112,7 +112,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
             if tally.samples_in != tally.train + tally.val + sum(tally.dropped.values()):
                 raise PipelineError("filter: internal error, the drop counts do not add up to the input")
 
-        report = tally.report("tokens" if "length" in active else "words") | {"workers": workers}
+        report = tally.report("tokens" if "length" in active else "words", task.labels()) | {"workers": workers}
         write_json(layout.filter_report, report)
         counts = {k: v for k, v in report.items() if isinstance(v, int)}
         card = write_dataset_card(
@@ -134,6 +134,8 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         f"filter: {report['samples_kept']}/{tally.samples_in} samples kept ({tally.train} train, {tally.val} val); "
         f"dropped {report['dropped']}" + (f"; {tally.replay['kept']} replay rows added" if tally.replay else "")
     )
+    if report["labels_without_examples"]:
+        log(f"filter: {label_coverage(report)}")
     return stage.dir
 
 
@@ -277,6 +279,7 @@ class DatasetWriter:
         self.tally.val += validation
         self.tally.train += not validation
         self.tally.categories_kept[example.category] += 1
+        self.tally.categories_train[example.category] += not validation
         self.tally.lengths_kept[sample.length] += 1
 
     def flush_judge(self) -> None:

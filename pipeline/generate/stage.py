@@ -30,7 +30,7 @@ from pipeline.config import (
     resolved_dict,
 )
 from pipeline.console import PipelineError, log
-from pipeline.engines import Completion, Generation, load_engine, model_for
+from pipeline.engines import Completion, Conversation, Engine, Generation, load_engine, model_for
 from pipeline.files import json_line, parse_json_object
 from pipeline.layout import TEACHER_OUTPUTS, RunLayout, partial_file
 from pipeline.runs import Stage
@@ -141,7 +141,10 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         if shard:
             examples = [ex for ex in examples if shard.holds(ex.id)]
         model = model_for(config.teacher.model, config.teacher.engine)  # fail fast on an unknown model
-        partial, reused = _open_partial(config, stage, task, examples, reuse=not (force or shard), force=force)
+        sampling = teacher_sampling(config.teacher, task)
+        partial, reused = _open_partial(
+            config, stage, task, examples, sampling, reuse=not (force or shard), force=force
+        )
         done = read_done(partial)
         todo = [ex for ex in examples if ex.id not in done]
         log(
@@ -151,7 +154,9 @@ def run_generate(config: ExperimentConfig, force: bool = False, shard: Shard | N
         )
         new_tokens, timing = 0, {}
         if todo:
-            new_tokens, timing = _answer(config.teacher, config.seed, stage, task, model, todo, partial, len(examples))
+            new_tokens, timing = _answer(
+                config.teacher, sampling, config.seed, stage, task, model, todo, partial, len(examples)
+            )
 
         rows = read_done(partial)
         missing = [ex.id for ex in examples if ex.id not in rows]
@@ -189,7 +194,14 @@ def gpus_held(engine: EngineConfig) -> int:
 
 
 def _open_partial(
-    config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], *, reuse: bool, force: bool
+    config: ExperimentConfig,
+    stage: Stage,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    *,
+    reuse: bool,
+    force: bool,
 ) -> tuple[Path, int]:
     """The partial file to append to, stamped with the fingerprint it is written under: one from another
     config (or any, when forced) is not resumable and is removed; a new one starts with the previous run's
@@ -202,12 +214,35 @@ def _open_partial(
     stamp.write_text(stage.fingerprint)
     reused = 0
     if reuse and not partial.exists():
-        reused = reuse_previous(config, stage, task, examples, partial)
+        reused = reuse_previous(config, stage, task, examples, sampling, partial)
     return partial, reused
+
+
+def teacher_sampling(teacher: TeacherConfig, task: Task) -> SamplingConfig:
+    """How the teacher samples: constrained to the task's labels where it has them, with max_tokens raised where the
+    longest label and the end of turn after it might not fit (cut short, every such answer would be dropped as
+    truncated; raised, a constrained answer still ends with its label). The raise follows from the config and the
+    labels (in the data files), both in the stage's fingerprint, so a resumed run raises it alike; rows record it."""
+    sampling = teacher.sampling.constrained_to(task.answer_choices())
+    if sampling.choices is None:
+        return sampling
+    # Constrained decoding may spell a label in any of its tokenizations, not only the tokenizer's own (vLLM's spelt
+    # labels of 9 and 10 tokens in 17 to 28 on a tiny random model): at most a token per UTF-8 byte.
+    longest = max(sampling.choices, key=lambda label: len(label.encode()))
+    need = len(longest.encode()) + 1  # the end-of-turn token that ends the answer counts too
+    if need <= sampling.max_tokens:
+        return sampling
+    log(
+        f"generate: teacher.sampling.max_tokens raised from {sampling.max_tokens} to {need}: constrained decoding may "
+        f"spell the longest label, {longest!r}, in a token per UTF-8 byte ({need - 1}), and the end of turn takes "
+        "one more"
+    )
+    return sampling.model_copy(update={"max_tokens": need})
 
 
 def _answer(
     teacher: TeacherConfig,
+    sampling: SamplingConfig,
     seed: int,
     stage: Stage,
     task: Task,
@@ -218,7 +253,7 @@ def _answer(
 ) -> tuple[int, dict[str, float]]:
     """The teacher answers `todo` chunk by chunk; each finished chunk is appended to `partial`, flushed and
     fsynced. Returns the output tokens generated and the timing metrics."""
-    sampling = teacher.sampling.constrained_to(task.answer_choices())  # a label task: labels only
+    constraint = constraint_key(teacher.sampling, task)
     engine = load_engine(model, teacher.engine, seed)
     started = time.perf_counter()
     new_tokens = 0
@@ -229,6 +264,8 @@ def _answer(
                 chunk = todo[start : start + teacher.chunk_size]
                 conversations = [task.messages(ex, teacher.prompt_style) for ex in chunk]
                 generations = engine.generate(conversations, sampling, progress=False)
+                if start == 0 and constraint:
+                    check_constraint_taken(engine, conversations[0], sampling, generations, constraint)
                 for ex, conversation, generation in zip(chunk, conversations, generations, strict=True):
                     if generation.error and teacher.on_prompt_error == "fail":
                         raise PipelineError(
@@ -249,12 +286,56 @@ def _answer(
     return new_tokens, {"generation_s": round(seconds, 3), "output_tokens_per_s": round(new_tokens / seconds, 2)}
 
 
-def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples: list[Example], partial: Path) -> int:
+def constraint_key(sampling: SamplingConfig, task: Task) -> str | None:
+    """The config key that constrains the teacher's answers (labels or a JSON schema); None: they are free."""
+    if task.answer_choices() is not None:
+        return "task.params.constrained"
+    if sampling.choices is not None:
+        return "teacher.sampling.choices"
+    return "teacher.sampling.json_schema" if sampling.json_schema is not None else None
+
+
+def check_constraint_taken(
+    engine: Engine, conversation: Conversation, sampling: SamplingConfig, generations: list[Generation], key: str
+) -> None:
+    """Stop when the engine refuses constrained decoding itself, found on the first chunk before a row is written.
+
+    A hosted API rejects vLLM's `structured_outputs`, so every prompt would be recorded as an error and the filter
+    would say so after the whole run; config alone cannot tell, as `vllm serve` takes it. When every request of the
+    chunk failed, one request without the constraint tells a refused constraint from prompts refused for their own
+    reasons (too long for the context): only when it is answered does the stage stop."""
+    if not all(generation.error for generation in generations):
+        return
+    free = sampling.model_copy(update={"choices": None, "json_schema": None, "n": 1, "max_tokens": 1})
+    (probe,) = engine.generate([conversation], free, progress=False)
+    if probe.error:
+        return
+    fix = (
+        "set task.params.constrained=false (the filters then drop answers that are not labels)"
+        if key == "task.params.constrained"
+        else f"remove {key}"
+    )
+    raise PipelineError(
+        f"{key}: every constrained request of the first chunk was refused ({generations[0].error}) and the same "
+        "prompt without the constraint was answered: the teacher's server does not take it (a hosted API has no "
+        f"structured_outputs); {fix}, or serve the teacher with vllm serve"
+    )
+
+
+def reuse_previous(
+    config: ExperimentConfig,
+    stage: Stage,
+    task: Task,
+    examples: list[Example],
+    sampling: SamplingConfig,
+    partial: Path,
+) -> int:
     """Start a fresh partial file with the previous run's rows that still hold.
 
     When only the prompt set changed (new rows in the data file, a larger split), the previous output's
     rows for prompts still present, with the same teacher prompt, teacher, sampling and seed, are copied
-    in prompt order; only the new prompts are generated. Returns how many rows were reused.
+    in prompt order; only the new prompts are generated. The sampling is each row's own, as the teacher ran it
+    (`teacher_sampling`): a new label changes it under an unchanged config. Returns how many rows were reused.
     """
     previous, manifest = stage.dir / TEACHER_OUTPUTS, stage.manifest()
     if not previous.is_file() or not manifest or "config" not in manifest:
@@ -268,7 +349,7 @@ def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples:
         for line in fh:
             where[parse_json_object(line)["prompt_id"]] = (offset, len(line))
             offset += len(line)
-    reused = 0
+    reused, ran_with = 0, sampling.model_dump()
     with previous.open("rb") as source, partial.open("ab") as out:
         for example in examples:
             if example.id not in where:
@@ -276,7 +357,8 @@ def reuse_previous(config: ExperimentConfig, stage: Stage, task: Task, examples:
             source.seek(where[example.id][0])
             line = source.read(where[example.id][1])
             row = parse_json_object(line)
-            if row.get("error") or row["messages"] != task.messages(example, config.teacher.prompt_style):
+            same_prompt = row["messages"] == task.messages(example, config.teacher.prompt_style)
+            if row.get("error") or not same_prompt or row["sampling"] != ran_with:
                 continue
             out.write(line)
             reused += 1

@@ -85,6 +85,11 @@ class Task(ABC):
         thing looks exactly like a teacher that cannot do the task."""
         return None
 
+    def labels(self) -> list[str] | None:
+        """A label task's labels, each example's category naming its own; None: the task has none. The filter
+        reports the labels no kept training example shows, which the student is never taught."""
+        return None
+
     def answer_choices(self) -> list[str] | None:
         """The closed set every answer must be one of (a label task's labels), for constrained decoding; None:
         free text. The teacher is constrained to it at generate time, every system at benchmark time when

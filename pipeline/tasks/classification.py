@@ -5,6 +5,8 @@ Scored by exact label match after normalisation (case, punctuation, whitespace, 
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from pipeline.tasks._tabular import TabularParams, TabularTask, normalize_answer
 from pipeline.tasks.base import Example, TaskError
 
@@ -30,7 +32,12 @@ class ClassificationTask(TabularTask):
     input_param, target_param = "text_column", "label_column"
 
     def category(self, target: str) -> str:
-        return target
+        """The label as `labels` spells it (the data may write it in another case), else as the data writes it."""
+        return self._spelled.get(normalize_answer(target), target)
+
+    @cached_property
+    def _spelled(self) -> dict[str, str]:
+        return {normalize_answer(label): label for label in self.params.labels or []}
 
     def validate(self, train: list[Example], test: list[Example]) -> None:
         """With `labels` given, every label in the data must be one of them."""
