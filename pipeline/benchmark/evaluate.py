@@ -73,8 +73,9 @@ def evaluate_system(
 
 def task_sampling(bench: BenchmarkConfig, task: Task, constrained: bool) -> SamplingConfig:
     """How a system answers the task: `benchmark.sampling`, constrained to the task's answer set (where it has
-    one) for a system that answers constrained (systems.answers_constrained)."""
-    return bench.sampling.constrained_to(task.answer_choices() if constrained else None)
+    one) for a system that answers constrained (systems.answers_constrained), with max_tokens raised to fit the
+    longest answer as generate raises it (SamplingConfig.fitted_to_choices; the stage says so once)."""
+    return bench.sampling.constrained_to(task.answer_choices() if constrained else None).fitted_to_choices()[0]
 
 
 def _task_record(system: System, task: Task, example: Example, generation: Generation) -> dict[str, Any]:

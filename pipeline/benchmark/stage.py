@@ -111,6 +111,14 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
             raise PipelineError("benchmark: the test split is empty")
         check_no_test_leak(layout.train_data, task, examples, config.student.prompt_style)
         systems = systems_for(config, task)
+        constrained = [s.name for s in systems if s.constrained]
+        fitted, longest = bench.sampling.constrained_to(task.answer_choices()).fitted_to_choices()
+        if constrained and longest is not None:
+            log(
+                f"benchmark: benchmark.sampling.max_tokens raised from {bench.sampling.max_tokens} to "
+                f"{fitted.max_tokens} for the systems answering constrained ({', '.join(constrained)}), to fit the "
+                f"longest label, {longest!r}"
+            )
         units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
 
         results, probed, records = _evaluate_offline(bench, config.seed, systems, task, examples, units)
@@ -144,7 +152,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         filtered = _filter_report(layout.filter_report)
         report.filter = _filter_summary(filtered)
         report.recipe = recipe(config.train, config.student.prompt_style, filtered)
-        word = "labels" if task.answer_choices() is not None or task.name == "classification" else "categories"
+        word = "labels" if task.labels() is not None else "categories"
         report.coverage = category_coverage(layout.train_data, records, word)
         report.comparable = comparable_on(config, task, examples)
         report.other_runs = other_runs_of_the_task(config.run_dir, report.comparable)

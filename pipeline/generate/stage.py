@@ -223,21 +223,14 @@ def teacher_sampling(teacher: TeacherConfig, task: Task) -> SamplingConfig:
     longest label and the end of turn after it might not fit (cut short, every such answer would be dropped as
     truncated; raised, a constrained answer still ends with its label). The raise follows from the config and the
     labels (in the data files), both in the stage's fingerprint, so a resumed run raises it alike; rows record it."""
-    sampling = teacher.sampling.constrained_to(task.answer_choices())
-    if sampling.choices is None:
-        return sampling
-    # Constrained decoding may spell a label in any of its tokenizations, not only the tokenizer's own (vLLM's spelt
-    # labels of 9 and 10 tokens in 17 to 28 on a tiny random model): at most a token per UTF-8 byte.
-    longest = max(sampling.choices, key=lambda label: len(label.encode()))
-    need = len(longest.encode()) + 1  # the end-of-turn token that ends the answer counts too
-    if need <= sampling.max_tokens:
-        return sampling
-    log(
-        f"generate: teacher.sampling.max_tokens raised from {sampling.max_tokens} to {need}: constrained decoding may "
-        f"spell the longest label, {longest!r}, in a token per UTF-8 byte ({need - 1}), and the end of turn takes "
-        "one more"
-    )
-    return sampling.model_copy(update={"max_tokens": need})
+    sampling, longest = teacher.sampling.constrained_to(task.answer_choices()).fitted_to_choices()
+    if longest is not None:
+        log(
+            f"generate: teacher.sampling.max_tokens raised from {teacher.sampling.max_tokens} to "
+            f"{sampling.max_tokens}: constrained decoding may spell the longest label, {longest!r}, in a token per "
+            "UTF-8 byte, and the end of turn takes one more"
+        )
+    return sampling
 
 
 def _answer(
