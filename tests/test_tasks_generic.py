@@ -164,8 +164,9 @@ def test_the_teacher_is_measured_as_it_taught_and_the_students_constrained_only_
     raw["benchmark"] = {"constrained": True, "sampling": {"max_tokens": 7}}
     every = validate_config(raw)
     assert set(constrained(every).values()) == {True}
-    sampling = task_sampling(every.benchmark, task, constrained=True)
-    assert sampling.choices == ["negative", "positive"] and sampling.max_tokens == 7
+    sampling = task_sampling(every.benchmark, task, constrained=True)  # max_tokens fitted to the longest label
+    assert sampling.choices == ["negative", "positive"] and sampling.max_tokens == len("negative") + 1
+    assert task_sampling(every.benchmark, task, constrained=False).max_tokens == 7
     raw["benchmark"] = {
         "systems": [
             {"name": "teacher", "model": "teacher"},

@@ -228,7 +228,7 @@ def teacher_sampling(teacher: TeacherConfig, task: Task) -> SamplingConfig:
         log(
             f"generate: teacher.sampling.max_tokens raised from {teacher.sampling.max_tokens} to "
             f"{sampling.max_tokens}: constrained decoding may spell the longest label, {longest!r}, in a token per "
-            "UTF-8 byte, and the end of turn takes one more"
+            f"UTF-8 byte ({len(longest.encode())}), and the end of turn takes one more"
         )
     return sampling
 
