@@ -49,6 +49,11 @@ class RunLayout:
     def teacher_outputs(self) -> Path:
         return self.stage_dir("generate") / TEACHER_OUTPUTS
 
+    # the student derived from the teacher (student.prune), made once before the stages that load the student
+    @property
+    def pruned_student(self) -> Path:
+        return self.stage_dir("student") / "model"
+
     # filter
     @property
     def train_data(self) -> Path:

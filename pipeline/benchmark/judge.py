@@ -47,6 +47,7 @@ from pipeline.judging import (
     parse_preference,
     rubric_for,
 )
+from pipeline.pruning import student_model_name
 from pipeline.runs import FinishedUnits
 from pipeline.tasks import Example, Task
 
@@ -66,7 +67,7 @@ def judge_model(config: ExperimentConfig) -> tuple[str, EngineConfig]:
     if judge.model == names.TEACHER_MODEL:
         return config.teacher.model, judge.engine or config.teacher.engine
     if judge.model == names.STUDENT_MODEL:
-        return config.student.model, judge.engine or config.benchmark.engine
+        return student_model_name(config), judge.engine or config.benchmark.engine
     return judge.model, judge.engine or config.benchmark.engine
 
 

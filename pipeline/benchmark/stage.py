@@ -69,6 +69,7 @@ from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
 from pipeline.files import read_jsonl, sha256_file, write_jsonl
+from pipeline.pruning import student_identity, student_model
 from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
 
@@ -110,6 +111,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         if not examples:
             raise PipelineError("benchmark: the test split is empty")
         check_no_test_leak(layout.train_data, task, examples, config.student.prompt_style)
+        student_model(config)  # a pruned student is made before anything loads it
         systems = systems_for(config, task)
         constrained = [s.name for s in systems if s.constrained]
         fitted, longest = bench.sampling.constrained_to(task.answer_choices()).fitted_to_choices()
@@ -289,7 +291,7 @@ def comparable_on(config: ExperimentConfig, task: Task, examples: list[Example])
     return Comparable(
         task=config.task.name,
         task_params=_digest(params),
-        student_model=config.student.model,
+        student_model=student_identity(config),
         test_split=_digest(test),
     )
 

@@ -12,6 +12,7 @@ from pipeline.config import EngineConfig, ExperimentConfig, SystemConfig
 from pipeline.console import PipelineError
 from pipeline.engines import model_for
 from pipeline.models import resolve_model
+from pipeline.pruning import student_model_name
 from pipeline.tasks import Task, task_for
 
 
@@ -79,7 +80,7 @@ def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[Syst
         raise PipelineError(f"benchmark: no adapter at {tuned}; run train first")
     if wants_tuned and not lora and not (tuned / "config.json").exists():
         raise PipelineError(f"benchmark: no merged student at {tuned}; run train with train.merge=true")
-    named = {names.TEACHER_MODEL: config.teacher.model, names.STUDENT_MODEL: config.student.model}
+    named = {names.TEACHER_MODEL: config.teacher.model, names.STUDENT_MODEL: student_model_name(config)}
     systems = []
     for declared in config.benchmark.systems:
         engine = system_engine(config, declared)
@@ -99,7 +100,7 @@ def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[Syst
             continue
         adapter = None
         if declared.model == names.TUNED_MODEL:
-            base_student = resolve_model(config.student.model)
+            base_student = resolve_model(student_model_name(config))
             model, adapter = (base_student, str(tuned)) if lora else (str(tuned), None)
         else:
             model = resolve_model(named.get(declared.model, declared.model))

@@ -19,6 +19,7 @@ from pipeline.config.benchmark import (
 from pipeline.config.engine import HOW_A_SERVER_IS_ASKED, EngineConfig, SamplingConfig, ServerConfig, engine_identity
 from pipeline.config.experiment import (
     ExperimentConfig,
+    PruneConfig,
     StudentConfig,
     TeacherConfig,
     load_config,
@@ -42,6 +43,7 @@ __all__ = [
     "LmEvalConfig",
     "LoadTestConfig",
     "PromoteConfig",
+    "PruneConfig",
     "ReplayConfig",
     "SamplingConfig",
     "ServerConfig",

@@ -46,9 +46,36 @@ class TeacherConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class PruneConfig(StrictModel):
+    """A student derived from the teacher's weights by dropping whole decoder layers: those whose output least
+    changes their input on calibration prompts (block influence, 1 - cosine of a layer's input and output hidden
+    states: ShortGPT). The pruned model shares the teacher's tokenizer, so logit KD applies to its recovery."""
+
+    # The layers kept: a fraction of the teacher's (0.5: half), or a count (15).
+    keep_layers: float = Field(gt=0)
+    # Calibration: prompts of the task's train split in student.prompt_style, the inputs the student will serve.
+    calibration_examples: int = Field(32, ge=1)
+    calibration_max_length: int = Field(512, ge=8)
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _fraction_or_count(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a fraction below 1 (0.5: half the layers) or a whole count of layers (15)")
+        return value
+
+
 class StudentConfig(StrictModel):
-    model: str
+    model: str | None = None  # None with `prune`: the teacher's model, pruned
     prompt_style: str = "short"
+    # Derive the student from teacher.model by depth pruning (pipeline/pruning.py) instead of loading `model`.
+    prune: PruneConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if self.model is None and self.prune is None:
+            raise ValueError("model: a model to train, or `prune` to derive the student from teacher.model")
+        return self
 
 
 class TrackingConfig(StrictModel):
@@ -79,6 +106,20 @@ class ExperimentConfig(StrictModel):
         if not value or "/" in value or value.startswith("."):
             raise ValueError("must be a plain folder name")
         return value
+
+    @model_validator(mode="after")
+    def _pruned_from_the_teacher(self) -> ExperimentConfig:
+        """A pruned student's source is the teacher's model: `student.model` names it, filled in when left out."""
+        if self.student.prune is None:
+            return self
+        if self.student.model is None:
+            self.student.model = self.teacher.model
+        elif self.student.model != self.teacher.model:
+            raise ValueError(
+                f"student.model: a pruned student is derived from teacher.model ({self.teacher.model!r}); leave "
+                f"student.model out, or drop student.prune to train {self.student.model!r} as it is"
+            )
+        return self
 
     @model_validator(mode="after")
     def _system_prompts(self) -> ExperimentConfig:

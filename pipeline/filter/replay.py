@@ -26,6 +26,7 @@ from pipeline.engines import stops_for
 from pipeline.files import atomic_path, json_line, read_jsonl
 from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
+from pipeline.pruning import student_model_name
 from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")
@@ -61,7 +62,7 @@ def replay_source(config: ExperimentConfig) -> ReplaySource:
     is served), or the teacher on its own."""
     replay = config.train.replay
     if replay.source == "self":
-        model, engine = config.student.model, config.benchmark.engine
+        model, engine = student_model_name(config), config.benchmark.engine
     else:
         model, engine = config.teacher.model, config.teacher.engine
     return ReplaySource(replay, config.base_dir, model, engine, config.seed)

@@ -45,6 +45,7 @@ from pipeline.filter.screen import (
 )
 from pipeline.judging import rubric_for
 from pipeline.layout import RunLayout
+from pipeline.pruning import student_model
 from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
 
@@ -74,6 +75,8 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         source = layout.teacher_outputs
         if not source.is_file():
             raise PipelineError(f"input file not found: {source} (run generate first)")
+        if config.student.prune:
+            student_model(config)  # the pruned student answers replay prompts as it is served ("self")
         settings = config.filter
         active = settings.active()
         if "length" in active:

@@ -20,6 +20,7 @@ from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
 from pipeline.console import PipelineError, log
 from pipeline.files import read_jsonl, write_json
 from pipeline.models import resolve_model
+from pipeline.pruning import student_identity, student_model
 from pipeline.runs import Stage
 from pipeline.train.data import load_splits, max_length_overflow
 from pipeline.train.kd import check_same_tokenizer
@@ -48,7 +49,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         from transformers import set_seed
 
         set_seed(config.seed)
-        model_path = resolve_model(config.student.model)
+        model_path = student_model(config)
         if config.train.objective == "kd":
             check_same_tokenizer(resolve_model(config.teacher.model), model_path)
         train_rows, val_rows = load_splits(layout, config.train.objective)
@@ -194,7 +195,7 @@ def _metrics(
         "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],
         "best_checkpoint": Path(best).name if best else None,
         "resumed_from": Path(resume).name if resume else None,
-        "base_model": config.student.model,
+        "base_model": student_identity(config),
     }
 
 

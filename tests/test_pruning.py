@@ -1,0 +1,149 @@
+"""A student derived from its teacher by depth pruning: the layer that changes nothing goes first, the pruned
+model loads in transformers and vLLM with the layers asked for, trains with KD from its teacher, and bad input
+stops with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import validate_config
+from pipeline.console import PipelineError
+from pipeline.pruning import student_model
+from tests.conftest import tiny_config
+
+IDENTITY_LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def four_layer_teacher(tmp_path_factory, tokenizer):
+    """A 4-layer random Llama whose layer 1 is an identity map: its attention and MLP write zeros into the
+    residual stream, so its output is its input (block influence 0)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        layer = model.model.layers[IDENTITY_LAYER]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    path = tmp_path_factory.mktemp("four-layer-teacher")
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def pruned_config(tmp_path, teacher, keep_layers, **overrides):
+    raw = tiny_config(tmp_path, teacher, **overrides)
+    raw["student"] = {"prune": {"keep_layers": keep_layers, "calibration_examples": 4}}
+    return validate_config(raw)
+
+
+def test_the_layer_that_changes_nothing_is_dropped_and_the_model_computes_the_same(tmp_path, four_layer_teacher):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = pruned_config(tmp_path, four_layer_teacher, keep_layers=0.75)  # 3 of 4
+    assert config.student.model == str(four_layer_teacher)  # the source, filled in from the teacher
+    folder = student_model(config)
+    manifest = json.loads((config.layout.stage_dir("student") / "manifest.json").read_text())["metrics"]
+    assert (manifest["layers_total"], manifest["layers_kept"], manifest["layers_dropped"]) == (4, 3, [IDENTITY_LAYER])
+    importance = manifest["importance"]
+    assert (
+        importance[IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-6)
+        and min(value for index, value in enumerate(importance) if index != IDENTITY_LAYER) > 1e-3
+    )
+    pruned = AutoModelForCausalLM.from_pretrained(folder)
+    original = AutoModelForCausalLM.from_pretrained(four_layer_teacher)
+    assert pruned.config.num_hidden_layers == len(pruned.model.layers) == 3
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():  # the identity layer gone, the function is the same
+        assert torch.allclose(pruned(ids).logits, original(ids).logits, atol=1e-4)
+    stamp = (folder_path := config.layout.pruned_student).stat().st_mtime_ns
+    assert student_model(config) == str(folder_path) and folder_path.stat().st_mtime_ns == stamp  # made once
+    # Half the layers: the identity layer and the next least important one.
+    halved = student_model(pruned_config(tmp_path / "half", four_layer_teacher, keep_layers=2))
+    assert len(AutoModelForCausalLM.from_pretrained(halved).model.layers) == 2
+
+
+@pytest.mark.parametrize(
+    ("keep_layers", "message"),
+    [
+        (0, "student.prune.keep_layers: Input should be greater than 0"),
+        (1.5, "student.prune.keep_layers: Value error, a fraction below 1"),
+    ],
+)
+def test_a_size_that_is_no_size_is_a_config_error(tmp_path, tiny_model, keep_layers, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        pruned_config(tmp_path, tiny_model, keep_layers)
+
+
+def test_keeping_every_layer_or_an_unknown_architecture_stops_with_one_line(tmp_path, four_layer_teacher, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.cli import main
+
+    with pytest.raises(PipelineError, match=r"^student.prune.keep_layers: 4 keeps 4 of the teacher's 4 layers"):
+        student_model(pruned_config(tmp_path, four_layer_teacher, keep_layers=4))
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=len(tokenizer))).save_pretrained(gpt2)
+    tokenizer.save_pretrained(gpt2)
+    with pytest.raises(
+        PipelineError, match="^student.prune: the pruner drops layers of a decoder stack at model.layers"
+    ):
+        student_model(pruned_config(tmp_path / "g", gpt2, keep_layers=1))
+    with pytest.raises(ValueError, match="student.model: a pruned student is derived from teacher.model"):
+        raw = tiny_config(tmp_path, gpt2)
+        raw["student"] = {"model": "other", "prune": {"keep_layers": 1}}
+        validate_config(raw)
+    # Through the CLI: one line, exit 2.
+    raw = tiny_config(tmp_path / "cli", four_layer_teacher)
+    raw["student"] = {"prune": {"keep_layers": 4}}
+    path = tmp_path / "cli.json"
+    path.write_text(json.dumps(raw))
+    assert main(["train", "--config", str(path)]) == 2
+
+
+@pytest.mark.integration
+def test_a_pruned_student_trains_with_kd_from_its_teacher_and_vllm_serves_it(tmp_path, four_layer_teacher):
+    """generate (vLLM, the 4-layer teacher's top-5 logprobs) -> filter -> train with objective kd on the student
+    pruned to 2 layers: the KL term trains it, and vLLM loads the pruned folder."""
+    from pipeline.cli import run_pipeline
+    from pipeline.config import EngineConfig, SamplingConfig
+    from pipeline.engines import load_engine
+
+    config = pruned_config(tmp_path, four_layer_teacher, keep_layers=2)
+    raw = config.model_dump()
+    raw["teacher"]["engine"] = {"backend": "vllm", "max_model_len": 1024}
+    raw["teacher"]["sampling"].update({"n": 1, "logprobs": 5})
+    raw["train"].update({"objective": "kd", "max_steps": 2, "merge": False})
+    config = validate_config(raw)
+    run_pipeline(config, stages=("generate", "filter", "train"))
+    metrics = json.loads((config.run_dir / "train" / "train_metrics.json").read_text())
+    logged = [entry for entry in metrics["log_history"] if "kd_kl" in entry]
+    assert metrics["base_model"] == f"{four_layer_teacher} pruned to keep_layers=2" and logged
+    assert all(entry["kd_kl"] > 0 for entry in logged)
+    engine = load_engine(str(config.layout.pruned_student), EngineConfig(max_model_len=512), seed=0)
+    try:
+        answer = engine.generate([[{"role": "user", "content": "hi"}]], SamplingConfig(max_tokens=4), progress=False)
+        assert answer[0].completions[0].output_tokens > 0
+    finally:
+        engine.close()
