@@ -187,6 +187,14 @@ def test_this_cpu_is_measured_and_keeps_the_cpu_2core_price(monkeypatch):
 
 def rendered_report(tmp_path, engine: str, hardware: str = "cpu-2core", **tuned) -> str:
     """report.md of a small, complete report: four systems measured on a 2-core CPU, priced on `hardware`."""
+    path = tmp_path / engine / "report.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.write_report(convert(report_numbers(engine, hardware, **tuned), Report), path)
+    return path.read_text()
+
+
+def report_numbers(engine: str, hardware: str = "cpu-2core", **tuned) -> dict:
+    """A small, complete report as report.json holds it: four systems measured on a 2-core CPU."""
 
     def system(accuracy: float, **more) -> dict:
         return {
@@ -242,10 +250,7 @@ def rendered_report(tmp_path, engine: str, hardware: str = "cpu-2core", **tuned)
             }
         },
     }
-    path = tmp_path / engine / "report.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report.write_report(convert(numbers, Report), path)
-    return path.read_text()
+    return numbers
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,44 @@ def test_a_pruned_student_trains_with_kd_from_its_teacher_and_vllm_serves_it(tmp
         assert answer[0].completions[0].output_tokens > 0
     finally:
         engine.close()
+
+
+def test_a_pruned_students_report_says_what_was_dropped_and_what_it_gives_up_against_the_teacher(tmp_path):
+    """report.json keeps the pruning and the probe against the teacher beside the usual one; the verdict says the
+    general ability given up, report.md how the student was made, with its layer-importance plot."""
+    from pipeline.benchmark.report import write_report
+    from pipeline.benchmark.results import Report, convert, read_report, to_builtins, write_report_json
+    from pipeline.benchmark.verdict import verdict
+    from tests.test_hardware import report_numbers
+
+    numbers = report_numbers("vllm")
+    numbers["forgetting"] = {
+        "change": {"accuracy": 0.05, "leakage_rate": -0.02},
+        "change_vs_teacher": {"accuracy": -0.12, "leakage_rate": 0.04, "accuracy_test": {"p_value": 0.003}},
+    }
+    numbers["pruned"] = {
+        "source": "teacher-model",
+        "layers_total": 4,
+        "layers_kept": 2,
+        "layers_dropped": [1, 3],
+        "importance": [0.3, 0.0, 0.2, 0.01],
+        "parameters": 12_000_000,
+    }
+    report = convert(numbers, Report)
+    path = tmp_path / "report.json"
+    write_report_json(path, report)
+    again = read_report(path)
+    assert to_builtins(again.forgetting.change_vs_teacher) == to_builtins(report.forgetting.change_vs_teacher)
+    assert again.pruned.layers_dropped == [1, 3]
+    assert (
+        "Against the teacher it replaces (the student is pruned from it), the tuned student's probe accuracy differs "
+        "by -12.0% (paired McNemar p = 0.003) and its leakage rate by +4.0%: the general ability this deployment "
+        "gives up." in verdict(report)
+    )
+    written = write_report(report, tmp_path / "report.md")
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "The student is the teacher's model pruned from 4 to 2 decoder layers, 12M parameters: those with the lowest "
+        "block influence on the task's train prompts were dropped (1, 3; `layer_importance.png`)" in markdown
+    )
+    assert tmp_path / "layer_importance.png" in written and (tmp_path / "layer_importance.png").stat().st_size > 1000

@@ -22,7 +22,26 @@ def draw_plots(report: Report, out_dir: Path) -> list[Path]:
     if report.latency_cdf:
         paths += [_latency_cdf(report, out_dir), _throughput_vs_concurrency(report, out_dir)]
     probe = _probe_changes(report.forgetting, out_dir)
-    return paths + ([probe] if probe else [])
+    paths += [probe] if probe else []
+    if report.pruned:
+        paths.append(_layer_importance(report, out_dir))
+    return paths
+
+
+def _layer_importance(report: Report, out_dir: Path) -> Path:
+    """Each teacher layer's block influence on the task's prompts, the layers the pruned student dropped in red."""
+    import matplotlib.pyplot as plt
+
+    pruned = report.pruned
+    dropped = set(pruned.layers_dropped)
+    layers = range(len(pruned.importance))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.22 * len(pruned.importance) + 1.5), 3.4))
+    colors = ["tab:red" if layer in dropped else "tab:blue" for layer in layers]
+    ax.bar(list(layers), pruned.importance, color=colors)
+    ax.set_xlabel("teacher layer")
+    ax.set_ylabel("block influence (1 - cos)")
+    ax.set_title(f"Layers kept: {pruned.layers_kept} of {pruned.layers_total} (dropped in red)")
+    return _save(fig, out_dir / "layer_importance.png")
 
 
 def _probe_changes(forgetting: Forgetting, out_dir: Path) -> Path | None:

@@ -98,14 +98,18 @@ def paired_probe_tests(
 
 
 def forgetting_change(
-    probed: dict[str, ProbeSummary], records: Sequence[dict[str, Any]], task_categories: Collection[str] = ()
+    probed: dict[str, ProbeSummary],
+    records: Sequence[dict[str, Any]],
+    task_categories: Collection[str] = (),
+    against: str = names.STUDENT_BASE,
 ) -> ForgettingChange | UnsetType:
-    """The tuned student against the untuned one on the probe, with the paired tests; UNSET unless both took it."""
-    if names.STUDENT_TUNED not in probed or names.STUDENT_BASE not in probed:
+    """The tuned student against `against` (the untuned student; the teacher, for a student pruned from it) on the
+    probe, with the paired tests; UNSET unless both took it."""
+    if names.STUDENT_TUNED not in probed or against not in probed:
         return UNSET
-    tuned, base = probed[names.STUDENT_TUNED], probed[names.STUDENT_BASE]
+    tuned, base = probed[names.STUDENT_TUNED], probed[against]
     return structs.replace(
-        paired_probe_tests(records, names.STUDENT_BASE, names.STUDENT_TUNED, task_categories),
+        paired_probe_tests(records, against, names.STUDENT_TUNED, task_categories),
         accuracy=tuned.accuracy - base.accuracy,
         leakage_rate=tuned.leakage_rate - base.leakage_rate,
     )

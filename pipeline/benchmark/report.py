@@ -312,6 +312,19 @@ def _measuring_machine(report: Report) -> str:
     return f" (`{key}`{bandwidth}{measured})"
 
 
+def _pruned_note(report: Report) -> str:
+    """How the student was derived from the teacher, where it was (student.prune)."""
+    pruned = report.pruned
+    if not pruned:
+        return ""
+    parameters = f", {pruned.parameters / 1e6:,.0f}M parameters" if pruned.parameters else ""
+    return (
+        f" The student is the teacher's model pruned from {pruned.layers_total} to {pruned.layers_kept} decoder "
+        f"layers{parameters}: those with the lowest block influence on the task's train prompts were dropped "
+        f"({', '.join(map(str, pruned.layers_dropped))}; `layer_importance.png`), then it was trained."
+    )
+
+
 def _constraint_note(report: Report) -> str:
     """Which systems answered constrained to the task's labels: the teacher as it taught, the students where
     `benchmark.constrained` says (reports before systems said it: all of them)."""
@@ -356,6 +369,7 @@ def write_report(report: Report, path: Path, rules: VerdictConfig | None = None)
         "time through the server at the lowest concurrency: the part of a request's serving time its prompt takes. "
         + _roofline_note(report)
         + _serving_note(report)
+        + _pruned_note(report)
         + _constraint_note(report),
         "",
         *_table(report),

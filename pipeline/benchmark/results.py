@@ -247,12 +247,16 @@ class Forgetting:
         systems: dict[str, ProbeSummary] | None = None,
         lm_eval: Maybe[dict[str, Any]] = UNSET,
         change: Maybe[ForgettingChange] = UNSET,
+        change_vs_teacher: Maybe[ForgettingChange] = UNSET,
     ) -> None:
         self.systems = systems if systems is not None else {}
         self.lm_eval = lm_eval
         self.change = change
+        # A student pruned from the teacher: the tuned student against the teacher's model, the general ability
+        # the deployment gives up (the untuned pruned student is already below it).
+        self.change_vs_teacher = change_vs_teacher
 
-    KEYS = ("lm_eval", "change")  # what is not a system's name
+    KEYS = ("lm_eval", "change", "change_vs_teacher")  # what is not a system's name
 
     def __bool__(self) -> bool:
         return bool(self.systems) or self.lm_eval is not UNSET or self.change is not UNSET
@@ -261,7 +265,10 @@ class Forgetting:
         return isinstance(other, Forgetting) and self.to_builtins() == other.to_builtins()
 
     def __repr__(self) -> str:
-        return f"Forgetting(systems={self.systems!r}, lm_eval={self.lm_eval!r}, change={self.change!r})"
+        return (
+            f"Forgetting(systems={self.systems!r}, lm_eval={self.lm_eval!r}, change={self.change!r}, "
+            f"change_vs_teacher={self.change_vs_teacher!r})"
+        )
 
     def to_builtins(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: msgspec.to_builtins(summary) for name, summary in self.systems.items()}
@@ -269,6 +276,8 @@ class Forgetting:
             out["lm_eval"] = self.lm_eval
         if self.change is not UNSET:
             out["change"] = msgspec.to_builtins(self.change)
+        if self.change_vs_teacher is not UNSET:
+            out["change_vs_teacher"] = msgspec.to_builtins(self.change_vs_teacher)
         return out
 
     @classmethod
@@ -279,6 +288,7 @@ class Forgetting:
             {name: msgspec.convert(value, ProbeSummary) for name, value in raw.items() if name not in cls.KEYS},
             raw.get("lm_eval", UNSET),
             msgspec.convert(raw["change"], ForgettingChange) if "change" in raw else UNSET,
+            msgspec.convert(raw["change_vs_teacher"], ForgettingChange) if "change_vs_teacher" in raw else UNSET,
         )
 
 
@@ -381,6 +391,17 @@ class CategoryCoverage(Figures):
     untrained_accuracy: float | None = None
 
 
+class PrunedStudent(Figures):
+    """A student derived from the teacher by depth pruning (pipeline/pruning.py): what was kept and why."""
+
+    source: str = ""
+    layers_total: int = 0
+    layers_kept: int = 0
+    layers_dropped: list[int] = []
+    importance: list[float] = []  # each teacher layer's block influence, in layer order
+    parameters: int | None = None
+
+
 class Comparable(Figures):
     """What must match for two runs' figures to be compared (benchmark.stage.comparable_on): the same task on the
     same data, the same student model, the same test examples. Everything else is a lever."""
@@ -433,6 +454,7 @@ class Report(Figures):
     filter: FilterSummary | None = None  # None: the filter did not run here
     recipe: Recipe | None = None
     comparable: Comparable | None = None  # None: written before runs were matched on it
+    pruned: PrunedStudent | None = None  # None: the student was not derived from the teacher here
     coverage: CategoryCoverage | None = None  # None: every test category had training examples, or no data here
     other_runs: list[OtherRun] = []
 

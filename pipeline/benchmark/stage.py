@@ -44,6 +44,7 @@ from pipeline.benchmark.results import (
     JudgeSection,
     OtherRun,
     ProbeSummary,
+    PrunedStudent,
     Recipe,
     Report,
     SystemResult,
@@ -69,7 +70,7 @@ from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
 from pipeline.files import read_jsonl, sha256_file, write_jsonl
-from pipeline.pruning import student_identity, student_model
+from pipeline.pruning import pruning_manifest, student_identity, student_model
 from pipeline.runs import FinishedUnits, Stage
 from pipeline.tasks import Example, Task, task_for
 
@@ -157,6 +158,8 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         word = "labels" if task.labels() is not None else "categories"
         report.coverage = category_coverage(layout.train_data, records, word)
         report.comparable = comparable_on(config, task, examples)
+        pruned = pruning_manifest(config)
+        report.pruned = convert(pruned, PrunedStudent) if pruned else None
         report.other_runs = other_runs_of_the_task(config.run_dir, report.comparable)
 
         write_jsonl(layout.records, records)
@@ -390,6 +393,10 @@ def _report(
     paired = comparisons(results, records, config.seed)
     cannot_rank = judge_cannot_rank(judged, bench.verdict)
     forgetting.change = forgetting_change(forgetting.systems, records, bench.probe_task_categories)
+    if config.student.prune:
+        forgetting.change_vs_teacher = forgetting_change(
+            forgetting.systems, records, bench.probe_task_categories, against=names.TEACHER
+        )
     return Report(
         schema_version=REPORT_SCHEMA_VERSION,
         run_name=config.run_name,

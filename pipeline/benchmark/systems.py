@@ -85,6 +85,8 @@ def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[Syst
     for declared in config.benchmark.systems:
         engine = system_engine(config, declared)
         constrained = has_answer_set and answers_constrained(config, declared)
+        # A student pruned from the teacher is judged against what it replaces: the teacher takes the probe too.
+        probe = declared.probe or (config.student.prune is not None and declared.model == names.TEACHER_MODEL)
         if engine.backend == "openai":
             if declared.price is None and declared.hardware is None:
                 raise PipelineError(
@@ -93,9 +95,7 @@ def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[Syst
                 )
             model = model_for(named.get(declared.model, declared.model), engine)  # the served name
             systems.append(
-                System(
-                    declared.name, model, declared.prompt_style, declared.probe, engine=engine, constrained=constrained
-                )
+                System(declared.name, model, declared.prompt_style, probe, engine=engine, constrained=constrained)
             )
             continue
         adapter = None
@@ -104,9 +104,7 @@ def systems_for(config: ExperimentConfig, task: Task | None = None) -> list[Syst
             model, adapter = (base_student, str(tuned)) if lora else (str(tuned), None)
         else:
             model = resolve_model(named.get(declared.model, declared.model))
-        systems.append(
-            System(declared.name, model, declared.prompt_style, declared.probe, adapter, engine, constrained)
-        )
+        systems.append(System(declared.name, model, declared.prompt_style, probe, adapter, engine, constrained))
     return systems
 
 

@@ -212,6 +212,14 @@ def _findings(report: Report, facts: _Facts) -> list[str]:
             f"{_probe_p(change.accuracy_test)} and the leakage rate by {change.leakage_rate:+.1%}"
             f"{_probe_p(change.leakage_rate_test)}."
         )
+    versus_teacher = report.forgetting.change_vs_teacher or None
+    if versus_teacher:
+        parts.append(
+            "Against the teacher it replaces (the student is pruned from it), the tuned student's probe accuracy "
+            f"differs by {versus_teacher.accuracy:+.1%}{_probe_p(versus_teacher.accuracy_test)} and its leakage "
+            f"rate by {versus_teacher.leakage_rate:+.1%}{_probe_p(versus_teacher.leakage_rate_test)}: the general "
+            "ability this deployment gives up."
+        )
     if facts.even:
         parts.append(_spent(facts.even))
     return parts
