@@ -43,6 +43,20 @@ class ReplayConfig(StrictModel):
         return self
 
 
+class OnPolicyConfig(StrictModel):
+    """On-policy distillation (pipeline/train/on_policy.py): the student samples answers to the training prompts,
+    and the teacher's next-token distribution on those very tokens, under the teacher's prompt, is its target."""
+
+    # The divergence: 1 is reverse KL(student || teacher) (MiniLLM, GKD's beta), 0 forward KL, between the
+    # generalised Jensen-Shannon divergence.
+    beta: float = Field(1.0, ge=0, le=1)
+    max_completion_length: int = Field(64, ge=1)  # tokens the student samples per prompt
+    temperature: float = Field(1.0, gt=0)  # the student's sampling temperature
+    # The divergence over the student's top_k tokens, the teacher's probabilities renormalised on them; None: over
+    # the whole vocabulary.
+    top_k: int | None = Field(None, ge=1)
+
+
 class TrainConfig(StrictModel):
     # lora: a LoRA adapter on the full-precision student; qlora: the same on 4-bit NF4 weights (bitsandbytes,
     # CUDA only); full: every weight trained (no adapter; the saved model is the tuned student).
@@ -54,7 +68,10 @@ class TrainConfig(StrictModel):
     # sft: cross-entropy on the teacher's kept answers. kd: logit distillation, (1 - kd_alpha) * cross-entropy +
     # kd_alpha * T^2 * KL against the teacher's top-k logprobs that generate stored (teacher.sampling.logprobs);
     # teacher and student must share a tokenizer (pipeline/train/kd.py).
-    objective: Literal["sft", "kd"] = "sft"
+    # on_policy: the student answers the training prompts itself, and the teacher, shown its own prompt, scores
+    # every token of those answers (`on_policy`).
+    objective: Literal["sft", "kd", "on_policy"] = "sft"
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     kd_alpha: float = Field(0.5, ge=0, le=1)
     kd_temperature: float = Field(1.0, gt=0)
     learning_rate: float = Field(2e-4, gt=0)

@@ -22,8 +22,10 @@ from pipeline.files import read_jsonl, write_json
 from pipeline.models import resolve_model
 from pipeline.pruning import student_identity, student_model
 from pipeline.runs import Stage
+from pipeline.tasks import task_for
 from pipeline.train.data import load_splits, max_length_overflow
 from pipeline.train.kd import check_same_tokenizer
+from pipeline.train.on_policy import check_on_policy, on_policy_rows
 from pipeline.train.options import model_code_restored, model_init_kwargs, speed_options
 from pipeline.train.stage_trainer import throughput_metrics
 from pipeline.train.trainer import build_trainer, stop_at_end_of_turn
@@ -52,7 +54,11 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         model_path = student_model(config)
         if config.train.objective == "kd":
             check_same_tokenizer(resolve_model(config.teacher.model), model_path)
-        train_rows, val_rows = load_splits(layout, config.train.objective)
+        if config.train.objective == "on_policy":
+            check_on_policy(config, model_path, resolve_model(config.teacher.model))
+            train_rows, val_rows = on_policy_rows(config, task_for(config), layout.train_data), []
+        else:
+            train_rows, val_rows = load_splits(layout, config.train.objective)
         if not train_rows:
             raise PipelineError(f"{layout.train_data}: no training examples")
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -60,8 +66,12 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         with model_code_restored(model_path):  # Liger's process-wide patches end with training
             trainer = build_trainer(config, model_path, train_rows, val_rows, layout.checkpoints)
             main = trainer.is_world_process_zero()  # under `accelerate launch`, rank 0 owns the run directory
-            overflow = max_length_overflow(trainer.processing_class, train_rows, config.train.max_length)
-            if overflow["over_max_length"] and main:
+            overflow = (
+                max_length_overflow(trainer.processing_class, train_rows, config.train.max_length)
+                if config.train.objective != "on_policy"  # no fixed answers: their lengths are sampled
+                else {}
+            )
+            if overflow.get("over_max_length") and main:
                 log(_overflow_warning(overflow, len(train_rows), config.train.max_length))
             resume = _last_checkpoint(trainer, stage, force)
             result = _train(trainer, config.train, resume)

@@ -11,6 +11,7 @@ from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.tracking import trainer_report_to
 from pipeline.train.kd import kd_trainer_class
+from pipeline.train.on_policy import on_policy_trainer
 from pipeline.train.options import (
     compile_repeated_blocks,
     device_defaults,
@@ -32,23 +33,11 @@ def sft_args(
 
     return SFTConfig(
         output_dir=str(output_dir),
-        learning_rate=train.learning_rate,
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
+        **schedule_args(train, seed, run_name, report_to),
         per_device_eval_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=train.max_length,
-        warmup_steps=train.warmup_ratio,  # a value below 1 is a ratio of the total steps (transformers >= 5)
-        lr_scheduler_type=train.lr_scheduler_type,
-        logging_steps=train.logging_steps,
-        logging_first_step=True,  # and the last (log_the_last_step_callback): first and last loss for any length
-        logging_nan_inf_filter=False,  # its NaN check read the loss on the host every step; a NaN is logged as NaN
         eval_strategy="steps" if has_val else "no",
         eval_steps=train.save_steps,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -56,15 +45,34 @@ def sft_args(
         packing=train.packing,
         packing_strategy="bfd",  # padding-free: position ids restart per example
         model_init_kwargs=model_init_kwargs(train, device),
-        seed=seed,
-        data_seed=seed,
-        report_to=report_to,
-        run_name=f"{run_name}-train",
         dataloader_num_workers=train.dataloader_workers,
         ddp_find_unused_parameters=False,  # every LoRA / full weight gets a gradient each step
         **fast_path_options(train, device),
         **device,
     )
+
+
+def schedule_args(train: TrainConfig, seed: int, run_name: str, report_to: list[str]) -> dict[str, Any]:
+    """The training arguments every objective shares: optimiser schedule, batch, logging, checkpoints, seeds."""
+    return {
+        "learning_rate": train.learning_rate,
+        "num_train_epochs": train.num_train_epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.per_device_train_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "warmup_steps": train.warmup_ratio,  # a value below 1 is a ratio of the total steps (transformers >= 5)
+        "lr_scheduler_type": train.lr_scheduler_type,
+        "logging_steps": train.logging_steps,
+        "logging_first_step": True,  # and the last (log_the_last_step_callback): first and last loss for any length
+        "logging_nan_inf_filter": False,  # its NaN check read the loss on the host every step; NaN is logged as NaN
+        "save_strategy": "steps",
+        "save_steps": train.save_steps,
+        "save_total_limit": train.save_total_limit,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": report_to,
+        "run_name": f"{run_name}-train",
+    }
 
 
 def student_tokenizer(served_template: str | None, model_path: str) -> Any:
@@ -127,6 +135,19 @@ def build_trainer(
             target_modules=train.lora.target_modules,
             task_type="CAUSAL_LM",
         )
+    if train.objective == "on_policy":
+        trainer = on_policy_trainer(
+            config,
+            model_path,
+            train_rows,
+            output_dir,
+            processing_class=student_tokenizer(config.benchmark.engine.chat_template, model_path),
+            peft_config=lora,
+            args={**schedule_args(train, config.seed, config.run_name, trainer_report_to(config)), **device},
+        )
+        trainer.callback_handler.callbacks.insert(0, throughput_callback())
+        trainer.add_callback(log_the_last_step_callback())
+        return trainer
     trainer = trainer_class(
         model=model_path,
         args=sft_args(train, config.seed, config.run_name, trainer_report_to(config), output_dir, has_val, device),

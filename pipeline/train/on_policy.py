@@ -1,0 +1,116 @@
+"""On-policy distillation (`train.objective: on_policy`): the student answers the training prompts with its own
+prompt, and the teacher scores exactly those tokens under the teacher's prompt (rules, articles, worked examples).
+The loss is the per-token divergence of the student's next-token distribution from the teacher's on the student's
+own answers: reverse KL at `train.on_policy.beta` 1, forward KL at 0, the generalised JSD between.
+
+Built on TRL's self-distillation trainer (`trl.experimental.sdft`), whose teacher is the student's base weights
+with the LoRA adapter disabled: no second copy of the model in memory. Its privileged context is here the
+teacher's whole conversation for the same example, not a note appended to the student's prompt. A replay row
+(general chat) keeps its own prompt on both sides: there the teacher is the untuned model as it was, which pulls
+the student back toward its general behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig
+from pipeline.console import PipelineError
+from pipeline.files import read_jsonl
+from pipeline.tasks import Task
+
+
+def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str) -> None:
+    """The teacher placements this objective supports, in one line each: the teacher is the student's own base
+    weights (adapter disabled), so they must be the same model, trained through an adapter, one example a row."""
+    train = config.train
+    if train.method == "full":
+        raise PipelineError(
+            "train.objective: on_policy scores with the student's base weights, the adapter disabled; "
+            "train.method full has no adapter (use lora)"
+        )
+    if train.packing:
+        raise PipelineError("train.objective: on_policy samples one answer a prompt; set train.packing=false")
+    if Path(teacher_path).resolve() != Path(model_path).resolve():
+        raise PipelineError(
+            "train.objective: on_policy uses the student's own base weights as the teacher (shown the teacher's "
+            f"prompt), so teacher.model must be the student's model; {config.teacher.model!r} is not "
+            f"{config.student.model!r} (a separate teacher is not supported yet: use objective kd)"
+        )
+
+
+def on_policy_rows(config: ExperimentConfig, task: Task, train_data: Path) -> list[dict[str, Any]]:
+    """Each prompt of the filter's training set once: the student's conversation (`prompt`, up to its last user
+    turn) and the teacher's for the same example (`privileged_context`); a replay row's own prompt on both sides."""
+    examples = {example.id: example for example in task.split("train")}
+    rows, seen = [], set()
+    for row in read_jsonl(train_data):
+        prompt_id = row.get("prompt_id")
+        if prompt_id in seen:
+            continue
+        seen.add(prompt_id)
+        example = examples.get(prompt_id) if not row.get("replay") else None
+        if example is None:
+            prompt = row["messages"][:-1]
+            rows.append({"prompt": prompt, "privileged_context": prompt})
+            continue
+        rows.append(
+            {
+                "prompt": task.messages(example, config.student.prompt_style),
+                "privileged_context": task.messages(example, config.teacher.prompt_style),
+            }
+        )
+    return rows
+
+
+def on_policy_trainer(
+    config: ExperimentConfig,
+    model_path: str,
+    rows: list[dict[str, Any]],
+    output_dir: Path,
+    *,
+    processing_class: Any,
+    peft_config: Any,
+    args: dict[str, Any],
+) -> Any:
+    """TRL's self-distillation trainer with the teacher's conversation as its context, on `rows`
+    (`on_policy_rows`). `args`: the run's shared training arguments (learning rate, steps, device, logging)."""
+    from datasets import Dataset
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    settings = config.train.on_policy
+    sdft_args = SDFTConfig(
+        output_dir=str(output_dir),
+        **args,
+        max_prompt_length=None,  # the teacher's prompt is long (rules, articles, examples): never cut from the left
+        max_completion_length=settings.max_completion_length,
+        num_generations=1,
+        temperature=settings.temperature,
+        distillation_alpha=settings.beta,
+        distillation_mode="full_logits" if settings.top_k is None else "topk_logits",
+        distillation_topk=settings.top_k,
+        teacher_model_kind="base",
+        remove_unused_columns=False,
+    )
+
+    class OnPolicyTrainer(SDFTTrainer):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.teacher_context_builder = TeacherConversation(self)
+
+    from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
+
+    class TeacherConversation(DemonstrationTeacherContextBuilder):
+        """The teacher's prompt is its own conversation for the example, given whole as the privileged context."""
+
+        def _compose_teacher_prompt(self, prompt: Any, privileged_context: Any) -> Any:
+            return privileged_context
+
+    return OnPolicyTrainer(
+        model=model_path,
+        args=sdft_args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processing_class,
+        peft_config=peft_config,
+    )

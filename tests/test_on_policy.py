@@ -1,0 +1,118 @@
+"""On-policy distillation on a tiny model: the teacher scores the student's own sampled answer after the teacher's
+prompt, a training step lowers the divergence on a fixed batch, the stage runs it end to end, and a teacher it
+cannot use stops with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import validate_config
+from pipeline.console import PipelineError
+from pipeline.tasks import task_for
+from pipeline.train.trainer import build_trainer
+from tests.conftest import tiny_config
+
+
+def on_policy_config(tmp_path, model, **on_policy):
+    raw = tiny_config(tmp_path, model)
+    raw["train"].update(
+        {
+            "objective": "on_policy",
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "on_policy": {"max_completion_length": 6, **on_policy},
+        }
+    )
+    return validate_config(raw)
+
+
+def trainer_and_rows(tmp_path, model, **on_policy):
+    config = on_policy_config(tmp_path, model, **on_policy)
+    task = task_for(config)
+    rows = [
+        {
+            "prompt": task.messages(example, config.student.prompt_style),
+            "privileged_context": task.messages(example, config.teacher.prompt_style),
+        }
+        for example in task.split("train")[:2]
+    ]
+    return build_trainer(config, str(model), rows, [], tmp_path / "out"), rows
+
+
+def test_the_teacher_scores_the_students_own_answer_after_the_teachers_prompt(tmp_path, tiny_model, tokenizer):
+    """The two inputs end in the same sampled tokens and differ exactly in what precedes them: the student's
+    short prompt against the teacher's, with its rules, article and worked examples."""
+    trainer, rows = trainer_and_rows(tmp_path, tiny_model)
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    completions = batch["completion_ids"]
+    length = completions.size(1)
+    teacher, student = batch["teacher_input_ids"], batch["prompt_ids"]
+    assert torch.equal(teacher[:, -length:], completions)
+
+    def rendered(conversation) -> list[int]:
+        return tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)["input_ids"]
+
+    for index, row in enumerate(rows):
+        teacher_prompt = teacher[index, :-length][batch["teacher_attention_mask"][index, :-length].bool()].tolist()
+        student_prompt = student[index][batch["prompt_mask"][index].bool()].tolist()
+        assert teacher_prompt == rendered(row["privileged_context"])
+        assert student_prompt == rendered(row["prompt"])
+        assert len(teacher_prompt) > 2 * len(student_prompt)  # the privileged context is what the teacher sees more
+
+
+def test_a_step_lowers_the_reverse_kl_on_a_fixed_batch(tmp_path, tiny_model):
+    trainer, rows = trainer_and_rows(tmp_path, tiny_model, beta=1.0)
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    model = trainer.model
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test stands in for
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=2e-3)
+    losses = []
+    for _ in range(8):
+        loss = trainer.compute_loss(model, batch)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[0] > 0 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_on_policy_trains_through_the_stage(tmp_path, tiny_model):
+    from pipeline.cli import run_pipeline
+
+    config = on_policy_config(tmp_path, tiny_model)
+    run_pipeline(config, stages=("generate", "filter", "train"))
+    metrics = json.loads(config.layout.train_metrics.read_text())
+    logged = [entry for entry in metrics["log_history"] if "sdft/distillation_loss" in entry]
+    assert metrics["objective"] == "on_policy" and len(logged) == 2 and all(e["loss"] > 0 for e in logged)
+    assert (config.layout.adapter / "adapter_config.json").is_file() and (
+        config.layout.merged / "config.json"
+    ).is_file()
+
+
+def test_a_teacher_other_than_the_students_base_or_full_training_stops_with_one_line(tmp_path, tiny_model, tokenizer):
+    from pipeline.cli import main
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", tokenizer, seed=1)
+    raw = on_policy_config(tmp_path, tiny_model).model_dump()
+    raw["teacher"]["model"] = str(other)
+    config = validate_config(raw)
+    from pipeline.train.on_policy import check_on_policy
+
+    with pytest.raises(PipelineError, match="^train.objective: on_policy uses the student's own base weights"):
+        check_on_policy(config, str(tiny_model), str(other))
+    raw["teacher"]["model"] = str(tiny_model)
+    raw["train"]["method"] = "full"
+    with pytest.raises(PipelineError, match="^train.objective: on_policy scores with the student's base weights"):
+        check_on_policy(validate_config(raw), str(tiny_model), str(tiny_model))
+    # Through the CLI, after generate and filter: one line, exit 2.
+    raw["train"]["method"] = "lora"
+    raw["teacher"]["model"] = str(other)
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(raw))
+    assert main(["run", "--config", str(path)]) == 2
