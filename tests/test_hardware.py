@@ -104,6 +104,12 @@ def test_a_multi_gpu_node_is_priced_on_the_gpus_each_stage_and_replica_held(monk
     assert report._one_off_said(one_off) == (
         "generate 3,600 s on 1 device, train 1,800 s on 8 devices, of `h100` at $3.00/hour each, 5.00 device-hours"
     )
+    # On-policy training counts the teacher's scored tokens apart from the student's sampled ones.
+    write_manifest(layout.stage_dir("train"), 1800, gpus=8, teacher_scored_tokens=120_000, student_sampled_tokens=8_000)
+    assert report._one_off_said(one_off_cost(layout, EngineConfig(), bench, chosen)).endswith(
+        "5.00 device-hours; in train, the teacher scored 120,000 tokens (its prompt and the student's answer, "
+        "prefill only) and the student sampled 8,000"
+    )
     # Generate sharded over 4 Ray workers of 2 GPUs each (tensor parallel): every shard's GPU-hours count.
     write_manifest(layout.stage_dir("generate"), 5, gpus=0, shards=4)
     for index in range(4):

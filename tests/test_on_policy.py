@@ -89,6 +89,9 @@ def test_on_policy_trains_through_the_stage(tmp_path, tiny_model):
     metrics = json.loads(config.layout.train_metrics.read_text())
     logged = [entry for entry in metrics["log_history"] if "sdft/distillation_loss" in entry]
     assert metrics["objective"] == "on_policy" and len(logged) == 2 and all(e["loss"] > 0 for e in logged)
+    # Two steps of two prompts: the teacher scored its long prompts and the sampled tokens, the student sampled 6 each.
+    assert 0 < metrics["student_sampled_tokens"] <= 2 * 2 * 6
+    assert metrics["teacher_scored_tokens"] > 10 * metrics["student_sampled_tokens"] and metrics["sampling_s"] > 0
     assert (config.layout.adapter / "adapter_config.json").is_file() and (
         config.layout.merged / "config.json"
     ).is_file()

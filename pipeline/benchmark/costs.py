@@ -219,7 +219,10 @@ def one_off_cost(
             + output_tokens * teacher_price.usd_per_1m_output_tokens
         ) / 1e6
         one_off = generate_usd + hours["train"] * usd_per_hour
+    trained = (read_manifest(layout.stage_dir("train")) or {}).get("metrics", {})
     return BreakEven(
+        teacher_scored_tokens=trained.get("teacher_scored_tokens", UNSET),
+        student_sampled_tokens=trained.get("student_sampled_tokens", UNSET),
         one_off_usd=one_off,
         generate_usd_at_list_price=generate_usd,
         one_off_wall_s=walls,

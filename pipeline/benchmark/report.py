@@ -437,6 +437,11 @@ def _one_off_said(even: BreakEven) -> str:
     hours = sum((even.one_off_device_hours or {}).values())
     device_hours = f", {hours:,.2f} device-hours" if even.one_off_device_hours else ""
     generate_usd = even.generate_usd_at_list_price
+    if even.teacher_scored_tokens:  # on-policy training: the teacher's work inside train's time
+        device_hours += (
+            f"; in train, the teacher scored {even.teacher_scored_tokens:,} tokens (its prompt and the student's "
+            f"answer, prefill only) and the student sampled {even.student_sampled_tokens:,}"
+        )
     if generate_usd is None:
         stages = ", ".join(_stage_said(even, stage) for stage in even.one_off_wall_s)
         return f"{stages}, of `{even.pipeline_hardware}`{rate}{device_hours}"

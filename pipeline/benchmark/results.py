@@ -185,6 +185,9 @@ class BreakEven(Payback):
     one_off_device_hours: Maybe[dict[str, float]] = UNSET
     pipeline_hardware: Maybe[str] = UNSET
     pipeline_usd_per_hour: Maybe[float] = UNSET  # one device's
+    # On-policy training: the teacher's tokens scored (prefill only) and the student's sampled, within train's time.
+    teacher_scored_tokens: Maybe[int] = UNSET
+    student_sampled_tokens: Maybe[int] = UNSET
     requests_per_day: Maybe[float] = UNSET
     vs_prompted: Maybe[Payback] = UNSET  # the "try prompting first" baseline, where the benchmark has one
 

@@ -98,6 +98,20 @@ def on_policy_trainer(
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             self.teacher_context_builder = TeacherConversation(self)
+            # What the one-off cost and train_metrics.json count: the teacher's tokens scored (prefill only: its
+            # prompt and the student's answer) apart from the tokens the student sampled, and the time sampling took.
+            self.on_policy_totals = {"teacher_scored_tokens": 0, "student_sampled_tokens": 0, "sampling_s": 0.0}
+
+        def _prepare_training_batch(self, inputs: list[dict[str, Any]]) -> Any:
+            import time
+
+            started = time.perf_counter()
+            batch = super()._prepare_training_batch(inputs)
+            totals = self.on_policy_totals
+            totals["sampling_s"] += time.perf_counter() - started
+            totals["teacher_scored_tokens"] += int(batch["teacher_attention_mask"].sum())
+            totals["student_sampled_tokens"] += int(batch["completion_mask"].sum())
+            return batch
 
     from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
 

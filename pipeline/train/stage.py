@@ -87,6 +87,10 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
 
         metrics = _metrics(config, trainer, result, losses, len(train_rows), len(val_rows), replicas, resume)
         metrics["max_length_overflow"] = overflow
+        if hasattr(trainer, "on_policy_totals"):  # the teacher's scored tokens, for the one-off cost
+            totals = trainer.on_policy_totals
+            steps = max(result.global_step, 1)
+            metrics |= {**totals, "sampling_s_per_step": round(totals["sampling_s"] / steps, 3)}
         log_history = trainer.state.log_history
         write_json(layout.train_metrics, {**metrics, "replica_digests": replicas, "log_history": log_history})
         if replicas and len(set(replicas)) > 1:
