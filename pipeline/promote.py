@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import names
 from pipeline.benchmark.results import Report, SystemResult, read_report
-from pipeline.benchmark.verdict import lowest_load_level, regressions
+from pipeline.benchmark.verdict import all_regressions, lowest_load_level
 from pipeline.config import ExperimentConfig, PromoteConfig, VerdictConfig
 from pipeline.console import PipelineError, log
 from pipeline.files import sha256_tree, write_json
@@ -52,7 +52,7 @@ def gate(rules: PromoteConfig, forgetting_rules: VerdictConfig, report: Report, 
             )
     if rules.min_accuracy is not None and tuned.accuracy < rules.min_accuracy:
         failures.append(f"accuracy {tuned.accuracy:.3f} < min_accuracy {rules.min_accuracy}")
-    failures += regressions(report.forgetting.change, forgetting_rules)
+    failures += all_regressions(report, forgetting_rules)
     p95, measured = latency_p95(tuned)
     if rules.max_latency_p95_s is not None and p95 > rules.max_latency_p95_s:
         failures.append(f"latency p95 {p95:.2f} s ({measured}) > max_latency_p95_s {rules.max_latency_p95_s}")

@@ -181,6 +181,13 @@ def test_a_pruned_students_report_says_what_was_dropped_and_what_it_gives_up_aga
         "by -12.0% (paired McNemar p = 0.003) and its leakage rate by +4.0%: the general ability this deployment "
         "gives up." in verdict(report)
     )
+    # A 12-point probe loss against the teacher breaks benchmark.verdict.max_probe_accuracy_drop (0.05), though the
+    # tuned student gained on its untuned, pruned self: judged against what it replaces, it is not worth it as is.
+    assert (
+        "Verdict: not worth it as trained — the pruned student does the task, but against the teacher it replaces it "
+        "gives up base capabilities (probe accuracy fell 0.120 > benchmark.verdict.max_probe_accuracy_drop 0.05)"
+        in verdict(report)
+    )
     written = write_report(report, tmp_path / "report.md")
     markdown = (tmp_path / "report.md").read_text()
     assert (

@@ -45,19 +45,32 @@ def cost(system: SystemResult) -> float:
     return system.cost_per_1k_requests if system.cost_per_1k_requests is not UNSET else system.cost_per_1m_output_tokens
 
 
-def regressions(change: ForgettingChange | UnsetType | None, rules: VerdictConfig) -> list[str]:
+def regressions(change: ForgettingChange | UnsetType | None, rules: VerdictConfig, versus: str = "") -> list[str]:
     """Each base-capability rule of `benchmark.verdict` the tuned student broke against the untuned one (probe
     accuracy down, or leakage up, more than allowed), as a line naming its key; empty when it broke none.
-    The verdict and the promotion gate both judge forgetting by this."""
+    The verdict and the promotion gate both judge forgetting by this. `versus`: a prefix naming the other side
+    where it is not the untuned student ("against the teacher: ")."""
     change = change or ForgettingChange()
     broken = []
     drop, limit = -(change.accuracy or 0.0), rules.max_probe_accuracy_drop
     if limit is not None and drop > limit:
-        broken.append(f"probe accuracy fell {drop:.3f} > benchmark.verdict.max_probe_accuracy_drop {limit}")
+        broken.append(f"{versus}probe accuracy fell {drop:.3f} > benchmark.verdict.max_probe_accuracy_drop {limit}")
     rise, limit = change.leakage_rate or 0.0, rules.max_leakage_increase
     if limit is not None and rise > limit:
-        broken.append(f"leakage rate rose {rise:.3f} > benchmark.verdict.max_leakage_increase {limit}")
+        broken.append(f"{versus}leakage rate rose {rise:.3f} > benchmark.verdict.max_leakage_increase {limit}")
     return broken
+
+
+AGAINST_THE_TEACHER = "against the teacher it replaces: "
+
+
+def all_regressions(report: Report, rules: VerdictConfig) -> list[str]:
+    """The forgetting rules broken against the untuned student and, for a student pruned from the teacher (already
+    below it before training), against the teacher: what the deployment gives up."""
+    forgetting = report.forgetting
+    return regressions(forgetting.change, rules) + regressions(
+        forgetting.change_vs_teacher or None, rules, AGAINST_THE_TEACHER
+    )
 
 
 def verdict(report: Report, rules: VerdictConfig | None = None) -> str:
@@ -362,7 +375,8 @@ def _conclusion(report: Report, facts: _Facts, rules: VerdictConfig) -> str:
     """The one-line verdict, in order of what settles it: no measurable gain, prompting did better or as well
     for no more cost, a regression on base capabilities, worth it for cost only, worth it, or mixed."""
     significant = facts.significant
-    forgot = bool(regressions(facts.change, rules))
+    broken = all_regressions(report, rules)
+    forgot = bool(broken)
     also_forgot = " The tuned student also regressed on base capabilities." if forgot else ""
     cheaper_than_prompting = lower_beyond_noise(facts.prompted_cost_ratio, rules)
     if facts.teacher_fails:
@@ -383,6 +397,13 @@ def _conclusion(report: Report, facts: _Facts, rules: VerdictConfig) -> str:
         return (
             "Verdict: not worth it — prompting the untuned student did as well for no measurably more cost per "
             "request; fine-tuning bought nothing." + also_forgot
+        )
+    if forgot and all(line.startswith(AGAINST_THE_TEACHER) for line in broken):
+        return (
+            "Verdict: not worth it as trained — the pruned student does the task, but against the teacher it replaces "
+            f"it gives up base capabilities ({'; '.join(line.removeprefix(AGAINST_THE_TEACHER) for line in broken)}); "
+            "keep more layers (student.prune.keep_layers), or mix the teacher's general answers in "
+            "(train.replay.fraction with train.replay.source teacher), or accept the loss for a narrow deployment."
         )
     if forgot:
         return (
