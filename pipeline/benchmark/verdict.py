@@ -402,7 +402,7 @@ def _conclusion(report: Report, facts: _Facts, rules: VerdictConfig) -> str:
         return (
             "Verdict: not worth it as trained — the pruned student does the task, but against the teacher it replaces "
             f"it gives up base capabilities ({'; '.join(line.removeprefix(AGAINST_THE_TEACHER) for line in broken)}); "
-            "keep more layers (student.prune.keep_layers), or mix the teacher's general answers in "
+            "keep more layers (student.prune.keep_layers), or mix more of the teacher's general answers in "
             "(train.replay.fraction with train.replay.source teacher), or accept the loss for a narrow deployment."
         )
     if forgot:

@@ -76,7 +76,11 @@ def on_policy_trainer(
 ) -> Any:
     """TRL's self-distillation trainer with the teacher's conversation as its context, on `rows`
     (`on_policy_rows`). `args`: the run's shared training arguments (learning rate, steps, device, logging)."""
+    import os
+
     from datasets import Dataset
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known to be experimental: README says so
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     settings = config.train.on_policy
