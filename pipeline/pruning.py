@@ -13,7 +13,6 @@ It shares the teacher's tokenizer, so logit KD from the teacher applies to its r
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from pipeline.chat_templates import chat_template_for
 from pipeline.config import ExperimentConfig, PruneConfig
 from pipeline.console import PipelineError, log
+from pipeline.layout import read_manifest
 from pipeline.models import resolve_model
 from pipeline.runs import Stage
 from pipeline.tasks import task_for
@@ -63,10 +63,8 @@ def student_identity(config: ExperimentConfig) -> str:
 def pruning_manifest(config: ExperimentConfig) -> dict[str, Any] | None:
     """The figures of a pruned student (layer counts, each layer's importance, the layers dropped), from its
     manifest; None for a student that was not pruned here."""
-    if config.student.prune is None:
-        return None
-    path = config.layout.stage_dir(STAGE) / "manifest.json"
-    return json.loads(path.read_text())["metrics"] if path.is_file() else None
+    manifest = read_manifest(config.layout.stage_dir(STAGE)) if config.student.prune else None
+    return manifest["metrics"] if manifest else None
 
 
 def _stage(config: ExperimentConfig) -> Stage:

@@ -70,8 +70,8 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(Path(spec.origin).parent), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def build_tiny_model(path: Path, tokenizer, seed: int = 0, hidden_size: int = 128) -> Path:
-    """A 2-layer Llama with random weights (head_dim 64, which vLLM's CPU attention supports)."""
+def build_tiny_model(path: Path, tokenizer, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
+    """A 2-layer (or `layers`) Llama with random weights (head_dim 64, which vLLM's CPU attention supports)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,7 +80,7 @@ def build_tiny_model(path: Path, tokenizer, seed: int = 0, hidden_size: int = 12
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=hidden_size // 64,
         num_key_value_heads=1,
         max_position_embeddings=2048,

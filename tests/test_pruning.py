@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import validate_config
 from pipeline.console import PipelineError
 from pipeline.pruning import student_model
-from tests.conftest import tiny_config
+from tests.conftest import build_tiny_model, tiny_config
 
 IDENTITY_LAYER = 1
 
@@ -21,31 +21,15 @@ def four_layer_teacher(tmp_path_factory, tokenizer):
     """A 4-layer random Llama whose layer 1 is an identity map: its attention and MLP write zeros into the
     residual stream, so its output is its input (block influence 0)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    path = build_tiny_model(tmp_path_factory.mktemp("four-layer-teacher"), tokenizer, layers=4)
+    model = LlamaForCausalLM.from_pretrained(path)
     with torch.no_grad():
         layer = model.model.layers[IDENTITY_LAYER]
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    path = tmp_path_factory.mktemp("four-layer-teacher")
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
     return path
 
 
