@@ -1,4 +1,4 @@
-"""The `distill` command: one subcommand per stage, `run` for all of them, `status`, `promote`, `compare`,
+"""The `distill` command: one subcommand per stage, `run` for all of them, `status`, `promote`, `compare`, `sweep`,
 `key=value` overrides.
 
 Exit codes: 0 done; 2 bad input (one line naming the key, file or column); 3 promotion refused by the
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     status.add_argument("--json", action="store_true", help="one JSON object per stage: stage, state, detail")
     status.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
+    sweep = sub.add_parser("sweep", help="train the config's sweep of recipes on one teacher generation; pick one")
+    sweep.add_argument("--config", required=True, help="experiment YAML with a sweep: section (see configs/)")
+    sweep.add_argument("--report", action="store_true", help="only write the report from the finished trials")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key, e.g. seed=3")
     compare = sub.add_parser("compare", help="put finished runs side by side (e.g. SFT against KD)")
     compare.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. runs/sft runs/kd")
     mat = sub.add_parser("materialize", help="convert a bundled model to a cached safetensors folder")
@@ -124,6 +128,16 @@ def _main(args: argparse.Namespace) -> int:
             from pipeline.models import resolve_model
 
             print(resolve_model(args.model))
+            return 0
+        if args.command == "sweep":
+            from pipeline.sweep import SweepPlan, run_sweep, sweep_report
+
+            plan = SweepPlan(args.config, args.overrides)
+            if args.report:
+                sweep_report(plan)
+                print(plan.dir / "report.md")
+            else:
+                print(run_sweep(plan))
             return 0
         config = load_config(args.config, args.overrides)
         if args.command == "status":

@@ -141,13 +141,14 @@ def _init_run(config: ExperimentConfig, stage: str) -> Any:
     import wandb
 
     current = wandb.run
-    if current is not None and (current.group, current.job_type) == (config.run_name, stage):
+    group = config.tracking.group or config.run_name
+    if current is not None and (current.group, current.job_type) == (group, stage):
         return current
     mode = configure_wandb_env(config, stage)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(
         project=config.tracking.project,
-        group=config.run_name,
+        group=group,
         job_type=stage,
         name=f"{config.run_name}-{stage}",
         config=resolved_dict(config),

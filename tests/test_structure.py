@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "pipeline"
 STAGES = ("generate", "filter", "train", "benchmark")
-ABOVE_THE_STAGES = ("cli", "status", "promote", "compare")  # they run stages, so they may import them
+ABOVE_THE_STAGES = ("cli", "status", "promote", "compare", "sweep")  # they run stages, so they may import them
 
 
 def module_name(path: Path) -> str:

@@ -23,11 +23,14 @@ from pipeline.config.experiment import (
     StudentConfig,
     TeacherConfig,
     load_config,
+    load_raw,
     parse_overrides,
     resolved_dict,
     validate_config,
+    with_overrides,
 )
 from pipeline.config.filter import SAMPLE_FILTERS, FilterConfig
+from pipeline.config.sweep import SweepConfig
 from pipeline.config.train import ReplayConfig, TrainConfig
 
 __all__ = [
@@ -48,13 +51,16 @@ __all__ = [
     "SamplingConfig",
     "ServerConfig",
     "StudentConfig",
+    "SweepConfig",
     "SystemConfig",
     "TeacherConfig",
     "TrainConfig",
     "VerdictConfig",
     "engine_identity",
     "load_config",
+    "load_raw",
     "parse_overrides",
     "resolved_dict",
     "validate_config",
+    "with_overrides",
 ]

@@ -16,6 +16,7 @@ from pipeline.config.base import ConfigError, StrictModel
 from pipeline.config.benchmark import BenchmarkConfig, PromoteConfig
 from pipeline.config.engine import EngineConfig, SamplingConfig
 from pipeline.config.filter import FilterConfig
+from pipeline.config.sweep import SweepConfig
 from pipeline.config.train import TrainConfig
 from pipeline.layout import RunLayout
 
@@ -85,6 +86,8 @@ class TrackingConfig(StrictModel):
     # Log each stage's outputs as a W&B Artifact (teacher outputs, dataset, student, report), linked to the
     # artifact it was made from, so the dashboard shows which data made which model.
     artifacts: bool = True
+    # The W&B group of this run's stage runs; None: run_name. A sweep puts all its trials in its own group.
+    group: str | None = None
 
 
 class ExperimentConfig(StrictModel):
@@ -99,6 +102,7 @@ class ExperimentConfig(StrictModel):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     promote: PromoteConfig = Field(default_factory=PromoteConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sweep: SweepConfig | None = None  # the recipes `distill sweep` tries on this experiment; `distill run` ignores it
 
     @field_validator("run_name")
     @classmethod
@@ -181,6 +185,11 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, merge overrides into, and validate one experiment YAML."""
+    return validate_config(load_raw(path, overrides))
+
+
+def load_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """One experiment YAML with its overrides merged in, not yet validated (a sweep adds each trial's own)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -190,8 +199,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
-    return validate_config(raw)
+    return _deep_merge(raw, parse_overrides(overrides or []))
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with dotted keys set to values (`{"train.learning_rate": 1e-4}`), as `key=value` overrides do."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _deep_merge(raw, nested)
 
 
 # Keys older configs hold, and where what they set is now: one set of forgetting rules, the verdict's.
