@@ -272,6 +272,15 @@ class FinishedUnits:
         else:
             self.path.unlink(missing_ok=True)
 
+    @classmethod
+    def shared(cls, path: Path, fingerprint: str) -> FinishedUnits:
+        """Units kept in a file several runs share, under a fingerprint of their own; lines of other fingerprints and
+        other runs' appends stay (`read` picks this fingerprint's), and nothing clears it."""
+        units = cls.__new__(cls)
+        units.path, units.fingerprint = path, fingerprint
+        units.values = cls.read(path, fingerprint)
+        return units
+
     @staticmethod
     def read(path: Path, fingerprint: str) -> dict[str, Any]:
         """The units saved in `path` under `fingerprint`, by name (read only: `distill status` uses it)."""

@@ -56,6 +56,7 @@ from pipeline.benchmark.results import (
 )
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
+from pipeline.benchmark.shared_units import untuned_systems, with_shared_units
 from pipeline.benchmark.systems import (
     System,
     copy_rows,
@@ -71,7 +72,7 @@ from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
 from pipeline.files import read_jsonl, sha256_file, write_jsonl
 from pipeline.pruning import pruning_manifest, student_identity, student_model
-from pipeline.runs import FinishedUnits, Stage
+from pipeline.runs import FinishedUnits, Stage, input_label
 from pipeline.tasks import Example, Task, task_for
 
 
@@ -123,6 +124,9 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
                 f"longest label, {longest!r}"
             )
         units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
+        if bench.shared_units:
+            tuned = input_label(config, tuned_student_dir(config))
+            units = with_shared_units(units, stage, bench.shared_units, untuned_systems(bench.systems), tuned)
 
         results, probed, records = _evaluate_offline(bench, config.seed, systems, task, examples, units)
         check_adapter_applied(records)

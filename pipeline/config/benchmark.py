@@ -167,6 +167,9 @@ class BenchmarkConfig(StrictModel):
     load_test: LoadTestConfig = Field(default_factory=LoadTestConfig)
     latency_requests: int = Field(16, ge=1)  # offline engine: requests timed one at a time per system
     max_test_examples: int | None = Field(None, ge=1)
+    # A folder several runs share (a sweep's trials): the figures of the systems that do not serve the tuned student
+    # (teacher, untuned and prompted student) are measured once there, for runs that agree on everything they read.
+    shared_units: str | None = None
     # Constrain the students' task answers to the task's answer set (a label task's labels), as the teacher's were
     # at generate time. Off by default: the benchmark then measures whether a student answers with a valid label by
     # itself (the report counts invalid labels per system). The teacher is measured as it taught (constrained on a

@@ -5,6 +5,7 @@ trial's run directory and config.
         study.db                      the Optuna study (unless sweep.storage names a database server)
         shared/generate-<fingerprint> one teacher generation, linked into every trial
         shared/filter-<fingerprint>   one per filter setting: a train knob reuses it, a filter knob makes another
+        shared/benchmark/             the teacher's and the untuned student's figures, measured by the first trial
         trials/<trial>/               a normal run directory: `distill status`, `compare` and `promote` work on it
         report.md, report.json, pareto.png
 """
@@ -105,7 +106,12 @@ class SweepPlan:
 
     def trial_overrides(self, trial: Trial) -> dict[str, Any]:
         """Every key the trial sets on the experiment: its folder, its W&B group, the cheap rung's, its knobs."""
-        placed = {"runs_dir": str(self.trials_dir), "run_name": trial.key, "tracking.group": self.name}
+        placed = {
+            "runs_dir": str(self.trials_dir),
+            "run_name": trial.key,
+            "tracking.group": self.name,
+            "benchmark.shared_units": str(self.shared_dir / "benchmark"),  # the untuned systems measured once
+        }
         return placed | (self.sweep.halving.cheap if trial.cheap else {}) | trial.knobs
 
     def trial_config(self, trial: Trial) -> ExperimentConfig:
