@@ -32,8 +32,13 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # mkdocs loads this file by path, from wherever it was started
-    sys.path.insert(0, str(ROOT))
+
+
+def this_checkout_first() -> None:
+    """Document the `pipeline` beside this file, not an installed copy. mkdocs puts sys.path back after loading a
+    hook, so this runs when the pages are made."""
+    if sys.path[:1] != [str(ROOT)]:
+        sys.path.insert(0, str(ROOT))
 
 
 def anchor(path: str) -> str:
@@ -152,7 +157,7 @@ def default_text(value: Any) -> str:
     if value is PydanticUndefined:
         return "required"
     if isinstance(value, BaseModel):
-        return "its section's"
+        return "see its section"
     if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
         return ", ".join(f"`{getattr(v, 'name', type(v).__name__)}`" for v in value)
     if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
@@ -444,6 +449,7 @@ def on_files(files: Any, config: Any) -> Any:
     """mkdocs: add the generated pages to the site, made from the code as it is now."""
     from mkdocs.structure.files import File
 
+    this_checkout_first()
     for src_uri, make in GENERATED.items():
         files.append(File.generated(config, src_uri, content=make()))
     return files
@@ -457,4 +463,5 @@ def on_serve(server: Any, config: Any, builder: Any) -> Any:
 
 
 if __name__ == "__main__":
+    this_checkout_first()
     print(GENERATED[f"reference/{sys.argv[1] if len(sys.argv) > 1 else 'config'}.md"](), end="")
