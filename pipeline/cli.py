@@ -2,7 +2,8 @@
 `key=value` overrides.
 
 Exit codes: 0 done; 2 bad input (one line naming the key, file or column); 3 promotion refused by the
-gate; 75 the run directory is locked by another live run (retry later); 130 interrupted (rerun resumes).
+gate; 75 the run directory is locked by another live run (retry later); 130 interrupted, 143 terminated by SIGTERM
+(rerun the same command to resume).
 
 distill run --config configs/smollm2_support.yaml
 distill train --config configs/smollm2_support.yaml train.learning_rate=1e-4 --force

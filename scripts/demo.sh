@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, then run the embedded default end to end on this machine (CPU is fine: README gives the measured time on 2 cores).
+# Install, then run the embedded default end to end on this machine (CPU is fine: docs/measurements.md gives the measured time on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

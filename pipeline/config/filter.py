@@ -11,21 +11,23 @@ from pipeline.config.base import StrictModel, check_json_schema
 
 
 class Toggle(StrictModel):
-    enabled: bool = True
+    """A filter with nothing to set but whether it runs."""
+
+    enabled: bool = Field(True, description="Run this filter (when `filter.order` lists it).")
 
 
 class LengthFilter(Toggle):
     """Response length in tokens of the student's tokenizer."""
 
-    min_tokens: int = Field(1, ge=0)
-    max_tokens: int = Field(1024, ge=1)
+    min_tokens: int = Field(1, ge=0, description="Drop a response shorter than this, in the student's tokens.")
+    max_tokens: int = Field(1024, ge=1, description="Drop a response longer than this, in the student's tokens.")
 
 
 class RepetitionFilter(Toggle):
     """Drop a response whose word n-grams repeat: 1 - distinct/total above `max_ratio`."""
 
-    ngram: int = Field(3, ge=1)
-    max_ratio: float = Field(0.5, ge=0, le=1)
+    ngram: int = Field(3, ge=1, description="Words per n-gram.")
+    max_ratio: float = Field(0.5, ge=0, le=1, description="Most repeated share of n-grams, 1 - distinct/total.")
 
 
 DEFAULT_REFUSALS = [
@@ -43,18 +45,26 @@ DEFAULT_REFUSALS = [
 
 
 class RefusalFilter(Toggle):
-    phrases: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS))  # case-insensitive substrings
+    """Drop a response that refuses: one that contains any of `phrases`."""
+
+    phrases: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSALS), description="Refusal phrases, case-insensitive substrings."
+    )
 
 
 class PromptEchoFilter(Toggle):
     """Drop a response that contains the system prompt or the user prompt verbatim (prompts of min_chars+)."""
 
-    min_chars: int = Field(20, ge=1)
+    min_chars: int = Field(20, ge=1, description="Shortest prompt, in characters, that counts as echoed.")
 
 
 class JsonSchemaFilter(Toggle):
-    enabled: bool = False
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    """Drop a response that does not parse as JSON (one code fence allowed) or fails `schema`."""
+
+    enabled: bool = Field(False, description="Run this filter (when `filter.order` lists it).")
+    schema_: dict[str, Any] | None = Field(
+        None, alias="schema", description="A JSON Schema each response must satisfy; null: any valid JSON."
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -65,9 +75,11 @@ class JsonSchemaFilter(Toggle):
 
 
 class RegexFilter(Toggle):
-    enabled: bool = False
-    require: list[str] = Field(default_factory=list)  # every pattern must match
-    forbid: list[str] = Field(default_factory=list)  # no pattern may match
+    """Drop a response that misses a `require` pattern or matches a `forbid` one."""
+
+    enabled: bool = Field(False, description="Run this filter (when `filter.order` lists it).")
+    require: list[str] = Field(default_factory=list, description="Regular expressions that must all match.")
+    forbid: list[str] = Field(default_factory=list, description="Regular expressions of which none may match.")
 
     @field_validator("require", "forbid")
     @classmethod
@@ -83,34 +95,42 @@ class RegexFilter(Toggle):
 class AgreementFilter(Toggle):
     """Per prompt, over its n samples: majority vote (or the task's scorer) and an agreement threshold."""
 
-    min_agreement: float = Field(0.0, ge=0, le=1)  # share of the n samples that must agree / verify
-    keep: Literal["best", "all_distinct"] = "best"
-    max_per_prompt: int = Field(4, ge=1)  # with keep: all_distinct
+    min_agreement: float = Field(
+        0.0, ge=0, le=1, description="Share of a prompt's n samples that must verify (or agree) to keep any."
+    )
+    keep: Literal["best", "all_distinct"] = Field(
+        "best", description="Keep the best (first) passing sample, or all distinct ones."
+    )
+    max_per_prompt: int = Field(4, ge=1, description="With keep all_distinct: most samples kept per prompt.")
 
 
 class NearDedupFilter(Toggle):
     """MinHash LSH (datasketch) over word shingles."""
 
-    threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard similarity
-    num_perm: int = Field(128, ge=16)
-    shingle: int = Field(3, ge=1)
-    fields: list[Literal["prompt", "response"]] = Field(default_factory=lambda: ["prompt"])
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity at which rows are duplicates.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations: more is more exact and slower.")
+    shingle: int = Field(3, ge=1, description="Words per shingle.")
+    fields: list[Literal["prompt", "response"]] = Field(
+        default_factory=lambda: ["prompt"], description="What is compared: the prompt, the response, or both."
+    )
 
 
 class DecontaminateFilter(Toggle):
     """Drop training rows whose prompt shares an n-gram with a benchmark test prompt or a probe question."""
 
-    ngram: int = Field(13, ge=1)
-    probe: bool = True
+    ngram: int = Field(13, ge=1, description="Words per n-gram; a prompt shorter than this counts as a whole.")
+    probe: bool = Field(True, description="Also drop rows that share an n-gram with a forgetting-probe question.")
 
 
 class JudgeFilter(Toggle):
     """The teacher grades each kept example against a rubric, 1 to 10."""
 
-    enabled: bool = False
-    rubric: str | None = None  # None: the task's rubric (Task.rubric()), else a generic one
-    threshold: int = Field(7, ge=1, le=10)
-    batch_size: int = Field(64, ge=1)
+    enabled: bool = Field(False, description="Run this filter (when `filter.order` lists it).")
+    rubric: str | None = Field(
+        None, description="What a good answer is; null: the task's rubric (Task.rubric()), else a generic one."
+    )
+    threshold: int = Field(7, ge=1, le=10, description="Lowest grade kept; an unreadable grade drops the row.")
+    batch_size: int = Field(64, ge=1, description="Examples sent to the judge at once.")
 
 
 SAMPLE_FILTERS = (
@@ -136,31 +156,56 @@ class FilterConfig(StrictModel):
     """Filters run in `order`; each has `enabled`. Sample filters come first, then the per-prompt
     agreement vote, then the dataset filters (which see every kept example so far)."""
 
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    # Fewer kept training examples stop the run here, naming the filter that dropped the most and the key that
-    # fixes it, instead of training and benchmarking on them for an hour. 32 is four batches at the default batch
-    # size; the real data sets that the bundled teacher could not do kept 2 and 3, the embedded default keeps ~430.
-    # 0: train on whatever is kept (at least one example).
-    min_train_examples: int = Field(32, ge=0)
-    on_malformed_line: Literal["skip", "fail"] = "skip"
-    # Processes that screen rows (0: in this process; default: one per core for inputs of 2,048+ lines).
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the kept examples held out as val.jsonl.")
+    # Stopping here saves training and benchmarking on nothing for an hour. 32 is four batches at the default batch
+    # size; the real data sets the bundled teacher could not do kept 2 and 3, the embedded default keeps ~430.
+    min_train_examples: int = Field(
+        32,
+        ge=0,
+        description="Fewer kept training examples stop the run here, naming the filter that dropped the most and "
+        "the key that fixes it; 0: train on whatever is kept.",
+    )
+    on_malformed_line: Literal["skip", "fail"] = Field(
+        "skip", description="A malformed teacher-output line: skip it (reported with its number) or fail."
+    )
     # Outputs are identical for any value.
-    workers: int | None = Field(None, ge=0)
-    order: list[str] = Field(default_factory=lambda: list(DEFAULT_FILTER_ORDER))
-    empty: Toggle = Field(default_factory=Toggle)
-    truncated: Toggle = Field(default_factory=Toggle)
-    length: LengthFilter = Field(default_factory=LengthFilter)
-    repetition: RepetitionFilter = Field(default_factory=RepetitionFilter)
-    refusal: RefusalFilter = Field(default_factory=RefusalFilter)
-    prompt_echo: PromptEchoFilter = Field(default_factory=PromptEchoFilter)
-    json_schema: JsonSchemaFilter = Field(default_factory=JsonSchemaFilter)
-    regex: RegexFilter = Field(default_factory=RegexFilter)
-    correctness: Toggle = Field(default_factory=Toggle)  # rejection sampling against the task's scorer
-    agreement: AgreementFilter = Field(default_factory=AgreementFilter)
-    exact_dedup: Toggle = Field(default_factory=Toggle)
-    near_dedup: NearDedupFilter = Field(default_factory=NearDedupFilter)
-    decontaminate: DecontaminateFilter = Field(default_factory=DecontaminateFilter)
-    judge: JudgeFilter = Field(default_factory=JudgeFilter)
+    workers: int | None = Field(
+        None,
+        ge=0,
+        description="Processes that screen rows; 0: this process; null: one per core, up to 8, for 2,048+ lines.",
+    )
+    order: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_FILTER_ORDER),
+        description="The filters that run, in order; one left out does not run.",
+    )
+    empty: Toggle = Field(default_factory=Toggle, description="Drop a whitespace-only response.")
+    truncated: Toggle = Field(default_factory=Toggle, description="Drop a response cut at max_tokens.")
+    length: LengthFilter = Field(default_factory=LengthFilter, description="Drop a response outside a token range.")
+    repetition: RepetitionFilter = Field(
+        default_factory=RepetitionFilter, description="Drop a response whose word n-grams repeat."
+    )
+    refusal: RefusalFilter = Field(default_factory=RefusalFilter, description="Drop a refusal.")
+    prompt_echo: PromptEchoFilter = Field(
+        default_factory=PromptEchoFilter, description="Drop a response that repeats its prompt verbatim."
+    )
+    json_schema: JsonSchemaFilter = Field(
+        default_factory=JsonSchemaFilter, description="Drop a response that is not valid JSON for a schema."
+    )
+    regex: RegexFilter = Field(default_factory=RegexFilter, description="Drop a response by regular expressions.")
+    correctness: Toggle = Field(
+        default_factory=Toggle, description="Rejection sampling: drop a response that fails the task's scorer."
+    )
+    agreement: AgreementFilter = Field(
+        default_factory=AgreementFilter, description="Per prompt: the share of samples that must verify or agree."
+    )
+    exact_dedup: Toggle = Field(
+        default_factory=Toggle, description="Drop the same normalised prompt and response as an earlier example."
+    )
+    near_dedup: NearDedupFilter = Field(default_factory=NearDedupFilter, description="Drop near-duplicates (MinHash).")
+    decontaminate: DecontaminateFilter = Field(
+        default_factory=DecontaminateFilter, description="Drop rows that overlap the test split or the probe."
+    )
+    judge: JudgeFilter = Field(default_factory=JudgeFilter, description="A model grades each kept example.")
 
     @field_validator("order")
     @classmethod

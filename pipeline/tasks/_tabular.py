@@ -19,11 +19,13 @@ _PREFIX = re.compile(r"^\W*(?:final\s+)?(?:label|answer)\W*?:\s*", re.IGNORECASE
 class TabularParams(TaskParams):
     """Parameters common to tasks read from a CSV or JSONL file."""
 
-    path: str
-    test_path: str | None = None  # a separate test file; otherwise `test_fraction` of `path` is held out
-    test_fraction: float = Field(0.2, ge=0, lt=1)
-    few_shot: int = Field(4, ge=0)  # rows shown in the "full" prompt with their answers, held out of train
-    instruction: str  # the system prompt of the "short" style, and the start of the "full" one
+    path: str = Field(description="The data file, CSV or JSONL, relative to the working directory.")
+    test_path: str | None = Field(None, description="A separate test file; null: test_fraction of `path` is held out.")
+    test_fraction: float = Field(0.2, ge=0, lt=1, description="Share of `path`'s rows held out for the test split.")
+    few_shot: int = Field(
+        4, ge=0, description='Rows shown with their answers in the "full" prompt, held out of the train split.'
+    )
+    instruction: str = Field(description='The system prompt of the "short" style, and the start of the "full" one.')
 
 
 def resolve(base_dir: Path, value: str) -> Path:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from pipeline.tasks._tabular import TabularParams, TabularTask, read_records, require_text
 from pipeline.tasks.base import Example, TaskError
 
@@ -21,11 +23,19 @@ from pipeline.tasks.base import Example, TaskError
 class ChatParams(TabularParams):
     """Where the prompts are, how the model is asked, and what a good answer is."""
 
-    prompt_column: str = "prompt"
-    reference_column: str = "reference"  # optional in each row
-    instruction: str = "You are a helpful assistant. Do what the user asks, clearly and concisely."
-    rubric: str = "The reply does what the user asked, is correct, and is clear and concise."
-    few_shot: int = 2  # rows with a reference answer shown in the "full" prompt, held out of train
+    prompt_column: str = Field("prompt", description="The column that holds the request, in rows without messages.")
+    reference_column: str = Field(
+        "reference", description="The column that holds a reference answer; optional in each row."
+    )
+    instruction: str = Field(
+        "You are a helpful assistant. Do what the user asks, clearly and concisely.",
+        description='The system prompt of the "short" style, unless a row has its own system turn.',
+    )
+    rubric: str = Field(
+        "The reply does what the user asked, is correct, and is clear and concise.",
+        description='What a good answer is: in the "full" prompt, and what the judge grades against.',
+    )
+    few_shot: int = Field(2, description='Rows with a reference answer shown in the "full" prompt, held out of train.')
 
 
 class ChatTask(TabularTask):

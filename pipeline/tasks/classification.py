@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from pydantic import Field
+
 from pipeline.tasks._tabular import TabularParams, TabularTask, normalize_answer
 from pipeline.tasks.base import Example, TaskError
 
@@ -14,13 +16,16 @@ from pipeline.tasks.base import Example, TaskError
 class ClassificationParams(TabularParams):
     """Where the texts and labels are, and how the model is asked."""
 
-    text_column: str = "text"
-    label_column: str = "label"
-    labels: list[str] | None = None  # allowed labels; inferred (sorted, unique) from the data when absent
-    instruction: str = "Classify the text. Answer with one label only."
-    # The teacher answers through constrained decoding to the label set: it cannot answer conversationally,
-    # run past max_tokens or invent a label. False: it answers freely and the filters drop what is not a label.
-    constrained: bool = True
+    text_column: str = Field("text", description="The column that holds the text to classify.")
+    label_column: str = Field("label", description="The column that holds its label.")
+    labels: list[str] | None = Field(None, description="The allowed labels; null: every label in the data, sorted.")
+    instruction: str = Field(
+        "Classify the text. Answer with one label only.",
+        description='The system prompt of the "short" style, and the start of the "full" one.',
+    )
+    # Constrained, the teacher cannot answer conversationally, run past max_tokens or invent a label. Free, the
+    # filters drop what is not a label.
+    constrained: bool = Field(True, description="The teacher answers through constrained decoding to the labels.")
 
 
 class ClassificationTask(TabularTask):

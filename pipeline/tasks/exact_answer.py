@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from pydantic import Field
+
 from pipeline.tasks._tabular import TabularParams, TabularTask, normalize_answer
 from pipeline.tasks.base import Example, TaskError, find_numbers
 
@@ -29,10 +31,17 @@ def extract_string(text: str) -> str:
 class ExactAnswerParams(TabularParams):
     """Where the questions and answers are, their type, and how the model is asked."""
 
-    question_column: str = "question"
-    answer_column: str = "answer"
-    answer_type: Literal["number", "string"] = "number"
-    instruction: str = "Answer the question. Give only the final answer."
+    question_column: str = Field("question", description="The column that holds the question.")
+    answer_column: str = Field("answer", description="The column that holds the reference answer.")
+    answer_type: Literal["number", "string"] = Field(
+        "number",
+        description="number: the answer's last number, equal within 1e-6; string: the first line after the last "
+        "'answer:', or of the whole answer.",
+    )
+    instruction: str = Field(
+        "Answer the question. Give only the final answer.",
+        description='The system prompt of the "short" style, and the start of the "full" one.',
+    )
 
 
 class ExactAnswerTask(TabularTask):

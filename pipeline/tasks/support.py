@@ -125,13 +125,13 @@ NOT_COVERED = [
 class SupportParams(TaskParams):
     """Split sizes, ticket mix, retrieval and few-shot settings of the support task."""
 
-    num_train: int = Field(240, ge=1)
-    num_test: int = Field(60, ge=1)
-    dispute_fraction: float = Field(0.2, ge=0, le=1)
-    no_article_fraction: float = Field(0.15, ge=0, le=1)
-    kb_top_k: int = Field(3, ge=1)
-    min_retrieval_score: float = Field(1.5, ge=0)
-    few_shot: int = Field(4, ge=0, le=12)
+    num_train: int = Field(240, ge=1, description="Training tickets generated.")
+    num_test: int = Field(60, ge=1, description="Test tickets generated, none repeating a training ticket.")
+    dispute_fraction: float = Field(0.2, ge=0, le=1, description="Share of tickets that dispute a charge.")
+    no_article_fraction: float = Field(0.15, ge=0, le=1, description="Share of tickets no article covers.")
+    kb_top_k: int = Field(3, ge=1, description="Articles retrieved for a ticket, at most.")
+    min_retrieval_score: float = Field(1.5, ge=0, description="The lowest retrieval score an article is shown at.")
+    few_shot: int = Field(4, ge=0, le=12, description="Worked tickets in the full prompt, from a held-out pool.")
 
 
 def _tokens(text: str) -> list[str]:

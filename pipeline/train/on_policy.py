@@ -80,7 +80,7 @@ def on_policy_trainer(
 
     from datasets import Dataset
 
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known to be experimental: README says so
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # known to be experimental: the docs say so
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     settings = config.train.on_policy
