@@ -47,6 +47,10 @@ class SweepConfig(StrictModel):
     knobs: dict[str, list[Any]] = Field(
         description="Each config key a trial sets, with the values to try, e.g. {train.learning_rate: [1e-4, 2e-4]}."
     )
+    fixed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings every trial shares and the experiment's own run does not, e.g. {train.method: full}.",
+    )
     search: Literal["grid", "random", "halving"] = Field(
         "grid",
         description="grid: every combination; random: `trials` of them, drawn with the seed; halving: every "
@@ -68,6 +72,14 @@ class SweepConfig(StrictModel):
     def _plain_name(cls, value: str | None) -> str | None:
         if value is not None and (not value or "/" in value or value.startswith(".")):
             raise ValueError("must be a plain folder name")
+        return value
+
+    @field_validator("fixed")
+    @classmethod
+    def _fixed_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if why := knob_error(key):
+                raise ValueError(f"{key}: {why}")
         return value
 
     @field_validator("knobs")

@@ -65,9 +65,10 @@ class SweepPlan:
         self.sweep: SweepConfig = self.config.sweep
         self.name = self.sweep.name or f"{self.config.run_name}-sweep"
         self.dir = self.config.run_dir.parent / self.name
-        both = sorted(set(self.sweep.knobs) & set(self.sweep.halving.cheap))
-        if both:
-            raise ConfigError(f"sweep.halving.cheap.{both[0]}: also a knob; the cheap rung cannot set what is swept")
+        for section, keys in (("halving.cheap", self.sweep.halving.cheap), ("fixed", self.sweep.fixed)):
+            both = sorted(set(self.sweep.knobs) & set(keys))
+            if both:
+                raise ConfigError(f"sweep.{section}.{both[0]}: also a knob; it cannot also set what is swept")
         self.points = self._points()
         for trial in self.trials(cheap=False) + (self.trials(cheap=True) if self.halving else []):
             self.trial_config(trial)  # raises on a bad value, naming the knob
@@ -105,14 +106,15 @@ class SweepPlan:
         return f"{name}-cheap" if cheap else name
 
     def trial_overrides(self, trial: Trial) -> dict[str, Any]:
-        """Every key the trial sets on the experiment: its folder, its W&B group, the cheap rung's, its knobs."""
+        """Every key the trial sets on the experiment: its folder, its W&B group, the sweep's fixed settings, the
+        cheap rung's, its knobs."""
         placed = {
             "runs_dir": str(self.trials_dir),
             "run_name": trial.key,
             "tracking.group": self.name,
             "benchmark.shared_units": str(self.shared_dir / "benchmark"),  # the untuned systems measured once
         }
-        return placed | (self.sweep.halving.cheap if trial.cheap else {}) | trial.knobs
+        return placed | self.sweep.fixed | (self.sweep.halving.cheap if trial.cheap else {}) | trial.knobs
 
     def trial_config(self, trial: Trial) -> ExperimentConfig:
         try:
@@ -130,4 +132,4 @@ class SweepPlan:
 def _yaml_scalar(value: Any) -> str:
     """A value as a `key=value` override reads it back (YAML), quoted for the shell where it must be."""
     text = json.dumps(value) if isinstance(value, list | dict | bool) or value is None else str(value)
-    return f"'{text}'" if re.search(r"[\s\[\]{}\"',]", text) else text
+    return f"'{text}'" if re.search(r"[\s\[\]{}\"']", text) else text
