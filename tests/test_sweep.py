@@ -20,14 +20,14 @@ from pipeline.layout import RunLayout, read_manifest
 from pipeline.sweep import SweepPlan
 from pipeline.sweep.plan import Trial
 from pipeline.sweep.results import TrialResult, bars_missed, pick
-from tests.conftest import kill_midway, tiny_config
+from tests.conftest import kill_midway, tiny_config, wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep_config(tmp_path: Path, model: Path, knobs: dict, **sweep: object) -> Path:
+def sweep_config(tmp_path: Path, model: Path, knobs: dict, overrides: dict | None = None, **sweep: object) -> Path:
     """A tiny experiment with a sweep section, written as a YAML file (what `distill sweep --config` reads)."""
-    raw = tiny_config(tmp_path, model, **{"benchmark.probe": False, "train.max_steps": 2})
+    raw = tiny_config(tmp_path, model, **{"benchmark.probe": False, "train.max_steps": 2, **(overrides or {})})
     raw["sweep"] = {"knobs": knobs, "heartbeat_s": 1, **sweep}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -224,9 +224,11 @@ def test_halving_keeps_the_best_third_of_the_cheap_rung_in_full(tmp_path, tiny_m
         tmp_path,
         tiny_model,
         {"train.learning_rate": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]},
+        {"tracking.wandb": True, "tracking.mode": "offline"},
         search="halving",
         halving={"cheap": {"benchmark.max_test_examples": 2}},
     )
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     plan = SweepPlan(path)
     ran: list[Trial] = []
     accuracy = {0.1: 0.5, 0.2: 0.95, 0.3: 0.6, 0.4: 0.97, 0.5: 0.4, 0.6: 0.3}
@@ -251,3 +253,17 @@ def test_halving_keeps_the_best_third_of_the_cheap_rung_in_full(tmp_path, tiny_m
     report = json.loads((plan.dir / "report.json").read_text())
     assert report["survivors"] and len(report["cheap_trials"]) == 6 and len(report["trials"]) == 2
     assert report["pick"] is not None and "0.4" in report["pick"]
+    # The sweep is one W&B run in its trials' group, with every trial's figures as a table.
+    (log,) = (plan.dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = list(wandb_records(log))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type) == (plan.name, "sweep")
+    logged = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert any("trials" in item.nested_key for history in logged for item in history.item)
+    summary = {
+        i.key: json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for i in r.summary.update
+    }
+    assert summary["pick"] == report["pick"]

@@ -3,6 +3,7 @@ pareto.png in the sweep's folder), and one W&B run of the sweep in the trials' g
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,30 @@ def write_sweep_report(
     write_json(plan.dir / "report.json", msgspec.to_builtins(report))
     pareto = draw_pareto(report, plan.dir / "pareto.png")
     write_text(plan.dir / "report.md", markdown(report, plan.config.benchmark.verdict, pareto.name))
+    track(plan, report)
     return report
+
+
+TRACKED_COLUMNS = ("accuracy", "kept_of_teacher", "cost_ratio", "probe_drop", "leakage_rise", "train_benchmark_s")
+
+
+def track(plan: SweepPlan, report: SweepReport) -> None:
+    """The sweep as one W&B run in the trials' group: every trial's knobs and figures as a table, the pick."""
+    from pipeline.tracking import start_tracking
+
+    config = plan.config.model_copy(update={"run_name": plan.name, "runs_dir": str(plan.dir.parent)})
+    tracker = start_tracking(config, "sweep")
+    knobs = list(report.knobs)
+    rows = [
+        [r.key, r.cheap, *(json.dumps(r.knobs.get(k)) for k in knobs), *(getattr(r, c) for c in TRACKED_COLUMNS)]
+        + [r.on_front, r.key == report.pick]
+        for r in [*report.trials, *report.cheap_trials]
+    ]
+    tracker.table("trials", ["trial", "cheap", *knobs, *TRACKED_COLUMNS, "on_front", "pick"], rows)
+    tracker.summary(
+        {"pick": report.pick or "", "why": report.why, **{f"seconds_{k}": v for k, v in report.seconds.items()}}
+    )
+    tracker.finish()
 
 
 def markdown(report: SweepReport, rules: VerdictConfig, plot: str) -> str:
