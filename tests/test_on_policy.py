@@ -36,8 +36,9 @@ def trainer_and_rows(tmp_path, model, **on_policy):
         {
             "prompt": task.messages(example, config.student.prompt_style),
             "privileged_context": task.messages(example, config.teacher.prompt_style),
+            "teacher_answer": f"Answer {index}: reset it from Settings.",
         }
-        for example in task.split("train")[:2]
+        for index, example in enumerate(task.split("train")[:2])
     ]
     return build_trainer(config, str(model), rows, [], tmp_path / "out"), rows
 
@@ -119,3 +120,40 @@ def test_a_teacher_other_than_the_students_base_or_full_training_stops_with_one_
     path = tmp_path / "other.json"
     path.write_text(json.dumps(raw))
     assert main(["run", "--config", str(path)]) == 2
+
+
+def test_a_share_of_batches_trains_on_the_teachers_kept_answers_scored_the_same_way(tmp_path, tiny_model, tokenizer):
+    """train.on_policy.teacher_sample_share 1: every batch's completions are the kept teacher answers closed by the
+    end-of-turn token, not samples, and the teacher still scores exactly those tokens after its own prompt."""
+    trainer, rows = trainer_and_rows(tmp_path, tiny_model, teacher_sample_share=1.0)
+    trainer.model.train()
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for index, row in enumerate(rows):
+        given = tokenizer(text=row["teacher_answer"], add_special_tokens=False)["input_ids"] + [end]
+        completion = batch["completion_ids"][index][batch["completion_mask"][index].bool()].tolist()
+        assert completion == given
+    length = batch["completion_ids"].size(1)
+    assert torch.equal(batch["teacher_input_ids"][:, -length:], batch["completion_ids"])
+    assert trainer.on_policy_batches == {"student_samples": 0, "teacher_answers": 1}
+
+
+def test_on_policy_warm_starts_from_an_sft_adapter_and_a_missing_one_is_one_line(tmp_path, ping_pong_student):
+    """SFT first, then on-policy: the student starts from the SFT adapter's weights (its LoRA B matrices are not the
+    zeros a new adapter starts with), while the teacher is the base with the adapter disabled."""
+    base, adapter, _ = ping_pong_student
+    trainer, _ = trainer_and_rows(tmp_path, base, init_adapter=str(adapter))
+    from safetensors.torch import load_file
+
+    saved = load_file(adapter / "adapter_model.safetensors")
+    loaded = {name: p for name, p in trainer.model.named_parameters() if "lora_B" in name}
+    assert loaded and all(p.requires_grad for p in loaded.values())
+    assert any(p.abs().sum() > 0 for p in loaded.values())
+    assert sum(float(t.abs().sum()) for k, t in saved.items() if "lora_B" in k) == pytest.approx(
+        sum(float(p.detach().abs().sum()) for p in loaded.values()), rel=1e-5
+    )
+    from pipeline.train.on_policy import check_on_policy
+
+    config = on_policy_config(tmp_path, base, init_adapter=str(tmp_path / "nowhere"))
+    with pytest.raises(PipelineError, match="^train.on_policy.init_adapter: no LoRA adapter at"):
+        check_on_policy(config, str(base), str(base))

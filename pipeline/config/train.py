@@ -74,6 +74,20 @@ class OnPolicyConfig(StrictModel):
         description="Take the divergence over the student's top-k tokens, the teacher's probabilities renormalised on "
         "them; null: the whole vocabulary.",
     )
+    # GKD's lmbda is the other share: the batches on the student's own samples.
+    teacher_sample_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="The share of batches trained on the filter's kept teacher answers instead of the student's own "
+        "samples, each scored by the teacher token by token all the same.",
+    )
+    # SFT first, then on-policy: the usual recipe. The teacher stays the base weights with the adapter disabled.
+    init_adapter: str | None = Field(
+        None,
+        description="A LoRA adapter folder the student starts from, e.g. an SFT run's <run>/train/adapter; null: a "
+        "new adapter.",
+    )
 
 
 class TrainConfig(StrictModel):

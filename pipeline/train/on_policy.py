@@ -12,9 +12,11 @@ the student back toward its general behaviour.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+from pipeline.chat_templates import end_of_turn_id
 from pipeline.config import ExperimentConfig
 from pipeline.console import PipelineError
 from pipeline.files import read_jsonl
@@ -32,6 +34,9 @@ def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str
         )
     if train.packing:
         raise PipelineError("train.objective: on_policy samples one answer a prompt; set train.packing=false")
+    start = train.on_policy.init_adapter
+    if start and not (Path(start) / "adapter_config.json").is_file():
+        raise PipelineError(f"train.on_policy.init_adapter: no LoRA adapter at {start} (adapter_config.json)")
     if Path(teacher_path).resolve() != Path(model_path).resolve():
         raise PipelineError(
             "train.objective: on_policy uses the student's own base weights as the teacher (shown the teacher's "
@@ -51,14 +56,16 @@ def on_policy_rows(config: ExperimentConfig, task: Task, train_data: Path) -> li
             continue
         seen.add(prompt_id)
         example = examples.get(prompt_id) if not row.get("replay") else None
+        answer = row["messages"][-1]["content"]  # the kept answer: trained on at train.on_policy.teacher_sample_share
         if example is None:
             prompt = row["messages"][:-1]
-            rows.append({"prompt": prompt, "privileged_context": prompt})
+            rows.append({"prompt": prompt, "privileged_context": prompt, "teacher_answer": answer})
             continue
         rows.append(
             {
                 "prompt": task.messages(example, config.student.prompt_style),
                 "privileged_context": task.messages(example, config.teacher.prompt_style),
+                "teacher_answer": answer,
             }
         )
     return rows
@@ -102,9 +109,36 @@ def on_policy_trainer(
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             self.teacher_context_builder = TeacherConversation(self)
+            self.share_rng = random.Random(config.seed)  # which batches train on the teacher's kept answers
+            self.given_completions: list[list[int]] | None = None
+            self.on_policy_batches = {"student_samples": 0, "teacher_answers": 0}
             # What the one-off cost and train_metrics.json count: the teacher's tokens scored (prefill only: its
             # prompt and the student's answer) apart from the tokens the student sampled, and the time sampling took.
             self.on_policy_totals = {"teacher_scored_tokens": 0, "student_sampled_tokens": 0, "sampling_s": 0.0}
+
+        def sample_rollouts(self, inputs: list[dict[str, Any]]) -> Any:
+            """A share of batches (train.on_policy.teacher_sample_share) takes the filter's kept teacher answers as
+            its completions instead of sampling: the teacher scores them token by token all the same."""
+            share = settings.teacher_sample_share
+            if share and self.model.training and self.share_rng.random() < share:
+                tokenizer = self.processing_class
+                closing = end_of_turn_id(tokenizer)
+                end = [closing if closing is not None else tokenizer.eos_token_id]
+                self.given_completions = [
+                    tokenizer(text=row["teacher_answer"], add_special_tokens=False)["input_ids"] + end for row in inputs
+                ]
+                self.on_policy_batches["teacher_answers"] += 1
+            else:
+                self.on_policy_batches["student_samples"] += 1
+            try:
+                return super().sample_rollouts(inputs)
+            finally:
+                self.given_completions = None
+
+        def _generate(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+            if self.given_completions is not None:
+                return prompt_ids, self.given_completions
+            return super()._generate(prompt_ids)
 
         def _prepare_training_batch(self, inputs: list[dict[str, Any]]) -> Any:
             import time
@@ -125,8 +159,17 @@ def on_policy_trainer(
         def _compose_teacher_prompt(self, prompt: Any, privileged_context: Any) -> Any:
             return privileged_context
 
+    model: Any = model_path
+    if settings.init_adapter:  # warm start: the adapter trains on from where it was, the base stays the teacher
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from pipeline.train.options import model_init_kwargs
+
+        base = AutoModelForCausalLM.from_pretrained(model_path, **model_init_kwargs(config.train, args))
+        model, peft_config = PeftModel.from_pretrained(base, settings.init_adapter, is_trainable=True), None
     return OnPolicyTrainer(
-        model=model_path,
+        model=model,
         args=sdft_args,
         train_dataset=Dataset.from_list(rows),
         processing_class=processing_class,

@@ -37,6 +37,11 @@ def train_stage(config: ExperimentConfig) -> Stage:
     if config.train.objective == "kd":
         sections["teacher"] = config.teacher.model
         inputs.append(config.layout.teacher_outputs)  # the logprobs distilled from
+    if config.train.objective == "on_policy":  # the teacher scores under its own prompt, built from the task
+        sections["teacher"] = {"model": config.teacher.model, "prompt_style": config.teacher.prompt_style}
+        sections["task"] = config.task.model_dump()
+        if config.train.on_policy.init_adapter:
+            inputs.append(Path(config.train.on_policy.init_adapter))
     if config.benchmark.engine.chat_template is not None:  # the student trains with the template it is served with
         sections["chat_template"] = config.benchmark.engine.chat_template
     return Stage(config, "train", sections, inputs=inputs)
@@ -91,6 +96,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
             totals = trainer.on_policy_totals
             steps = max(result.global_step, 1)
             metrics |= {**totals, "sampling_s_per_step": round(totals["sampling_s"] / steps, 3)}
+            metrics |= {f"{kind}_batches": count for kind, count in trainer.on_policy_batches.items()}
         log_history = trainer.state.log_history
         write_json(layout.train_metrics, {**metrics, "replica_digests": replicas, "log_history": log_history})
         if replicas and len(set(replicas)) > 1:
