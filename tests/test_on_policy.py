@@ -157,3 +157,42 @@ def test_on_policy_warm_starts_from_an_sft_adapter_and_a_missing_one_is_one_line
     config = on_policy_config(tmp_path, base, init_adapter=str(tmp_path / "nowhere"))
     with pytest.raises(PipelineError, match="^train.on_policy.init_adapter: no LoRA adapter at"):
         check_on_policy(config, str(base), str(base))
+
+
+def test_a_killed_on_policy_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model):
+    """SIGKILLed after its third checkpoint, the on-policy run resumes from its newest one and finishes the count."""
+    import yaml
+
+    from pipeline.train import run_train
+    from tests.conftest import kill_midway, write_filtered
+
+    config = on_policy_config(tmp_path, tiny_model)
+    raw = config.model_dump(mode="json")
+    raw["train"].update({"max_steps": 30, "save_steps": 2, "merge": False, "logging_steps": 1})
+    config_file = tmp_path / "on_policy.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    config = validate_config(raw)
+    chats = [
+        {
+            "prompt_id": f"general-{i}",
+            "messages": [
+                {"role": "user", "content": f"Name a colour, {i}."},
+                {"role": "assistant", "content": "Blue."},
+            ],
+        }
+        for i in range(6)
+    ]
+    write_filtered(config, chats)
+    checkpoints = config.layout.checkpoints
+    kill_midway(
+        ["train", "--config", str(config_file)],
+        lambda: (checkpoints / "checkpoint-6" / "trainer_state.json").exists(),
+        "on-policy training",
+    )
+    saved = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    assert saved and saved[-1] < 30
+    run_train(config)
+    metrics = json.loads(config.layout.manifest("train").read_text())["metrics"]
+    assert metrics["resumed_from"] == f"checkpoint-{saved[-1]}" and metrics["steps"] == 30
+    steps = [e["step"] for e in json.loads(config.layout.train_metrics.read_text())["log_history"] if "loss" in e]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
