@@ -4,6 +4,7 @@ cannot use stops with one line."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -98,18 +99,72 @@ def test_on_policy_trains_through_the_stage(tmp_path, tiny_model):
     ).is_file()
 
 
-def test_a_teacher_other_than_the_students_base_or_full_training_stops_with_one_line(tmp_path, tiny_model, tokenizer):
-    from pipeline.cli import main
+def padded_teacher(path, tokenizer, extra_rows: int = 64):
+    """A separate tiny teacher with the student's tokenizer and its embedding padded by `extra_rows` (Qwen2.5-7B pads
+    its vocabulary to 152,064 rows, 0.5B to 151,936)."""
+    from transformers import AutoModelForCausalLM
+
     from tests.conftest import build_tiny_model
 
-    other = build_tiny_model(tmp_path / "other", tokenizer, seed=1)
-    raw = on_policy_config(tmp_path, tiny_model).model_dump()
-    raw["teacher"]["model"] = str(other)
-    config = validate_config(raw)
+    build_tiny_model(path, tokenizer, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(len(tokenizer) + extra_rows)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_a_separate_teacher_with_a_padded_vocabulary_scores_on_the_shared_rows(tmp_path, tiny_model, tokenizer):
+    """A local teacher other than the student's model: its own weights score the student's tokens after the teacher's
+    prompt, its extra embedding rows are left out, and a step lowers the divergence."""
+    teacher = padded_teacher(tmp_path / "teacher", tokenizer)
+    config = on_policy_config(tmp_path, tiny_model)
+    raw = config.model_dump(mode="json")
+    raw["teacher"]["model"] = str(teacher)
     from pipeline.train.on_policy import check_on_policy
 
-    with pytest.raises(PipelineError, match="^train.objective: on_policy uses the student's own base weights"):
-        check_on_policy(config, str(tiny_model), str(other))
+    check_on_policy(validate_config(raw), str(tiny_model), str(teacher))  # one tokenizer: accepted
+    task = task_for(config)
+    rows = [
+        {
+            "prompt": task.messages(example, config.student.prompt_style),
+            "privileged_context": task.messages(example, config.teacher.prompt_style),
+            "teacher_answer": "unused",
+        }
+        for example in task.split("train")[:2]
+    ]
+    trainer = build_trainer(validate_config(raw), str(tiny_model), rows, [], tmp_path / "out")
+    assert trainer.teacher_model is not trainer.model
+    assert trainer.teacher_model.get_output_embeddings().weight.size(0) == len(tokenizer) + 64
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch)
+    assert logits.teacher_logits.size(-1) == logits.student_logits.size(-1) == len(tokenizer)
+    optimizer = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss = trainer.compute_loss(trainer.model, batch)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0], losses
+
+
+def test_a_teacher_with_another_tokenizer_or_full_training_on_its_own_base_stops_with_one_line(
+    tmp_path, tiny_model, tokenizer
+):
+    from pipeline.cli import main
+    from pipeline.train.on_policy import check_on_policy
+    from tests.conftest import build_tiny_model
+
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<ticket-id>", "<order-id>"])
+    other = build_tiny_model(tmp_path / "other", other_tokenizer, seed=1)
+    raw = on_policy_config(tmp_path, tiny_model).model_dump()
+    raw["teacher"]["model"] = str(other)
+    with pytest.raises(PipelineError, match="^train.objective: on_policy needs teacher and student to share a tok"):
+        check_on_policy(validate_config(raw), str(tiny_model), str(other))
     raw["teacher"]["model"] = str(tiny_model)
     raw["train"]["method"] = "full"
     with pytest.raises(PipelineError, match="^train.objective: on_policy scores with the student's base weights"):

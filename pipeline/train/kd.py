@@ -27,8 +27,8 @@ from pipeline.train.stage_trainer import StageTrainer
 KD_COLUMNS = ("kd_token_ids", "kd_top_ids", "kd_top_logprobs", "kd_offset")
 
 
-def check_same_tokenizer(teacher: str, student: str) -> None:
-    """Refuse KD between models whose token ids mean different things."""
+def check_same_tokenizer(teacher: str, student: str, objective: str = "kd") -> None:
+    """Refuse logit distillation between models whose token ids mean different things."""
     from transformers import AutoTokenizer
 
     teacher_vocab = AutoTokenizer.from_pretrained(teacher).get_vocab()
@@ -36,7 +36,7 @@ def check_same_tokenizer(teacher: str, student: str) -> None:
     if teacher_vocab != student_vocab:
         differing = len(set(teacher_vocab.items()) ^ set(student_vocab.items()))
         raise PipelineError(
-            f"train.objective: kd needs teacher and student to share a tokenizer; their vocabularies differ "
+            f"train.objective: {objective} needs teacher and student to share a tokenizer; their vocabularies differ "
             f"({len(teacher_vocab)} vs {len(student_vocab)} tokens, {differing} entries differ): use sft"
         )
 

@@ -3,8 +3,9 @@ prompt, and the teacher scores exactly those tokens under the teacher's prompt (
 The loss is the per-token divergence of the student's next-token distribution from the teacher's on the student's
 own answers: reverse KL at `train.on_policy.beta` 1, forward KL at 0, the generalised JSD between.
 
-Built on TRL's self-distillation trainer (`trl.experimental.sdft`), whose teacher is the student's base weights
-with the LoRA adapter disabled: no second copy of the model in memory. Its privileged context is here the
+Built on TRL's self-distillation trainer (`trl.experimental.sdft`). Its teacher is the student's base weights with
+the LoRA adapter disabled, with no second copy of the model in memory, or a separate local model that shares the
+student's tokenizer (a larger teacher, or the teacher a pruned student was cut from). Its privileged context is here the
 teacher's whole conversation for the same example, not a note appended to the student's prompt. A replay row
 (general chat) keeps its own prompt on both sides: there the teacher is the untuned model as it was, which pulls
 the student back toward its general behaviour.
@@ -23,11 +24,18 @@ from pipeline.files import read_jsonl
 from pipeline.tasks import Task
 
 
+def separate_teacher(model_path: str, teacher_path: str) -> str | None:
+    """The teacher's folder when it is not the student's own model, else None (the base weights, adapter off)."""
+    return None if Path(teacher_path).resolve() == Path(model_path).resolve() else teacher_path
+
+
 def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str) -> None:
-    """The teacher placements this objective supports, in one line each: the teacher is the student's own base
-    weights (adapter disabled), so they must be the same model, trained through an adapter, one example a row."""
+    """The teacher placements this objective supports, in one line each. The student's own model as the teacher is
+    its base weights with the adapter disabled, so it needs an adapter. A separate teacher must share the student's
+    tokenizer; a larger embedding (a vocabulary padded to a multiple) is fine: the shared rows are compared."""
     train = config.train
-    if train.method == "full":
+    separate = separate_teacher(model_path, teacher_path)
+    if train.method == "full" and not separate:
         raise PipelineError(
             "train.objective: on_policy scores with the student's base weights, the adapter disabled; "
             "train.method full has no adapter (use lora)"
@@ -37,12 +45,10 @@ def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str
     start = train.on_policy.init_adapter
     if start and not (Path(start) / "adapter_config.json").is_file():
         raise PipelineError(f"train.on_policy.init_adapter: no LoRA adapter at {start} (adapter_config.json)")
-    if Path(teacher_path).resolve() != Path(model_path).resolve():
-        raise PipelineError(
-            "train.objective: on_policy uses the student's own base weights as the teacher (shown the teacher's "
-            f"prompt), so teacher.model must be the student's model; {config.teacher.model!r} is not "
-            f"{config.student.model!r} (a separate teacher is not supported yet: use objective kd)"
-        )
+    if separate:
+        from pipeline.train.kd import check_same_tokenizer
+
+        check_same_tokenizer(separate, model_path, "on_policy")
 
 
 def on_policy_rows(config: ExperimentConfig, task: Task, train_data: Path) -> list[dict[str, Any]]:
@@ -74,6 +80,7 @@ def on_policy_rows(config: ExperimentConfig, task: Task, train_data: Path) -> li
 def on_policy_trainer(
     config: ExperimentConfig,
     model_path: str,
+    teacher_path: str | None,
     rows: list[dict[str, Any]],
     output_dir: Path,
     *,
@@ -82,7 +89,8 @@ def on_policy_trainer(
     args: dict[str, Any],
 ) -> Any:
     """TRL's self-distillation trainer with the teacher's conversation as its context, on `rows`
-    (`on_policy_rows`). `args`: the run's shared training arguments (learning rate, steps, device, logging)."""
+    (`on_policy_rows`). `teacher_path`: a separate teacher model (`separate_teacher`), else None: the student's
+    base weights. `args`: the run's shared training arguments (learning rate, steps, device, logging)."""
     import os
 
     from datasets import Dataset
@@ -115,6 +123,30 @@ def on_policy_trainer(
             # What the one-off cost and train_metrics.json count: the teacher's tokens scored (prefill only: its
             # prompt and the student's answer) apart from the tokens the student sampled, and the time sampling took.
             self.on_policy_totals = {"teacher_scored_tokens": 0, "student_sampled_tokens": 0, "sampling_s": 0.0}
+
+        def _setup_teacher_model(self) -> None:
+            if teacher_path is None:
+                super()._setup_teacher_model()
+                return
+            from transformers import AutoModelForCausalLM
+
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=self.model.dtype)
+            teacher.requires_grad_(False)
+            self.teacher_model = self.accelerator.prepare_model(teacher.eval(), evaluation_mode=True)
+
+        def _get_teacher_context_for_self_distillation(self) -> Any:
+            from contextlib import nullcontext
+
+            # A separate teacher is its own model: no adapter of the student's to switch off.
+            return nullcontext() if teacher_path is not None else super()._get_teacher_context_for_self_distillation()
+
+        def _compute_teacher_student_logits(self, model: Any, teacher_model: Any, inputs: Any) -> Any:
+            logits = super()._compute_teacher_student_logits(model, teacher_model, inputs)
+            shared = min(logits.student_logits.size(-1), logits.teacher_logits.size(-1))
+            if logits.teacher_logits.size(-1) != logits.student_logits.size(-1):  # embeddings padded differently
+                logits.student_logits = logits.student_logits[..., :shared]
+                logits.teacher_logits = logits.teacher_logits[..., :shared]
+            return logits
 
         def sample_rollouts(self, inputs: list[dict[str, Any]]) -> Any:
             """A share of batches (train.on_policy.teacher_sample_share) takes the filter's kept teacher answers as
