@@ -32,7 +32,7 @@ class Miss:
 
     bar: str
     said: str
-    by: float | None  # in the bar's own unit (a share, points of probe accuracy, a cost ratio); None: no measure
+    by: float | None  # how far off in the bar's unit (a share, a cost ratio), to rank the nearest; None: unmeasured
 
 
 @dataclass
@@ -117,13 +117,15 @@ def bars_missed(result: TrialResult, rules: VerdictConfig) -> list[Miss]:
     elif versus is not None and versus.n:
         upper = versus.win_or_tie_ci95[1]
         if upper < 0.5:
-            misses.append(Miss("judge", f"win + tie vs the teacher at most {upper:.0%}, under 50%", 0.5 - upper))
+            short = f"{(0.5 - upper) * 100:.0f} points under 50%"
+            misses.append(Miss("judge", f"win + tie vs the teacher at most {upper:.0%}, {short}", 0.5 - upper))
     elif tuned / teacher < rules.min_kept_of_teacher:
         kept = tuned / teacher
         misses.append(
             Miss(
                 "benchmark.verdict.min_kept_of_teacher",
-                f"keeps {kept:.0%} of the teacher's accuracy, under {rules.min_kept_of_teacher:.0%}",
+                f"keeps {kept:.0%} of the teacher's accuracy, "
+                f"{(rules.min_kept_of_teacher - kept) * 100:.0f} points under {rules.min_kept_of_teacher:.0%}",
                 rules.min_kept_of_teacher - kept,
             )
         )
@@ -132,7 +134,8 @@ def bars_missed(result: TrialResult, rules: VerdictConfig) -> list[Miss]:
         misses.append(
             Miss(
                 "benchmark.verdict.max_probe_accuracy_drop",
-                f"probe accuracy fell {result.probe_drop * 100:.1f} points, over {limit * 100:g}",
+                f"probe accuracy fell {result.probe_drop * 100:.1f} points, "
+                f"{(result.probe_drop - limit) * 100:.1f} more than the {limit * 100:g} allowed",
                 result.probe_drop - limit,
             )
         )
@@ -141,7 +144,8 @@ def bars_missed(result: TrialResult, rules: VerdictConfig) -> list[Miss]:
         misses.append(
             Miss(
                 "benchmark.verdict.max_leakage_increase",
-                f"leakage rose {result.leakage_rise * 100:.1f} points, over {limit * 100:g}",
+                f"leakage rose {result.leakage_rise * 100:.1f} points, "
+                f"{(result.leakage_rise - limit) * 100:.1f} more than the {limit * 100:g} allowed",
                 result.leakage_rise - limit,
             )
         )
@@ -150,7 +154,8 @@ def bars_missed(result: TrialResult, rules: VerdictConfig) -> list[Miss]:
         misses.append(
             Miss(
                 "benchmark.verdict.min_serving_gain",
-                f"costs {result.cost_ratio:.2f}x the teacher, cheaper counts below {ceiling:.2f}x",
+                f"costs {result.cost_ratio:.2f}x the teacher, "
+                f"{result.cost_ratio - ceiling:.2f}x over the {ceiling:.2f}x that counts as cheaper",
                 result.cost_ratio - ceiling,
             )
         )
@@ -246,9 +251,7 @@ def _why(
 
 
 def _missed(result: TrialResult) -> str:
-    return "misses " + "; ".join(
-        f"{m.bar} ({m.said}{'' if m.by is None else f', off by {m.by:.3g}'})" for m in result.misses
-    )
+    return "misses " + "; ".join(f"{m.bar} ({m.said})" for m in result.misses)
 
 
 def _none_clears(ranked: list[TrialResult]) -> str:
