@@ -83,7 +83,7 @@ def test_a_step_lowers_the_reverse_kl_on_a_fixed_batch(tmp_path, tiny_model):
     assert losses[0] > 0 and losses[-1] < 0.8 * losses[0], losses
 
 
-def test_on_policy_trains_through_the_stage(tmp_path, tiny_model):
+def test_on_policy_trains_through_the_stage(tmp_path, tiny_model, capsys):
     from pipeline.cli import run_pipeline
 
     config = on_policy_config(tmp_path, tiny_model)
@@ -94,6 +94,10 @@ def test_on_policy_trains_through_the_stage(tmp_path, tiny_model):
     # Two steps of two prompts: the teacher scored its long prompts and the sampled tokens, the student sampled 6 each.
     assert 0 < metrics["student_sampled_tokens"] <= 2 * 2 * 6
     assert metrics["teacher_scored_tokens"] > 10 * metrics["student_sampled_tokens"] and metrics["sampling_s"] > 0
+    # The level on-policy distils toward: the teacher's share right before the filter, said once in the log.
+    verified = json.loads(config.layout.filter_report.read_text())["teacher_verified_rate"]
+    assert verified is not None and metrics["teacher_verified_rate"] == verified
+    assert f"the teacher's samples passed the task's scorer at {verified:.0%}" in capsys.readouterr().err
     assert (config.layout.adapter / "adapter_config.json").is_file() and (
         config.layout.merged / "config.json"
     ).is_file()

@@ -25,7 +25,7 @@ from pipeline.runs import Stage
 from pipeline.tasks import task_for
 from pipeline.train.data import load_splits, max_length_overflow
 from pipeline.train.kd import check_same_tokenizer
-from pipeline.train.on_policy import check_on_policy, on_policy_rows
+from pipeline.train.on_policy import check_on_policy, on_policy_rows, teacher_level
 from pipeline.train.options import model_code_restored, model_init_kwargs, speed_options
 from pipeline.train.stage_trainer import throughput_metrics
 from pipeline.train.trainer import build_trainer, stop_at_end_of_turn
@@ -59,9 +59,13 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         model_path = student_model(config)
         if config.train.objective == "kd":
             check_same_tokenizer(resolve_model(config.teacher.model), model_path)
+        teacher_verified_rate = None
         if config.train.objective == "on_policy":
             check_on_policy(config, model_path, resolve_model(config.teacher.model))
             train_rows, val_rows = on_policy_rows(config, task_for(config), layout.train_data), []
+            teacher_verified_rate, said = teacher_level(layout.filter_report)
+            if said:
+                log(said)
         else:
             train_rows, val_rows = load_splits(layout, config.train.objective)
         if not train_rows:
@@ -97,6 +101,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
             steps = max(result.global_step, 1)
             metrics |= {**totals, "sampling_s_per_step": round(totals["sampling_s"] / steps, 3)}
             metrics |= {f"{kind}_batches": count for kind, count in trainer.on_policy_batches.items()}
+            metrics["teacher_verified_rate"] = teacher_verified_rate  # the level on-policy distils toward
         log_history = trainer.state.log_history
         write_json(layout.train_metrics, {**metrics, "replica_digests": replicas, "log_history": log_history})
         if replicas and len(set(replicas)) > 1:
