@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 CONFIG="${CONFIG:-configs/smollm2_support.yaml}"
 NAME="${NAME:-kd-vs-sft}"
 D=.venv/bin/distill
-shared=(teacher.sampling.logprobs="${LOGPROBS:-5}" "$@")
+# Replay rows have no teacher logprobs, so KD refuses them: both runs leave replay out, to train on the same rows.
+shared=(teacher.sampling.logprobs="${LOGPROBS:-5}" train.replay.fraction=0 "$@")
 $D run --config "$CONFIG" run_name="$NAME-kd" train.objective=kd "${shared[@]}"
 RUNS=$(.venv/bin/python -c "from pipeline.config import load_config; import sys; print(load_config(sys.argv[1], sys.argv[2:]).run_dir.parent)" "$CONFIG" "${shared[@]}")
 # The SFT run reuses the KD run's teacher outputs and dataset: same prompts, same kept answers.
