@@ -179,3 +179,22 @@ def test_a_pruned_students_report_says_what_was_dropped_and_what_it_gives_up_aga
         "block influence on the task's train prompts were dropped (1, 3; `layer_importance.png`)" in markdown
     )
     assert tmp_path / "layer_importance.png" in written and (tmp_path / "layer_importance.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("source", "one_filter"), [("teacher", True), ("self", False)])
+def test_a_prune_level_makes_its_own_filter_output_only_where_the_student_answers_its_replay(
+    tmp_path, tiny_model, source, one_filter
+):
+    """A sweep over prune levels shares one filter output when the teacher answers replay: the filter reads the
+    student's prompt style and tokenizer, which pruning keeps. Answering its own replay, each level is a filter."""
+    from pipeline.filter.stage import filter_stage
+    from pipeline.tasks import task_for
+
+    fingerprints = set()
+    for keep_layers in (0.5, 0.75):
+        raw = tiny_config(tmp_path, tiny_model)
+        raw["student"] = {"prune": {"keep_layers": keep_layers, "calibration_examples": 4}}
+        raw["train"]["replay"] = {"fraction": 0.2, "source": source}
+        config = validate_config(raw)
+        fingerprints.add(filter_stage(config, task_for(config)).fingerprint)
+    assert len(fingerprints) == (1 if one_filter else 2)

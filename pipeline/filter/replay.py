@@ -26,7 +26,7 @@ from pipeline.engines import stops_for
 from pipeline.files import atomic_path, json_line, read_jsonl
 from pipeline.filter.filters import DatasetFilters, NgramIndex, Sample
 from pipeline.filter.screen import TEST_GUARD, protected_prompts
-from pipeline.pruning import student_model_name
+from pipeline.pruning import student_identity, student_model_name
 from pipeline.tasks import Example, Task
 
 REPLAY_FILTERS = ("exact_dedup", "decontaminate")
@@ -55,6 +55,7 @@ class ReplaySource:
     model: str  # the untuned student ("self") or the teacher; unused for a dataset of chats
     engine: EngineConfig
     seed: int
+    identity: str  # what `model` is, alike in every run that makes it alike (a pruned student's folder is per run)
 
 
 def replay_source(config: ExperimentConfig) -> ReplaySource:
@@ -62,10 +63,10 @@ def replay_source(config: ExperimentConfig) -> ReplaySource:
     is served), or the teacher on its own."""
     replay = config.train.replay
     if replay.source == "self":
-        model, engine = student_model_name(config), config.benchmark.engine
+        model, engine, identity = student_model_name(config), config.benchmark.engine, student_identity(config)
     else:
-        model, engine = config.teacher.model, config.teacher.engine
-    return ReplaySource(replay, config.base_dir, model, engine, config.seed)
+        model, engine, identity = config.teacher.model, config.teacher.engine, config.teacher.model
+    return ReplaySource(replay, config.base_dir, model, engine, config.seed, identity)
 
 
 def read_replay_chats(source: ReplaySource) -> list[tuple[Chat, str | None]]:
@@ -136,7 +137,7 @@ def answerer_identity(source: ReplaySource) -> dict[str, Any] | None:
     if replay.fraction == 0 or replay.source == "dataset":
         return None
     return {
-        "model": source.model,
+        "model": source.identity,
         "engine": engine_identity(source.engine.model_dump()),
         "max_tokens": replay.max_tokens,
         "worked_examples": hashlib.sha256(WORKED_EXAMPLES.read_bytes()).hexdigest()[:16],  # what a base model sees

@@ -50,13 +50,21 @@ from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
 
 
+def answers_own_replay(config: ExperimentConfig) -> bool:
+    """Whether the untuned student answers the replay prompts itself (`train.replay.source: self`)."""
+    return config.train.replay.fraction > 0 and config.train.replay.source == "self"
+
+
 def filter_stage(config: ExperimentConfig, task: Task) -> Stage:
     replay = replay_source(config)
+    # The filter reads the student's prompt style and tokenizer; how it is pruned only where it answers replay.
+    pruned_elsewhere = config.student.prune is not None and not answers_own_replay(config)
+    student = config.student.model_dump(exclude={"prune"} if pruned_elsewhere else set())
     sections = {
         "seed": config.seed,
         "task": config.task.model_dump(),
         "filter": config.filter.model_dump(),
-        "student": config.student.model_dump(),
+        "student": student,
         "probe": config.benchmark.probe,
         "judge": judge_identity(config.teacher) if "judge" in config.filter.active() else None,
         "replay": config.train.replay.model_dump() | {"answerer": answerer_identity(replay)},
@@ -75,7 +83,7 @@ def run_filter(config: ExperimentConfig, force: bool = False) -> Path:
         source = layout.teacher_outputs
         if not source.is_file():
             raise PipelineError(f"input file not found: {source} (run generate first)")
-        if config.student.prune:
+        if config.student.prune and answers_own_replay(config):
             student_model(config)  # the pruned student answers replay prompts as it is served ("self")
         settings = config.filter
         active = settings.active()
