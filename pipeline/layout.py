@@ -128,6 +128,13 @@ def partial_file(output: Path) -> Path:
     return output.with_name(f"{output.stem}.partial{output.suffix}")
 
 
+def read_filter_report(layout: RunLayout) -> dict[str, Any] | None:
+    """The filter stage's filter_report.json (what it kept and dropped, the teacher's verified share); None where the
+    filter did not run here."""
+    path = layout.filter_report
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     """A finished stage's manifest (fingerprint, resolved config, versions, wall time, metrics); None if absent."""
     path = stage_dir / MANIFEST

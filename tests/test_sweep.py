@@ -174,7 +174,9 @@ def test_when_no_trial_clears_the_report_names_the_bars_missed_and_by_how_much()
     picked = pick([forgetful, weak], VerdictConfig())
     assert picked.chosen is None
     assert picked.sentence.startswith("No trial clears every bar.")
-    probe_miss = "max_probe_accuracy_drop (probe accuracy fell 20.0 points, 15.0 more than the 5 allowed)"
+    probe_miss = (
+        "benchmark.verdict.max_probe_accuracy_drop (probe accuracy fell 20.0 points, 15.0 more than the 5 allowed)"
+    )
     assert probe_miss in picked.sentence
     assert "benchmark.verdict.min_kept_of_teacher (keeps 50% of the teacher's accuracy, 40 points under 90%)" in (
         picked.sentence

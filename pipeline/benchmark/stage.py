@@ -71,6 +71,7 @@ from pipeline.config import BenchmarkConfig, ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
 from pipeline.engines import Engine, load_engine
 from pipeline.files import read_jsonl, sha256_file, write_jsonl
+from pipeline.layout import read_filter_report
 from pipeline.pruning import pruning_manifest, student_identity, student_model
 from pipeline.runs import FinishedUnits, Stage, input_label
 from pipeline.tasks import Example, Task, task_for
@@ -156,7 +157,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         report = _report(config, hardware, one_off, systems, len(examples), results, forgetting, records, judged)
         if any(system.constrained for system in results.values()):
             report.answer_choices = task.answer_choices()
-        filtered = _filter_report(layout.filter_report)
+        filtered = read_filter_report(layout)
         report.filter = _filter_summary(filtered)
         report.recipe = recipe(config.train, config.student.prompt_style, filtered)
         word = "labels" if task.labels() is not None else "categories"
@@ -358,11 +359,6 @@ def other_runs_of_the_task(run_dir: Path, comparable: Comparable) -> list[OtherR
             )
         )
     return found
-
-
-def _filter_report(path: Path) -> dict[str, Any] | None:
-    """The filter stage's filter_report.json; None where the filter did not run here."""
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _filter_summary(filter_report: dict[str, Any] | None) -> FilterSummary | None:

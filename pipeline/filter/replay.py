@@ -58,6 +58,11 @@ class ReplaySource:
     identity: str  # what `model` is, alike in every run that makes it alike (a pruned student's folder is per run)
 
 
+def answers_own_replay(config: ExperimentConfig) -> bool:
+    """Whether the untuned student answers the replay prompts itself (`train.replay.source: self`)."""
+    return config.train.replay.fraction > 0 and config.train.replay.source == "self"
+
+
 def replay_source(config: ExperimentConfig) -> ReplaySource:
     """Replay's source for this experiment: the untuned student answers on the benchmark's engine ("self", as it
     is served), or the teacher on its own."""

@@ -28,6 +28,7 @@ from pipeline.filter.judge import Judge, judge_identity
 from pipeline.filter.replay import (
     ReplaySource,
     answerer_identity,
+    answers_own_replay,
     replay_input,
     replay_shortfall,
     replay_source,
@@ -48,11 +49,6 @@ from pipeline.layout import RunLayout
 from pipeline.pruning import student_model
 from pipeline.runs import Stage
 from pipeline.tasks import Example, Task, task_for
-
-
-def answers_own_replay(config: ExperimentConfig) -> bool:
-    """Whether the untuned student answers the replay prompts itself (`train.replay.source: self`)."""
-    return config.train.replay.fraction > 0 and config.train.replay.source == "self"
 
 
 def filter_stage(config: ExperimentConfig, task: Task) -> Stage:

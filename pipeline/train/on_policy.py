@@ -13,7 +13,6 @@ the student back toward its general behaviour.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -52,12 +51,11 @@ def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str
         check_same_tokenizer(separate, model_path, "on_policy")
 
 
-def teacher_level(filter_report: Path) -> tuple[float | None, str | None]:
+def teacher_level(filter_report: dict[str, Any] | None) -> tuple[float | None, str | None]:
     """The share of the teacher's samples that passed the task's scorer, and a line saying what it means here:
     on-policy distils the teacher as it is, while SFT learns only the answers the filter kept. (None, None) where
     the task has no scorer or the filter left no report."""
-    report = json.loads(filter_report.read_text()) if filter_report.is_file() else {}
-    rate = report.get("teacher_verified_rate")
+    rate = (filter_report or {}).get("teacher_verified_rate")
     if rate is None:
         return None, None
     return rate, (

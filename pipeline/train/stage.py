@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.config import ExperimentConfig, TrainConfig, resolved_dict
 from pipeline.console import PipelineError, log
 from pipeline.files import read_jsonl, write_json
+from pipeline.layout import read_filter_report
 from pipeline.models import resolve_model
 from pipeline.pruning import student_identity, student_model
 from pipeline.runs import Stage
@@ -63,7 +64,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
         if config.train.objective == "on_policy":
             check_on_policy(config, model_path, resolve_model(config.teacher.model))
             train_rows, val_rows = on_policy_rows(config, task_for(config), layout.train_data), []
-            teacher_verified_rate, said = teacher_level(layout.filter_report)
+            teacher_verified_rate, said = teacher_level(read_filter_report(layout))
             if said:
                 log(said)
         else:
