@@ -198,3 +198,50 @@ def test_a_prune_level_makes_its_own_filter_output_only_where_the_student_answer
         config = validate_config(raw)
         fingerprints.add(filter_stage(config, task_for(config)).fingerprint)
     assert len(fingerprints) == (1 if one_filter else 2)
+
+
+def test_a_sweep_over_prune_levels_measures_the_teacher_once_and_each_untuned_student_apart(
+    tmp_path, four_layer_teacher
+):
+    """benchmark.shared_units: the teacher's figures do not depend on the student, so two prune levels read one
+    teacher measurement; each level's untuned student is its own. Unpruned, the teacher takes no probe: another."""
+    import shutil
+
+    from pipeline.benchmark.shared_units import with_shared_units
+    from pipeline.benchmark.stage import benchmark_stage
+    from pipeline.benchmark.systems import systems_for, tuned_student_dir
+    from pipeline.runs import input_label
+    from pipeline.tasks import task_for
+
+    def stores(prune: dict | None) -> dict[str, str]:
+        shared = {
+            "benchmark.shared_units": str(tmp_path / "shared"),
+            "run_name": f"keep-{prune and prune['keep_layers']}",
+        }
+        raw = tiny_config(tmp_path, four_layer_teacher, **shared)
+        if prune:
+            raw["student"] = {"prune": prune}
+        config = validate_config(raw)
+        student_model(config)  # the pruned student, as the benchmark makes it before anything loads it
+        tuned = tuned_student_dir(config)
+        if not tuned.is_dir():  # the trained student the benchmark would serve: its files are not read here
+            shutil.copytree(four_layer_teacher, tuned)
+        stage = benchmark_stage(config, task_for(config))
+        units = with_shared_units(
+            None,
+            stage,
+            str(tmp_path / "shared"),
+            config.benchmark.systems,
+            systems_for(config),
+            input_label(config, tuned),
+        )
+        return {name: store.path.name for name, store in units.shared.items()}
+
+    half, three_quarters, whole = (
+        stores({"keep_layers": keep, "calibration_examples": 4}) if keep else stores(None) for keep in (0.5, 0.75, None)
+    )
+    assert set(half) == {"teacher", "student_base", "student_prompted"}  # the tuned student is never shared
+    assert half["teacher"] == three_quarters["teacher"]
+    assert half["student_base"] != three_quarters["student_base"]
+    assert half["student_base"] == half["student_prompted"] != half["teacher"]
+    assert whole["teacher"] != half["teacher"]  # a pruned student has the teacher probed

@@ -56,7 +56,7 @@ from pipeline.benchmark.results import (
 )
 from pipeline.benchmark.roofline import add_roofline_shares
 from pipeline.benchmark.serving import run_load_tests
-from pipeline.benchmark.shared_units import untuned_systems, with_shared_units
+from pipeline.benchmark.shared_units import with_shared_units
 from pipeline.benchmark.systems import (
     System,
     copy_rows,
@@ -127,7 +127,7 @@ def run_benchmark(config: ExperimentConfig, force: bool = False) -> Path:
         units = FinishedUnits(stage, force)  # a killed benchmark resumes after its last finished system
         if bench.shared_units:
             tuned = input_label(config, tuned_student_dir(config))
-            units = with_shared_units(units, stage, bench.shared_units, untuned_systems(bench.systems), tuned)
+            units = with_shared_units(units, stage, bench.shared_units, bench.systems, systems, tuned)
 
         results, probed, records = _evaluate_offline(bench, config.seed, systems, task, examples, units)
         check_adapter_applied(records)
