@@ -30,10 +30,10 @@ def on_policy_config(tmp_path, model, **on_policy):
     return validate_config(raw)
 
 
-def trainer_and_rows(tmp_path, model, **on_policy):
-    config = on_policy_config(tmp_path, model, **on_policy)
+def on_policy_rows_for(config):
+    """Two training prompts as `on_policy_rows` gives them: the student's conversation and the teacher's."""
     task = task_for(config)
-    rows = [
+    return [
         {
             "prompt": task.messages(example, config.student.prompt_style),
             "privileged_context": task.messages(example, config.teacher.prompt_style),
@@ -41,6 +41,11 @@ def trainer_and_rows(tmp_path, model, **on_policy):
         }
         for index, example in enumerate(task.split("train")[:2])
     ]
+
+
+def trainer_and_rows(tmp_path, model, **on_policy):
+    config = on_policy_config(tmp_path, model, **on_policy)
+    rows = on_policy_rows_for(config)
     return build_trainer(config, str(model), rows, [], tmp_path / "out"), rows
 
 
@@ -126,16 +131,8 @@ def test_a_separate_teacher_with_a_padded_vocabulary_scores_on_the_shared_rows(t
     raw["teacher"]["model"] = str(teacher)
     from pipeline.train.on_policy import check_on_policy
 
-    check_on_policy(validate_config(raw), str(tiny_model), str(teacher))  # one tokenizer: accepted
-    task = task_for(config)
-    rows = [
-        {
-            "prompt": task.messages(example, config.student.prompt_style),
-            "privileged_context": task.messages(example, config.teacher.prompt_style),
-            "teacher_answer": "unused",
-        }
-        for example in task.split("train")[:2]
-    ]
+    check_on_policy(validate_config(raw), str(tiny_model))  # one tokenizer: accepted
+    rows = on_policy_rows_for(config)
     trainer = build_trainer(validate_config(raw), str(tiny_model), rows, [], tmp_path / "out")
     assert trainer.teacher_model is not trainer.model
     assert trainer.teacher_model.get_output_embeddings().weight.size(0) == len(tokenizer) + 64
@@ -168,11 +165,11 @@ def test_a_teacher_with_another_tokenizer_or_full_training_on_its_own_base_stops
     raw = on_policy_config(tmp_path, tiny_model).model_dump()
     raw["teacher"]["model"] = str(other)
     with pytest.raises(PipelineError, match="^train.objective: on_policy needs teacher and student to share a tok"):
-        check_on_policy(validate_config(raw), str(tiny_model), str(other))
+        check_on_policy(validate_config(raw), str(tiny_model))
     raw["teacher"]["model"] = str(tiny_model)
     raw["train"]["method"] = "full"
     with pytest.raises(PipelineError, match="^train.objective: on_policy scores with the student's base weights"):
-        check_on_policy(validate_config(raw), str(tiny_model), str(tiny_model))
+        check_on_policy(validate_config(raw), str(tiny_model))
     # Through the CLI, after generate and filter: one line, exit 2.
     raw["train"]["method"] = "lora"
     raw["teacher"]["model"] = str(other)
@@ -215,7 +212,7 @@ def test_on_policy_warm_starts_from_an_sft_adapter_and_a_missing_one_is_one_line
 
     config = on_policy_config(tmp_path, base, init_adapter=str(tmp_path / "nowhere"))
     with pytest.raises(PipelineError, match="^train.on_policy.init_adapter: no LoRA adapter at"):
-        check_on_policy(config, str(base), str(base))
+        check_on_policy(config, str(base))
 
 
 def test_a_killed_on_policy_training_resumes_from_its_last_checkpoint(tmp_path, tiny_model):

@@ -458,3 +458,66 @@ def test_a_server_that_fails_to_start_keeps_its_log_and_names_it(tmp_path, monke
     log = Path(re.search(r"exited \((\S+\.log)\)", str(failed.value)).group(1))
     assert log.parent == tmp_path and "no-such-model" in log.read_text()
     assert [p.name for p in tmp_path.iterdir()] == [log.name]  # the socket folder went with it
+
+
+@pytest.mark.integration
+def test_a_teacher_behind_vllm_serve_scores_the_students_answers_as_its_weights_do_here(
+    vllm_server, tmp_path, tiny_model, tokenizer, monkeypatch
+):
+    """On-policy distillation with the teacher behind `vllm serve` (the same tiny weights as the student): the
+    server's log-probabilities of the student's sampled answer, after the teacher's prompt, are those the weights
+    give here; a step lowers the divergence; a student whose tokenizer differs stops with one line."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.on_policy import ServerTeacher, check_on_policy
+    from pipeline.train.trainer import build_trainer
+    from tests.conftest import build_tiny_model
+    from tests.test_on_policy import on_policy_config, on_policy_rows_for
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
+    raw = on_policy_config(tmp_path, tiny_model).model_dump(mode="json")
+    raw["teacher"]["model"] = "tiny"
+    raw["teacher"]["engine"] = server_engine(vllm_server).model_dump(mode="json")
+    config = validate_config(raw)
+    check_on_policy(config, str(tiny_model))  # the served tokenizer splits text as the student's does
+    rows = on_policy_rows_for(config)
+    trainer = build_trainer(config, str(tiny_model), rows, [], tmp_path / "out")
+    assert isinstance(trainer.teacher_model, ServerTeacher)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    served = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch).teacher_logits
+
+    length = batch["completion_ids"].size(1)
+    weights = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        here = (
+            weights(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"])
+            .logits[:, -length - 1 : -1]
+            .log_softmax(-1)
+        )
+    mask = batch["completion_mask"].bool()
+    assert mask.sum() > 0
+    top = served.topk(20, dim=-1).indices  # the tokens the server named at each answer position
+    difference = (served.gather(-1, top) - here.gather(-1, top))[mask].abs().max()
+    assert difference < 1e-3, difference
+    assert torch.allclose(served.exp().sum(-1)[mask], torch.ones(int(mask.sum())), atol=1e-4)  # one distribution
+
+    optimizer = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    for _ in range(6):
+        loss = trainer.compute_loss(trainer.model, batch)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0], losses
+
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<ticket-id>", "<order-id>"])
+    other = build_tiny_model(tmp_path / "other", other_tokenizer, seed=1)
+    with pytest.raises(PipelineError, match="^train.objective: on_policy needs teacher and student to share a tok"):
+        check_on_policy(config, str(other))

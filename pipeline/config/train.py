@@ -74,6 +74,13 @@ class OnPolicyConfig(StrictModel):
         description="Take the divergence over the student's top-k tokens, the teacher's probabilities renormalised on "
         "them; null: the whole vocabulary.",
     )
+    # vLLM's server returns at most 20 log-probabilities a position unless started with a larger --max-logprobs.
+    server_top_k: int = Field(
+        20,
+        ge=1,
+        description="A teacher behind a server (teacher.engine.backend openai): the log-probabilities it returns per "
+        "answer token; the rest of the vocabulary shares what they leave.",
+    )
     # GKD's lmbda is the other share: the batches on the student's own samples.
     teacher_sample_share: float = Field(
         0.0,

@@ -131,6 +131,52 @@ class OpenAIEngine(Engine):
         extra = {"usage": usage.model_dump(exclude_none=True)} if usage else {}
         return Generation(completions, usage.prompt_tokens if usage else 0, extra=extra)
 
+    def prompt_logprobs(self, sequences: list[list[int]], top_k: int) -> list[list[dict[int, float]]]:
+        """Each token of each sequence scored by the server given the tokens before it, prefill only (vLLM's
+        `prompt_logprobs`): per sequence, per position, {token id: log-probability} for the `top_k` most likely
+        tokens and the token that is there. The first position has none: an empty dict."""
+        import openai
+
+        client = openai.OpenAI(**self._client_options())
+        try:
+            response = client.completions.create(
+                model=self.model, prompt=sequences, max_tokens=1, temperature=1.0, extra_body={"prompt_logprobs": top_k}
+            )
+        except openai.APIError as exc:
+            raise self._fatal(exc) from None
+        finally:
+            client.close()
+        scored = []
+        for choice in sorted(response.choices, key=lambda c: c.index):
+            positions = getattr(choice, "prompt_logprobs", None)
+            if positions is None:
+                raise PipelineError(
+                    f"engine.server.base_url: {self.server.base_url} returned no prompt_logprobs; scoring a "
+                    "teacher's tokens needs vLLM's server (vllm serve)"
+                )
+            scored.append([{int(t): entry["logprob"] for t, entry in (at or {}).items()} for at in positions])
+        return scored
+
+    def tokenize(self, text: str) -> list[int]:
+        """`text`'s token ids in the served model's tokenizer, no special tokens (vLLM's /tokenize)."""
+        import httpx
+
+        root = self.server.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            response = httpx.post(
+                f"{root}/tokenize",
+                json={"model": self.model, "prompt": text, "add_special_tokens": False},
+                headers={"Authorization": f"Bearer {self.api_key}"},
+                timeout=self.server.timeout_s,
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise PipelineError(
+                f"engine.server.base_url: {root}/tokenize failed ({_first_line(exc)}); comparing the teacher's "
+                "tokenizer with the student's needs vLLM's server (vllm serve)"
+            ) from None
+        return list(response.json()["tokens"])
+
 
 def chat_request_options(sampling: SamplingConfig) -> dict[str, Any]:
     """A chat completions request's arguments for `sampling`, but for n and the seed: the server engine's and the

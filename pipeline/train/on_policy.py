@@ -5,7 +5,8 @@ own answers: reverse KL at `train.on_policy.beta` 1, forward KL at 0, the genera
 
 Built on TRL's self-distillation trainer (`trl.experimental.sdft`). Its teacher is the student's base weights with
 the LoRA adapter disabled, with no second copy of the model in memory, or a separate local model that shares the
-student's tokenizer (a larger teacher, or the teacher a pruned student was cut from). Its privileged context is here the
+student's tokenizer (a larger teacher, or the teacher a pruned student was cut from), or a teacher behind a vLLM server
+(`teacher.engine.backend: openai`), which scores the tokens by prefill alone. Its privileged context is here the
 teacher's whole conversation for the same example, not a note appended to the student's prompt. A replay row
 (general chat) keeps its own prompt on both sides: there the teacher is the untuned model as it was, which pulls
 the student back toward its general behaviour.
@@ -13,29 +14,47 @@ the student back toward its general behaviour.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
 
 from pipeline.chat_templates import end_of_turn_id
-from pipeline.config import ExperimentConfig
+from pipeline.config import EngineConfig, ExperimentConfig
 from pipeline.console import PipelineError
 from pipeline.files import read_jsonl
+from pipeline.models import resolve_model
 from pipeline.tasks import Task
 
+# Text whose tokens show whether a served teacher shares the student's tokenizer: words, digits, accents, a symbol;
+# the student's added tokens (its chat markers) are appended to it.
+TOKENIZER_CHECK_TEXT = "Order #12345: the café's naïve refund — 3.5 days, not 40!"
 
-def separate_teacher(model_path: str, teacher_path: str) -> str | None:
-    """The teacher's folder when it is not the student's own model, else None (the base weights, adapter off)."""
+
+def teacher_server(config: ExperimentConfig) -> EngineConfig | None:
+    """The teacher's server when the teacher runs behind one (teacher.engine.backend openai): it then scores."""
+    engine = config.teacher.engine
+    return engine if engine.backend == "openai" else None
+
+
+def separate_teacher(config: ExperimentConfig, model_path: str) -> str | None:
+    """The local teacher's folder when it is not the student's own model, else None: the base weights with the
+    adapter off, or a teacher behind a server (`teacher_server`)."""
+    if teacher_server(config) is not None:
+        return None
+    teacher_path = resolve_model(config.teacher.model)
     return None if Path(teacher_path).resolve() == Path(model_path).resolve() else teacher_path
 
 
-def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str) -> None:
+def check_on_policy(config: ExperimentConfig, model_path: str) -> None:
     """The teacher placements this objective supports, in one line each. The student's own model as the teacher is
-    its base weights with the adapter disabled, so it needs an adapter. A separate teacher must share the student's
-    tokenizer; a larger embedding (a vocabulary padded to a multiple) is fine: the shared rows are compared."""
+    its base weights with the adapter disabled, so it needs an adapter. A separate teacher, local or served, must share
+    the student's tokenizer; a larger embedding (a vocabulary padded to a multiple) is fine: the shared rows are
+    compared."""
     train = config.train
-    separate = separate_teacher(model_path, teacher_path)
-    if train.method == "full" and not separate:
+    server = teacher_server(config)
+    separate = separate_teacher(config, model_path)
+    if train.method == "full" and not separate and server is None:
         raise PipelineError(
             "train.objective: on_policy scores with the student's base weights, the adapter disabled; "
             "train.method full has no adapter (use lora)"
@@ -49,6 +68,52 @@ def check_on_policy(config: ExperimentConfig, model_path: str, teacher_path: str
         from pipeline.train.kd import check_same_tokenizer
 
         check_same_tokenizer(separate, model_path, "on_policy")
+    if server is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        text = " ".join([TOKENIZER_CHECK_TEXT, *sorted(tokenizer.get_added_vocab())])  # chat markers, added tokens
+        served = ServerTeacher(config, server).engine.tokenize(text)
+        own = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if served != own:
+            raise PipelineError(
+                "train.objective: on_policy needs teacher and student to share a tokenizer; the teacher served at "
+                f"{server.server.base_url} splits a test sentence into other tokens ({len(served)} against the "
+                f"student's {len(own)}): use sft"
+            )
+
+
+class ServerTeacher:
+    """A teacher behind a vLLM server. It scores the teacher's input (its prompt and the student's answer) by prefill
+    alone and returns its top `train.on_policy.server_top_k` log-probabilities at each answer token. The rest of the
+    vocabulary shares what those leave, evenly, so the divergence stays finite."""
+
+    def __init__(self, config: ExperimentConfig, engine: EngineConfig) -> None:
+        from pipeline.engines import model_for
+        from pipeline.engines.openai_engine import OpenAIEngine
+
+        self.engine = OpenAIEngine(model_for(config.teacher.model, engine), engine, config.seed)
+        self.top_k = config.train.on_policy.server_top_k
+
+    def log_probs(self, input_ids: Any, attention_mask: Any, answer_length: int, vocab: int) -> Any:
+        """(batch, answer_length, vocab) log-probabilities of the teacher's next token at each answer position.
+        `input_ids` end in the answers, `answer_length` columns, right-padded; the prompts before them left-padded."""
+        import torch
+
+        sequences, starts, lengths = [], [], []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            sequences.append([token for token, keep in zip(ids, mask, strict=True) if keep])
+            lengths.append(sum(mask[-answer_length:]))
+            starts.append(len(sequences[-1]) - lengths[-1])
+        scored = self.engine.prompt_logprobs(sequences, self.top_k)
+        out = torch.full((len(sequences), answer_length, vocab), -math.log(vocab))  # padding: masked out of the loss
+        for row, (positions, start, length) in enumerate(zip(scored, starts, lengths, strict=True)):
+            for column in range(length):
+                known = {token: lp for token, lp in positions[start + column].items() if token < vocab}
+                left = max(1.0 - sum(math.exp(lp) for lp in known.values()), 1e-9)
+                out[row, column] = math.log(left / max(vocab - len(known), 1))
+                out[row, column, list(known)] = torch.tensor(list(known.values()))
+        return out
 
 
 def teacher_level(filter_report: dict[str, Any] | None) -> tuple[float | None, str | None]:
@@ -94,7 +159,6 @@ def on_policy_rows(config: ExperimentConfig, task: Task, train_data: Path) -> li
 def on_policy_trainer(
     config: ExperimentConfig,
     model_path: str,
-    teacher_path: str | None,
     rows: list[dict[str, Any]],
     output_dir: Path,
     *,
@@ -103,8 +167,9 @@ def on_policy_trainer(
     args: dict[str, Any],
 ) -> Any:
     """TRL's self-distillation trainer with the teacher's conversation as its context, on `rows`
-    (`on_policy_rows`). `teacher_path`: a separate teacher model (`separate_teacher`), else None: the student's
-    base weights. `args`: the run's shared training arguments (learning rate, steps, device, logging)."""
+    (`on_policy_rows`). The teacher is a separate local model (`separate_teacher`), a server (`teacher_server`), or
+    else the student's base weights. `args`: the run's shared training arguments (learning rate, steps, device,
+    logging)."""
     import os
 
     from datasets import Dataset
@@ -113,6 +178,8 @@ def on_policy_trainer(
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     settings = config.train.on_policy
+    teacher_path = separate_teacher(config, model_path)
+    server = teacher_server(config)
     sdft_args = SDFTConfig(
         output_dir=str(output_dir),
         **args,
@@ -139,6 +206,9 @@ def on_policy_trainer(
             self.on_policy_totals = {"teacher_scored_tokens": 0, "student_sampled_tokens": 0, "sampling_s": 0.0}
 
         def _setup_teacher_model(self) -> None:
+            if server is not None:
+                self.teacher_model = ServerTeacher(config, server)
+                return
             if teacher_path is None:
                 super()._setup_teacher_model()
                 return
@@ -151,8 +221,16 @@ def on_policy_trainer(
         def _get_teacher_context_for_self_distillation(self) -> Any:
             from contextlib import nullcontext
 
-            # A separate teacher is its own model: no adapter of the student's to switch off.
-            return nullcontext() if teacher_path is not None else super()._get_teacher_context_for_self_distillation()
+            # A separate or served teacher is its own model: no adapter of the student's to switch off.
+            own = teacher_path is not None or server is not None
+            return nullcontext() if own else super()._get_teacher_context_for_self_distillation()
+
+        def _forward_logits(self, model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int) -> Any:
+            if not isinstance(model, ServerTeacher):
+                return super()._forward_logits(model, input_ids, attention_mask, logits_to_keep)
+            vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.size(0)
+            scored = model.log_probs(input_ids, attention_mask, logits_to_keep, vocab)
+            return scored.to(input_ids.device) / self.temperature  # as TRL scales a local teacher's logits
 
         def _compute_teacher_student_logits(self, model: Any, teacher_model: Any, inputs: Any) -> Any:
             logits = super()._compute_teacher_student_logits(model, teacher_model, inputs)

@@ -26,7 +26,7 @@ from pipeline.runs import Stage
 from pipeline.tasks import task_for
 from pipeline.train.data import load_splits, max_length_overflow
 from pipeline.train.kd import check_same_tokenizer
-from pipeline.train.on_policy import check_on_policy, on_policy_rows, teacher_level
+from pipeline.train.on_policy import check_on_policy, on_policy_rows, teacher_level, teacher_server
 from pipeline.train.options import model_code_restored, model_init_kwargs, speed_options
 from pipeline.train.stage_trainer import throughput_metrics
 from pipeline.train.trainer import build_trainer, stop_at_end_of_turn
@@ -40,6 +40,8 @@ def train_stage(config: ExperimentConfig) -> Stage:
         inputs.append(config.layout.teacher_outputs)  # the logprobs distilled from
     if config.train.objective == "on_policy":  # the teacher scores under its own prompt, built from the task
         sections["teacher"] = {"model": config.teacher.model, "prompt_style": config.teacher.prompt_style}
+        if teacher_server(config) is not None:  # the model it serves scores, under whatever name it is served
+            sections["teacher"]["served_model"] = config.teacher.engine.server.model
         sections["task"] = config.task.model_dump()
         if config.train.on_policy.init_adapter:
             inputs.append(Path(config.train.on_policy.init_adapter))
@@ -62,7 +64,7 @@ def run_train(config: ExperimentConfig, force: bool = False) -> Path:
             check_same_tokenizer(resolve_model(config.teacher.model), model_path)
         teacher_verified_rate = None
         if config.train.objective == "on_policy":
-            check_on_policy(config, model_path, resolve_model(config.teacher.model))
+            check_on_policy(config, model_path)
             train_rows, val_rows = on_policy_rows(config, task_for(config), layout.train_data), []
             teacher_verified_rate, said = teacher_level(read_filter_report(layout))
             if said:

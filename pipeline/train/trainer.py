@@ -9,10 +9,9 @@ from typing import Any
 from pipeline.chat_templates import add_end_of_turn_stop, chat_template_for, end_of_turn_id
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.console import PipelineError, log
-from pipeline.models import resolve_model
 from pipeline.tracking import trainer_report_to
 from pipeline.train.kd import kd_trainer_class
-from pipeline.train.on_policy import on_policy_trainer, separate_teacher
+from pipeline.train.on_policy import on_policy_trainer
 from pipeline.train.options import (
     compile_repeated_blocks,
     device_defaults,
@@ -140,7 +139,6 @@ def build_trainer(
         trainer = on_policy_trainer(
             config,
             model_path,
-            separate_teacher(model_path, resolve_model(config.teacher.model)),
             train_rows,
             output_dir,
             processing_class=student_tokenizer(config.benchmark.engine.chat_template, model_path),
