@@ -70,21 +70,25 @@ def test_the_teacher_scores_the_students_own_answer_after_the_teachers_prompt(tm
         assert len(teacher_prompt) > 2 * len(student_prompt)  # the privileged context is what the teacher sees more
 
 
-def test_a_step_lowers_the_reverse_kl_on_a_fixed_batch(tmp_path, tiny_model):
-    trainer, rows = trainer_and_rows(tmp_path, tiny_model, beta=1.0)
-    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
-    model = trainer.model
-    model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test stands in for
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=2e-3)
+def losses_over_steps(trainer, batch, steps: int) -> list[float]:
+    """The divergence on one fixed batch before each of `steps` optimiser steps (Adam, lr 2e-3)."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this stands in for
+    optimizer = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
-    for _ in range(8):
-        loss = trainer.compute_loss(model, batch)
+    for _ in range(steps):
+        loss = trainer.compute_loss(trainer.model, batch)
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return losses
+
+
+def test_a_step_lowers_the_reverse_kl_on_a_fixed_batch(tmp_path, tiny_model):
+    trainer, rows = trainer_and_rows(tmp_path, tiny_model, beta=1.0)
+    batch = trainer._prepare_training_batch([trainer.train_dataset[i] for i in range(len(rows))])
+    losses = losses_over_steps(trainer, batch, 8)
     assert losses[0] > 0 and losses[-1] < 0.8 * losses[0], losses
 
 
@@ -141,14 +145,7 @@ def test_a_separate_teacher_with_a_padded_vocabulary_scores_on_the_shared_rows(t
     trainer.current_gradient_accumulation_steps = 1
     logits = trainer._compute_teacher_student_logits(trainer.model, trainer.teacher_model, batch)
     assert logits.teacher_logits.size(-1) == logits.student_logits.size(-1) == len(tokenizer)
-    optimizer = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(6):
-        loss = trainer.compute_loss(trainer.model, batch)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = losses_over_steps(trainer, batch, 6)
     assert losses[-1] < losses[0], losses
 
 

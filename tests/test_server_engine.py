@@ -475,7 +475,7 @@ def test_a_teacher_behind_vllm_serve_scores_the_students_answers_as_its_weights_
     from pipeline.train.on_policy import ServerTeacher, check_on_policy
     from pipeline.train.trainer import build_trainer
     from tests.conftest import build_tiny_model
-    from tests.test_on_policy import on_policy_config, on_policy_rows_for
+    from tests.test_on_policy import losses_over_steps, on_policy_config, on_policy_rows_for
 
     monkeypatch.setenv("DISTILL_TEST_KEY", API_KEY)
     raw = on_policy_config(tmp_path, tiny_model).model_dump(mode="json")
@@ -506,14 +506,7 @@ def test_a_teacher_behind_vllm_serve_scores_the_students_answers_as_its_weights_
     assert difference < 1e-3, difference
     assert torch.allclose(served.exp().sum(-1)[mask], torch.ones(int(mask.sum())), atol=1e-4)  # one distribution
 
-    optimizer = torch.optim.Adam([p for p in trainer.model.parameters() if p.requires_grad], lr=2e-3)
-    losses = []
-    for _ in range(6):
-        loss = trainer.compute_loss(trainer.model, batch)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    losses = losses_over_steps(trainer, batch, 6)
     assert losses[-1] < losses[0], losses
 
     other_tokenizer = copy.deepcopy(tokenizer)
