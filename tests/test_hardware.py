@@ -128,6 +128,37 @@ def test_a_multi_gpu_node_is_priced_on_the_gpus_each_stage_and_replica_held(monk
     assert "(devices per replica: `teacher` 2)" in text
 
 
+def test_on_policy_through_a_hosted_teacher_bills_its_scored_tokens_at_the_input_price(tmp_path):
+    """The hosted teacher's generate tokens at its list price, the tokens it scored for on-policy training at its
+    input price, and training's own time on the pipeline's machine: the break-even's one-off cost is all three."""
+    from pipeline.benchmark.costs import one_off_cost
+    from pipeline.config import EngineConfig, ServerConfig
+    from pipeline.files import write_jsonl
+    from pipeline.layout import RunLayout
+
+    price = {"usd_per_1m_input_tokens": 2.5, "usd_per_1m_output_tokens": 10.0}
+    bench = config(
+        systems=[
+            {"name": "teacher", "model": "teacher", "price": price},
+            {"name": "student_base", "model": "student"},
+            {"name": "student_tuned", "model": "tuned"},
+        ],
+        pipeline_hardware="cpu-2core",
+    )
+    layout = RunLayout(tmp_path / "run")
+    layout.teacher_outputs.parent.mkdir(parents=True)
+    write_jsonl(layout.teacher_outputs, [{"usage": {"prompt_tokens": 1000, "completion_tokens": 200}}] * 4)
+    write_manifest(layout.stage_dir("generate"), 600)
+    write_manifest(layout.stage_dir("train"), 3600, teacher_scored_tokens=400_000, student_sampled_tokens=9_000)
+    hosted = EngineConfig(backend="openai", server=ServerConfig(base_url="https://api.example.com/v1"))
+    even = one_off_cost(layout, hosted, bench, resolve_hardware(bench))
+    generate, scoring = (4000 * 2.5 + 800 * 10.0) / 1e6, 400_000 * 2.5 / 1e6
+    hour = bench.hardware_profiles["cpu-2core"].usd_per_hour
+    assert (even.generate_usd_at_list_price, even.scoring_usd_at_list_price) == pytest.approx((generate, scoring))
+    assert even.one_off_usd == pytest.approx(generate + scoring + hour)
+    assert "train's scoring $1.0000, the tokens it scored at its input price" in report._one_off_said(even)
+
+
 def test_a_profile_that_sets_only_a_price_keeps_the_datasheet_limits():
     given = config(hardware_profiles={"h100": {"usd_per_hour": 2.5}, "mine": {"usd_per_hour": 1.0}})
     h100 = given.hardware_profiles["h100"]

@@ -210,7 +210,8 @@ def one_off_cost(
     usd_per_hour = hardware.profiles[hardware.pipeline].usd_per_hour
     one_off = sum(hours.values()) * usd_per_hour
     teacher_price = next((s.price for s in bench.systems if s.name == names.TEACHER), None)
-    generate_usd = None
+    trained = (read_manifest(layout.stage_dir("train")) or {}).get("metrics", {})
+    generate_usd = scoring_usd = None
     if teacher_price is not None and teacher_engine.backend == "openai":
         # A hosted teacher bills its tokens: generating cost those, not this machine's hours waiting on it.
         prompt_tokens, output_tokens = teacher_tokens(layout.teacher_outputs)
@@ -218,13 +219,16 @@ def one_off_cost(
             prompt_tokens * teacher_price.usd_per_1m_input_tokens
             + output_tokens * teacher_price.usd_per_1m_output_tokens
         ) / 1e6
-        one_off = generate_usd + hours["train"] * usd_per_hour
-    trained = (read_manifest(layout.stage_dir("train")) or {}).get("metrics", {})
+        # On-policy training scored the student's answers on that server (on_policy.teacher_server): input tokens.
+        scored = trained.get("teacher_scored_tokens") or 0
+        scoring_usd = scored * teacher_price.usd_per_1m_input_tokens / 1e6 if scored else None
+        one_off = generate_usd + (scoring_usd or 0.0) + hours["train"] * usd_per_hour
     return BreakEven(
         teacher_scored_tokens=trained.get("teacher_scored_tokens", UNSET),
         student_sampled_tokens=trained.get("student_sampled_tokens", UNSET),
         one_off_usd=one_off,
         generate_usd_at_list_price=generate_usd,
+        scoring_usd_at_list_price=scoring_usd,
         one_off_wall_s=walls,
         one_off_devices=devices,
         one_off_device_hours=hours,

@@ -445,8 +445,10 @@ def _one_off_said(even: BreakEven) -> str:
     if generate_usd is None:
         stages = ", ".join(_stage_said(even, stage) for stage in even.one_off_wall_s)
         return f"{stages}, of `{even.pipeline_hardware}`{rate}{device_hours}"
+    scoring = even.scoring_usd_at_list_price
+    billed = f"; train's scoring ${scoring:.4f}, the tokens it scored at its input price" if scoring else ""
     return (
-        f"generate ${generate_usd:.4f}: the hosted teacher's tokens at its list price; "
+        f"generate ${generate_usd:.4f}: the hosted teacher's tokens at its list price{billed}; "
         f"{_stage_said(even, 'train')} of `{even.pipeline_hardware}`{rate}"
     )
 

@@ -182,6 +182,7 @@ class BreakEven(Payback):
 
     one_off_usd: Maybe[float] = UNSET  # what generate and train cost, once
     generate_usd_at_list_price: float | None = None  # None: generate priced by its wall time, as train
+    scoring_usd_at_list_price: float | None = None  # on-policy through a hosted teacher: its scored tokens billed
     one_off_wall_s: Maybe[dict[str, float]] = UNSET  # each stage's wall time, from its manifest
     one_off_devices: Maybe[dict[str, int]] = UNSET  # the devices each stage held, priced each at pipeline_hardware's
     one_off_device_hours: Maybe[dict[str, float]] = UNSET  # each stage's device hours, priced
