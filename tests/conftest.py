@@ -321,8 +321,26 @@ def append_csv_rows(path: Path, rows: list[tuple[str, str]], header: tuple[str, 
         writer.writerows(rows)
 
 
-def wandb_records(path: Path):
-    """The records of an offline W&B run's transaction log (`run-*.wandb`), as W&B's own protobufs.
+def wandb_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished offline W&B run's transaction log (`run-*.wandb`), as W&B's own protobufs.
+
+    W&B's service process writes the log behind the run: `finish()` returned once in CI before the log held even
+    the run's first record. So this waits until the log ends in its `exit` record."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(_logged_records(path))
+        except Exception:  # a record still being written
+            records = []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
+def _logged_records(path: Path):
+    """The records of an offline W&B run's transaction log as it stands.
 
     W&B 0.31 ships no reader for these files. Format: a 7-byte header (":W&B", magic, version), then the
     LevelDB log format: 32 KiB blocks of chunks, each crc32 (4 bytes), length (2, little-endian), type
